@@ -1,0 +1,48 @@
+# histoloop — two commands on a fresh machine with Python 3.11:
+#   make demo   set everything up and run the main job on the embedded default
+#   make test   set up the test extras and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+PROTOS := $(wildcard protos/histoloop/v1/*.proto)
+STUBS := services/common/histoloop/v1/common_pb2.py
+
+.PHONY: setup setup-test protos demo serve test lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+# torch first, pinned to the CPU build, so no dependency can pull a CUDA build
+$(VENV)/.base: $(VENV)/bin/python pyproject.toml
+	$(PIP) install "torch==2.13.0" "grpcio-tools>=1.64"
+	$(PY) tools/gen_protos.py
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base pyproject.toml
+	$(PIP) install -e ".[test]"
+	touch $@
+
+$(STUBS): $(PROTOS) tools/gen_protos.py | $(VENV)/.base
+	$(PY) tools/gen_protos.py
+
+setup: $(VENV)/.base $(STUBS)
+setup-test: $(VENV)/.test $(STUBS)
+
+protos: $(VENV)/.base
+	$(PY) tools/gen_protos.py
+
+demo: setup
+	$(VENV)/bin/histoloop demo
+
+serve: setup
+	$(VENV)/bin/histoloop serve
+
+test: setup-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .histoloop services/common/histoloop/v1/*_pb2*.py*

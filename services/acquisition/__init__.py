@@ -1,0 +1,1 @@
+"""histoloop acquisition service."""

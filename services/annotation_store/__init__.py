@@ -1,0 +1,1 @@
+"""histoloop annotation-store service."""

@@ -1,0 +1,109 @@
+"""The ``histoloop`` command: serve, run one service, health probe, migrate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from histoloop.config import load_settings
+from histoloop.errors import HistoloopError
+from histoloop.logs import setup_logging
+from histoloop.runtime import SERVICE_NAMES
+
+__all__ = ["main"]
+
+log = logging.getLogger("histoloop.cli")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from histoloop.server import Server
+
+    settings = load_settings(**_overrides(args))
+    Server(settings).serve_until_signal()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from histoloop.server import Server, normalise_service_name
+
+    settings = load_settings(**_overrides(args))
+    Server(settings, [normalise_service_name(args.service)]).serve_until_signal()
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name} {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from histoloop.annotation_store.db import migrate
+
+    settings = load_settings()
+    migrate(settings.sqlalchemy_url)
+    print("annotation store database is at the latest revision")
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if getattr(args, "port", None) is not None:
+        overrides["grpc_port"] = args.port
+    if getattr(args, "data_dir", None) is not None:
+        overrides["data_dir"] = args.data_dir
+    return overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histoloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="all six services in one process (embedded default)")
+    serve.add_argument("--port", type=int, help="gRPC port (default HISTOLOOP_GRPC_PORT or 50051)")
+    serve.add_argument("--data-dir", help="state folder (default HISTOLOOP_DATA_DIR or .histoloop)")
+    serve.set_defaults(func=_serve)
+
+    run = sub.add_parser("run", help="one service, backends from HISTOLOOP_* settings")
+    run.add_argument("service", help=" | ".join(SERVICE_NAMES))
+    run.add_argument("--port", type=int)
+    run.add_argument("--data-dir")
+    run.set_defaults(func=_run)
+
+    health = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING")
+    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--service", default="", help="full gRPC service name; empty = whole server")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
+
+    migrate = sub.add_parser("migrate", help="upgrade the annotation store's database")
+    migrate.set_defaults(func=_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``histoloop`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level, settings.log_format)
+        return int(args.func(args))
+    except HistoloopError as exc:
+        print(f"histoloop: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

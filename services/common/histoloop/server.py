@@ -1,0 +1,199 @@
+"""The gRPC server scaffold every service runs in.
+
+One server hosts one or more services (all six for ``histoloop serve``, one for
+``histoloop run``), with the standard health service (NOT_SERVING until each service's
+dependency checks pass), server reflection, the interceptor (identity, error mapping,
+metrics), a Prometheus ``/metrics`` endpoint, the services' event workers and background
+loops, and graceful shutdown with a grace period on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from histoloop.artifacts import make_store
+from histoloop.auth import settings_resolver
+from histoloop.bus import make_bus
+from histoloop.config import Settings
+from histoloop.errors import HistoloopError, InvalidArgument
+from histoloop.interceptors import ServerInterceptor
+from histoloop.runtime import SERVICE_NAMES, Runtime, ServiceParts
+from histoloop.worker import EventWorker
+
+__all__ = ["MAX_MESSAGE_BYTES", "Server", "normalise_service_name"]
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_CHECK_INTERVAL = 2.0
+
+
+def normalise_service_name(name: str) -> str:
+    """``annotation-store`` → ``annotation_store``; unknown names raise InvalidArgument."""
+    normal = name.strip().lower().replace("-", "_")
+    if normal not in SERVICE_NAMES:
+        raise InvalidArgument(f"unknown service {name!r}; choose one of {', '.join(SERVICE_NAMES)}")
+    return normal
+
+
+class Server:
+    """Runs ``services`` (short names) with the backends ``settings`` choose."""
+
+    def __init__(self, settings: Settings, services: Sequence[str] = SERVICE_NAMES) -> None:
+        self.settings = settings
+        self.names = [normalise_service_name(s) for s in services]
+        settings.validate_for_start(self.names[0] if len(self.names) == 1 else None)
+        client_id = "histoloop-" + ("all" if len(self.names) > 1 else self.names[0])
+        self.runtime = Runtime(settings=settings, bus=make_bus(settings, client_id=client_id),
+                               store=make_store(settings))
+        self.interceptor = ServerInterceptor(
+            auth_required=settings.auth_mode == "token",
+            resolvers=[settings_resolver(
+                settings.service_token.get_secret_value() if settings.service_token else None,
+                settings.admin_token.get_secret_value() if settings.admin_token else None,
+            )],
+        )
+        self.parts: list[ServiceParts] = []
+        self.workers: list[EventWorker] = []
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+            interceptors=[self.interceptor],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server = None
+        self._checker: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    # start ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build the services, bind the ports, start workers; returns at once."""
+        for name in self.names:
+            module = importlib.import_module(f"histoloop.{name}.service")
+            parts: ServiceParts = module.build(self.runtime)
+            parts.register(self._grpc)
+            resolver = getattr(parts, "token_resolver", None)
+            if resolver is not None:
+                self.interceptor.add_resolver(resolver)
+            self.parts.append(parts)
+            self.health.set(parts.grpc_service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            [p.grpc_service for p in self.parts]
+            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._grpc,
+        )
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.port = self._grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise HistoloopError(f"cannot bind gRPC port {address}")
+        self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
+        self.metrics_port = self._metrics_server.server_port
+        self._grpc.start()
+        for parts in self.parts:
+            for loop in parts.background:
+                loop.start()
+            if parts.handlers:
+                worker = EventWorker(group=parts.name, bus=self.runtime.bus, store=self.runtime.store,
+                                     handlers=parts.handlers, coalesce=parts.coalesce,
+                                     stopping=self.runtime.stopping)
+                worker.start()
+                self.workers.append(worker)
+        self._check_health()
+        self._checker = threading.Thread(target=self._health_loop, name="health", daemon=True)
+        self._checker.start()
+        log.info("serving %s on %s:%d (metrics on :%d, %s bus, %s artifacts)",
+                 ",".join(self.names), self.settings.grpc_host, self.port, self.metrics_port,
+                 self.settings.bus_backend, self.settings.artifact_backend)
+
+    def _health_loop(self) -> None:
+        while not self._stopped.wait(_CHECK_INTERVAL):
+            self._check_health()
+
+    def _check_health(self) -> None:
+        shared = [self.runtime.bus.ping, self.runtime.store.ping]
+        all_ok = True
+        for parts in self.parts:
+            ok = True
+            for check in [*shared, *parts.checks]:
+                try:
+                    check()
+                except HistoloopError as exc:
+                    ok = False
+                    log.warning("%s not serving: %s", parts.name, exc)
+                    break
+            all_ok &= ok
+            if not self._stopped.is_set():
+                self.health.set(parts.grpc_service, _status(ok))
+        if not self._stopped.is_set():
+            self.health.set("", _status(all_ok))
+
+    # stop ----------------------------------------------------------------------------
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking work, let in-flight RPCs and events finish, release everything.
+
+        Safe to call twice (and from a signal handler thread).
+        """
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        self.health.enter_graceful_shutdown()
+        self.runtime.stopping.set()
+        done = self._grpc.stop(grace)
+        for worker in self.workers:
+            worker.stop(grace)
+        for parts in self.parts:
+            for loop in parts.background:
+                loop.stop(grace)
+        done.wait(grace)
+        for parts in self.parts:
+            parts.close()
+        self.runtime.bus.close()
+        self.runtime.store.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` has been called."""
+        self._stopped.wait()
+
+    def serve_until_signal(self) -> None:
+        """Start, then block until SIGTERM or SIGINT, then stop gracefully."""
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        stop_requested.wait()
+        self.stop()
+
+
+def _status(ok: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

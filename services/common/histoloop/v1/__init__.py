@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for ``histoloop.v1`` (built by ``make protos``; never edit)."""

@@ -1,0 +1,1 @@
+"""histoloop prediction service."""

@@ -1,0 +1,1 @@
+"""histoloop tiling service."""
