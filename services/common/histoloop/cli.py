@@ -58,6 +58,35 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from histoloop.demo import DemoRound, run_demo
+
+    shared = Path(os.environ.get("HISTOLOOP_SHARED_DATA", "../shared/data"))
+    data = Path(args.data) if args.data else shared / "dlpfc" / "151510"
+    out = Path(args.out)
+    header = f"{'round':>5} {'labels':>6} {'macro-F1':>8} {'bal.acc':>7} {'labels→next query':>18}"
+    bar = tqdm(total=args.rounds, desc="rounds", unit="round")
+    bar.write(header)
+
+    def on_round(row: DemoRound) -> None:
+        bar.write(f"{row.round:>5} {row.labels:>6} {row.macro_f1:>8.3f} {row.balanced_accuracy:>7.3f} "
+                  f"{row.seconds_to_next_query:>17.2f}s")
+        bar.update(1)
+
+    rows = run_demo(data, out, rounds=args.rounds, query_size=args.query_size, strategy=args.strategy,
+                    head=args.head, spatial_neighbours=args.neighbours, seed=args.seed, on_round=on_round)
+    bar.close()
+    latencies = sorted(r.seconds_to_next_query for r in rows)
+    print(f"median labels→next query set: {latencies[len(latencies) // 2]:.2f}s")
+    print(f"wrote {out}/learning_curve.png, {out}/prediction_map.png, {out}/loupe_*.csv, {out}/rounds.csv")
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if getattr(args, "port", None) is not None:
@@ -87,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="full gRPC service name; empty = whole server")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=_health)
+
+    demo = sub.add_parser("demo", help="the whole loop on DLPFC 151510 with a simulated pathologist")
+    demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/")
+    demo.add_argument("--out", default="demo-output")
+    demo.add_argument("--rounds", type=int, default=10)
+    demo.add_argument("--query-size", type=int, default=20)
+    demo.add_argument("--strategy", default="activevisium")
+    demo.add_argument("--head", default="mlp")
+    demo.add_argument("--neighbours", type=int, default=6, help="spatial neighbour features (0 = off)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
 
     migrate = sub.add_parser("migrate", help="upgrade the annotation store's database")
     migrate.set_defaults(func=_migrate)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+
 from histoloop.auth import LOCAL_ADMIN, Identity, TokenResolver, use_identity
 from histoloop.errors import HistoloopError, Unauthenticated
 from histoloop.metrics import RPC_LATENCY, RPC_REQUESTS

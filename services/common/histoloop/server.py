@@ -94,7 +94,9 @@ class Server:
                 self.interceptor.add_resolver(resolver)
             self.parts.append(parts)
             self.health.set(parts.grpc_service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        # "" is liveness: the process is up. Each service's own name is readiness: its
+        # dependencies answer (NOT_SERVING until they do).
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [p.grpc_service for p in self.parts]
@@ -130,7 +132,6 @@ class Server:
 
     def _check_health(self) -> None:
         shared = [self.runtime.bus.ping, self.runtime.store.ping]
-        all_ok = True
         for parts in self.parts:
             ok = True
             for check in [*shared, *parts.checks]:
@@ -140,11 +141,8 @@ class Server:
                     ok = False
                     log.warning("%s not serving: %s", parts.name, exc)
                     break
-            all_ok &= ok
             if not self._stopped.is_set():
                 self.health.set(parts.grpc_service, _status(ok))
-        if not self._stopped.is_set():
-            self.health.set("", _status(all_ok))
 
     # stop ----------------------------------------------------------------------------
     def stop(self, grace: float | None = None) -> None:

@@ -25,6 +25,7 @@ __all__ = ["EventWorker"]
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF = 30.0
+_LAG_INTERVAL = 5.0
 
 
 class EventWorker:
@@ -51,6 +52,7 @@ class EventWorker:
         self._poll_timeout = poll_timeout
         self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
+        self._lag_reported = 0.0
         self.busy = threading.Event()
         """Set while a handler runs (the health service and tests read it)."""
 
@@ -133,7 +135,7 @@ class EventWorker:
             self.busy.set()
             try:
                 self._handlers[record.topic](message, record)
-            except Exception:  # noqa: BLE001 - a handler failure must never kill the worker
+            except Exception:
                 EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
                 log.exception(
                     "worker %s failed on event %s (%s); retrying in %.1fs",
@@ -163,6 +165,9 @@ class EventWorker:
             pass
 
     def _report_lag(self, consumer: Consumer) -> None:
+        if time.monotonic() - self._lag_reported < _LAG_INTERVAL:
+            return
+        self._lag_reported = time.monotonic()
         try:
             for topic, lag in consumer.lag().items():
                 CONSUMER_LAG.labels(topic=topic, group=self.group).set(lag)
