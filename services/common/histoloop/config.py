@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     bus: Literal["embedded", "kafka"] | None = None
     kafka_bootstrap: str | None = None
     kafka_topic_prefix: str = "histoloop."
+    kafka_api_version: str | None = None
+    """Pin the Kafka protocol version (e.g. ``2.3``); default: negotiate with the broker."""
+    kafka_session_timeout_ms: int = Field(10_000, ge=1000)
+    kafka_max_poll_interval_ms: int = Field(1_800_000, ge=10_000)
+    """Longest a handler (a training run) may take before the group drops the consumer."""
 
     # artifacts
     artifacts: Literal["local", "minio"] | None = None

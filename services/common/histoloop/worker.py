@@ -105,7 +105,12 @@ class EventWorker:
                 else:
                     break  # stopping mid-retry: commit what is done, redeliver the rest
             if handled:
-                consumer.commit(handled)
+                try:
+                    consumer.commit(handled)
+                except HistoloopError as exc:
+                    # handled events are in the ledger: their redelivery is skipped
+                    log.warning("worker %s cannot commit offsets (%s); events will be redelivered",
+                                self.group, exc)
 
     def _plan(self, records: list[Record]) -> list[tuple[Record, bool]]:
         """Order of work; coalesced topics keep only the newest event per project."""

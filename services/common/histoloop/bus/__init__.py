@@ -15,7 +15,13 @@ def make_bus(settings: Settings, *, client_id: str = "histoloop") -> EventBus:
 
         assert settings.kafka_bootstrap is not None  # checked by validate_for_start
         return KafkaBus(
-            settings.kafka_bootstrap, topic_prefix=settings.kafka_topic_prefix, client_id=client_id
+            settings.kafka_bootstrap,
+            topic_prefix=settings.kafka_topic_prefix,
+            client_id=client_id,
+            api_version=settings.kafka_api_version,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(100, settings.kafka_session_timeout_ms // 10),
+            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
         )
     from histoloop.bus.embedded import EmbeddedBus
 

@@ -60,6 +60,10 @@ class Consumer(ABC):
         """Records per topic on the bus after the group's committed offset."""
 
     @abstractmethod
+    def seek_to_committed(self) -> None:
+        """Rewind the position to the group's committed offsets (redeliver what is uncommitted)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Leave the group; safe to call twice. Uncommitted records are redelivered later."""
 
