@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from histoloop.artifacts import ArtifactInfo, ArtifactStore
+from histoloop.datasets import read_anndata, write_anndata
 from histoloop.embedding._expression import ExpressionParams
 from histoloop.errors import InvalidArgument
 
 __all__ = ["H5AD_CONTENT_TYPE", "build_embedding_anndata", "read_embeddings", "write_embeddings"]
 
-H5AD_CONTENT_TYPE = "application/x-hdf5; format=h5ad"
+H5AD_CONTENT_TYPE = "application/x-hdf5"
 _GEOMETRY = ("level", "x", "y", "size", "size0", "cx", "cy")
 _DROP = ("chunk", "offset")
 
 
 def build_embedding_anndata(
     index: pd.DataFrame,
-    morph: np.ndarray,
+    morph: np.ndarray | None,
     *,
     model_name: str,
     model_version: str = "",
@@ -37,7 +36,8 @@ def build_embedding_anndata(
         index: the patch index (``PatchSet.index``): ``id`` (barcode or tile id) and
             positions (``array_row``, ``array_col``, ``pxl_row_in_fullres``,
             ``pxl_col_in_fullres``, ``in_tissue`` for Visium; grid and level-0 geometry).
-        morph: float32 (n, d) morphology vectors, rows in ``index`` order (clean view).
+        morph: float32 (n, d) morphology vectors, rows in ``index`` order (clean view), or
+            None for a dataset without an image (expression features only).
         model_name: embedding model name.
         model_version: its version.
         morph_aug: optional float32 (n_views, n, d) views (view 0 clean), as returned by
@@ -57,17 +57,20 @@ def build_embedding_anndata(
     import anndata
 
     n = len(index)
-    morph = np.asarray(morph, dtype=np.float32)
-    if morph.ndim != 2 or morph.shape[0] != n:
-        raise InvalidArgument(f"morph has shape {morph.shape}; expected ({n}, d)")
+    if morph is None and (morph_aug is not None or expr is None):
+        raise InvalidArgument("an embeddings AnnData needs morphology vectors or expression features")
+    if morph is not None:
+        morph = np.asarray(morph, dtype=np.float32)
+        if morph.ndim != 2 or morph.shape[0] != n:
+            raise InvalidArgument(f"morph has shape {morph.shape}; expected ({n}, d)")
     if "id" not in index.columns:
         raise InvalidArgument("the patch index has no 'id' column")
     obs = index.drop(columns=[c for c in _DROP if c in index.columns]).copy()
     obs.index = pd.Index(obs.pop("id").astype(str).to_numpy(), name="barcode")
     if not obs.index.is_unique:
         raise InvalidArgument("patch ids are not unique")
-    obsm: dict[str, np.ndarray] = {"X_morph": morph}
-    if morph_aug is not None:
+    obsm: dict[str, np.ndarray] = {} if morph is None else {"X_morph": morph}
+    if morph is not None and morph_aug is not None:
         morph_aug = np.asarray(morph_aug, dtype=np.float32)
         if morph_aug.ndim != 3 or morph_aug.shape[1:] != morph.shape:
             raise InvalidArgument(
@@ -84,7 +87,7 @@ def build_embedding_anndata(
     meta: dict[str, Any] = {
         "model": model_name,
         "version": str(model_version),
-        "dim": int(morph.shape[1]),
+        "dim": 0 if morph is None else int(morph.shape[1]),
         "n_views": int(morph_aug.shape[0]) if morph_aug is not None else 1,
     }
     meta.update(uns or {})
@@ -95,26 +98,19 @@ def build_embedding_anndata(
 
 
 def write_embeddings(store: ArtifactStore, key: str, adata: Any) -> ArtifactInfo:
-    """Write an AnnData as ``.h5ad`` bytes under ``key`` (immutable).
+    """Write an AnnData as ``.h5ad`` under ``key`` (immutable; see :func:`histoloop.datasets.write_anndata`).
 
     Raises:
         ArtifactExists: the key is taken.
     """
-    with tempfile.TemporaryDirectory(prefix="histoloop-h5ad-") as tmp:
-        path = Path(tmp) / "embeddings.h5ad"
-        adata.write_h5ad(path)
-        return store.put_file(key, path, content_type=H5AD_CONTENT_TYPE,
-                              metadata={"n_obs": str(adata.n_obs)})
+    write_anndata(store, key, adata)
+    return store.stat(key)
 
 
 def read_embeddings(store: ArtifactStore, key: str) -> Any:
-    """Read an embeddings AnnData written by :func:`write_embeddings` (fully in memory).
+    """Read an embeddings AnnData written by :func:`write_embeddings`.
 
     Raises:
         ArtifactNotFound: no such key.
     """
-    import anndata
-
-    with tempfile.TemporaryDirectory(prefix="histoloop-h5ad-") as tmp:
-        path = store.get_file(key, Path(tmp) / "embeddings.h5ad")
-        return anndata.read_h5ad(path)
+    return read_anndata(store, store.uri(key))

@@ -1,1 +1,1 @@
-"""histoloop prediction service."""
+"""histoloop prediction service: every spot through the latest model (TorchScript artifact)."""

@@ -66,6 +66,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from histoloop.demo import DemoRound, run_demo
 
+    if "HISTOLOOP_LOG_LEVEL" not in os.environ:
+        logging.getLogger().setLevel(logging.WARNING)  # the table is the output; services stay quiet
     shared = Path(os.environ.get("HISTOLOOP_SHARED_DATA", "../shared/data"))
     data = Path(args.data) if args.data else shared / "dlpfc" / "151510"
     out = Path(args.out)

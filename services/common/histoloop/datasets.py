@@ -12,22 +12,23 @@ Every service reads these through this module, so the formats have one definitio
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
-from scipy.spatial import cKDTree
 
 from histoloop.artifacts.base import ArtifactStore
-from histoloop.errors import FailedPrecondition, InvalidArgument
+from histoloop.errors import FailedPrecondition
+from histoloop.spatial import neighbour_indices, neighbour_mean_features, visium_array_positions
 from histoloop.v1 import common_pb2
 
 __all__ = [
     "Predictions",
+    "feature_blocks",
     "feature_matrix",
-    "neighbour_indices",
-    "neighbour_means",
     "read_anndata",
     "read_predictions",
     "write_anndata",
@@ -36,41 +37,26 @@ __all__ = [
 
 
 def write_anndata(store: ArtifactStore, key: str, adata: ad.AnnData) -> str:
-    """Store an AnnData as ``.h5ad`` under ``key``; returns its URI."""
-    buffer = io.BytesIO()
-    adata.write_h5ad(buffer)
-    store.put(key, buffer.getvalue(), content_type="application/x-hdf5")
+    """Store an AnnData as ``.h5ad`` under ``key`` (via a temporary file); returns its URI."""
+    with tempfile.TemporaryDirectory(prefix="histoloop-h5ad-") as tmp:
+        path = Path(tmp) / "data.h5ad"
+        adata.write_h5ad(path)
+        store.put_file(key, path, content_type="application/x-hdf5", metadata={"n_obs": str(adata.n_obs)})
     return store.uri(key)
 
 
 def read_anndata(store: ArtifactStore, uri: str) -> ad.AnnData:
-    """Load an ``.h5ad`` artifact by URI (checksum verified)."""
-    data = store.get(store.key_from_uri(uri))
-    return ad.read_h5ad(io.BytesIO(data))
+    """Load an ``.h5ad`` artifact by URI (checksum verified), fully into memory."""
+    with tempfile.TemporaryDirectory(prefix="histoloop-h5ad-") as tmp:
+        path = store.get_file(store.key_from_uri(uri), Path(tmp) / "data.h5ad")
+        return ad.read_h5ad(path)
 
 
-def neighbour_indices(positions: np.ndarray, k: int) -> np.ndarray:
-    """Indices (n, k) of each spot's k nearest other spots (by array coordinates).
+def feature_blocks(adata: ad.AnnData, features: int, spatial_neighbours: int = 0) -> dict[str, np.ndarray]:
+    """The feature blocks a project's ``LoopConfig`` asks for: ``{"image": …, "genes": …}``.
 
-    Raises:
-        InvalidArgument: positions are not (n, 2) or k is out of range.
-    """
-    positions = np.asarray(positions, dtype=np.float64)
-    if positions.ndim != 2 or positions.shape[1] != 2:
-        raise InvalidArgument(f"positions must be (n, 2), got {positions.shape}")
-    if not 1 <= k < len(positions):
-        raise InvalidArgument(f"spatial_neighbours must be between 1 and {len(positions) - 1}, got {k}")
-    _, idx = cKDTree(positions).query(positions, k=k + 1)
-    return idx[:, 1:]
-
-
-def neighbour_means(x: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """``[x, mean of each spot's neighbours' x]`` (n, 2d)."""
-    return np.hstack([x, x[neighbours].mean(axis=1)]).astype(np.float32)
-
-
-def feature_matrix(adata: ad.AnnData, features: int, spatial_neighbours: int = 0) -> np.ndarray:
-    """The feature matrix a project's ``LoopConfig`` asks for, one row per ``adata.obs`` spot.
+    Each block is one row per ``adata.obs`` spot; with ``spatial_neighbours`` = k > 0 each
+    block becomes ``[block, mean of the k nearest spots' block]``.
 
     Args:
         adata: a dataset's embeddings.
@@ -80,26 +66,32 @@ def feature_matrix(adata: ad.AnnData, features: int, spatial_neighbours: int = 0
     Raises:
         FailedPrecondition: the features asked for are not in the embeddings.
     """
-    blocks: list[np.ndarray] = []
     want_morph = features in (common_pb2.FEATURE_SET_MORPHOLOGY, common_pb2.FEATURE_SET_MULTIMODAL)
     want_expr = features in (common_pb2.FEATURE_SET_EXPRESSION, common_pb2.FEATURE_SET_MULTIMODAL)
     if features == common_pb2.FEATURE_SET_UNSPECIFIED:
         want_morph, want_expr = "X_morph" in adata.obsm, "X_expr" in adata.obsm
-    for name, wanted in (("X_morph", want_morph), ("X_expr", want_expr)):
-        if wanted:
-            if name not in adata.obsm:
-                raise FailedPrecondition(
-                    f"embeddings have no {name}; the project asks for "
-                    f"{common_pb2.FeatureSet.Name(features)}"
-                )
-            blocks.append(np.asarray(adata.obsm[name], dtype=np.float32))
+    neighbours = None
+    if spatial_neighbours:
+        positions = visium_array_positions(adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy())
+        neighbours = neighbour_indices(positions, spatial_neighbours)
+    blocks: dict[str, np.ndarray] = {}
+    for key, name, wanted in (("image", "X_morph", want_morph), ("genes", "X_expr", want_expr)):
+        if not wanted:
+            continue
+        if name not in adata.obsm:
+            raise FailedPrecondition(
+                f"embeddings have no {name}; the project asks for {common_pb2.FeatureSet.Name(features)}"
+            )
+        block = np.asarray(adata.obsm[name], dtype=np.float32)
+        blocks[key] = block if neighbours is None else neighbour_mean_features(block, neighbours)
     if not blocks:
         raise FailedPrecondition("embeddings hold no feature matrix (neither X_morph nor X_expr)")
-    x = np.hstack(blocks)
-    if spatial_neighbours:
-        positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
-        x = neighbour_means(x, neighbour_indices(positions, spatial_neighbours))
-    return x
+    return blocks
+
+
+def feature_matrix(adata: ad.AnnData, features: int, spatial_neighbours: int = 0) -> np.ndarray:
+    """:func:`feature_blocks` side by side (image block first), one row per spot."""
+    return np.hstack(list(feature_blocks(adata, features, spatial_neighbours).values()))
 
 
 @dataclass(frozen=True)

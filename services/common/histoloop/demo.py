@@ -12,7 +12,6 @@ spots and the time from labels submitted to the next query set.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import queue
 import shutil
@@ -31,7 +30,14 @@ from histoloop.config import load_settings
 from histoloop.errors import FailedPrecondition, NotFound
 from histoloop.server import Server
 from histoloop.v1 import annotation_store_pb2 as pb
-from histoloop.v1 import annotation_store_pb2_grpc, common_pb2
+from histoloop.v1 import (
+    annotation_store_pb2_grpc,
+    common_pb2,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    prediction_pb2,
+    prediction_pb2_grpc,
+)
 
 __all__ = ["DemoRound", "run_demo"]
 
@@ -87,11 +93,13 @@ def _next_query_set(arrivals: queue.Queue, after_round: int, timeout: float) -> 
             return item
 
 
-def _predictions(stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub) -> pd.Series:
-    reply = stub.ExportLabels(pb.ExportLabelsRequest(
-        project_id=PROJECT, dataset_id=DATASET, kind=pb.EXPORT_KIND_PREDICTIONS))
-    frame = pd.read_csv(io.BytesIO(reply.csv))
-    return frame.set_index("Barcode").iloc[:, 0]
+def _predictions(channel: grpc.Channel) -> pd.Series:
+    """The latest model's predicted class of every spot, via the Embedding and Prediction services."""
+    embeddings = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedDataset(
+        embedding_pb2.EmbedDatasetRequest(project_id=PROJECT, dataset_id=DATASET))
+    reply = prediction_pb2_grpc.PredictionServiceStub(channel).Predict(
+        prediction_pb2.PredictRequest(project_id=PROJECT, embeddings_uri=embeddings.embeddings_uri))
+    return pd.Series(list(reply.predicted), index=list(reply.barcodes))
 
 
 def run_demo(
@@ -149,16 +157,15 @@ def run_demo(
                     labels=answers, queryset_id=query_set.queryset_id))
                 query_set = _next_query_set(arrivals, query_set.round, timeout)
                 latency = time.perf_counter() - started
-                predicted = _predictions(stub).reindex(truth.index)
+                predicted = _predictions(channel).reindex(truth.index)
                 row = DemoRound(
                     round=query_set.round, labels=n_labels,
-                    macro_f1=float(f1_score(truth, predicted.fillna("?"), average="macro",
-                                            labels=sorted(LAYER_COLOURS))),
-                    balanced_accuracy=float(balanced_accuracy_score(truth, predicted.fillna("?"))),
+                    macro_f1=float(f1_score(truth, predicted, average="macro", labels=sorted(LAYER_COLOURS))),
+                    balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
                     seconds_to_next_query=latency, model_version=query_set.model_version)
                 results.append(row)
                 on_round(row)
-            _write_outputs(stub, out_dir, results, data_dir, truth)
+            _write_outputs(stub, channel, out_dir, results, data_dir, truth)
             cancel()
     finally:
         server.stop(5)
@@ -169,14 +176,14 @@ def _rounds(n: int) -> Iterator[int]:
     yield from range(1, n + 1)
 
 
-def _write_outputs(stub, out_dir: Path, results: list[DemoRound], data_dir: Path, truth: pd.Series) -> None:
+def _write_outputs(stub, channel: grpc.Channel, out_dir: Path, results: list[DemoRound], data_dir: Path, truth: pd.Series) -> None:
     for kind, name in ((pb.EXPORT_KIND_QUERY_SET, "loupe_query_set.csv"),
                        (pb.EXPORT_KIND_PREDICTIONS, "loupe_predictions.csv"),
                        (pb.EXPORT_KIND_LABELS, "loupe_labels.csv")):
         reply = stub.ExportLabels(pb.ExportLabelsRequest(project_id=PROJECT, dataset_id=DATASET, kind=kind))
         (out_dir / name).write_bytes(reply.csv)
     _learning_curve(out_dir / "learning_curve.png", results)
-    _prediction_map(out_dir / "prediction_map.png", _predictions(stub), truth, data_dir)
+    _prediction_map(out_dir / "prediction_map.png", _predictions(channel), truth, data_dir)
     with open(out_dir / "rounds.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["round", "labels", "macro_f1", "balanced_accuracy", "seconds_to_next_query"])

@@ -1,8 +1,15 @@
 """Label snapshots: the consensus training labels of a project at one label version.
 
-The annotation store writes one per committed batch (``labels.committed`` names its URI);
-training and acquisition read it. A snapshot is reproducible: it holds exactly the labels
-with a version ≤ ``label_version``, so replaying a round reads the same bytes.
+The annotation store writes one per committed batch (``labels.committed`` names its URI;
+the writer is :mod:`histoloop.annotation_store.snapshot`); training and acquisition read
+it with :func:`read_snapshot`. The document (canonical JSON)::
+
+    {"project": …, "label_version": N, "consensus": rule, "n_labelled_spots": n,
+     "classes": [{"name": …, "color": …}, …],
+     "datasets": {dataset: {"labels": {barcode: class}, "disagreement": {barcode: 0..1}}}}
+
+A snapshot holds exactly the labels with a version ≤ ``label_version``, so replaying a
+round reads the same bytes.
 """
 
 from __future__ import annotations
@@ -14,14 +21,7 @@ from dataclasses import dataclass, field
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import InvalidArgument
 
-__all__ = ["LabelSnapshot", "read_snapshot", "snapshot_key"]
-
-_FORMAT = "histoloop.labels/1"
-
-
-def snapshot_key(project: str, label_version: int) -> str:
-    """The artifact key of a project's snapshot at ``label_version``."""
-    return f"labels/{project}/v{label_version:09d}.json"
+__all__ = ["LabelSnapshot", "read_snapshot"]
 
 
 @dataclass(frozen=True)
@@ -34,41 +34,32 @@ class LabelSnapshot:
     labels: Mapping[str, Mapping[str, str]]
     """dataset → barcode → class name (the training label by the project's consensus rule)."""
     disagreement: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    """dataset → barcode → disagreement in [0, 1] (only spots with more than one rater)."""
-    batch_ids: Sequence[str] = ()
-    """Every label batch included, oldest first."""
-
-    def to_json(self) -> bytes:
-        """Canonical bytes (sorted keys) so equal snapshots are byte-equal."""
-        return json.dumps({
-            "format": _FORMAT,
-            "project": self.project,
-            "label_version": self.label_version,
-            "classes": list(self.classes),
-            "labels": {d: dict(sorted(m.items())) for d, m in sorted(self.labels.items())},
-            "disagreement": {d: dict(sorted(m.items())) for d, m in sorted(self.disagreement.items())},
-            "batch_ids": list(self.batch_ids),
-        }, sort_keys=True, separators=(",", ":")).encode()
+    """dataset → barcode → disagreement in [0, 1] (0: the raters agree or only one rated)."""
+    consensus: str = ""
 
     @classmethod
     def from_json(cls, data: bytes) -> LabelSnapshot:
-        """Parse :meth:`to_json` output.
+        """Parse a snapshot document.
 
         Raises:
-            InvalidArgument: not a label snapshot, or a label outside ``classes``.
+            InvalidArgument: not a snapshot, or a label outside its classes.
         """
-        raw = json.loads(data)
-        if raw.get("format") != _FORMAT:
-            raise InvalidArgument(f"not a label snapshot (format {raw.get('format')!r})")
-        classes = list(raw["classes"])
+        try:
+            raw = json.loads(data)
+            classes = [str(c["name"]) for c in raw["classes"]]
+            datasets = raw["datasets"]
+            project, version = str(raw["project"]), int(raw["label_version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"not a label snapshot: {exc}") from exc
         known = set(classes)
-        for dataset, labels in raw["labels"].items():
-            bad = sorted({v for v in labels.values() if v not in known})
+        labels = {d: dict(v.get("labels", {})) for d, v in datasets.items()}
+        for dataset, given in labels.items():
+            bad = sorted({c for c in given.values() if c not in known})
             if bad:
                 raise InvalidArgument(f"snapshot labels of dataset {dataset!r} use unknown classes {bad}")
-        return cls(project=raw["project"], label_version=int(raw["label_version"]), classes=classes,
-                   labels=raw["labels"], disagreement=raw.get("disagreement", {}),
-                   batch_ids=list(raw.get("batch_ids", [])))
+        return cls(project=project, label_version=version, classes=classes, labels=labels,
+                   disagreement={d: dict(v.get("disagreement", {})) for d, v in datasets.items()},
+                   consensus=str(raw.get("consensus", "")))
 
     @property
     def n_labelled(self) -> int:

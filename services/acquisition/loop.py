@@ -1,0 +1,228 @@
+"""The acquisition step of the loop: cold start on embeddings, next query set on predictions.
+
+Every query set is an immutable record ``querysets/<project>/r<round>-<id>.json`` whose id is
+derived from the event that caused it, so a redelivered event finds its record and
+re-announces the same query set instead of making a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from histoloop import events
+from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
+from histoloop.acquisition.strategies import QueryContext, Selection, get_strategy
+from histoloop.artifacts.base import ArtifactStore
+from histoloop.bus.base import EventBus
+from histoloop.datasets import Predictions, feature_matrix, read_anndata, read_predictions
+from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
+from histoloop.labelsets import read_snapshot
+from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
+from histoloop.v1 import common_pb2, events_pb2
+
+__all__ = ["Acquisition", "QueryRecord"]
+
+log = logging.getLogger(__name__)
+PRODUCER = "acquisition"
+DEFAULT_COLD_START = "coldstart_kmeans"
+DEFAULT_STRATEGY = "activevisium"
+DEFAULT_QUERY_SIZE = 20
+_HISTORY = 3  # rounds of predictions kept for the stopping signal
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """A stored query set (what the annotation store records and exports)."""
+
+    queryset_id: str
+    project: str
+    round: int
+    strategy: str
+    model_version: str
+    label_version: int
+    spots: list[dict]
+    predictions_uri: str = ""
+    labels_uri: str = ""
+    history: tuple[str, ...] = ()
+    """URIs of the predictions of this and earlier rounds (newest last), for stopping."""
+    stopping: dict | None = None
+
+
+class Acquisition:
+    """Chooses query sets and announces them with ``queryset.ready``."""
+
+    def __init__(self, store: ArtifactStore, bus: EventBus) -> None:
+        self.store = store
+        self.bus = bus
+
+    # records -------------------------------------------------------------------------
+    def records(self, project: str) -> list[QueryRecord]:
+        """The project's query sets, oldest round first."""
+        infos = self.store.list(f"querysets/{project}/")
+        out = [QueryRecord(**json.loads(self.store.get(i.key))) for i in infos if i.key.endswith(".json")]
+        return sorted(out, key=lambda r: r.round)
+
+    def _find(self, project: str, queryset_id: str) -> QueryRecord | None:
+        for record in self.records(project):
+            if record.queryset_id == queryset_id:
+                return record
+        return None
+
+    # handlers ------------------------------------------------------------------------
+    def on_embeddings(self, msg: events_pb2.EmbeddingsReady, _record: object = None) -> None:
+        """Cold start: the project's first query set, by diversity on the embeddings."""
+        project = msg.meta.project
+        queryset_id = events.derived_id(msg.meta.event_id, "cold-start")
+        existing = self._find(project, queryset_id)
+        if existing is None and self.records(project):
+            log.info("project %s has query sets already; no cold start for dataset %s",
+                     project, msg.meta.dataset)
+            return
+        if existing is None:
+            adata = read_anndata(self.store, msg.embeddings_uri)
+            config = msg.config
+            features = feature_matrix(adata, config.features, config.spatial_neighbours)
+            positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
+                if {"array_row", "array_col"} <= set(adata.obs.columns) else None
+            ctx = QueryContext(features=features, labelled=np.zeros(len(features), bool), positions=positions)
+            name = config.cold_start_strategy or DEFAULT_COLD_START
+            selection = self._select(name, config, ctx)
+            spots = [
+                {"dataset": msg.meta.dataset, "barcode": str(adata.obs_names[i]), "score": float(s),
+                 "reason": "cold_start"}
+                for i, s in zip(selection.indices, selection.scores, strict=True)
+            ]
+            existing = QueryRecord(queryset_id=queryset_id, project=project, round=0, strategy=name,
+                                   model_version="", label_version=0, spots=spots)
+            self._save(existing)
+        self._announce(existing, msg.meta, msg.config, None, None)
+
+    def on_predictions(self, msg: events_pb2.PredictionsReady, _record: object = None) -> None:
+        """The next round's query set from the new model's predictions."""
+        project = msg.meta.project
+        queryset_id = events.derived_id(msg.meta.event_id, "queryset")
+        record = self._find(project, queryset_id)
+        if record is None:
+            record = self.compute(project, msg.predictions_uri, msg.labels_uri, msg.config,
+                                  queryset_id=queryset_id, label_version=msg.label_version)
+            self._save(record)
+        self._announce(record, msg.meta, msg.config, msg.metrics, msg.predictions_uri)
+
+    # the query -----------------------------------------------------------------------
+    def compute(self, project: str, predictions_uri: str, labels_uri: str, config: common_pb2.LoopConfig,
+                *, queryset_id: str, label_version: int, strategy: str = "", query_size: int = 0,
+                seed: int | None = None) -> QueryRecord:
+        """Choose a query set from predictions and the labels they were trained on."""
+        predictions = read_predictions(self.store, predictions_uri)
+        snapshot = read_snapshot(self.store, labels_uri)
+        labelled = np.array([
+            b in snapshot.labels.get(d, {}) for d, b in zip(predictions.datasets, predictions.barcodes, strict=True)
+        ], dtype=bool)
+        disagreement = np.array([
+            snapshot.disagreement.get(d, {}).get(b, 0.0)
+            for d, b in zip(predictions.datasets, predictions.barcodes, strict=True)
+        ])
+        previous = self.records(project)
+        round_ = (previous[-1].round + 1) if previous else 1
+        ctx = QueryContext(
+            features=predictions.hidden, labelled=labelled, probabilities=predictions.probabilities,
+            member_probabilities=predictions.member_probabilities, positions=predictions.positions,
+            disagreement=disagreement if disagreement.any() else None, round=round_,
+        )
+        name = strategy or config.strategy or DEFAULT_STRATEGY
+        selection = self._select(name, config, ctx, query_size=query_size, seed=seed)
+        history = tuple(previous[-1].history[-(_HISTORY - 1):] if previous else ()) + (predictions_uri,)
+        spots = [
+            {"dataset": str(predictions.datasets[i]), "barcode": str(predictions.barcodes[i]),
+             "score": float(s), "reason": "adjudication" if adj else "uncertainty"}
+            for i, s, adj in zip(selection.indices, selection.scores, selection.adjudication, strict=True)
+        ]
+        return QueryRecord(
+            queryset_id=queryset_id, project=project, round=round_, strategy=name,
+            model_version=predictions.model_version, label_version=label_version, spots=spots,
+            predictions_uri=predictions_uri, labels_uri=labels_uri, history=history,
+            stopping=self._stopping(history, predictions),
+        )
+
+    def _select(self, name: str, config: common_pb2.LoopConfig, ctx: QueryContext, *,
+                query_size: int = 0, seed: int | None = None) -> Selection:
+        strategy = get_strategy(name, adjudication_share=config.adjudication_share,
+                                compactness=config.compactness if ctx.positions is not None else 0.0)
+        k = int(query_size or config.query_size or DEFAULT_QUERY_SIZE)
+        rng = np.random.default_rng(int(config.seed if seed is None else seed) + ctx.round)
+        return strategy.select(ctx, k, rng)
+
+    def _stopping(self, history: Sequence[str], current: Predictions) -> dict:
+        rounds = [current if uri == history[-1] else read_predictions(self.store, uri) for uri in history]
+        keys = [(str(d), str(b)) for d, b in zip(current.datasets, current.barcodes, strict=True)]
+        aligned = []
+        for preds in rounds:
+            index = {(str(d), str(b)): i for i, (d, b) in enumerate(zip(preds.datasets, preds.barcodes, strict=True))}
+            if any(k not in index for k in keys):
+                continue  # a dataset joined later; compare only rounds over the same spots
+            rows = np.array([index[k] for k in keys])
+            aligned.append(RoundPredictions(predicted=preds.probabilities[rows].argmax(1),
+                                            probabilities=preds.probabilities[rows]))
+        signal = recommend_stop(aligned)
+        return {"changed_fraction": signal.changed_share or 0.0, "kappa_vs_previous": signal.kappa or 0.0,
+                "mean_uncertainty": signal.mean_uncertainty or 0.0, "recommend_stop": signal.stop,
+                "reason": signal.reason}
+
+    # output --------------------------------------------------------------------------
+    def _save(self, record: QueryRecord) -> None:
+        key = f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
+        if not self.store.exists(key):
+            self.store.put(key, json.dumps(record.__dict__).encode(), content_type="application/json")
+
+    def _announce(self, record: QueryRecord, parent: common_pb2.EventMeta, config: common_pb2.LoopConfig,
+                  metrics: common_pb2.ModelMetrics | None, predictions_uri: str | None) -> None:
+        key = f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
+        stopping = events_pb2.StoppingSignal(**record.stopping) if record.stopping else None
+        message = events_pb2.QuerySetReady(
+            meta=events.new_meta(
+                project=record.project, dataset=parent.dataset, producer=PRODUCER,
+                event_id=events.derived_id(record.queryset_id, "announce"),
+                source_versions=dict(parent.source_versions), trace_id=parent.trace_id),
+            queryset_id=record.queryset_id, round=record.round, strategy=record.strategy,
+            model_version=record.model_version, label_version=record.label_version,
+            spots=[common_pb2.ScoredSpot(**s) for s in record.spots],
+            queryset_uri=self.store.uri(key), predictions_uri=predictions_uri or "",
+            metrics=metrics, stopping=stopping,
+        )
+        events.publish(self.bus, message)
+        QUERYSETS.labels(project=record.project, strategy=record.strategy).inc()
+        ROUND.labels(project=record.project).set(record.round)
+        committed_ms = parent.source_versions.get("labels_committed_ms")
+        if committed_ms:
+            LOOP_LATENCY.labels(project=record.project).observe(max(0.0, time.time() - int(committed_ms) / 1000))
+        log.info("query set %s round %d (%s, %d spots) for %s", record.queryset_id, record.round,
+                 record.strategy, len(record.spots), record.project)
+
+    def latest(self, project: str) -> QueryRecord:
+        """The project's newest query set with predictions behind it.
+
+        Raises:
+            NotFound: no query set yet.
+            FailedPrecondition: only the cold start so far (no model to query with).
+        """
+        records = self.records(project)
+        if not records:
+            raise NotFound(f"project {project!r} has no query sets yet")
+        with_model = [r for r in records if r.predictions_uri]
+        if not with_model:
+            raise FailedPrecondition(f"project {project!r} has no model yet; label the cold-start query set")
+        return with_model[-1]
+
+
+def check_query_args(project: str, query_size: int) -> None:
+    """Validation shared by the Query RPC."""
+    if not project:
+        raise InvalidArgument("project_id is required")
+    if query_size < 0 or query_size > 10_000:
+        raise InvalidArgument(f"query_size must be between 0 and 10000, got {query_size}")

@@ -1,0 +1,116 @@
+"""Conversions between protobuf messages (API and events) and the store's domain types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from histoloop.annotation_store.domain import LoopSettings, QuerySetRecord, QuerySpot
+from histoloop.errors import InvalidArgument
+from histoloop.v1 import common_pb2, events_pb2
+
+__all__ = [
+    "FEATURES_FROM_PROTO",
+    "FEATURES_TO_PROTO",
+    "loop_settings_from_proto",
+    "loop_settings_to_proto",
+    "message_from_json",
+    "message_to_json",
+    "query_set_from_event",
+    "timestamp",
+]
+
+FEATURES_TO_PROTO = {
+    "morphology": common_pb2.FEATURE_SET_MORPHOLOGY,
+    "expression": common_pb2.FEATURE_SET_EXPRESSION,
+    "multimodal": common_pb2.FEATURE_SET_MULTIMODAL,
+}
+FEATURES_FROM_PROTO = {v: k for k, v in FEATURES_TO_PROTO.items()}
+
+
+def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
+    """Validated settings from a ``LoopConfig``; unset (zero) fields take the defaults."""
+    if config.features not in (common_pb2.FEATURE_SET_UNSPECIFIED, *FEATURES_FROM_PROTO):
+        raise InvalidArgument(f"config.features: unknown value {config.features}")
+    return LoopSettings.with_defaults(
+        strategy=config.strategy,
+        cold_start_strategy=config.cold_start_strategy,
+        query_size=config.query_size,
+        seed=config.seed,
+        head=config.head,
+        features=FEATURES_FROM_PROTO.get(config.features, ""),
+        spatial_neighbours=config.spatial_neighbours,
+        resampling=config.resampling,
+        consensus=config.consensus,
+        adjudication_share=config.adjudication_share,
+        compactness=config.compactness,
+    )
+
+
+def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
+    """The ``LoopConfig`` events and replies carry."""
+    return common_pb2.LoopConfig(
+        strategy=settings.strategy,
+        cold_start_strategy=settings.cold_start_strategy,
+        query_size=settings.query_size,
+        seed=settings.seed,
+        head=settings.head,
+        features=FEATURES_TO_PROTO[settings.features],
+        spatial_neighbours=settings.spatial_neighbours,
+        resampling=settings.resampling,
+        consensus=settings.consensus,
+        adjudication_share=settings.adjudication_share,
+        compactness=settings.compactness,
+    )
+
+
+def message_to_json(message: Message) -> dict[str, object]:
+    """A message as a JSON object with proto field names (for JSON columns)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def message_from_json(data: Mapping[str, object], message: Message) -> Message:
+    """Fill ``message`` from :func:`message_to_json` output (unknown keys ignored)."""
+    json_format.ParseDict(dict(data), message, ignore_unknown_fields=True)
+    return message
+
+
+def timestamp(value: datetime | None) -> Timestamp:
+    """A protobuf timestamp (unset for None)."""
+    ts = Timestamp()
+    if value is not None:
+        ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
+def query_set_from_event(event: events_pb2.QuerySetReady) -> QuerySetRecord:
+    """The query set a ``queryset.ready`` event announces."""
+    created = (
+        event.meta.created_at.ToDatetime(tzinfo=UTC) if event.meta.HasField("created_at") else None
+    )
+    return QuerySetRecord(
+        queryset_id=event.queryset_id or event.meta.event_id,
+        project_id=event.meta.project,
+        round=event.round,
+        strategy=event.strategy,
+        model_version=event.model_version,
+        spots=tuple(
+            QuerySpot(
+                barcode=s.barcode,
+                score=s.score,
+                dataset=s.dataset or event.meta.dataset,
+                reason=s.reason,
+            )
+            for s in event.spots
+        ),
+        label_version=event.label_version,
+        queryset_uri=event.queryset_uri,
+        predictions_uri=event.predictions_uri,
+        metrics=message_to_json(event.metrics),
+        stopping=message_to_json(event.stopping),
+        created_at=created,
+    )

@@ -1,0 +1,330 @@
+"""Domain types of the annotation store (plain dataclasses; no transport, no database).
+
+The servicer converts protobuf messages to and from these; the repository reads and
+writes them. Validation of names and loop settings lives here so that every entry point
+(gRPC, Loupe CSV, events) applies the same rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from histoloop.errors import InvalidArgument
+
+__all__ = [
+    "CONSENSUS_RULES",
+    "DEFAULT_COLORS",
+    "FEATURE_SETS",
+    "HEADS",
+    "HELP_LABEL",
+    "RESAMPLING",
+    "AgreementReport",
+    "BatchResult",
+    "ClassSpec",
+    "ConsensusRule",
+    "DatasetInfo",
+    "DatasetKind",
+    "DatasetSpec",
+    "LabelSource",
+    "LoopSettings",
+    "PairKappa",
+    "ProjectInfo",
+    "ProjectStatus",
+    "QuerySetRecord",
+    "QuerySpot",
+    "SpotLabelInput",
+    "check_id",
+    "check_class_name",
+]
+
+HELP_LABEL = "help"
+"""Loupe placeholder marking a spot the model asks about; never a class name."""
+
+ConsensusRule = Literal["latest_expert", "majority", "dawid_skene"]
+CONSENSUS_RULES: tuple[str, ...] = ("latest_expert", "majority", "dawid_skene")
+RESAMPLING: tuple[str, ...] = ("off", "offline", "online")
+HEADS: tuple[str, ...] = ("mlp", "multimodal", "logreg", "ensemble")
+FEATURE_SETS: tuple[str, ...] = ("morphology", "expression", "multimodal")
+DatasetKind = Literal["visium", "wsi"]
+LabelSource = Literal["grpc", "loupe_csv", "correction"]
+
+# Loupe-like categorical palette (tab10 + a few), used when a class comes without a colour.
+DEFAULT_COLORS: tuple[str, ...] = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+)
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_NAME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
+_MAX_SEED = 2**63 - 1
+
+
+def check_id(value: str, field_name: str, *, project: bool = False) -> str:
+    """Return ``value`` if it is a valid project (``[a-z0-9][a-z0-9-]{0,62}``) or other id.
+
+    Raises:
+        InvalidArgument: naming ``field_name``.
+    """
+    pattern = _ID if project else _NAME_ID
+    if not isinstance(value, str) or not pattern.match(value):
+        rule = "[a-z0-9][a-z0-9-]{0,62}" if project else "[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}"
+        raise InvalidArgument(f"{field_name}: {value!r} is not a valid id ({rule})")
+    return value
+
+
+def check_class_name(name: str, field_name: str = "class") -> str:
+    """Return the stripped class name if valid (1–128 printable characters, not ``help``)."""
+    stripped = name.strip() if isinstance(name, str) else ""
+    if not stripped:
+        raise InvalidArgument(f"{field_name}: a class name must not be empty")
+    if len(stripped) > 128:
+        raise InvalidArgument(
+            f"{field_name}: class name {stripped[:40]!r}… is longer than 128 characters"
+        )
+    if not stripped.isprintable():
+        raise InvalidArgument(f"{field_name}: class name {stripped!r} has control characters")
+    if stripped.lower() == HELP_LABEL:
+        raise InvalidArgument(
+            f"{field_name}: {HELP_LABEL!r} is Loupe's placeholder, not a class name"
+        )
+    return stripped
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """A class of a project's schema."""
+
+    name: str
+    color: str = ""
+    """``#rrggbb``; empty picks the next colour of :data:`DEFAULT_COLORS`."""
+
+    def validated(self, field_name: str, position: int) -> ClassSpec:
+        """This class with a checked name and a colour (defaulted by ``position``)."""
+        name = check_class_name(self.name, field_name)
+        color = self.color.strip()
+        if not color:
+            color = DEFAULT_COLORS[position % len(DEFAULT_COLORS)]
+        elif not _COLOR.match(color):
+            raise InvalidArgument(f"{field_name}.color: {color!r} is not #rrggbb")
+        return ClassSpec(name=name, color=color.lower())
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """A project's loop configuration (the ``LoopConfig`` proto), with the store's defaults.
+
+    Defaults follow ActiveVisium: the ``activevisium`` strategy (top 5 % uncertain, then
+    k-means diversity), k-means cold start, 20 spots per round, the MLP head on image
+    embeddings (``morphology``: works for every dataset, with or without an expression
+    matrix), no neighbour features, no resampling, and ``latest_expert`` consensus (one
+    pathologist: the latest label wins, so corrections take effect; with several, an
+    expert's or admin's latest label wins over annotators').
+    """
+
+    strategy: str = "activevisium"
+    cold_start_strategy: str = "coldstart_kmeans"
+    query_size: int = 20
+    seed: int = 0
+    head: str = "mlp"
+    features: str = "morphology"
+    spatial_neighbours: int = 0
+    resampling: str = "off"
+    consensus: str = "latest_expert"
+    adjudication_share: float = 0.0
+    compactness: float = 0.0
+
+    @classmethod
+    def with_defaults(cls, **given: object) -> LoopSettings:
+        """Settings from possibly-unset values (``""``/``0``/None take the default), validated."""
+        base = cls()
+        values = {k: v for k, v in given.items() if v not in (None, "", 0, 0.0)}
+        merged = cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
+        return merged.validate()
+
+    def validate(self) -> LoopSettings:
+        """Check every field; raise :class:`InvalidArgument` naming the first bad one."""
+        _name_field("config.strategy", self.strategy)
+        _name_field("config.cold_start_strategy", self.cold_start_strategy)
+        if not 1 <= self.query_size <= 100_000:
+            raise InvalidArgument(f"config.query_size: {self.query_size} is not in 1..100000")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise InvalidArgument(f"config.seed: {self.seed} is not in 0..2^63-1")
+        _choice("config.head", self.head, HEADS)
+        _choice("config.features", self.features, FEATURE_SETS)
+        if not 0 <= self.spatial_neighbours <= 1000:
+            raise InvalidArgument(
+                f"config.spatial_neighbours: {self.spatial_neighbours} is not in 0..1000"
+            )
+        _choice("config.resampling", self.resampling, RESAMPLING)
+        _choice("config.consensus", self.consensus, CONSENSUS_RULES)
+        if not 0.0 <= self.adjudication_share <= 1.0:
+            raise InvalidArgument(
+                f"config.adjudication_share: {self.adjudication_share} is not in [0, 1]"
+            )
+        if not self.compactness >= 0.0:
+            raise InvalidArgument(f"config.compactness: {self.compactness} must be >= 0")
+        return self
+
+
+def _name_field(field_name: str, value: str) -> None:
+    if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,63}$", value):
+        raise InvalidArgument(
+            f"{field_name}: {value!r} is not a valid name ([a-z0-9_.-], at most 64)"
+        )
+
+
+def _choice(field_name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise InvalidArgument(f"{field_name}: {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """A project as stored."""
+
+    project_id: str
+    name: str
+    classes: tuple[ClassSpec, ...]
+    config: LoopSettings
+    created_at: datetime
+    datasets: tuple[str, ...]
+    label_version: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What RegisterDataset asks for."""
+
+    project_id: str
+    dataset_id: str
+    kind: DatasetKind
+    slide_path: str = ""
+    spatial_dir: str = ""
+    expression_path: str = ""
+    slide_scale: float = 1.0
+    context: float = 1.0
+    mpp: float = 0.0
+    tile_size: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset as stored."""
+
+    project_id: str
+    dataset_id: str
+    kind: DatasetKind
+    n_spots: int
+    n_in_tissue: int
+    slide_uri: str
+    spatial_uri_prefix: str
+    expression_uri: str
+    embeddings_uri: str
+    registered_at: datetime
+
+
+@dataclass(frozen=True)
+class SpotLabelInput:
+    """One label of a batch; ``row`` names it in errors (CSV line or list index)."""
+
+    barcode: str
+    label: str
+    row: str
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The result of committing a label batch (stored; returned again for a duplicate)."""
+
+    batch_id: str
+    n_labels: int
+    label_version: int
+    duplicate: bool
+    event_id: str
+    n_placeholders: int = 0
+
+
+@dataclass(frozen=True)
+class QuerySpot:
+    """A spot of a query set."""
+
+    barcode: str
+    score: float = 0.0
+    dataset: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class QuerySetRecord:
+    """A query set (from ``queryset.ready``)."""
+
+    queryset_id: str
+    project_id: str
+    round: int
+    strategy: str
+    model_version: str
+    spots: tuple[QuerySpot, ...]
+    label_version: int = 0
+    queryset_uri: str = ""
+    predictions_uri: str = ""
+    metrics: Mapping[str, object] = field(default_factory=dict)
+    """``ModelMetrics`` as a JSON object (proto field names)."""
+    stopping: Mapping[str, object] = field(default_factory=dict)
+    """``StoppingSignal`` as a JSON object (proto field names)."""
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ProjectStatus:
+    """GetStatus: where a project's loop stands."""
+
+    project_id: str
+    round: int
+    labelled_per_class: Mapping[str, int]
+    n_labelled: int
+    n_spots: int
+    label_version: int
+    latest_model_version: str
+    latest_metrics: Mapping[str, object]
+    stopping: Mapping[str, object]
+    n_disputed: int
+    pending_events: int
+
+
+@dataclass(frozen=True)
+class PairKappa:
+    """Cohen's kappa of two annotators over the spots both labelled."""
+
+    annotator_a: str
+    annotator_b: str
+    kappa: float
+    n_common: int
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    """GetAgreement: inter-rater agreement of a project (or one dataset)."""
+
+    fleiss_kappa: float
+    cohen: tuple[PairKappa, ...]
+    n_spots_multi_rated: int
+    n_disputed: int
+    disputed: tuple[str, ...]
+    reliability: Mapping[str, float]

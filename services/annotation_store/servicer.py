@@ -1,0 +1,402 @@
+"""gRPC servicer of ``histoloop.v1.AnnotationStoreService``: proto ↔ domain, nothing else.
+
+Errors are :mod:`histoloop.errors` raised by the domain; the server interceptor maps them
+to status codes. The caller is :func:`histoloop.auth.current_identity` (set by the
+interceptor): annotators reach only the projects they are members of; creating projects
+and registering annotators takes an admin; registering datasets (which reads server-side
+paths) an admin or a service.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from histoloop.annotation_store.convert import (
+    loop_settings_from_proto,
+    loop_settings_to_proto,
+    message_from_json,
+    timestamp,
+)
+from histoloop.annotation_store.domain import (
+    BatchResult,
+    ClassSpec,
+    DatasetInfo,
+    DatasetSpec,
+    ProjectInfo,
+    QuerySetRecord,
+    SpotLabelInput,
+)
+from histoloop.annotation_store.loupe import check_upload_size
+from histoloop.annotation_store.repository import AnnotationRepository
+from histoloop.annotation_store.watch import QuerySetHub
+from histoloop.auth import Identity, current_identity, require_project
+from histoloop.errors import InvalidArgument, PermissionDenied
+from histoloop.v1 import annotation_store_pb2 as pb
+from histoloop.v1 import annotation_store_pb2_grpc as pb_grpc
+from histoloop.v1 import common_pb2
+
+__all__ = ["AnnotationStoreServicer"]
+
+_ROLE_FROM_PROTO = {
+    pb.ANNOTATOR_ROLE_UNSPECIFIED: None,
+    pb.ANNOTATOR_ROLE_ANNOTATOR: "annotator",
+    pb.ANNOTATOR_ROLE_EXPERT: "expert",
+    pb.ANNOTATOR_ROLE_ADMIN: "admin",
+    pb.ANNOTATOR_ROLE_SERVICE: "service",
+}
+_SOURCE_FROM_PROTO = {
+    pb.LABEL_SOURCE_UNSPECIFIED: "grpc",
+    pb.LABEL_SOURCE_GRPC: "grpc",
+    pb.LABEL_SOURCE_LOUPE_CSV: "loupe_csv",
+    pb.LABEL_SOURCE_CORRECTION: "correction",
+}
+_KIND_TO_PROTO = {"visium": common_pb2.DATASET_KIND_VISIUM, "wsi": common_pb2.DATASET_KIND_WSI}
+_EXPORT_NAMES = {
+    pb.EXPORT_KIND_UNSPECIFIED: "labels",
+    pb.EXPORT_KIND_LABELS: "labels",
+    pb.EXPORT_KIND_QUERY_SET: "queryset",
+    pb.EXPORT_KIND_PREDICTIONS: "predictions",
+}
+_WAKE_SECONDS = 0.25
+"""How often an idle WatchQuerySets stream checks for shutdown and a cancelled call."""
+_REREAD_SECONDS = 2.0
+"""How often an idle stream re-reads the database (query sets recorded by other replicas)."""
+
+
+def _require_role(identity: Identity, roles: tuple[str, ...], action: str) -> None:
+    if identity.role not in roles:
+        raise PermissionDenied(
+            f"{identity.subject} ({identity.role}) may not {action}; needs {' or '.join(roles)}"
+        )
+
+
+class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
+    """Every RPC of the annotation store."""
+
+    def __init__(
+        self,
+        repo: AnnotationRepository,
+        hub: QuerySetHub,
+        stopping: threading.Event,
+        *,
+        on_annotators_changed: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Create the servicer.
+
+        Args:
+            repo: the domain operations.
+            hub: wakes WatchQuerySets streams.
+            stopping: set when the server shuts down (streams end).
+            on_annotators_changed: called after RegisterAnnotator (clears the token cache).
+        """
+        self._repo = repo
+        self._hub = hub
+        self._stopping = stopping
+        self._on_annotators_changed = on_annotators_changed
+
+    # projects -----------------------------------------------------------------------------
+    def CreateProject(
+        self, request: pb.CreateProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        """Create a project (admin)."""
+        _require_role(current_identity(), ("admin",), "create projects")
+        info = self._repo.create_project(
+            request.project_id,
+            request.name,
+            [ClassSpec(c.name, c.color) for c in request.classes],
+            loop_settings_from_proto(request.config),
+        )
+        return _project(info)
+
+    def GetProject(
+        self, request: pb.GetProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        """A project (members)."""
+        require_project(request.project_id)
+        return _project(self._repo.get_project(request.project_id))
+
+    def AddClasses(
+        self, request: pb.AddClassesRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        """Append classes to a project's schema (members)."""
+        require_project(request.project_id)
+        return _project(
+            self._repo.add_classes(
+                request.project_id, [ClassSpec(c.name, c.color) for c in request.classes]
+            )
+        )
+
+    # datasets, annotators -----------------------------------------------------------------
+    def RegisterDataset(
+        self, request: pb.RegisterDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        """Register a Visium sample or WSI (admin or service; reads server-side paths)."""
+        identity = require_project(request.project_id)
+        _require_role(identity, ("admin", "service"), "register datasets")
+        if request.kind == common_pb2.DATASET_KIND_VISIUM:
+            kind = "visium"
+        elif request.kind == common_pb2.DATASET_KIND_WSI:
+            kind = "wsi"
+        elif request.kind == common_pb2.DATASET_KIND_UNSPECIFIED:
+            kind = "visium" if request.spatial_dir or not request.slide_path else "wsi"
+        else:
+            raise InvalidArgument(f"kind: unknown value {request.kind}")
+        info = self._repo.register_dataset(
+            DatasetSpec(
+                project_id=request.project_id,
+                dataset_id=request.dataset_id,
+                kind=kind,
+                slide_path=request.slide_path,
+                spatial_dir=request.spatial_dir,
+                expression_path=request.expression_path,
+                slide_scale=request.slide_scale,
+                context=request.context,
+                mpp=request.mpp,
+                tile_size=request.tile_size,
+            )
+        )
+        return _dataset(info)
+
+    def RegisterAnnotator(
+        self, request: pb.RegisterAnnotatorRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterAnnotatorResponse:
+        """Create an annotator and issue a token (admin); the token is shown only here."""
+        _require_role(current_identity(), ("admin",), "register annotators")
+        if request.role not in _ROLE_FROM_PROTO:
+            raise InvalidArgument(f"role: unknown value {request.role}")
+        token = self._repo.register_annotator(
+            request.annotator_id,
+            display_name=request.display_name,
+            role=_ROLE_FROM_PROTO[request.role],
+            projects=list(request.projects),  # type: ignore[arg-type]
+        )
+        self._on_annotators_changed()
+        return pb.RegisterAnnotatorResponse(annotator_id=request.annotator_id, token=token)
+
+    # labels -------------------------------------------------------------------------------
+    def _labeller(self, identity: Identity, on_behalf: str) -> tuple[str, str, bool]:
+        """(author, role if the author is new, whether to create the author's row)."""
+        if not on_behalf or on_behalf == identity.subject:
+            return identity.subject, identity.role, True
+        _require_role(identity, ("admin", "service"), "submit labels for another annotator")
+        return on_behalf, "annotator", False
+
+    def SubmitLabels(
+        self, request: pb.SubmitLabelsRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitLabelsResponse:
+        """Commit a label batch (members); the same batch id again returns the first result."""
+        identity = require_project(request.project_id)
+        if request.source not in _SOURCE_FROM_PROTO:
+            raise InvalidArgument(f"source: unknown value {request.source}")
+        annotator, role, create = self._labeller(identity, request.annotator_id)
+        result = self._repo.submit_labels(
+            request.project_id,
+            request.dataset_id,
+            request.batch_id,
+            [
+                SpotLabelInput(barcode=x.barcode, label=x.label, row=f"labels[{i}]")
+                for i, x in enumerate(request.labels)
+            ],
+            annotator=annotator,
+            annotator_role=role,
+            source=_SOURCE_FROM_PROTO[request.source],
+            add_missing_classes=request.add_missing_classes,
+            queryset_id=request.queryset_id,
+            create_annotator=create,
+        )
+        return _batch(result)
+
+    def ImportLoupeCsv(
+        self, request: pb.ImportLoupeCsvRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitLabelsResponse:
+        """Import a Loupe category CSV as one label batch (members)."""
+        identity = require_project(request.project_id)
+        check_upload_size(len(request.csv))
+        annotator, role, create = self._labeller(identity, request.annotator_id)
+        result = self._repo.import_loupe_csv(
+            request.project_id,
+            request.dataset_id,
+            request.batch_id,
+            request.csv,
+            annotator=annotator,
+            annotator_role=role,
+            add_missing_classes=request.add_missing_classes,
+            queryset_id=request.queryset_id,
+            create_annotator=create,
+        )
+        return _batch(result)
+
+    def ExportLabels(
+        self, request: pb.ExportLabelsRequest, context: grpc.ServicerContext
+    ) -> pb.ExportLabelsResponse:
+        """Consensus labels, the query set (``help``) or predictions as a Loupe CSV (members)."""
+        require_project(request.project_id)
+        kind = _EXPORT_NAMES.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(f"kind: unknown value {request.kind}")
+        if kind == "labels":
+            data, n = self._repo.export_labels(
+                request.project_id, request.dataset_id, group=request.group_name
+            )
+        elif kind == "queryset":
+            data, n = self._repo.export_query_set(
+                request.project_id,
+                request.dataset_id,
+                group=request.group_name,
+                queryset_id=request.queryset_id,
+            )
+        else:
+            data, n = self._repo.export_predictions(
+                request.project_id,
+                request.dataset_id,
+                group=request.group_name,
+                queryset_id=request.queryset_id,
+            )
+        return pb.ExportLabelsResponse(
+            csv=data, n_rows=n, filename=f"{request.project_id}_{request.dataset_id}_{kind}.csv"
+        )
+
+    # query sets ----------------------------------------------------------------------------
+    def GetQuerySet(
+        self, request: pb.GetQuerySetRequest, context: grpc.ServicerContext
+    ) -> pb.QuerySet:
+        """A query set, or the latest (members)."""
+        require_project(request.project_id)
+        return _query_set(self._repo.get_query_set(request.project_id, request.queryset_id))
+
+    def ListQuerySets(
+        self, request: pb.ListQuerySetsRequest, context: grpc.ServicerContext
+    ) -> pb.ListQuerySetsResponse:
+        """Every query set of a project, oldest first (members)."""
+        require_project(request.project_id)
+        records = self._repo.list_query_sets(request.project_id)
+        return pb.ListQuerySetsResponse(query_sets=[_query_set(r) for _seq, r in records])
+
+    def WatchQuerySets(
+        self, request: pb.WatchQuerySetsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.QuerySet]:
+        """Stream each new query set of a project as it arrives; ends when the server stops."""
+        project_id = request.project_id
+        require_project(project_id)
+        self._repo.get_project(project_id)  # NotFound before the stream starts
+        seen_hub = self._hub.seq
+        known = self._repo.list_query_sets(project_id)
+        last = known[-1][0] if known else 0
+        if request.include_latest and known:
+            yield _query_set(known[-1][1])
+        idle = 0.0
+        while not self._stopping.is_set() and not self._hub.closed and context.is_active():
+            now_hub = self._hub.wait(seen_hub, _WAKE_SECONDS)
+            idle += _WAKE_SECONDS
+            if now_hub == seen_hub and idle < _REREAD_SECONDS:
+                continue
+            seen_hub, idle = now_hub, 0.0
+            for seq, record in self._repo.list_query_sets(project_id, after=last):
+                last = seq
+                yield _query_set(record)
+
+    # status, agreement ----------------------------------------------------------------------
+    def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    ) -> pb.ProjectStatus:
+        """Round, labels per class, latest model metrics, stopping signal, pending events (members)."""
+        require_project(request.project_id)
+        st = self._repo.status(request.project_id)
+        reply = pb.ProjectStatus(
+            project_id=st.project_id,
+            round=st.round,
+            labelled_per_class=dict(st.labelled_per_class),
+            n_labelled=st.n_labelled,
+            n_spots=st.n_spots,
+            label_version=st.label_version,
+            latest_model_version=st.latest_model_version,
+            n_disputed=st.n_disputed,
+            pending_events=st.pending_events,
+        )
+        message_from_json(st.latest_metrics, reply.latest_metrics)
+        message_from_json(st.stopping, reply.stopping)
+        return reply
+
+    def GetAgreement(
+        self, request: pb.GetAgreementRequest, context: grpc.ServicerContext
+    ) -> pb.Agreement:
+        """Cohen's kappa per annotator pair, Fleiss' kappa, disputed spots (members)."""
+        require_project(request.project_id)
+        report = self._repo.agreement(request.project_id, request.dataset_id)
+        return pb.Agreement(
+            fleiss_kappa=report.fleiss_kappa,
+            cohen=[
+                pb.PairwiseKappa(
+                    annotator_a=p.annotator_a,
+                    annotator_b=p.annotator_b,
+                    kappa=p.kappa,
+                    n_common=p.n_common,
+                )
+                for p in report.cohen
+            ],
+            n_spots_multi_rated=report.n_spots_multi_rated,
+            n_disputed=report.n_disputed,
+            disputed_barcodes=list(report.disputed),
+            annotator_reliability=dict(report.reliability),
+        )
+
+
+def _project(info: ProjectInfo) -> pb.Project:
+    return pb.Project(
+        project_id=info.project_id,
+        name=info.name,
+        classes=[common_pb2.ClassDef(name=c.name, color=c.color) for c in info.classes],
+        config=loop_settings_to_proto(info.config),
+        created_at=timestamp(info.created_at),
+        datasets=list(info.datasets),
+        label_version=info.label_version,
+    )
+
+
+def _dataset(info: DatasetInfo) -> pb.Dataset:
+    return pb.Dataset(
+        project_id=info.project_id,
+        dataset_id=info.dataset_id,
+        kind=_KIND_TO_PROTO[info.kind],
+        n_spots=info.n_spots,
+        n_in_tissue=info.n_in_tissue,
+        slide_uri=info.slide_uri,
+        registered_at=timestamp(info.registered_at),
+        spatial_uri_prefix=info.spatial_uri_prefix,
+        expression_uri=info.expression_uri,
+        embeddings_uri=info.embeddings_uri,
+    )
+
+
+def _batch(result: BatchResult) -> pb.SubmitLabelsResponse:
+    return pb.SubmitLabelsResponse(
+        batch_id=result.batch_id,
+        n_labels=result.n_labels,
+        label_version=result.label_version,
+        duplicate=result.duplicate,
+        event_id=result.event_id,
+        n_placeholders=result.n_placeholders,
+    )
+
+
+def _query_set(record: QuerySetRecord) -> pb.QuerySet:
+    reply = pb.QuerySet(
+        queryset_id=record.queryset_id,
+        project_id=record.project_id,
+        round=record.round,
+        strategy=record.strategy,
+        model_version=record.model_version,
+        spots=[
+            common_pb2.ScoredSpot(
+                barcode=s.barcode, score=s.score, dataset=s.dataset, reason=s.reason
+            )
+            for s in record.spots
+        ],
+        created_at=timestamp(record.created_at),
+    )
+    message_from_json(record.metrics, reply.metrics)
+    message_from_json(record.stopping, reply.stopping)
+    return reply

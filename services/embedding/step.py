@@ -1,0 +1,130 @@
+"""The embedding step of the loop: patches (and counts) → one AnnData → ``embeddings.ready``.
+
+The AnnData is written in one put under a key derived from the event id, so a crash mid-way
+leaves nothing behind and a redelivered event re-announces the stored result.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histoloop import events
+from histoloop.artifacts.base import ArtifactStore
+from histoloop.bus.base import EventBus
+from histoloop.config import Settings
+from histoloop.datasets import read_anndata
+from histoloop.embedding._anndata import build_embedding_anndata, write_embeddings
+from histoloop.embedding._base import Embedder
+from histoloop.embedding._expression import fit_expression, read_expression
+from histoloop.embedding._factory import make_embedder
+from histoloop.embedding._pipeline import embed_dataset
+from histoloop.errors import FailedPrecondition
+from histoloop.metrics import EMBEDDED_PATCHES
+from histoloop.progress import ProgressBoard
+from histoloop.v1 import events_pb2
+
+__all__ = ["EmbeddingStep", "embedder_from_settings"]
+
+log = logging.getLogger(__name__)
+PRODUCER = "embedding"
+
+
+def embedder_from_settings(settings: Settings) -> Embedder:
+    """The embedder the settings choose (Triton, in-process ONNX, or handcrafted features)."""
+    kind = settings.embedder_backend
+    if kind == "triton":
+        return make_embedder("triton", url=settings.triton_url, model_name=settings.triton_model,
+                             model_version=settings.triton_model_version)
+    if kind == "onnx":
+        return make_embedder("onnx", model_path=settings.model_path)
+    return make_embedder("handcrafted")
+
+
+class EmbeddingStep:
+    """Embeds tiled datasets and announces the vectors."""
+
+    def __init__(self, store: ArtifactStore, bus: EventBus, settings: Settings) -> None:
+        self.store = store
+        self.bus = bus
+        self.settings = settings
+        self.progress = ProgressBoard()
+        self._embedder: Embedder | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def embedder(self) -> Embedder:
+        """Created on first use, so the service starts (and reports health) before Triton is up."""
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = embedder_from_settings(self.settings)
+            return self._embedder
+
+    def ping(self) -> None:
+        """Health: the embedder's backend answers (Triton in distributed mode)."""
+        if self.settings.embedder_backend == "triton":
+            self.embedder.ping()
+
+    def close(self) -> None:
+        """Release the embedder's connections."""
+        if self._embedder is not None:
+            self._embedder.close()
+
+    def on_tiles(self, msg: events_pb2.TilesReady, _record: object = None) -> None:
+        """Handle ``tiles.ready``."""
+        project, dataset = msg.meta.project, msg.meta.dataset
+        key = f"embeddings/{project}/{dataset}/{events.derived_id(msg.meta.event_id, 'embeddings')}.h5ad"
+        if not self.store.exists(key):
+            self.progress.begin(project, dataset, "embedding")
+            try:
+                with tempfile.TemporaryDirectory(prefix="histoloop-embedding-") as tmp:
+                    expression = self._fetch(msg.expression_uri, Path(tmp)) if msg.expression_uri else None
+                    self._embed(msg, key, expression)
+            except Exception as exc:
+                self.progress.finish(project, dataset, error=str(exc))
+                raise
+            self.progress.finish(project, dataset)
+        adata = read_anndata(self.store, self.store.uri(key))
+        dim = sum(int(adata.obsm[k].shape[1]) for k in ("X_morph", "X_expr") if k in adata.obsm)
+        meta = dict(adata.uns.get("embedding", {}))
+        message = events_pb2.EmbeddingsReady(
+            meta=events.new_meta(project=project, dataset=dataset, producer=PRODUCER,
+                                 event_id=events.derived_id(msg.meta.event_id, "embeddings"),
+                                 source_versions={**msg.meta.source_versions, "tiles": msg.meta.event_id},
+                                 trace_id=msg.meta.trace_id),
+            embeddings_uri=self.store.uri(key), model_name=str(meta.get("model", "")),
+            model_version=str(meta.get("version", "")), n_spots=adata.n_obs, dim=dim, config=msg.config,
+        )
+        events.publish(self.bus, message)
+        log.info("embeddings ready for %s/%s: %d spots, %d-d", project, dataset, adata.n_obs, dim)
+
+    def _embed(self, msg: events_pb2.TilesReady, key: str, expression: Path | None) -> None:
+        project, dataset = msg.meta.project, msg.meta.dataset
+        if msg.patches_uri:
+            def on_progress(done: int, total: int) -> None:
+                self.progress.update(project, dataset, done, total)
+
+            result = embed_dataset(self.store, self.store.key_from_uri(msg.patches_uri), self.embedder, key,
+                                   expression=expression, on_progress=on_progress)
+            EMBEDDED_PATCHES.labels(embedder=result.model).inc(result.n)
+            return
+        if expression is None or not msg.spots_uri:
+            raise FailedPrecondition(f"dataset {project}/{dataset} has no patches and no expression counts")
+        spots = pd.read_csv(io.BytesIO(self.store.get(self.store.key_from_uri(msg.spots_uri))))
+        spots = spots[spots["in_tissue"] == 1].rename(columns={"barcode": "id"}).reset_index(drop=True)
+        counts = read_expression(expression).subset(spots["id"].astype(str))
+        features, params = fit_expression(counts)
+        self.progress.update(project, dataset, len(spots), len(spots), "expression features")
+        adata = build_embedding_anndata(spots, None, model_name="expression", expr=features.astype(np.float32),
+                                        expr_params=params, uns={"expression_source": expression.name})
+        write_embeddings(self.store, key, adata)
+
+    def _fetch(self, uri: str, folder: Path) -> Path:
+        key = self.store.key_from_uri(uri)
+        return self.store.get_file(key, folder / key.rsplit("/", 1)[-1])

@@ -1,0 +1,108 @@
+"""The prediction step of the loop: every spot of a project through the new model."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+
+from histoloop import events
+from histoloop.artifacts.base import ArtifactStore
+from histoloop.bus.base import EventBus
+from histoloop.datasets import (
+    Predictions,
+    feature_matrix,
+    read_anndata,
+    read_predictions,
+    write_predictions,
+)
+from histoloop.models import LoadedModel, load_model
+from histoloop.v1 import events_pb2
+
+__all__ = ["PredictionStep", "prediction_map_png"]
+
+log = logging.getLogger(__name__)
+PRODUCER = "prediction"
+
+
+class PredictionStep:
+    """Predicts a project's datasets when a model is trained and announces it."""
+
+    def __init__(self, store: ArtifactStore, bus: EventBus) -> None:
+        self.store = store
+        self.bus = bus
+
+    def predict_datasets(self, model: LoadedModel, embeddings_uris: list[str]) -> Predictions:
+        """Probabilities and hidden features for every spot of the given datasets."""
+        parts = []
+        for uri in embeddings_uris:
+            adata = read_anndata(self.store, uri)
+            x = feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
+            probs, hidden, members = model.predict(x)
+            dataset = str(adata.uns.get("dataset", uri.rsplit("/", 2)[-2]))
+            positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
+                if {"array_row", "array_col"} <= set(adata.obs.columns) else np.zeros((len(x), 2))
+            parts.append((np.full(len(x), dataset), np.asarray(adata.obs_names, dtype=str), probs, hidden,
+                          members, positions))
+        return Predictions(
+            model_version=model.card.version, classes=list(model.card.classes),
+            datasets=np.concatenate([p[0] for p in parts]), barcodes=np.concatenate([p[1] for p in parts]),
+            probabilities=np.concatenate([p[2] for p in parts]), hidden=np.concatenate([p[3] for p in parts]),
+            member_probabilities=np.concatenate([p[4] for p in parts], axis=1) if parts[0][4].shape[0] > 1 else None,
+            positions=np.concatenate([p[5] for p in parts]),
+        )
+
+    def on_model(self, msg: events_pb2.ModelTrained, _record: object = None) -> None:
+        """Handle ``model.trained``: predict, store, announce ``predictions.ready``."""
+        project = msg.meta.project
+        key = f"predictions/{project}/{msg.model_version}.npz"
+        map_key = f"predictions/{project}/{msg.model_version}-map.png"
+        if self.store.exists(key):
+            predictions = read_predictions(self.store, self.store.uri(key))
+        else:
+            model = load_model(self.store, msg.model_uri)
+            predictions = self.predict_datasets(model, list(msg.embeddings_uris))
+            if not self.store.exists(map_key):
+                self.store.put(map_key, prediction_map_png(predictions), content_type="image/png")
+            write_predictions(self.store, key, predictions)
+        message = events_pb2.PredictionsReady(
+            meta=events.new_meta(project=project, dataset=msg.meta.dataset, producer=PRODUCER,
+                                 event_id=events.derived_id(msg.meta.event_id, "predictions"),
+                                 source_versions={**msg.meta.source_versions, "model": msg.model_version},
+                                 trace_id=msg.meta.trace_id),
+            model_version=msg.model_version, predictions_uri=self.store.uri(key),
+            label_version=msg.label_version, labels_uri=msg.labels_uri, config=msg.config,
+            classes=list(predictions.classes), metrics=msg.metrics,
+            prediction_map_uri=self.store.uri(map_key) if self.store.exists(map_key) else "",
+        )
+        events.publish(self.bus, message)
+        log.info("predicted %d spots of %s with model %s", len(predictions.barcodes), project, msg.model_version)
+
+
+def prediction_map_png(predictions: Predictions) -> bytes:
+    """Spots coloured by predicted class on their array positions, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(predictions.datasets.tolist()))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 5.5), dpi=110, squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(predictions.classes) <= 10 else "tab20")
+    predicted = predictions.probabilities.argmax(axis=1)
+    positions = predictions.positions if predictions.positions is not None else np.zeros((len(predicted), 2))
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        rows = predictions.datasets == dataset
+        ax.scatter(positions[rows, 1], -positions[rows, 0], c=[cmap(i) for i in predicted[rows]], s=8,
+                   linewidths=0)
+        ax.set_title(f"{dataset} — model {predictions.model_version}")
+        ax.set_aspect("equal")
+        ax.axis("off")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(i), label=c) for i, c in enumerate(predictions.classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,179 @@
+"""The training step of the loop: a label snapshot → a registered model → ``model.trained``.
+
+Label batches that arrive while a run is busy are coalesced by the worker (only the newest
+``labels.committed`` per project in a poll batch is trained on; each snapshot holds every
+label so far). A model's version is derived from the event, so a redelivered event finds
+its model in the registry and re-announces it instead of training twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict
+
+import numpy as np
+
+from histoloop import events
+from histoloop.artifacts.base import ArtifactStore
+from histoloop.bus.base import EventBus
+from histoloop.datasets import feature_blocks, read_anndata
+from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.labelsets import read_snapshot
+from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
+from histoloop.models import ModelCard, latest_card, list_cards, save_model
+from histoloop.training.export import export_torchscript
+from histoloop.training.pipeline import TrainedModel, train_model
+from histoloop.training.scaling import FeatureScaling
+from histoloop.v1 import common_pb2, events_pb2
+
+__all__ = ["TrainingStep", "dataset_of"]
+
+log = logging.getLogger(__name__)
+PRODUCER = "training"
+DEFAULT_HEAD = "mlp"
+
+
+def dataset_of(embeddings_uri: str) -> str:
+    """The dataset id in an embeddings key ``embeddings/<project>/<dataset>/<id>.h5ad``."""
+    return embeddings_uri.rsplit("/", 2)[-2]
+
+
+def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float) -> common_pb2.ModelMetrics:
+    """Validation metrics as the proto the events and status RPCs carry."""
+    return common_pb2.ModelMetrics(
+        balanced_accuracy=validation.get("balanced_accuracy") or 0.0,
+        macro_f1=validation.get("macro_f1") or 0.0,
+        per_class_f1={k: v for k, v in (validation.get("per_class_f1") or {}).items() if v is not None},
+        cohen_kappa=validation.get("kappa") or 0.0, accuracy=validation.get("accuracy") or 0.0,
+        n_train=n_train, n_val=n_val, train_seconds=seconds)
+
+
+class TrainingStep:
+    """Trains a project's model on its label snapshot and announces it."""
+
+    def __init__(self, store: ArtifactStore, bus: EventBus) -> None:
+        self.store = store
+        self.bus = bus
+
+    def on_labels(self, msg: events_pb2.LabelsCommitted, _record: object = None) -> None:
+        """Handle ``labels.committed``."""
+        key = f"training/{msg.meta.project}/labels-{msg.meta.event_id}.pb"
+        if not self.store.exists(key):
+            self.store.put(key, msg.SerializeToString())  # for the manual Train RPC
+        self.train(msg, version=f"v{msg.label_version:06d}-{events.derived_id(msg.meta.event_id, 'model')[:8]}",
+                   event_id=events.derived_id(msg.meta.event_id, "model.trained"))
+
+    def train(self, msg: events_pb2.LabelsCommitted, *, version: str, event_id: str,
+              head: str = "", seed: int | None = None) -> ModelCard | None:
+        """Train (or find) model ``version`` on the snapshot ``msg`` names, then announce it.
+
+        Returns None (and announces nothing) while the labels cover fewer than two classes.
+        """
+        project = msg.meta.project
+        try:
+            uri, card = latest_card(self.store, project, version)
+        except NotFound:
+            card = self._train(msg, version, head=head or msg.config.head or DEFAULT_HEAD,
+                               seed=int(msg.config.seed if seed is None else seed), parent=msg.meta.event_id)
+            if card is None:
+                return None
+            uri, card = latest_card(self.store, project, version)
+        metrics = metrics_proto(dict(card.metrics), n_train=int(card.extra.get("n_train", 0)),
+                                n_val=int(card.extra.get("n_validation", 0)), seconds=card.train_seconds)
+        source = {**msg.meta.source_versions, "labels": str(msg.label_version),
+                  "labels_committed_ms": str(msg.meta.created_at.ToMilliseconds())}
+        events.publish(self.bus, events_pb2.ModelTrained(
+            meta=events.new_meta(project=project, producer=PRODUCER, event_id=event_id, source_versions=source,
+                                 trace_id=msg.meta.trace_id),
+            model_version=card.version, model_uri=uri, metrics=metrics, label_version=msg.label_version,
+            labels_uri=msg.labels_uri, embeddings_uris=list(msg.embeddings_uris), config=msg.config,
+            classes=list(card.classes)))
+        return card
+
+    def _train(self, msg: events_pb2.LabelsCommitted, version: str, *, head: str, seed: int,
+               parent: str) -> ModelCard | None:
+        project, config = msg.meta.project, msg.config
+        snapshot = read_snapshot(self.store, msg.labels_uri)
+        classes = list(msg.classes) or list(snapshot.classes)
+        if not msg.embeddings_uris:
+            raise FailedPrecondition(f"labels of {project} name no embeddings; is the dataset embedded yet?")
+        blocks_all: list[dict[str, np.ndarray]] = []
+        blocks_lab: list[dict[str, np.ndarray]] = []
+        labels: list[str] = []
+        for uri in msg.embeddings_uris:
+            adata = read_anndata(self.store, uri)
+            blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
+            given = snapshot.labels.get(dataset_of(uri), {})
+            rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
+            blocks_all.append(blocks)
+            blocks_lab.append({k: v[rows] for k, v in blocks.items()})
+            labels += [given[adata.obs_names[i]] for i in rows]
+        if len(set(labels)) < 2:
+            log.warning("project %s: %d labels in %d class(es); a model needs two classes — waiting for more",
+                        project, len(labels), len(set(labels)))
+            TRAINING_RUNS.labels(outcome="skipped").inc()
+            return None
+        keys = list(blocks_all[0])
+        all_x = {k: np.concatenate([b[k] for b in blocks_all]) for k in keys}
+        lab_x = {k: np.concatenate([b[k] for b in blocks_lab]) for k in keys}
+        multimodal = head == "multimodal"
+        if not multimodal:
+            all_x = {"features": np.hstack([all_x[k] for k in keys])}
+            lab_x = {"features": np.hstack([lab_x[k] for k in keys])}
+        scaling = {k: FeatureScaling.fit(v) for k, v in all_x.items()}
+        previous = self._previous(project, head)
+        started = time.perf_counter()
+        try:
+            trained = train_model(lab_x if multimodal else lab_x["features"], labels, head=head, seed=seed,
+                                  classes=classes, resampling=config.resampling or "off", scaling=scaling,
+                                  previous=previous)
+        except Exception:
+            TRAINING_RUNS.labels(outcome="failure").inc()
+            raise
+        module = export_torchscript(trained)
+        prefix = f"models/{project}/{version}"
+        if not self.store.exists(f"{prefix}/trained.bin"):
+            self.store.put(f"{prefix}/trained.bin", trained.to_bytes())
+        card = ModelCard(
+            project=project, version=version, head=head, classes=list(trained.classes),
+            input_dim=int(sum(v.shape[1] for v in all_x.values())), features=int(config.features),
+            spatial_neighbours=int(config.spatial_neighbours), seed=seed, label_version=int(msg.label_version),
+            label_batch_ids=[msg.batch_id], embeddings_uris=list(msg.embeddings_uris),
+            hyperparameters={k: str(v) for k, v in trained.hyperparameters.items()},
+            metrics=dict(trained.validation), train_seconds=time.perf_counter() - started,
+            created_ms=int(time.time() * 1000), parent_event_id=parent,
+            extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
+                   "resampling": trained.resampling, "n_labels": len(labels)})
+        save_model(self.store, card, module)
+        TRAINING_RUNS.labels(outcome="success").inc()
+        for name in ("macro_f1", "balanced_accuracy", "kappa"):
+            value = trained.validation.get(name)
+            if value is not None:
+                MODEL_METRIC.labels(project=project, metric=name).set(value)
+        log.info("trained %s %s on %d labels in %.2fs: %s", project, version, len(labels), card.train_seconds,
+                 {k: v for k, v in asdict(card).items() if k == "metrics"})
+        return card
+
+    def _previous(self, project: str, head: str) -> TrainedModel | None:
+        """The project's newest model of the same head, for a warm start."""
+        for uri, card in reversed(list_cards(self.store, project)):
+            if card.head == head:
+                key = self.store.key_from_uri(uri).rsplit("/", 1)[0] + "/trained.bin"
+                return TrainedModel.from_bytes(self.store.get(key))
+        return None
+
+    def retrain(self, project: str, *, head: str = "", seed: int | None = None) -> ModelCard:
+        """The Train RPC: train again on the project's newest label snapshot, and announce it."""
+        stored = [i for i in self.store.list(f"training/{project}/") if i.key.endswith(".pb")]
+        if not stored:
+            raise NotFound(f"project {project!r} has no committed labels yet")
+        latest = max((events_pb2.LabelsCommitted.FromString(self.store.get(i.key)) for i in stored),
+                     key=lambda m: m.label_version)
+        run = uuid.uuid4().hex[:8]
+        card = self.train(latest, version=f"v{latest.label_version:06d}-manual-{run}",
+                          event_id=events.derived_id(latest.meta.event_id, f"manual/{run}"), head=head, seed=seed)
+        if card is None:
+            raise FailedPrecondition(f"project {project!r} needs labels in at least two classes")
+        return card

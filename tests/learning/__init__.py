@@ -1,0 +1,1 @@
+"""Tests of the training, prediction and acquisition domain logic."""
