@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 PROTOS := $(wildcard protos/histoloop/v1/*.proto)
 STUBS := services/common/histoloop/v1/common_pb2.py
 
-.PHONY: setup setup-test protos demo serve test lint clean
+.PHONY: setup setup-test deb-tools protos demo serve test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,20 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PIP) install -e ".[test]"
 	touch $@
 
+# Debian tools some deployment checks use (docker-compose config, promtool); installed
+# where we are root with apt, else those checks skip and say why.
+deb-tools:
+	@if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null; \
+	  fi; \
+	fi
+
 $(STUBS): $(PROTOS) tools/gen_protos.py | $(VENV)/.base
 	$(PY) tools/gen_protos.py
 
 setup: $(VENV)/.base $(STUBS)
-setup-test: $(VENV)/.test $(STUBS)
+setup-test: $(VENV)/.test $(STUBS) deb-tools
 
 protos: $(VENV)/.base
 	$(PY) tools/gen_protos.py
