@@ -22,7 +22,12 @@ from histoloop.config import Settings
 from histoloop.datasets import read_anndata
 from histoloop.embedding._anndata import build_embedding_anndata, write_embeddings
 from histoloop.embedding._base import Embedder
-from histoloop.embedding._expression import fit_expression, read_expression
+from histoloop.embedding._expression import (
+    ExpressionParams,
+    fit_expression,
+    read_expression,
+    transform_expression,
+)
 from histoloop.embedding._factory import make_embedder
 from histoloop.embedding._pipeline import embed_dataset
 from histoloop.errors import FailedPrecondition
@@ -104,14 +109,29 @@ class EmbeddingStep:
         events.publish(self.bus, message)
         log.info("embeddings ready for %s/%s: %d spots, %d-d", project, dataset, adata.n_obs, dim)
 
+    def reference_expression(self, project: str, dataset: str) -> ExpressionParams | None:
+        """The expression transform of the project's first embedded dataset (transfer).
+
+        Every later dataset of a project is mapped into the same gene space — genes matched by
+        id, the ones it lacks set to zero — so one model serves all of them.
+        """
+        others = [i for i in self.store.list(f"embeddings/{project}/")
+                  if i.key.endswith(".h5ad") and i.key.split("/")[2] != dataset]
+        if not others:
+            return None
+        first = min(others, key=lambda i: (i.created, i.key))
+        uns = read_anndata(self.store, self.store.uri(first.key)).uns
+        return ExpressionParams.from_uns(dict(uns["expression"])) if "expression" in uns else None
+
     def _embed(self, msg: events_pb2.TilesReady, key: str, expression: Path | None) -> None:
         project, dataset = msg.meta.project, msg.meta.dataset
+        reference = self.reference_expression(project, dataset) if expression is not None else None
         if msg.patches_uri:
             def on_progress(done: int, total: int) -> None:
                 self.progress.update(project, dataset, done, total)
 
             result = embed_dataset(self.store, self.store.key_from_uri(msg.patches_uri), self.embedder, key,
-                                   expression=expression, on_progress=on_progress)
+                                   expression=expression, expression_params=reference, on_progress=on_progress)
             EMBEDDED_PATCHES.labels(embedder=result.model).inc(result.n)
             return
         if expression is None or not msg.spots_uri:
@@ -119,10 +139,17 @@ class EmbeddingStep:
         spots = pd.read_csv(io.BytesIO(self.store.get(self.store.key_from_uri(msg.spots_uri))))
         spots = spots[spots["in_tissue"] == 1].rename(columns={"barcode": "id"}).reset_index(drop=True)
         counts = read_expression(expression).subset(spots["id"].astype(str))
-        features, params = fit_expression(counts)
+        if reference is None:
+            features, params = fit_expression(counts)
+            missing: list[str] = []
+        else:
+            features, params = transform_expression(counts, reference), reference
+            present = set(map(str, counts.gene_ids))
+            missing = [str(g) for g in reference.gene_ids if str(g) not in present]
         self.progress.update(project, dataset, len(spots), len(spots), "expression features")
         adata = build_embedding_anndata(spots, None, model_name="expression", expr=features.astype(np.float32),
                                         expr_params=params, uns={"expression_source": expression.name})
+        adata.uns["missing_genes"] = missing
         write_embeddings(self.store, key, adata)
 
     def _fetch(self, uri: str, folder: Path) -> Path:

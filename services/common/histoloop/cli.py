@@ -89,6 +89,38 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from histoloop.artifacts.local import LocalArtifactStore
+    from histoloop.tiling import tile_visium, tile_wsi
+
+    store = LocalArtifactStore(Path(args.out))
+    bar = tqdm(desc="patches", unit="patch")
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    if args.spatial:
+        result = tile_visium(args.slide, args.spatial, store, args.prefix, context=args.context,
+                             patch_size=args.tile_size, scale=args.scale, workers=args.workers,
+                             on_progress=on_progress)
+    else:
+        result = tile_wsi(args.slide, store, args.prefix, mpp=args.mpp, tile_size=args.tile_size,
+                          workers=args.workers, on_progress=on_progress)
+    bar.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{result.n_patches} patches (level {result.level}, "
+          f"{'direct JPEG' if result.direct else 'OpenSlide'}) in {result.seconds:.1f}s; "
+          f"overlay: {Path(args.out) / result.overlay_key}")
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if getattr(args, "port", None) is not None:
@@ -129,6 +161,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--neighbours", type=int, default=6, help="spatial neighbour features (0 = off)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    tile = sub.add_parser("tile", help="cut a slide into patches (Visium spots or a WSI grid) with a progress bar")
+    tile.add_argument("slide", help="a slide OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, …)")
+    tile.add_argument("--spatial", help="Space Ranger spatial/ folder (Visium); omit for grid tiling")
+    tile.add_argument("--out", default="tiles-output", help="local artifact folder to write into")
+    tile.add_argument("--prefix", default="tiles", help="key prefix of the patch set")
+    tile.add_argument("--tile-size", type=int, default=224, help="patch side in pixels")
+    tile.add_argument("--mpp", type=float, default=0.5, help="grid tiling resolution, µm/px")
+    tile.add_argument("--context", type=float, default=1.0, help="patch side = spot diameter × context")
+    tile.add_argument("--scale", type=float, default=1.0, help="slide px per Space Ranger full-res px")
+    tile.add_argument("--workers", type=int, default=None)
+    tile.set_defaults(func=_tile)
 
     migrate = sub.add_parser("migrate", help="upgrade the annotation store's database")
     migrate.set_defaults(func=_migrate)

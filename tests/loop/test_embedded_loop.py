@@ -1,0 +1,114 @@
+"""The automatic loop in the embedded default: one SubmitLabels → a new query set, alone."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from histoloop import events
+from histoloop.server import Server
+from histoloop.v1 import annotation_store_pb2 as pb
+from histoloop.v1 import training_pb2, training_pb2_grpc
+from histoloop.worker import EventWorker
+from tests.loop.conftest import answer, start_project
+
+
+def _topics_after(server: Server, project: str, first_seq: int) -> list[tuple[int, str]]:
+    """(sequence, topic) of a project's events in the embedded log after ``first_seq``."""
+    with sqlite3.connect(server.settings.data_dir / "events.sqlite") as db:
+        return db.execute("SELECT seq, topic FROM events WHERE key = ? AND seq > ? ORDER BY seq",
+                          (project, first_seq)).fetchall()
+
+
+def test_submit_labels_alone_yields_the_next_query_set(server, store, dlpfc) -> None:
+    folder, truth = dlpfc
+    watch = start_project(store, folder, "loop-a", query_size=12, head="logreg", strategy="activevisium", seed=3)
+    cold = watch.next_round(-1)
+    assert cold.round == 0 and len(cold.spots) == 12
+    assert {s.reason for s in cold.spots} == {"cold_start"}
+    assert len({s.barcode for s in cold.spots}) == 12
+
+    before = _topics_after(server, "loop-a", 0)[-1][0]
+    reply = store.SubmitLabels(pb.SubmitLabelsRequest(
+        project_id="loop-a", dataset_id="151510", batch_id="b1", labels=answer(cold, truth)))
+    assert reply.n_labels == len(answer(cold, truth)) and not reply.duplicate
+    first = watch.next_round(0)  # no other call: retrain → predict → query happen by themselves
+    watch.close()
+
+    assert first.round == 1 and first.model_version and len(first.spots) == 12
+    labelled = {s.barcode for s in cold.spots}
+    assert not labelled & {s.barcode for s in first.spots}, "a labelled spot was asked again"
+    chain = [t for _, t in _topics_after(server, "loop-a", before)]
+    assert chain == [events.LABELS_COMMITTED, events.MODEL_TRAINED, events.PREDICTIONS_READY,
+                     events.QUERYSET_READY]
+    status = store.GetStatus(pb.GetStatusRequest(project_id="loop-a"))
+    assert status.round == 1 and status.n_labelled == len(labelled) and status.latest_model_version
+
+
+def test_two_quick_batches_make_one_retrain(server, store, channel, dlpfc) -> None:
+    folder, truth = dlpfc
+    watch = start_project(store, folder, "loop-b", query_size=10, head="logreg", seed=1)
+    cold = watch.next_round(-1)
+    training = next(w for w in server.workers if w.group == "training")
+    training.stop(10)  # hold training so that both batches are waiting when it comes back
+    half = len(cold.spots) // 2
+    answers = answer(cold, truth)
+    versions = [store.SubmitLabels(pb.SubmitLabelsRequest(
+        project_id="loop-b", dataset_id="151510", batch_id=f"quick-{i}", labels=part)).label_version
+        for i, part in enumerate((answers[:half], answers[half:]))]
+    probe = server.runtime.bus.consumer("training", [events.LABELS_COMMITTED])
+    deadline = time.monotonic() + 30
+    while probe.lag()[events.LABELS_COMMITTED] < 2:  # both batches relayed from the outbox
+        assert time.monotonic() < deadline, "the outbox relay did not publish both batches"
+        time.sleep(0.05)
+    probe.close()
+    parts = next(p for p in server.parts if p.name == "training")
+    server.workers.remove(training)
+    resumed = EventWorker(group="training", bus=server.runtime.bus, store=server.runtime.store,
+                          handlers=parts.handlers, coalesce=parts.coalesce, stopping=server.runtime.stopping)
+    resumed.start()
+    server.workers.append(resumed)
+    first = watch.next_round(0)
+    watch.close()
+
+    models = training_pb2_grpc.TrainingServiceStub(channel).ListModels(
+        training_pb2.ListModelsRequest(project_id="loop-b")).models
+    assert len(models) == 1, "two quick batches must coalesce into one retrain"
+    assert models[0].label_version == max(versions)
+    assert first.model_version == models[0].model_version
+
+
+def test_transfer_to_a_dataset_with_missing_genes(server, store, channel, dlpfc, tmp_path) -> None:
+    """A second slide is mapped into the first one's gene space; the model predicts it."""
+    import anndata as ad
+
+    from histoloop.v1 import (
+        common_pb2,
+        embedding_pb2,
+        embedding_pb2_grpc,
+        prediction_pb2,
+        prediction_pb2_grpc,
+    )
+
+    folder, _ = dlpfc
+    source = ad.read_h5ad(folder / "dlpfc151510_500genes.h5ad")
+    dropped = list(source.var_names[:40])
+    source[:, 40:].copy().write_h5ad(tmp_path / "other.h5ad")
+    store.RegisterDataset(pb.RegisterDatasetRequest(
+        project_id="loop-a", dataset_id="other-slide", kind=common_pb2.DATASET_KIND_VISIUM,
+        spatial_dir=str(folder / "spatial"), expression_path=str(tmp_path / "other.h5ad")))
+    embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            target = embedding.EmbedDataset(embedding_pb2.EmbedDatasetRequest(
+                project_id="loop-a", dataset_id="other-slide"))
+            break
+        except Exception:  # noqa: BLE001 - NOT_FOUND until the embedding service is done
+            assert time.monotonic() < deadline, "the second dataset was never embedded"
+            time.sleep(0.2)
+    reply = prediction_pb2_grpc.PredictionServiceStub(channel).Predict(prediction_pb2.PredictRequest(
+        project_id="loop-a", embeddings_uri=target.embeddings_uri))
+    assert len(reply.barcodes) == len(reply.predicted) == target.n_spots > 4000
+    assert sorted(reply.missing_genes) == sorted(dropped)
+    assert set(reply.predicted) <= {"Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"}
