@@ -14,15 +14,17 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-# torch first, pinned to the CPU build, so no dependency can pull a CUDA build
+# torch first, pinned to the CPU build, so no dependency can pull a CUDA build; the stubs
+# are generated after every install, by the grpcio-tools resolved with that protobuf
 $(VENV)/.base: $(VENV)/bin/python pyproject.toml
-	$(PIP) install "torch==2.13.0" "grpcio-tools>=1.64"
-	$(PY) tools/gen_protos.py
+	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e .
+	$(PY) tools/gen_protos.py
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PIP) install -e ".[test]"
+	$(PY) tools/gen_protos.py
 	touch $@
 
 # Debian tools some deployment checks use (docker-compose config, promtool); installed

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sqlite3
 import time
 
+import grpc
+import pytest
+
 from histoloop import events
 from histoloop.server import Server
 from histoloop.v1 import annotation_store_pb2 as pb
@@ -112,3 +115,24 @@ def test_transfer_to_a_dataset_with_missing_genes(server, store, channel, dlpfc,
     assert len(reply.barcodes) == len(reply.predicted) == target.n_spots > 4000
     assert sorted(reply.missing_genes) == sorted(dropped)
     assert set(reply.predicted) <= {"Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"}
+
+
+def test_manual_train_rpc_retrains_and_the_loop_follows(server, store, channel, dlpfc) -> None:
+    """``Train`` on demand (another head) registers a model, and a query set follows from it."""
+    from tests.loop.conftest import Watch
+
+    before = store.GetStatus(pb.GetStatusRequest(project_id="loop-a"))
+    watch = Watch(store, "loop-a")
+    training = training_pb2_grpc.TrainingServiceStub(channel)
+    reply = training.Train(training_pb2.TrainRequest(project_id="loop-a", head="mlp", seed=7))
+    assert reply.model.head == "mlp" and reply.model.seed == 7 and "manual" in reply.model.model_version
+    assert reply.model.metrics.n_train > 0 and reply.model.label_version == before.label_version
+    follow = watch.next_round(before.round)
+    watch.close()
+    assert follow.model_version == reply.model.model_version
+    assert follow.stopping.reason, "the query set carries the stopping signal"
+    models = training.ListModels(training_pb2.ListModelsRequest(project_id="loop-a")).models
+    assert reply.model.model_version in {m.model_version for m in models}
+    with pytest.raises(grpc.RpcError) as err:
+        training.Train(training_pb2.TrainRequest(project_id="loop-a", head="no-such-head"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no-such-head" in err.value.details()
