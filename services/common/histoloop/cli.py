@@ -37,7 +37,10 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from histoloop.channels import make_channel
+
+    # TLS (and the client certificate for mutual TLS) from HISTOLOOP_TLS_*; probes need no token
+    with make_channel(args.address, load_settings(), token="") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -121,6 +124,34 @@ def _tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import os
+
+    from histoloop.acquisition.simulation import SimulationConfig, parse_schedule, run_campaign
+
+    if "HISTOLOOP_LOG_LEVEL" not in os.environ:
+        logging.getLogger().setLevel(logging.WARNING)  # the bar and the table are the output
+    config = SimulationConfig(
+        label_column=args.label_column, obsm=args.obsm or (), pca=args.pca, neighbours=args.neighbours,
+        strategies=args.strategies or (), heads=args.head, seeds=args.seeds, test_fraction=args.test_fraction,
+        initial=args.initial, initial_size=args.initial_size, query_size=args.query_size, rounds=args.rounds,
+        budget=args.budget, schedule=parse_schedule(args.schedule) if args.schedule else (),
+        metric=args.metric, target=args.target)
+    store = None
+    if args.store:
+        from histoloop.artifacts import make_store
+
+        store = make_store(load_settings())
+    result = run_campaign(args.data, config, args.out, workers=args.workers, resume=args.resume, store=store,
+                          name=args.name or "")
+    print((result.folder / "comparison.md").read_text())
+    print(f"campaign {result.campaign_id}: {result.rounds_run} rounds run in {result.seconds:.0f}s; "
+          f"outputs in {result.folder}/")
+    for name, uri in result.uris.items():
+        print(f"stored {name}: {uri}")
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if getattr(args, "port", None) is not None:
@@ -173,6 +204,32 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("--scale", type=float, default=1.0, help="slide px per Space Ranger full-res px")
     tile.add_argument("--workers", type=int, default=None)
     tile.set_defaults(func=_tile)
+
+    sim = sub.add_parser("simulate", help="compare strategies on pre-annotated data (simulated campaigns)")
+    sim.add_argument("--data", required=True, help="an .h5ad with vectors in obsm or counts in X")
+    sim.add_argument("--label-column", default="layer", help="obs column with the ground truth")
+    sim.add_argument("--obsm", help="obsm key(s) of the feature vectors, comma-separated (default: counts in X)")
+    sim.add_argument("--pca", type=int, default=0, help="PCA components (default 30 without --obsm)")
+    sim.add_argument("--strategies", help="comma-separated (default: every strategy that works with the heads)")
+    sim.add_argument("--seeds", type=int, default=5)
+    sim.add_argument("--head", default="mlp", help="mlp | logreg | ensemble, or several comma-separated")
+    sim.add_argument("--query-size", type=int, default=46)
+    size = sim.add_mutually_exclusive_group()
+    size.add_argument("--rounds", type=int, default=0, help="rounds of --query-size")
+    size.add_argument("--budget", type=int, default=0, help="rounds of --query-size up to this many labels")
+    sim.add_argument("--schedule", help="labelled fractions of the pool, e.g. 0.1:1.0:0.1 (after --rounds/--budget)")
+    sim.add_argument("--neighbours", type=int, default=0, help="spatial neighbour-mean features (0 = off)")
+    sim.add_argument("--test-fraction", type=float, default=0.3)
+    sim.add_argument("--initial", default="per_class", help="per_class or a cold-start strategy")
+    sim.add_argument("--initial-size", type=int, default=0, help="with a cold-start strategy (default --query-size)")
+    sim.add_argument("--metric", default="macro_f1", help="macro_f1 | balanced_accuracy | accuracy | kappa")
+    sim.add_argument("--target", type=float, default=0.95, help="target as a share of full supervision")
+    sim.add_argument("--out", required=True, help="campaign folder")
+    sim.add_argument("--workers", type=int, default=2, help="parallel processes")
+    sim.add_argument("--resume", action="store_true", help="continue the campaign in --out")
+    sim.add_argument("--name", help="campaign id (default: derived from the settings and the data)")
+    sim.add_argument("--store", action="store_true", help="also store the outputs in the artifact store")
+    sim.set_defaults(func=_simulate)
 
     migrate = sub.add_parser("migrate", help="upgrade the annotation store's database")
     migrate.set_defaults(func=_migrate)

@@ -1,0 +1,362 @@
+"""One simulated active-learning run (one strategy × head × seed), resumable round by round.
+
+A run appends one JSON line per finished round to its own file
+``runs/<head>.<strategy>.seed<k>.jsonl``. A line holds the spots picked that round (row
+indices into the prepared data), so a restarted run re-derives its labelled set from the
+file and carries on from the next round. The model of the last finished round is kept
+beside it (``….r<round>.model``, written *before* the line), so the warm start of the
+next round is the same as in an uninterrupted run; predictions are recomputed from it.
+
+Everything random is derived from ``(seed, round)``, never from process state, so a run
+gives the same numbers in any process, in any order, before or after a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoloop.acquisition.strategies import STRATEGIES, QueryContext, get_strategy
+from histoloop.training.evaluate import classification_metrics
+from histoloop.training.pipeline import TrainedModel, train_model
+from histoloop.training.predict import predict
+from histoloop.training.scaling import FeatureScaling
+
+__all__: list[str] = []  # private module; the public API is histoloop.acquisition.simulation
+
+log = logging.getLogger(__name__)
+
+FULL = "full"
+"""Pseudo-strategy name of the full-supervision reference."""
+
+METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "kappa")
+_INITIAL_SALT = 0x5EED  # keeps the initial draw apart from the per-round streams
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The prepared data every run of a campaign shares (sent once to each worker).
+
+    Attributes:
+        X: ``(n, d)`` float32 features of the labelled spots.
+        y: ``(n,)`` int64 class indices.
+        classes: Class names by index.
+        splits: Per seed: ``(pool_rows, test_rows)`` sorted int64.
+        scaling: Standardisation fitted on every spot (no labels used).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+    splits: dict[int, tuple[np.ndarray, np.ndarray]]
+    scaling: FeatureScaling
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run does.
+
+    Attributes:
+        head: Training head name.
+        strategy: Strategy name, or :data:`FULL` for the full-supervision reference.
+        seed: Campaign seed.
+        targets: Labelled-set size after each round (round 0 = the initial set).
+        initial: ``"per_class"`` or a cold-start strategy name.
+        initial_size: Size of the initial set when drawn by a strategy.
+        warm_start: Start each round's model from the previous round's weights.
+        hyperparameters: Head hyper-parameters.
+        validation_fraction: Labelled share held out for early stopping.
+    """
+
+    head: str
+    strategy: str
+    seed: int
+    targets: tuple[int, ...]
+    initial: str
+    initial_size: int
+    warm_start: bool
+    hyperparameters: tuple[tuple[str, Any], ...]
+    validation_fraction: float
+
+    @property
+    def name(self) -> str:
+        """File stem of the run."""
+        return f"{self.head}.{self.strategy}.seed{self.seed}"
+
+    @property
+    def rounds(self) -> int:
+        """Records the finished run holds."""
+        return 1 if self.strategy == FULL else len(self.targets)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def run_path(folder: Path, spec: RunSpec) -> Path:
+    """The run's JSONL file."""
+    return folder / "runs" / f"{spec.name}.jsonl"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The finished rounds in a run file, oldest first.
+
+    A torn last line (the process died while writing it) is dropped, and the file is cut
+    back to the last complete line so that the next append starts on a fresh line.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    good = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line)
+    if good != len(data):
+        log.warning("%s: dropping a torn record at byte %d (a killed run)", path.name, good)
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+    # rounds are written in order; keep the contiguous prefix 0, 1, 2, …
+    out = []
+    for i, rec in enumerate(records):
+        if rec.get("round") != i:
+            break
+        out.append(rec)
+    return out
+
+
+def count_lines(path: Path) -> int:
+    """Complete lines in a run file (for the progress bar; cheap)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _model_path(path: Path, round_: int) -> Path:
+    return path.with_name(f"{path.stem}.r{round_}.model")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- workers
+
+_PROBLEM: Problem | None = None
+
+
+def init_worker(problem: Problem) -> None:
+    """Process-pool initializer: one BLAS/torch thread, the shared problem in a global."""
+    global _PROBLEM
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
+    _PROBLEM = problem
+
+
+def run_in_worker(spec: RunSpec, folder: str, max_new_rounds: int | None) -> int:
+    """Process-pool entry point: :func:`run` on the worker's problem."""
+    assert _PROBLEM is not None, "init_worker was not called"
+    return run(_PROBLEM, spec, Path(folder), max_new_rounds=max_new_rounds)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One torch and BLAS thread inside the block (restored after)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Constant:
+    """Stand-in model while the labels cover one class: predicts it, knows nothing."""
+
+    def __init__(self, n_classes: int, label: int) -> None:
+        self.n_classes, self.label = n_classes, label
+
+
+def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedModel | None,
+           round_: int) -> tuple[TrainedModel | _Constant, float]:
+    t0 = time.perf_counter()
+    y = problem.y[rows]
+    if len(np.unique(y)) < 2:
+        return _Constant(len(problem.classes), int(y[0])), time.perf_counter() - t0
+    names = np.asarray(problem.classes, dtype=object)[y]
+    model = train_model(
+        problem.X[rows], names, head=spec.head, seed=_train_seed(spec.seed, round_),
+        classes=problem.classes, hyperparameters=dict(spec.hyperparameters),
+        validation_fraction=spec.validation_fraction, scaling={"features": problem.scaling},
+        previous=previous if spec.warm_start else None,
+    )
+    return model, time.perf_counter() - t0
+
+
+def _train_seed(seed: int, round_: int) -> int:
+    return int(seed) * 100_003 + int(round_)
+
+
+def _predict(model: TrainedModel | _Constant, X: np.ndarray, scaled: np.ndarray):
+    """``(probabilities, hidden, member_probabilities)`` for rows ``X``."""
+    if isinstance(model, _Constant):
+        P = np.zeros((len(X), model.n_classes), dtype=np.float32)
+        P[:, model.label] = 1.0
+        return P, scaled, None
+    p = predict(model, X)
+    return p.probabilities, p.hidden, p.member_probabilities
+
+
+def _evaluate(problem: Problem, model: TrainedModel | _Constant, test: np.ndarray) -> dict[str, Any]:
+    P, _, _ = _predict(model, problem.X[test], problem.X[test])
+    return classification_metrics(problem.y[test], P.argmax(axis=1), classes=problem.classes)
+
+
+def _initial(problem: Problem, spec: RunSpec, pool: np.ndarray) -> np.ndarray:
+    """The initial labelled set (rows into ``problem``): the same for every strategy."""
+    rng = np.random.default_rng([spec.seed, _INITIAL_SALT])
+    if spec.initial == "per_class":
+        y = problem.y[pool]
+        return np.array([rng.choice(pool[y == c]) for c in np.unique(y)], dtype=np.int64)
+    strategy = get_strategy(spec.initial)
+    X = problem.scaling.transform(problem.X[pool])
+    ctx = QueryContext(features=X, labelled=np.zeros(len(pool), bool))
+    return pool[strategy.select(ctx, spec.initial_size, rng).indices]
+
+
+def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: dict[str, Any],
+            picked: Sequence[int] | np.ndarray, query_s: float, train_s: float,
+            predict_s: float = 0.0) -> dict[str, Any]:
+    """One round: test metrics, timings (selection, training, pool prediction) and picks."""
+    return {
+        "head": spec.head, "strategy": spec.strategy, "seed": spec.seed, "round": round_,
+        "labels": int(labels), "fraction": labels / pool_size,
+        **{m: metrics[m] for m in METRICS}, "per_class_f1": metrics["per_class_f1"],
+        "query_seconds": round(query_s, 6), "train_seconds": round(train_s, 6),
+        "predict_seconds": round(predict_s, 6),
+        "picked": [int(i) for i in picked],
+    }
+
+
+def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | None = None,
+        on_round: Callable[[], None] | None = None) -> int:
+    """Run (or continue) one simulated campaign arm; returns the rounds it finished now.
+
+    Args:
+        problem: The prepared data.
+        spec: What to run.
+        folder: The campaign folder.
+        max_new_rounds: Stop after this many new rounds (a simulated kill); None = all.
+        on_round: Called after every finished round (in-process progress).
+
+    Returns:
+        Rounds finished by this call.
+    """
+    path = run_path(folder, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_records(path)
+    budget = spec.rounds - len(done) if max_new_rounds is None else min(max_new_rounds, spec.rounds - len(done))
+    if budget <= 0:
+        return 0
+    pool, test = problem.splits[spec.seed]
+    if spec.strategy == FULL:
+        model, train_s = _train(problem, spec, pool, None, 0)
+        _append(path, _record(spec, 0, len(pool), len(pool), _evaluate(problem, model, test), [], 0.0, train_s))
+        if on_round is not None:
+            on_round()
+        return 1
+
+    # re-derive the state after the last finished round
+    labelled_rows = [i for rec in done for i in rec["picked"]]
+    previous: TrainedModel | _Constant | None = None
+    if done:
+        last = len(done) - 1
+        model_file = _model_path(path, last)
+        if model_file.exists():
+            previous = TrainedModel.from_bytes(model_file.read_bytes())
+        else:  # trained on < 2 classes, or written by a run without a model file
+            previous, _ = _train(problem, spec, np.asarray(labelled_rows, dtype=np.int64), None, last)
+            if isinstance(previous, TrainedModel):
+                log.warning("%s: no model file for round %d; retrained from scratch", spec.name, last)
+    for stale in path.parent.glob(f"{path.stem}.r*.model"):
+        if stale != _model_path(path, len(done) - 1):
+            stale.unlink()  # left by a kill between two steps of a round
+    position = {int(r): i for i, r in enumerate(pool)}
+    strategy = get_strategy(spec.strategy)
+    uses_model = STRATEGIES[spec.strategy].needs_model
+    X_pool = problem.X[pool]
+    scaled_pool = problem.scaling.transform(X_pool)
+    finished = 0
+    for round_ in range(len(done), len(done) + budget):
+        predict_s = 0.0
+        if round_ == 0:
+            t0 = time.perf_counter()
+            picked = _initial(problem, spec, pool)
+        else:
+            labelled = np.zeros(len(pool), dtype=bool)
+            labelled[[position[i] for i in labelled_rows]] = True
+            assert previous is not None
+            t0 = time.perf_counter()
+            P, hidden, members = _predict(previous, X_pool, scaled_pool)
+            predict_s = time.perf_counter() - t0
+            ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
+                               probabilities=P, member_probabilities=members, round=round_)
+            k = spec.targets[round_] - spec.targets[round_ - 1]
+            t0 = time.perf_counter()
+            picked = pool[strategy.select(ctx, k, np.random.default_rng([spec.seed, round_])).indices]
+        query_s = time.perf_counter() - t0
+        labelled_rows.extend(int(i) for i in picked)
+        rows = np.asarray(labelled_rows, dtype=np.int64)
+        model, train_s = _train(problem, spec, rows,
+                                previous if isinstance(previous, TrainedModel) else None, round_)
+        metrics = _evaluate(problem, model, test)
+        if isinstance(model, TrainedModel):
+            _write_atomic(_model_path(path, round_), model.to_bytes())
+        _append(path, _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s,
+                              predict_s))
+        stale = _model_path(path, round_ - 1)
+        if stale.exists():
+            stale.unlink()
+        previous = model
+        finished += 1
+        if on_round is not None:
+            on_round()
+    if len(done) + finished == spec.rounds:
+        last_model = _model_path(path, spec.rounds - 1)
+        if last_model.exists():
+            last_model.unlink()  # finished: no next round to warm-start
+    return finished
