@@ -50,6 +50,18 @@ def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float)
         n_train=n_train, n_val=n_val, train_seconds=seconds)
 
 
+def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
+    """The labelled spots' augmented image views ``(views, n, d)``, where they apply, else empty.
+
+    They apply to the image-only features without neighbour means (the views are of the
+    spot's own patch) and to the heads that train by epochs (``mlp``, ``ensemble``).
+    """
+    if ("X_morph_aug" not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
+            or config.spatial_neighbours or head not in ("mlp", "ensemble")):
+        return np.empty((0,))
+    return np.ascontiguousarray(np.asarray(adata.obsm["X_morph_aug"], dtype=np.float32)[rows].transpose(1, 0, 2))
+
+
 class TrainingStep:
     """Trains a project's model on its label snapshot and announces it."""
 
@@ -101,6 +113,7 @@ class TrainingStep:
             raise FailedPrecondition(f"labels of {project} name no embeddings; is the dataset embedded yet?")
         blocks_all: list[dict[str, np.ndarray]] = []
         blocks_lab: list[dict[str, np.ndarray]] = []
+        views_lab: list[np.ndarray] = []
         labels: list[str] = []
         for uri in msg.embeddings_uris:
             adata = read_anndata(self.store, uri)
@@ -109,6 +122,7 @@ class TrainingStep:
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
             blocks_all.append(blocks)
             blocks_lab.append({k: v[rows] for k, v in blocks.items()})
+            views_lab.append(_augmented_views(adata, config, head, rows))
             labels += [given[adata.obs_names[i]] for i in rows]
         if len(set(labels)) < 2:
             log.warning("project %s: %d labels in %d class(es); a model needs two classes — waiting for more",
@@ -122,6 +136,9 @@ class TrainingStep:
         if not multimodal:
             all_x = {"features": np.hstack([all_x[k] for k in keys])}
             lab_x = {"features": np.hstack([lab_x[k] for k in keys])}
+            if all(v.size for v in views_lab) and len({v.shape[0] for v in views_lab}) == 1:
+                # ActiveVisium repetitions: (views, n, d), view 0 clean; one view per spot per epoch
+                lab_x = {"features": np.concatenate(views_lab, axis=1)}
         scaling = {k: FeatureScaling.fit(v) for k, v in all_x.items()}
         previous = self._previous(project, head)
         started = time.perf_counter()
@@ -145,7 +162,8 @@ class TrainingStep:
             metrics=dict(trained.validation), train_seconds=time.perf_counter() - started,
             created_ms=int(time.time() * 1000), parent_event_id=parent,
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
-                   "resampling": trained.resampling, "n_labels": len(labels)})
+                   "resampling": trained.resampling, "n_labels": len(labels),
+                   "views": int(lab_x["features"].shape[0]) if not multimodal and lab_x["features"].ndim == 3 else 1})
         save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
         for name in ("macro_f1", "balanced_accuracy", "kappa"):
