@@ -48,6 +48,7 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         consensus=config.consensus,
         adjudication_share=config.adjudication_share,
         compactness=config.compactness,
+        smoothing=config.smoothing,
     )
 
 
@@ -65,6 +66,7 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         consensus=settings.consensus,
         adjudication_share=settings.adjudication_share,
         compactness=settings.compactness,
+        smoothing=settings.smoothing,
     )
 
 

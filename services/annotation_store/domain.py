@@ -149,6 +149,7 @@ class LoopSettings:
     consensus: str = "latest_expert"
     adjudication_share: float = 0.0
     compactness: float = 0.0
+    smoothing: float = 0.0
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
@@ -180,6 +181,8 @@ class LoopSettings:
             )
         if not self.compactness >= 0.0:
             raise InvalidArgument(f"config.compactness: {self.compactness} must be >= 0")
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
         return self
 
 

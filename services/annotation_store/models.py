@@ -87,6 +87,7 @@ class Project(Base):
     consensus: Mapped[str] = mapped_column(String(32))
     adjudication_share: Mapped[float] = mapped_column(Float)
     compactness: Mapped[float] = mapped_column(Float)
+    smoothing: Mapped[float] = mapped_column(Float, server_default="0")
 
 
 class ProjectClass(Base):

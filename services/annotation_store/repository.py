@@ -1512,6 +1512,7 @@ def _settings(project: m.Project) -> LoopSettings:
         consensus=project.consensus,
         adjudication_share=project.adjudication_share,
         compactness=project.compactness,
+        smoothing=project.smoothing,
     )
 
 

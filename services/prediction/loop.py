@@ -18,6 +18,7 @@ from histoloop.datasets import (
     write_predictions,
 )
 from histoloop.models import LoadedModel, load_model
+from histoloop.spatial import neighbour_indices, smooth_probabilities, visium_array_positions
 from histoloop.v1 import events_pb2
 
 __all__ = ["PredictionStep", "prediction_map_png"]
@@ -33,13 +34,23 @@ class PredictionStep:
         self.store = store
         self.bus = bus
 
-    def predict_datasets(self, model: LoadedModel, embeddings_uris: list[str]) -> Predictions:
-        """Probabilities and hidden features for every spot of the given datasets."""
+    def predict_datasets(self, model: LoadedModel, embeddings_uris: list[str], *,
+                         smoothing: float = 0.0, neighbours: int = 0) -> Predictions:
+        """Probabilities and hidden features for every spot of the given datasets.
+
+        With ``smoothing`` = α > 0 each spot's probabilities become ``(1 − α)·own + α·mean of
+        its neighbours'`` (``neighbours`` nearest spots on the array; 6 when 0).
+        """
         parts = []
         for uri in embeddings_uris:
             adata = read_anndata(self.store, uri)
             x = feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
             probs, hidden, members = model.predict(x)
+            if smoothing > 0 and {"array_row", "array_col"} <= set(adata.obs.columns):
+                nb = neighbour_indices(visium_array_positions(adata.obs["array_row"].to_numpy(),
+                                                              adata.obs["array_col"].to_numpy()),
+                                       min(neighbours or 6, len(x) - 1))
+                probs = smooth_probabilities(probs, nb, smoothing)
             dataset = str(adata.uns.get("dataset", uri.rsplit("/", 2)[-2]))
             positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
                 if {"array_row", "array_col"} <= set(adata.obs.columns) else np.zeros((len(x), 2))
@@ -62,7 +73,8 @@ class PredictionStep:
             predictions = read_predictions(self.store, self.store.uri(key))
         else:
             model = load_model(self.store, msg.model_uri)
-            predictions = self.predict_datasets(model, list(msg.embeddings_uris))
+            predictions = self.predict_datasets(model, list(msg.embeddings_uris), smoothing=msg.config.smoothing,
+                                                neighbours=msg.config.spatial_neighbours)
             if not self.store.exists(map_key):
                 self.store.put(map_key, prediction_map_png(predictions), content_type="image/png")
             write_predictions(self.store, key, predictions)

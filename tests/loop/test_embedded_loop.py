@@ -136,3 +136,39 @@ def test_manual_train_rpc_retrains_and_the_loop_follows(server, store, channel, 
     with pytest.raises(grpc.RpcError) as err:
         training.Train(training_pb2.TrainRequest(project_id="loop-a", head="no-such-head"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no-such-head" in err.value.details()
+
+
+def test_graph_smoothing_of_predictions_is_a_project_setting(server, store, dlpfc) -> None:
+    """``smoothing`` > 0 evens out isolated predictions; a bad value is refused by name."""
+    import numpy as np
+
+    from histoloop.datasets import read_predictions
+    from histoloop.spatial import neighbour_indices, visium_array_positions
+
+    folder, truth = dlpfc
+    runs = {}
+    for project, smoothing in (("smooth-0", 0.0), ("smooth-1", 0.8)):
+        watch = start_project(store, folder, project, query_size=15, head="logreg", seed=5, smoothing=smoothing)
+        cold = watch.next_round(-1)
+        store.SubmitLabels(pb.SubmitLabelsRequest(project_id=project, dataset_id="151510", batch_id="b",
+                                                  labels=answer(cold, truth)))
+        first = watch.next_round(0)
+        watch.close()
+        uri = server.runtime.store.uri(f"predictions/{project}/{first.model_version}.npz")
+        runs[project] = read_predictions(server.runtime.store, uri)
+    plain, smooth = runs["smooth-0"], runs["smooth-1"]
+    assert np.array_equal(plain.barcodes, smooth.barcodes)
+    positions = visium_array_positions(plain.positions[:, 0], plain.positions[:, 1])
+    neighbours = neighbour_indices(positions, 6)
+
+    def roughness(p) -> float:  # how far each spot's probabilities are from its neighbours' mean
+        return float(np.abs(p.probabilities - p.probabilities[neighbours].mean(axis=1)).mean())
+
+    assert roughness(smooth) < 0.8 * roughness(plain)
+    from histoloop.v1 import common_pb2
+
+    with pytest.raises(grpc.RpcError) as err:
+        store.CreateProject(pb.CreateProjectRequest(
+            project_id="smooth-bad", name="x", classes=[common_pb2.ClassDef(name="a"), common_pb2.ClassDef(name="b")],
+            config=common_pb2.LoopConfig(smoothing=1.5)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "config.smoothing" in err.value.details()
