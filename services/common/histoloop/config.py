@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     """Bearer token services use to call each other (distributed mode)."""
     admin_token: SecretStr | None = None
 
+    # TLS for gRPC (off unless set)
+    tls_cert: Path | None = None
+    """PEM certificate (chain) the gRPC server presents; with ``tls_key`` it serves TLS only.
+    Clients made by :func:`histoloop.channels.make_channel` present it too, for mutual TLS."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificate(s) for mutual TLS: the server then requires a client certificate
+    signed by one of them and refuses clients without one."""
+    tls_ca: Path | None = None
+    """PEM CA certificate(s) clients trust for servers' certificates; setting it (or
+    ``tls_cert``) makes :func:`histoloop.channels.make_channel` open TLS channels.
+    Default: the system's roots."""
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -4,7 +4,9 @@ One server hosts one or more services (all six for ``histoloop serve``, one for
 ``histoloop run``), with the standard health service (NOT_SERVING until each service's
 dependency checks pass), server reflection, the interceptor (identity, error mapping,
 metrics), a Prometheus ``/metrics`` endpoint, the services' event workers and background
-loops, and graceful shutdown with a grace period on SIGTERM/SIGINT.
+loops, and graceful shutdown with a grace period on SIGTERM/SIGINT. The gRPC port is
+plaintext unless ``tls_cert``/``tls_key`` are set (TLS), with ``tls_client_ca`` requiring
+client certificates (mutual TLS); clients connect with :func:`histoloop.channels.make_channel`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -26,12 +29,12 @@ from histoloop.artifacts import make_store
 from histoloop.auth import settings_resolver
 from histoloop.bus import make_bus
 from histoloop.config import Settings
-from histoloop.errors import HistoloopError, InvalidArgument
+from histoloop.errors import ConfigError, HistoloopError, InvalidArgument
 from histoloop.interceptors import ServerInterceptor
 from histoloop.runtime import SERVICE_NAMES, Runtime, ServiceParts
 from histoloop.worker import EventWorker
 
-__all__ = ["MAX_MESSAGE_BYTES", "Server", "normalise_service_name"]
+__all__ = ["MAX_MESSAGE_BYTES", "Server", "normalise_service_name", "server_credentials"]
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -53,6 +56,7 @@ class Server:
         self.settings = settings
         self.names = [normalise_service_name(s) for s in services]
         settings.validate_for_start(self.names[0] if len(self.names) == 1 else None)
+        self._credentials = server_credentials(settings)
         client_id = "histoloop-" + ("all" if len(self.names) > 1 else self.names[0])
         self.runtime = Runtime(settings=settings, bus=make_bus(settings, client_id=client_id),
                                store=make_store(settings))
@@ -104,7 +108,10 @@ class Server:
             self._grpc,
         )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self._grpc.add_insecure_port(address)
+        if self._credentials is None:
+            self.port = self._grpc.add_insecure_port(address)
+        else:
+            self.port = self._grpc.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise HistoloopError(f"cannot bind gRPC port {address}")
         self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
@@ -122,9 +129,9 @@ class Server:
         self._check_health()
         self._checker = threading.Thread(target=self._health_loop, name="health", daemon=True)
         self._checker.start()
-        log.info("serving %s on %s:%d (metrics on :%d, %s bus, %s artifacts)",
-                 ",".join(self.names), self.settings.grpc_host, self.port, self.metrics_port,
-                 self.settings.bus_backend, self.settings.artifact_backend)
+        log.info("serving %s on %s:%d (%s; metrics on :%d, %s bus, %s artifacts)",
+                 ",".join(self.names), self.settings.grpc_host, self.port, _tls_mode(self.settings),
+                 self.metrics_port, self.settings.bus_backend, self.settings.artifact_backend)
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(_CHECK_INTERVAL):
@@ -191,6 +198,47 @@ class Server:
         self.start()
         stop_requested.wait()
         self.stop()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port from ``tls_cert``/``tls_key`` (None: plaintext).
+
+    With ``tls_client_ca`` the server also requires a client certificate signed by that CA
+    (mutual TLS).
+
+    Raises:
+        ConfigError: only one of certificate and key is set, a client CA without a server
+            certificate, or a file that cannot be read (the message names the variable).
+    """
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ConfigError("HISTOLOOP_TLS_CLIENT_CA (mutual TLS) needs HISTOLOOP_TLS_CERT and "
+                              "HISTOLOOP_TLS_KEY (server TLS) as well")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError("TLS needs both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY")
+    cert = _read_pem("HISTOLOOP_TLS_CERT", settings.tls_cert)
+    key = _read_pem("HISTOLOOP_TLS_KEY", settings.tls_key)
+    client_ca = (_read_pem("HISTOLOOP_TLS_CLIENT_CA", settings.tls_client_ca)
+                 if settings.tls_client_ca is not None else None)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def _read_pem(variable: str, path: Path) -> bytes:
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{variable}: {path} is not a PEM file")
+    return data
+
+
+def _tls_mode(settings: Settings) -> str:
+    if settings.tls_cert is None:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca is not None else "TLS"
 
 
 def _status(ok: bool) -> int:

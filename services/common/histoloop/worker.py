@@ -4,7 +4,13 @@ For each polled record: skip it if its event id was handled before (the processe
 ledger lives in the artifact store, so it is shared by every replica and survives
 restarts); otherwise run the handler, retrying with backoff while it raises, then record
 the event id and commit the offset. A worker stopped mid-retry commits nothing, so the
-event is redelivered after restart — nothing is dropped.
+event is redelivered after restart — nothing is dropped. The ledger's own reads and writes
+are retried like handlers, so an unreachable artifact store delays events, never drops them.
+
+Coalescing: on the topics a service names, of several events of one project that are ready
+at once only the newest is handled (a burst of label batches → one training run). "Ready at
+once" is what one poll returns plus whatever further polls return immediately, because some
+brokers (librdkafka's mock cluster among them) return a single record batch per fetch.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from histoloop import events
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore
@@ -26,6 +36,10 @@ __all__ = ["EventWorker"]
 log = logging.getLogger(__name__)
 _MAX_BACKOFF = 30.0
 _LAG_INTERVAL = 5.0
+_TOP_UP_TIMEOUT = 0.02
+"""How long each extra poll waits when gathering a burst for coalescing."""
+_MAX_BATCH = 500
+T = TypeVar("T")
 
 
 class EventWorker:
@@ -94,16 +108,23 @@ class EventWorker:
             if not records:
                 self._report_lag(consumer)
                 continue
+            if self._coalesce:
+                records = self._top_up(consumer, records)
+            planned, plan = self._retrying("read its ledger", partial(self._plan, records))
+            if not planned or plan is None:
+                break  # stopping: nothing committed, the batch is redelivered
             handled: list[Record] = []
-            for record, superseded in self._plan(records):
+            for record, superseded in plan:
                 if self._stopping():
                     break
-                if superseded or self._handle_with_retry(record):
-                    if superseded:
-                        self._mark_done(record)
-                    handled.append(record)
+                if superseded:
+                    done, _ = self._retrying(f"record superseded event {record.event_id}",
+                                             partial(self._mark_done, record))
                 else:
+                    done = self._handle_with_retry(record)
+                if not done:
                     break  # stopping mid-retry: commit what is done, redeliver the rest
+                handled.append(record)
             if handled:
                 try:
                     consumer.commit(handled)
@@ -112,34 +133,84 @@ class EventWorker:
                     log.warning("worker %s cannot commit offsets (%s); events will be redelivered",
                                 self.group, exc)
 
+    def _top_up(self, consumer: Consumer, records: list[Record]) -> list[Record]:
+        """``records`` plus what further polls return at once (up to ``_MAX_BATCH``)."""
+        while len(records) < _MAX_BATCH and not self._stopping():
+            try:
+                more = consumer.poll(_TOP_UP_TIMEOUT)
+            except HistoloopError:
+                break  # the next regular poll reports it
+            if not more:
+                break
+            records = records + more
+        return records
+
     def _plan(self, records: list[Record]) -> list[tuple[Record, bool]]:
-        """Order of work; coalesced topics keep only the newest event per project."""
-        newest: dict[tuple[str, str], int] = {}
+        """Order of work: each record, and whether a newer event of its project supersedes it.
+
+        On a coalesced topic, of the events of one project in the batch only the newest that
+        is not handled yet (by creation time, then position) is handled; the others are
+        recorded as done without running the handler. An old event delivered again behind a
+        new one (a redelivery, a duplicate) is in the ledger already, so it cannot hide the
+        new one. Ledger reads: one per project and topic, unless the newest are duplicates.
+        """
+        groups: dict[tuple[str, str], list[int]] = {}
         for i, rec in enumerate(records):
             if rec.topic in self._coalesce:
-                newest[(rec.topic, rec.key)] = i
-        return [
-            (rec, rec.topic in self._coalesce and newest[(rec.topic, rec.key)] != i)
-            for i, rec in enumerate(records)
-        ]
+                groups.setdefault((rec.topic, rec.key), []).append(i)
+        superseded: set[int] = set()
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            ranked = sorted(members, key=lambda i: (_created_ms(records[i]), i), reverse=True)
+            chosen = next((i for i in ranked if not self._already_done(records[i])), None)
+            # copies of the chosen event (a producer retry, a redelivery) are not superseded:
+            # recording them as done would record the chosen one as done before it runs
+            keep = records[chosen].event_id if chosen is not None else None
+            superseded.update(i for i in members if records[i].event_id != keep)
+        return [(rec, i in superseded) for i, rec in enumerate(records)]
+
+    def _retrying(self, what: str, step: Callable[[], T]) -> tuple[bool, T | None]:
+        """Run ``step`` until it succeeds (True, its result) or the worker stops (False, None).
+
+        For the worker's own bookkeeping in the artifact store (the ledger), which fails
+        while the store is unreachable; the event stays uncommitted meanwhile.
+        """
+        backoff = 0.5
+        while not self._stopping():
+            try:
+                return True, step()
+            except HistoloopError as exc:
+                log.warning("worker %s cannot %s (%s); retrying in %.1fs", self.group, what, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+        return False, None
 
     def _handle_with_retry(self, record: Record) -> bool:
-        """True once handled (or known handled); False if stopping before success."""
-        if self._already_done(record):
-            log.info("worker %s skips duplicate event %s on %s", self.group, record.event_id, record.topic)
-            return True
-        try:
-            message = events.decode(record)
-        except InvalidArgument as exc:
-            # a record that can never parse would block the partition forever: log and skip it
-            log.error("worker %s drops unparseable event %s: %s", self.group, record.event_id, exc)
-            EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
-            return True
+        """True once handled (or known handled); False if stopping before success.
+
+        The ledger check and entry are retried with the handler: a store that cannot be
+        reached fails the attempt (logged, retried with backoff), never the worker thread.
+        """
         backoff = 0.5
+        message: Message | None = None
         while not self._stopping():
             self.busy.set()
             try:
+                if self._already_done(record):
+                    log.info("worker %s skips duplicate event %s on %s", self.group, record.event_id,
+                             record.topic)
+                    return True
+                if message is None:
+                    try:
+                        message = events.decode(record)
+                    except InvalidArgument as exc:
+                        # a record that can never parse would block the partition forever: log, skip
+                        log.error("worker %s drops unparseable event %s: %s", self.group, record.event_id, exc)
+                        EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
+                        return True
                 self._handlers[record.topic](message, record)
+                self._mark_done(record)
             except Exception:
                 EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
                 log.exception(
@@ -151,7 +222,6 @@ class EventWorker:
                 continue
             finally:
                 self.busy.clear()
-            self._mark_done(record)
             EVENTS_CONSUMED.labels(topic=record.topic, group=self.group).inc()
             return True
         return False
@@ -178,3 +248,13 @@ class EventWorker:
                 CONSUMER_LAG.labels(topic=topic, group=self.group).set(lag)
         except HistoloopError as exc:
             log.debug("worker %s cannot read lag: %s", self.group, exc)
+
+
+def _created_ms(record: Record) -> int:
+    """When the event was created (its header's ``created_at``), 0 if it does not parse."""
+    try:
+        message = events.decode(record)
+    except InvalidArgument:
+        return 0
+    meta = getattr(message, "meta", None)
+    return int(meta.created_at.ToMilliseconds()) if meta is not None else 0

@@ -119,6 +119,10 @@ class KafkaBus(EventBus):
             "max_poll_interval_ms": max_poll_interval_ms,
             "request_timeout_ms": request_timeout_ms or max(max_poll_interval_ms, session_timeout_ms) + 5_000,
         }
+        # kafka-python refuses a consumer whose request timeout is not below the idle-connection
+        # limit (default 9 min); long handlers (max_poll_interval_ms = 30 min) need it raised
+        self._consumer_timing["connections_max_idle_ms"] = max(
+            540_000, self._consumer_timing["request_timeout_ms"] + 60_000)
         self.operation_timeout_ms = operation_timeout_ms
         self._lock = threading.Lock()
         self._producer_instance: KafkaProducer | None = None
