@@ -53,6 +53,7 @@ serve: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy services/common/histoloop
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:

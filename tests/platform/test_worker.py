@@ -113,3 +113,26 @@ def test_unparseable_event_is_skipped_not_blocking(tmp_path: Path) -> None:
     worker.start()
     _wait(lambda: seen == [5])
     worker.stop(5)
+
+
+def test_event_rejected_as_bad_data_becomes_a_dead_letter(tmp_path: Path) -> None:
+    import json
+
+    from histoloop.errors import InvalidArgument
+
+    seen: list[int] = []
+
+    def handler(msg, rec) -> None:
+        if msg.label_version == 1:
+            raise InvalidArgument("labels name a class the schema does not have")
+        seen.append(msg.label_version)
+
+    worker, bus = _worker(tmp_path, handler)
+    bad = events.publish(bus, _labels("p", 1))
+    events.publish(bus, _labels("p", 2))
+    worker.start()
+    _wait(lambda: seen == [2])  # the partition is not blocked behind the bad event
+    worker.stop(5)
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    parked = json.loads(store.get(f"_deadletter/training/{bad}.json"))
+    assert parked["topic"] == events.LABELS_COMMITTED and "schema" in parked["error"]

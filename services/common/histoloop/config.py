@@ -188,7 +188,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: o
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"HISTOLOOP_CONFIG_FILE {env_file!s} does not exist")
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg, arg-type]
     except ValidationError as exc:
         details = "; ".join(
             f"HISTOLOOP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()

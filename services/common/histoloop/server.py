@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -81,7 +82,7 @@ class Server:
         )
         self.port = 0
         self.metrics_port = 0
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
         self._checker: threading.Thread | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()

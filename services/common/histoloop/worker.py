@@ -6,6 +6,9 @@ restarts); otherwise run the handler, retrying with backoff while it raises, the
 the event id and commit the offset. A worker stopped mid-retry commits nothing, so the
 event is redelivered after restart — nothing is dropped. The ledger's own reads and writes
 are retried like handlers, so an unreachable artifact store delays events, never drops them.
+An event that no retry can fix — it does not parse, or its handler rejects it with
+:class:`histoloop.errors.InvalidArgument` — is parked as a dead letter under
+``_deadletter/<group>/<event id>.json`` with the error, instead of blocking its partition.
 
 Coalescing: on the topics a service names, of several events of one project that are ready
 at once only the newest is handled (a burst of label batches → one training run). "Ready at
@@ -15,6 +18,7 @@ brokers (librdkafka's mock cluster among them) return a single record batch per 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -202,15 +206,15 @@ class EventWorker:
                              record.topic)
                     return True
                 if message is None:
-                    try:
-                        message = events.decode(record)
-                    except InvalidArgument as exc:
-                        # a record that can never parse would block the partition forever: log, skip
-                        log.error("worker %s drops unparseable event %s: %s", self.group, record.event_id, exc)
-                        EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
-                        return True
+                    message = events.decode(record)
                 self._handlers[record.topic](message, record)
                 self._mark_done(record)
+            except InvalidArgument as exc:
+                # bad data that no retry can fix (an unparseable event, a handler rejecting its
+                # input) would block the partition forever: park it where operators see it
+                done, _ = self._retrying(f"park dead letter {record.event_id}",
+                                         partial(self._dead_letter, record, exc))
+                return done
             except Exception:
                 EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
                 log.exception(
@@ -225,6 +229,17 @@ class EventWorker:
             EVENTS_CONSUMED.labels(topic=record.topic, group=self.group).inc()
             return True
         return False
+
+    def _dead_letter(self, record: Record, exc: InvalidArgument) -> None:
+        EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
+        log.error("worker %s parks event %s (%s) as a dead letter: %s", self.group, record.event_id,
+                  record.topic, exc)
+        key = f"_deadletter/{self.group}/{record.event_id}.json"
+        if not self._store.exists(key):
+            body = json.dumps({"topic": record.topic, "key": record.key, "event_id": record.event_id,
+                               "offset": record.offset, "error": str(exc), "value_hex": record.value.hex()})
+            self._store.put(key, body.encode(), content_type="application/json")
+        self._mark_done(record)
 
     # idempotency ledger -----------------------------------------------------------------
     def _ledger_key(self, record: Record) -> str:
