@@ -131,7 +131,9 @@ class EmbeddingStep:
                 self.progress.update(project, dataset, done, total)
 
             result = embed_dataset(self.store, self.store.key_from_uri(msg.patches_uri), self.embedder, key,
-                                   expression=expression, expression_params=reference, on_progress=on_progress)
+                                   expression=expression, expression_params=reference,
+                                   n_augment=self.settings.augment_views, seed=int(msg.config.seed),
+                                   on_progress=on_progress)
             EMBEDDED_PATCHES.labels(embedder=result.model).inc(result.n)
             return
         if expression is None or not msg.spots_uri:

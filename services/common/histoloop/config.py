@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     triton_model: str = "uni"
     triton_model_version: str = ""
     model_path: Path | None = None
+    augment_views: int = Field(0, ge=0, le=32)
+    """Augmented views per spot stored beside the clean one (ActiveVisium repetitions; 0 = none)."""
     """Exported model (ONNX) for the in-process embedder."""
 
     # auth

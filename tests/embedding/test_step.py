@@ -1,0 +1,32 @@
+"""The embedding step on a real slide's patches: views stored for training, event announced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from histoloop import events
+from histoloop.artifacts.local import LocalArtifactStore
+from histoloop.bus.embedded import EmbeddedBus
+from histoloop.config import load_settings
+from histoloop.datasets import read_anndata
+from histoloop.embedding.step import EmbeddingStep
+from histoloop.tiling import tile_wsi
+from histoloop.v1 import events_pb2
+
+
+def test_augmented_views_are_stored_with_the_clean_one(shared_data: Path, tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    bus = EmbeddedBus(tmp_path / "events.sqlite")
+    tiled = tile_wsi(shared_data / "wsi" / "CMU-1-Small-Region.svs", store, "tiles/p/wsi", mpp=2.0,
+                     tile_size=64, workers=1)
+    settings = load_settings(data_dir=tmp_path, embedder="handcrafted", augment_views=2)
+    step = EmbeddingStep(store, bus, settings)
+    step.on_tiles(events_pb2.TilesReady(meta=events.new_meta(project="p", dataset="wsi", producer="test"),
+                                        patches_uri=store.uri(tiled.manifest_key), n_tiles=tiled.n_patches))
+    (record,) = bus.consumer("t", [events.EMBEDDINGS_READY]).poll(1.0)
+    ready = events.decode(record)
+    adata = read_anndata(store, ready.embeddings_uri)
+    n, d = adata.obsm["X_morph"].shape
+    assert n == tiled.n_patches and ready.n_spots == n and ready.dim == d
+    assert adata.obsm["X_morph_aug"].shape == (n, 3, d)  # view 0 clean, then 2 augmented
+    assert (adata.obsm["X_morph_aug"][:, 0] == adata.obsm["X_morph"]).all()
