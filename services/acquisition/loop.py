@@ -68,19 +68,22 @@ class Acquisition:
         out = [QueryRecord(**json.loads(self.store.get(i.key))) for i in infos if i.key.endswith(".json")]
         return sorted(out, key=lambda r: r.round)
 
-    def _find(self, project: str, queryset_id: str) -> QueryRecord | None:
-        for record in self.records(project):
-            if record.queryset_id == queryset_id:
-                return record
-        return None
+    @staticmethod
+    def _find(records: list[QueryRecord], queryset_id: str) -> QueryRecord | None:
+        return next((r for r in records if r.queryset_id == queryset_id), None)
+
+    @staticmethod
+    def _key(record: QueryRecord) -> str:
+        return f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
 
     # handlers ------------------------------------------------------------------------
     def on_embeddings(self, msg: events_pb2.EmbeddingsReady, _record: object = None) -> None:
         """Cold start: the project's first query set, by diversity on the embeddings."""
         project = msg.meta.project
         queryset_id = events.derived_id(msg.meta.event_id, "cold-start")
-        existing = self._find(project, queryset_id)
-        if existing is None and self.records(project):
+        records = self.records(project)
+        existing = self._find(records, queryset_id)
+        if existing is None and records:
             log.info("project %s has query sets already; no cold start for dataset %s",
                      project, msg.meta.dataset)
             return
@@ -107,18 +110,22 @@ class Acquisition:
         """The next round's query set from the new model's predictions."""
         project = msg.meta.project
         queryset_id = events.derived_id(msg.meta.event_id, "queryset")
-        record = self._find(project, queryset_id)
+        previous = self.records(project)
+        record = self._find(previous, queryset_id)
         if record is None:
             record = self.compute(project, msg.predictions_uri, msg.labels_uri, msg.config,
-                                  queryset_id=queryset_id, label_version=msg.label_version)
+                                  queryset_id=queryset_id, label_version=msg.label_version, previous=previous)
             self._save(record)
         self._announce(record, msg.meta, msg.config, msg.metrics, msg.predictions_uri)
 
     # the query -----------------------------------------------------------------------
     def compute(self, project: str, predictions_uri: str, labels_uri: str, config: common_pb2.LoopConfig,
                 *, queryset_id: str, label_version: int, strategy: str = "", query_size: int = 0,
-                seed: int | None = None) -> QueryRecord:
-        """Choose a query set from predictions and the labels they were trained on."""
+                seed: int | None = None, previous: list[QueryRecord] | None = None) -> QueryRecord:
+        """Choose a query set from predictions and the labels they were trained on.
+
+        ``previous`` is the project's query sets if the caller has read them already.
+        """
         predictions = read_predictions(self.store, predictions_uri)
         snapshot = read_snapshot(self.store, labels_uri)
         labelled = np.array([
@@ -128,7 +135,7 @@ class Acquisition:
             snapshot.disagreement.get(d, {}).get(b, 0.0)
             for d, b in zip(predictions.datasets, predictions.barcodes, strict=True)
         ])
-        previous = self.records(project)
+        previous = self.records(project) if previous is None else previous
         round_ = (previous[-1].round + 1) if previous else 1
         ctx = QueryContext(
             features=predictions.hidden, labelled=labelled, probabilities=predictions.probabilities,
@@ -176,13 +183,13 @@ class Acquisition:
 
     # output --------------------------------------------------------------------------
     def _save(self, record: QueryRecord) -> None:
-        key = f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
+        key = self._key(record)
         if not self.store.exists(key):
             self.store.put(key, json.dumps(record.__dict__).encode(), content_type="application/json")
 
     def _announce(self, record: QueryRecord, parent: common_pb2.EventMeta, config: common_pb2.LoopConfig,
                   metrics: common_pb2.ModelMetrics | None, predictions_uri: str | None) -> None:
-        key = f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
+        key = self._key(record)
         stopping = events_pb2.StoppingSignal(**record.stopping) if record.stopping else None
         message = events_pb2.QuerySetReady(
             meta=events.new_meta(

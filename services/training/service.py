@@ -43,8 +43,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         project = _project(request.project_id)
         if request.head and request.head not in HEADS:
             raise InvalidArgument(f"head {request.head!r} is not one of {', '.join(sorted(HEADS))}")
-        card = self.step.retrain(project, head=request.head, seed=request.seed or None)
-        return training_pb2.TrainResponse(model=_info(*latest_card(self.step.store, project, card.version)))
+        return training_pb2.TrainResponse(
+            model=_info(*self.step.retrain(project, head=request.head, seed=request.seed or None)))
 
     def GetModel(self, request: training_pb2.GetModelRequest, context: grpc.ServicerContext) -> training_pb2.ModelInfo:
         return _info(*latest_card(self.step.store, _project(request.project_id), request.model_version))

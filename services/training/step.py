@@ -78,7 +78,7 @@ class TrainingStep:
                    event_id=events.derived_id(msg.meta.event_id, "model.trained"))
 
     def train(self, msg: events_pb2.LabelsCommitted, *, version: str, event_id: str,
-              head: str = "", seed: int | None = None) -> ModelCard | None:
+              head: str = "", seed: int | None = None) -> tuple[str, ModelCard] | None:
         """Train (or find) model ``version`` on the snapshot ``msg`` names, then announce it.
 
         Returns None (and announces nothing) while the labels cover fewer than two classes.
@@ -87,11 +87,11 @@ class TrainingStep:
         try:
             uri, card = latest_card(self.store, project, version)
         except NotFound:
-            card = self._train(msg, version, head=head or msg.config.head or DEFAULT_HEAD,
-                               seed=int(msg.config.seed if seed is None else seed), parent=msg.meta.event_id)
-            if card is None:
+            trained = self._train(msg, version, head=head or msg.config.head or DEFAULT_HEAD,
+                                  seed=int(msg.config.seed if seed is None else seed), parent=msg.meta.event_id)
+            if trained is None:
                 return None
-            uri, card = latest_card(self.store, project, version)
+            uri, card = trained
         metrics = metrics_proto(dict(card.metrics), n_train=int(card.extra.get("n_train", 0)),
                                 n_val=int(card.extra.get("n_validation", 0)), seconds=card.train_seconds)
         source = {**msg.meta.source_versions, "labels": str(msg.label_version),
@@ -102,10 +102,10 @@ class TrainingStep:
             model_version=card.version, model_uri=uri, metrics=metrics, label_version=msg.label_version,
             labels_uri=msg.labels_uri, embeddings_uris=list(msg.embeddings_uris), config=msg.config,
             classes=list(card.classes)))
-        return card
+        return uri, card
 
     def _train(self, msg: events_pb2.LabelsCommitted, version: str, *, head: str, seed: int,
-               parent: str) -> ModelCard | None:
+               parent: str) -> tuple[str, ModelCard] | None:
         project, config = msg.meta.project, msg.config
         snapshot = read_snapshot(self.store, msg.labels_uri)
         classes = list(msg.classes) or list(snapshot.classes)
@@ -164,7 +164,7 @@ class TrainingStep:
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
                    "resampling": trained.resampling, "n_labels": len(labels),
                    "views": int(lab_x["features"].shape[0]) if not multimodal and lab_x["features"].ndim == 3 else 1})
-        save_model(self.store, card, module)
+        uri = save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
         for name in ("macro_f1", "balanced_accuracy", "kappa"):
             value = trained.validation.get(name)
@@ -172,7 +172,7 @@ class TrainingStep:
                 MODEL_METRIC.labels(project=project, metric=name).set(value)
         log.info("trained %s %s on %d labels in %.2fs: %s", project, version, len(labels), card.train_seconds,
                  {k: v for k, v in asdict(card).items() if k == "metrics"})
-        return card
+        return uri, card
 
     def _previous(self, project: str, head: str) -> TrainedModel | None:
         """The project's newest model of the same head, for a warm start."""
@@ -182,7 +182,7 @@ class TrainingStep:
                 return TrainedModel.from_bytes(self.store.get(key))
         return None
 
-    def retrain(self, project: str, *, head: str = "", seed: int | None = None) -> ModelCard:
+    def retrain(self, project: str, *, head: str = "", seed: int | None = None) -> tuple[str, ModelCard]:
         """The Train RPC: train again on the project's newest label snapshot, and announce it."""
         stored = [i for i in self.store.list(f"training/{project}/") if i.key.endswith(".pb")]
         if not stored:
@@ -190,8 +190,9 @@ class TrainingStep:
         latest = max((events_pb2.LabelsCommitted.FromString(self.store.get(i.key)) for i in stored),
                      key=lambda m: m.label_version)
         run = uuid.uuid4().hex[:8]
-        card = self.train(latest, version=f"v{latest.label_version:06d}-manual-{run}",
-                          event_id=events.derived_id(latest.meta.event_id, f"manual/{run}"), head=head, seed=seed)
-        if card is None:
+        trained = self.train(latest, version=f"v{latest.label_version:06d}-manual-{run}",
+                             event_id=events.derived_id(latest.meta.event_id, f"manual/{run}"), head=head,
+                             seed=seed)
+        if trained is None:
             raise FailedPrecondition(f"project {project!r} needs labels in at least two classes")
-        return card
+        return trained

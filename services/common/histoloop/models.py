@@ -122,11 +122,12 @@ def latest_card(store: ArtifactStore, project: str, version: str = "") -> tuple[
     Raises:
         NotFound: no such model.
     """
-    cards = list_cards(store, project)
-    if version:
-        cards = [c for c in cards if c[1].version == version]
-        if not cards:
+    if version:  # a known key: no listing of the registry
+        key = f"{_prefix(project, version)}/card.json"
+        if not store.exists(key):
             raise NotFound(f"project {project!r} has no model {version!r}")
+        return store.uri(key), _card(store.get(key))
+    cards = list_cards(store, project)
     if not cards:
         raise NotFound(f"project {project!r} has no trained model yet")
     return cards[-1]
