@@ -22,6 +22,8 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import Predictions, feature_matrix, read_anndata, read_predictions
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
+from histoloop.formats.querysets import queryset_key, querysets_prefix
+from histoloop.formats.vocab import DEFAULT_COLD_START, DEFAULT_QUERY_SIZE, DEFAULT_STRATEGY
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
 from histoloop.v1 import common_pb2, events_pb2
@@ -30,9 +32,6 @@ __all__ = ["Acquisition", "QueryRecord"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "acquisition"
-DEFAULT_COLD_START = "coldstart_kmeans"
-DEFAULT_STRATEGY = "activevisium"
-DEFAULT_QUERY_SIZE = 20
 _HISTORY = 3  # rounds of predictions kept for the stopping signal
 
 
@@ -64,7 +63,7 @@ class Acquisition:
     # records -------------------------------------------------------------------------
     def records(self, project: str) -> list[QueryRecord]:
         """The project's query sets, oldest round first."""
-        infos = self.store.list(f"querysets/{project}/")
+        infos = self.store.list(querysets_prefix(project))
         out = [QueryRecord(**json.loads(self.store.get(i.key))) for i in infos if i.key.endswith(".json")]
         return sorted(out, key=lambda r: r.round)
 
@@ -74,7 +73,7 @@ class Acquisition:
 
     @staticmethod
     def _key(record: QueryRecord) -> str:
-        return f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
+        return queryset_key(record.project, record.round, record.queryset_id)
 
     # handlers ------------------------------------------------------------------------
     def on_embeddings(self, msg: events_pb2.EmbeddingsReady, _record: object = None) -> None:

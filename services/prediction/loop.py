@@ -17,6 +17,7 @@ from histoloop.datasets import (
     read_predictions,
     write_predictions,
 )
+from histoloop.formats.embeddings import parse_embeddings_key
 from histoloop.models import LoadedModel, load_model
 from histoloop.spatial import neighbour_indices, smooth_probabilities, visium_array_positions
 from histoloop.v1 import events_pb2
@@ -51,7 +52,7 @@ class PredictionStep:
                                                               adata.obs["array_col"].to_numpy()),
                                        min(neighbours or 6, len(x) - 1))
                 probs = smooth_probabilities(probs, nb, smoothing)
-            dataset = str(adata.uns.get("dataset", uri.rsplit("/", 2)[-2]))
+            dataset = str(adata.uns.get("dataset", parse_embeddings_key(uri).dataset))
             positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
                 if {"array_row", "array_col"} <= set(adata.obs.columns) else np.zeros((len(x), 2))
             parts.append((np.full(len(x), dataset), np.asarray(adata.obs_names, dtype=str), probs, hidden,

@@ -20,6 +20,9 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import feature_blocks, read_anndata
 from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.formats.embeddings import OBSM_MORPH_VIEWS, parse_embeddings_key
+from histoloop.formats.models import STATE_FILE, sibling_key, state_key
+from histoloop.formats.vocab import DEFAULT_HEAD, DEFAULT_RESAMPLING
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
@@ -32,12 +35,11 @@ __all__ = ["TrainingStep", "dataset_of"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "training"
-DEFAULT_HEAD = "mlp"
 
 
 def dataset_of(embeddings_uri: str) -> str:
     """The dataset id in an embeddings key ``embeddings/<project>/<dataset>/<id>.h5ad``."""
-    return embeddings_uri.rsplit("/", 2)[-2]
+    return parse_embeddings_key(embeddings_uri).dataset
 
 
 def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float) -> common_pb2.ModelMetrics:
@@ -56,10 +58,10 @@ def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.n
     They apply to the image-only features without neighbour means (the views are of the
     spot's own patch) and to the heads that train by epochs (``mlp``, ``ensemble``).
     """
-    if ("X_morph_aug" not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
+    if (OBSM_MORPH_VIEWS not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
             or config.spatial_neighbours or head not in ("mlp", "ensemble")):
         return np.empty((0,))
-    return np.ascontiguousarray(np.asarray(adata.obsm["X_morph_aug"], dtype=np.float32)[rows].transpose(1, 0, 2))
+    return np.ascontiguousarray(np.asarray(adata.obsm[OBSM_MORPH_VIEWS], dtype=np.float32)[rows].transpose(1, 0, 2))
 
 
 class TrainingStep:
@@ -144,15 +146,15 @@ class TrainingStep:
         started = time.perf_counter()
         try:
             trained = train_model(lab_x if multimodal else lab_x["features"], labels, head=head, seed=seed,
-                                  classes=classes, resampling=config.resampling or "off", scaling=scaling,
+                                  classes=classes, resampling=config.resampling or DEFAULT_RESAMPLING, scaling=scaling,
                                   previous=previous)
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise
         module = export_torchscript(trained)
-        prefix = f"models/{project}/{version}"
-        if not self.store.exists(f"{prefix}/trained.bin"):
-            self.store.put(f"{prefix}/trained.bin", trained.to_bytes())
+        state = state_key(project, version)
+        if not self.store.exists(state):
+            self.store.put(state, trained.to_bytes())
         card = ModelCard(
             project=project, version=version, head=head, classes=list(trained.classes),
             input_dim=int(sum(v.shape[1] for v in all_x.values())), features=int(config.features),
@@ -178,7 +180,7 @@ class TrainingStep:
         """The project's newest model of the same head, for a warm start."""
         for uri, card in reversed(list_cards(self.store, project)):
             if card.head == head:
-                key = self.store.key_from_uri(uri).rsplit("/", 1)[0] + "/trained.bin"
+                key = sibling_key(self.store.key_from_uri(uri), STATE_FILE)
                 return TrainedModel.from_bytes(self.store.get(key))
         return None
 
