@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from histoloop.acquisition.simulation import SimulationConfig, default_strategies, run_campaign
+from histoloop.simulation import SimulationConfig, default_strategies, run_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))

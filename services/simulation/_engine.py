@@ -31,7 +31,7 @@ from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.predict import predict
 from histoloop.training.scaling import FeatureScaling
 
-__all__: list[str] = []  # private module; the public API is histoloop.acquisition.simulation
+__all__: list[str] = []  # private module; the public API is histoloop.simulation
 
 log = logging.getLogger(__name__)
 

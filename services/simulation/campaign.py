@@ -33,9 +33,9 @@ rejected when asked for without that head).
 
 Runs go to parallel processes (one torch/BLAS thread each) and append every finished
 round to a per-run JSONL file in the campaign folder; a restarted campaign re-derives each
-run's state from those files and continues (see :mod:`._sim_engine`). When every run is
+run's state from those files and continues (see :mod:`._engine`). When every run is
 finished the campaign writes ``rounds.jsonl``, ``learning_curves.png``,
-``efficiency.png`` and ``comparison.{json,md,tex}`` (see :mod:`._sim_report`), and, when
+``efficiency.png`` and ``comparison.{json,md,tex}`` (see :mod:`._report`), and, when
 an artifact store is given, stores them under ``simulations/<campaign>/``.
 """
 
@@ -58,11 +58,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from histoloop.acquisition import _sim_engine as engine
-from histoloop.acquisition import _sim_report as report
 from histoloop.acquisition.strategies import STRATEGIES, UnknownStrategy
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition, InvalidArgument
+from histoloop.simulation import _engine as engine
+from histoloop.simulation import _report as report
 
 __all__ = [
     "DEFAULT_PCA",
@@ -367,7 +367,7 @@ class SimulationData:
     """A campaign's prepared data.
 
     Attributes:
-        problem: Features, labels, classes, splits and scaling (see ``_sim_engine``).
+        problem: Features, labels, classes, splits and scaling (see ``_engine``).
         barcodes: ``(n,)`` spot ids (``obs_names``) of the rows used.
         pool_size: Training-pool size (the same for every seed).
         test_size: Test-split size.
@@ -749,12 +749,18 @@ def _execute(problem: engine.Problem, specs: list[engine.RunSpec], folder: Path,
     pending = [s for s, p in zip(specs, paths, strict=True) if len(engine.read_records(p)) < s.rounds]
     bar = tqdm(total=total, initial=before, desc="simulated rounds", unit="round", disable=not progress,
                dynamic_ncols=True)
+    done = [before]  # a disabled bar does not count, so count here
+
+    def one_more() -> None:
+        done[0] += 1
+        _tick(bar, done[0], total, on_progress)
+
     try:
+        _tick(bar, before, total, on_progress)
         if workers == 1 or len(pending) <= 1:
             with engine.single_threaded():
                 for spec in pending:
-                    engine.run(problem, spec, folder, max_new_rounds=max_new_rounds,
-                               on_round=lambda: _tick(bar, bar.n + 1, total, on_progress))
+                    engine.run(problem, spec, folder, max_new_rounds=max_new_rounds, on_round=one_more)
         else:
             context = multiprocessing.get_context("spawn")  # never fork a process that may run gRPC threads
             with futures.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
