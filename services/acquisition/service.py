@@ -32,13 +32,8 @@ class AcquisitionServicer(acquisition_pb2_grpc.AcquisitionServiceServicer):
         """A what-if query set on the latest predictions (not announced, not recorded)."""
         check_query_args(request.project_id, request.query_size)
         require_project(request.project_id)
-        latest = self.acquisition.latest(request.project_id)
-        config = common_pb2.LoopConfig(strategy=latest.strategy)
-        record = self.acquisition.compute(
-            request.project_id, latest.predictions_uri, latest.labels_uri, config,
-            queryset_id=events.derived_id(latest.queryset_id, f"query/{request.strategy}/{request.seed}"),
-            label_version=latest.label_version, strategy=request.strategy,
-            query_size=request.query_size, seed=request.seed)
+        record = self.acquisition.what_if(request.project_id, strategy=request.strategy,
+                                          query_size=request.query_size, seed=request.seed or None)
         return acquisition_pb2.QueryResponse(
             queryset_id=record.queryset_id, strategy=record.strategy,
             spots=[common_pb2.ScoredSpot(**s) for s in record.spots])
