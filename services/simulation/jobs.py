@@ -95,7 +95,9 @@ class SimulationJobs:
         max_total_rounds: the largest campaign (rounds of every run together) accepted.
     """
 
-    def __init__(self, store: ArtifactStore, root: Path, *, max_total_rounds: int = RPC_MAX_ROUNDS) -> None:
+    def __init__(
+        self, store: ArtifactStore, root: Path, *, max_total_rounds: int = RPC_MAX_ROUNDS
+    ) -> None:
         self.store = store
         self.root = Path(root)
         self.max_total_rounds = max_total_rounds
@@ -123,7 +125,9 @@ class SimulationJobs:
             if not exists:
                 raise InvalidArgument(f"embeddings_uri: no artifact {spec.embeddings_uri!r}")
         elif not Path(spec.dataset_path).is_file():
-            raise InvalidArgument(f"dataset_path: {spec.dataset_path!r} is not a file on the server")
+            raise InvalidArgument(
+                f"dataset_path: {spec.dataset_path!r} is not a file on the server"
+            )
         job_id = spec.job_id()
         with self._lock:
             job = self._jobs.get(job_id)
@@ -195,13 +199,30 @@ class SimulationJobs:
 
         spec = job.spec
         try:
-            data: Any = read_anndata(self.store, spec.embeddings_uri) if spec.embeddings_uri else spec.dataset_path
-            result = run_campaign(data, spec.config, root=self.root, workers=1, resume=True, store=self.store,
-                                  name=spec.name, progress=False, on_progress=on_progress,
-                                  max_total_rounds=self.max_total_rounds)
+            data: Any = (
+                read_anndata(self.store, spec.embeddings_uri)
+                if spec.embeddings_uri
+                else spec.dataset_path
+            )
+            result = run_campaign(
+                data,
+                spec.config,
+                root=self.root,
+                workers=1,
+                resume=True,
+                store=self.store,
+                name=spec.name,
+                progress=False,
+                on_progress=on_progress,
+                max_total_rounds=self.max_total_rounds,
+            )
         except _Cancelled:
             self._finish(job, state="cancelled")
-            log.info("simulation job %s cancelled after %d rounds", job.status.job_id, job.status.rounds_done)
+            log.info(
+                "simulation job %s cancelled after %d rounds",
+                job.status.job_id,
+                job.status.rounds_done,
+            )
         except HistoloopError as exc:
             self._finish(job, state="failed", error=str(exc), error_code=exc.code)
             log.warning("simulation job %s failed: %s", job.status.job_id, exc)
@@ -213,14 +234,31 @@ class SimulationJobs:
             log.exception("simulation job %s failed", job.status.job_id)
         else:
             self._finish(job, state="succeeded" if result.complete else "cancelled", result=result)
-            log.info("simulation job %s: campaign %s in %.1f s", job.status.job_id, result.campaign_id,
-                     result.seconds)
+            log.info(
+                "simulation job %s: campaign %s in %.1f s",
+                job.status.job_id,
+                result.campaign_id,
+                result.seconds,
+            )
 
-    def _finish(self, job: _Job, *, state: JobState, error: str = "", error_code: str = "",
-                result: CampaignResult | None = None) -> None:
+    def _finish(
+        self,
+        job: _Job,
+        *,
+        state: JobState,
+        error: str = "",
+        error_code: str = "",
+        result: CampaignResult | None = None,
+    ) -> None:
         with self._lock:
-            job.status = replace(job.status, state=state, error=error, error_code=error_code, result=result,
-                                 seconds=time.perf_counter() - job.started)
+            job.status = replace(
+                job.status,
+                state=state,
+                error=error,
+                error_code=error_code,
+                result=result,
+                seconds=time.perf_counter() - job.started,
+            )
 
     def _find(self, job_id: str) -> _Job:
         job = self._jobs.get(job_id)

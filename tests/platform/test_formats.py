@@ -31,13 +31,19 @@ def test_both_flavours_and_any_column_order_give_the_same_spots(tmp_path: Path) 
     order = [5, 3, 0, 1, 4, 2]
     shuffled_rows = [",".join(row.split(",")[i] for i in order) + ",extra" for row in ROWS]
     shuffled = parse_positions(
-        "\n".join([",".join([*(POSITION_COLUMNS[i] for i in order), "note"]), *shuffled_rows]).encode()
+        "\n".join(
+            [",".join([*(POSITION_COLUMNS[i] for i in order), "note"]), *shuffled_rows]
+        ).encode()
     )
     assert with_header.rows == without.rows == shuffled.rows
     assert [r.barcode for r in with_header] == ["AAAC-1", "AAAG-1", "AAAT-1"]
     frame = shuffled.to_frame()
     assert list(frame.columns) == list(POSITION_COLUMNS)
-    assert frame["in_tissue"].tolist() == [1, 0, 1] and frame["pxl_col_in_fullres"].tolist() == [20, 22.25, 24]
+    assert frame["in_tissue"].tolist() == [1, 0, 1] and frame["pxl_col_in_fullres"].tolist() == [
+        20,
+        22.25,
+        24,
+    ]
     (tmp_path / "tissue_positions_list.csv").write_text("\n".join(ROWS))
     assert find_positions_file(tmp_path).name == "tissue_positions_list.csv"
     assert read_positions(tmp_path / "tissue_positions_list.csv").rows == without.rows
@@ -51,7 +57,10 @@ def test_both_flavours_and_any_column_order_give_the_same_spots(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("barcode,in_tissue,array_row,array_col,pxl_row\nA-1,1,0,0,1\n", "f line 1: missing column.*pxl_col_in_fullres"),
+        (
+            "barcode,in_tissue,array_row,array_col,pxl_row\nA-1,1,0,0,1\n",
+            "f line 1: missing column.*pxl_col_in_fullres",
+        ),
         ("A-1,1,0,0,1,1\nB-1,1,0,0,1\n", "f line 2: 5 columns, expected 6"),
         ("A-1,1,0,0,1,1\n\nA-1,1,0,2,1,1\n", "f line 3: barcode A-1 repeats line 1"),
         ("A-1,1,0.5,0,1,1\n", "f line 1: array_row '0.5' is not an integer"),

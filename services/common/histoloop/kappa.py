@@ -32,7 +32,9 @@ def cohen_kappa(a: Sequence[object] | np.ndarray, b: Sequence[object] | np.ndarr
     """
     a_arr, b_arr = np.asarray(a), np.asarray(b)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
-        raise InvalidArgument(f"kappa needs two 1-D labellings of one length, got {a_arr.shape} and {b_arr.shape}")
+        raise InvalidArgument(
+            f"kappa needs two 1-D labellings of one length, got {a_arr.shape} and {b_arr.shape}"
+        )
     n = len(a_arr)
     if n == 0:
         return 1.0

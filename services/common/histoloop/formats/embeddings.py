@@ -85,7 +85,11 @@ def parse_embeddings_key(key_or_uri: str) -> EmbeddingsKey:
         InvalidArgument: not ``…embeddings/<project>/<dataset>/<id>.h5ad``.
     """
     parts = key_or_uri.split("/")
-    if len(parts) < 4 or parts[-4].rsplit(":", 1)[-1] != EMBEDDINGS_ROOT or not parts[-1].endswith(_SUFFIX):
+    if (
+        len(parts) < 4
+        or parts[-4].rsplit(":", 1)[-1] != EMBEDDINGS_ROOT
+        or not parts[-1].endswith(_SUFFIX)
+    ):
         raise InvalidArgument(
             f"{key_or_uri!r} is not an embeddings key ({EMBEDDINGS_ROOT}/<project>/<dataset>/<id>{_SUFFIX})"
         )

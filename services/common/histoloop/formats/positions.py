@@ -104,9 +104,15 @@ class Positions:
         return pd.DataFrame(
             {
                 "barcode": pd.Series([r.barcode for r in self.rows], dtype=object),
-                "in_tissue": np.fromiter((r.in_tissue for r in self.rows), np.int64, len(self.rows)),
-                "array_row": np.fromiter((r.array_row for r in self.rows), np.int64, len(self.rows)),
-                "array_col": np.fromiter((r.array_col for r in self.rows), np.int64, len(self.rows)),
+                "in_tissue": np.fromiter(
+                    (r.in_tissue for r in self.rows), np.int64, len(self.rows)
+                ),
+                "array_row": np.fromiter(
+                    (r.array_row for r in self.rows), np.int64, len(self.rows)
+                ),
+                "array_col": np.fromiter(
+                    (r.array_col for r in self.rows), np.int64, len(self.rows)
+                ),
                 "pxl_row_in_fullres": np.fromiter(
                     (r.pxl_row for r in self.rows), np.float64, len(self.rows)
                 ),
@@ -146,7 +152,9 @@ def _header_columns(cells: list[str], source: str) -> list[int]:
         )
     repeated = sorted({c for c in POSITION_COLUMNS if names.count(c) > 1})
     if repeated:
-        raise BadPositionsFile(f"{source} line 1: column(s) {', '.join(map(repr, repeated))} repeat")
+        raise BadPositionsFile(
+            f"{source} line 1: column(s) {', '.join(map(repr, repeated))} repeat"
+        )
     return [names.index(c) for c in POSITION_COLUMNS]
 
 
@@ -272,8 +280,10 @@ def parse_scalefactors(data: bytes, *, source: str = SCALEFACTORS_FILE) -> Scale
         if name not in raw:
             return None
         value = raw[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value > 0)
         ):
             raise BadScaleFactors(
                 f"{source}: field {name!r} must be a positive number, got {value!r}"
