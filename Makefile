@@ -1,6 +1,8 @@
 # histoloop — two commands on a fresh machine with Python 3.11:
 #   make demo   set everything up and run the main job on the embedded default
 #   make test   set up the test extras and run the whole suite
+# also: make test-unit (unit tier only: no PostgreSQL, no servers), make bench (every
+# benchmark in its --quick mode, with the comparison library installed)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,16 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 PROTOS := $(wildcard protos/histoloop/v1/*.proto)
 STUBS := services/common/histoloop/v1/common_pb2.py
 
-.PHONY: setup setup-test deb-tools protos demo serve test lint clean
+.PHONY: setup setup-test setup-bench deb-tools protos demo serve test test-unit bench lint clean
+
+# files kept `ruff format`-clean (the tree-wide format is a later decision)
+FORMATTED := services/common/histoloop/formats/__init__.py services/common/histoloop/formats/embeddings.py \
+	services/common/histoloop/formats/labels.py services/common/histoloop/formats/models.py \
+	services/common/histoloop/formats/positions.py services/common/histoloop/formats/querysets.py \
+	services/common/histoloop/formats/vocab.py services/common/histoloop/kappa.py \
+	services/simulation/__init__.py services/simulation/jobs.py services/simulation/service.py \
+	services/training/round.py services/acquisition/round.py tests/platform/test_formats.py \
+	tests/platform/test_imports.py tests/loop/test_live_equals_simulation.py tests/platform/test_benchmarks.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +47,19 @@ deb-tools:
 	  fi; \
 	fi
 
+# scikit-activeml with --no-deps: its own requirements must not move numpy, scikit-learn or torch
+$(VENV)/.bench: $(VENV)/.test pyproject.toml
+	$(PIP) install -e ".[bench]"
+	$(PIP) install --no-deps "scikit-activeml==0.6.2"
+	$(PY) tools/gen_protos.py
+	touch $@
+
 $(STUBS): $(PROTOS) tools/gen_protos.py | $(VENV)/.base
 	$(PY) tools/gen_protos.py
 
 setup: $(VENV)/.base $(STUBS)
 setup-test: $(VENV)/.test $(STUBS) deb-tools
+setup-bench: $(VENV)/.bench $(STUBS)
 
 protos: $(VENV)/.base
 	$(PY) tools/gen_protos.py
@@ -53,8 +72,18 @@ serve: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy services/common/histoloop
+	$(VENV)/bin/ruff format --check $(FORMATTED)
+	$(VENV)/bin/mypy services
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the unit tier: in-process tests only (no PostgreSQL, no servers, no child processes)
+test-unit: setup-test
+	$(PY) -m pytest -q -p no:cacheprovider -m unit
+
+# every benchmark in its --quick mode (checks that they run; the figures in
+# benchmarks/README.md come from the full runs named there)
+bench: setup-bench
+	@for b in benchmarks/bench_*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .histoloop services/common/histoloop/v1/*_pb2*.py*

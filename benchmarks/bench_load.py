@@ -48,7 +48,10 @@ def main() -> int:
                         help="seconds after the window for the newest labels to get their model")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--keep", help="keep logs and state in this folder (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.duration, args.catch_up_timeout = 2, 3.0, 180.0
 
     shared = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
     slide = shared / "wsi" / "CMU-1-Small-Region.svs"

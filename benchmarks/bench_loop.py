@@ -33,12 +33,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--query-size", type=int, default=20)
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="bench-loop-"))
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args()
+    configs = CONFIGS[:1] if args.quick else CONFIGS
+    if args.quick:
+        args.rounds, args.query_size = 2, 10
     logging.basicConfig(level=logging.WARNING)
     data = Path(os.environ.get("HISTOLOOP_SHARED_DATA", "../shared/data")) / "dlpfc" / "151510"
     print(f"{'strategy':<13} {'head':<7} {'nbrs':>4} {'labels':>6} {'median s':>8} {'p90 s':>6} "
           f"{'macro-F1':>8} {'bal.acc':>7}")
-    for strategy, head, neighbours in CONFIGS:
+    for strategy, head, neighbours in configs:
         rows = run_demo(data, Path(args.out) / f"{strategy}-{head}-{neighbours}", rounds=args.rounds,
                         query_size=args.query_size, strategy=strategy, head=head,
                         spatial_neighbours=neighbours)

@@ -13,9 +13,9 @@ Cases (same seeded synthetic data for both implementations):
 * ``typiclust`` — TypiClust cold start over 100,000 × 1024 float32, choose 100.
   Reference: ``skactiveml.pool.TypiClust`` (scikit-learn KMeans + NearestNeighbors).
 * ``live`` — labels → next query set on the real DLPFC 151510 section (4,634 spots,
-  500 log1p genes, standardised): retrain the MLP (warm start), predict every spot,
-  ActiveVisium query of 50; 9 rounds from a 100-spot cold start (100 → 500 labels).
-  Ours only.
+  500 log1p genes, standardised): the live loop's round (``fit_round``: retrain the MLP,
+  warm start; predict every spot; ``select_query``: ActiveVisium query of 50); 9 rounds
+  from a 100-spot cold start (100 → 500 labels). Ours only.
 * ``train`` — training time of logreg / MLP / 5-MLP ensemble on 500 labelled DLPFC
   spots, 500-d log1p genes and 30 PCs. Ours only.
 
@@ -27,6 +27,11 @@ Usage::
 
     .venv/bin/python benchmarks/bench_query.py                # every case, ~5 min
     .venv/bin/python benchmarks/bench_query.py --cases coreset --repeats 3
+    .venv/bin/python benchmarks/bench_query.py --quick        # every case, small, ~1 min
+
+``--quick`` runs every case on small inputs (checks that the script works, not speed).
+The library side needs scikit-activeml (``make bench`` installs it); without it that side
+is skipped and said so.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
+QUICK = os.environ.get("HISTOLOOP_BENCH_QUICK") == "1"
+"""Small inputs everywhere (``--quick``; inherited by the per-case processes)."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -92,11 +99,11 @@ def coverage(X: np.ndarray, picked: np.ndarray) -> float:
 
 
 def case_activevisium(impl: str, repeats: int) -> dict:
-    n, k = 1_000_000, 100
+    n, k = (20_000, 20) if QUICK else (1_000_000, 100)
     P = probabilities(n, 8, SEED)
     H = mixture(n, 128, 32, SEED + 1)
     labelled = np.zeros(n, bool)
-    labelled[np.random.default_rng(SEED).choice(n, 1000, replace=False)] = True
+    labelled[np.random.default_rng(SEED).choice(n, n // 1000, replace=False)] = True
     input_mb = (P.nbytes + H.nbytes) / 2**20
     if impl == "ours":
         from histoloop.acquisition import QueryContext, get_strategy
@@ -133,7 +140,7 @@ def case_activevisium(impl: str, repeats: int) -> dict:
 
 
 def case_coreset(impl: str, repeats: int) -> dict:
-    n, d, k = 100_000, 1024, 100
+    n, d, k = (5_000, 64, 20) if QUICK else (100_000, 1024, 100)
     X = mixture(n, d, 64, SEED + 2)
     labelled_rows = np.random.default_rng(SEED).choice(n, 10, replace=False)
     input_mb = X.nbytes / 2**20
@@ -164,7 +171,7 @@ def case_coreset(impl: str, repeats: int) -> dict:
 
 
 def case_typiclust(impl: str, repeats: int, subset: int | None) -> dict:
-    n, d, k = subset or 100_000, 1024, 100
+    n, d, k = (subset or 5_000, 64, 20) if QUICK else (subset or 100_000, 1024, 100)
     X = mixture(n, d, 64, SEED + 3)
     input_mb = X.nbytes / 2**20
     if impl == "ours":
@@ -201,29 +208,30 @@ def _dlpfc() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def case_live(impl: str, repeats: int) -> dict:
-    from histoloop.acquisition import QueryContext, get_strategy
-    from histoloop.prediction import predict
-    from histoloop.training import FeatureScaling, train_model
+    from histoloop.acquisition import QueryContext
+    from histoloop.acquisition.round import select_query
+    from histoloop.training import FeatureScaling
+    from histoloop.training.predict import predict
+    from histoloop.training.round import fit_round
 
     counts, truth, has = _dlpfc()
     scaling = {"features": FeatureScaling.fit(counts, log1p_target_sum=1e4)}
     classes = sorted(set(truth[has]))
     X = scaling["features"].transform(counts)
-    rng = np.random.default_rng(SEED)
+    n_cold, n_query, n_rounds = (30, 20, 2) if QUICK else (100, 50, 9)
     labelled = ~has  # spots without a ground-truth label are never queried
-    cold = get_strategy("coldstart_kmeans").select(
-        QueryContext(features=X, labelled=labelled), 100, rng
-    )
+    cold = select_query(QueryContext(features=X, labelled=labelled, round=0), strategy="coldstart_kmeans",
+                        query_size=n_cold, seed=SEED)
     labelled[cold.indices] = True
     asked = list(cold.indices)
     rounds, previous, f1, sizes = [], None, [], []
-    for _ in range(9):
+    for round_no in range(1, n_rounds + 1):
         t0 = time.perf_counter()
-        model = train_model(counts[asked], truth[asked], classes=classes, scaling=scaling,
-                            previous=previous, seed=SEED)
+        model = fit_round({"features": counts}, np.asarray(asked), truth[asked], head="mlp", seed=SEED,
+                          classes=classes, scaling=scaling, previous=previous)
         p = predict(model, counts)
-        ctx = QueryContext(features=p.hidden, labelled=labelled, probabilities=p.probabilities)
-        sel = get_strategy("activevisium").select(ctx, 50, rng)
+        ctx = QueryContext(features=p.hidden, labelled=labelled, probabilities=p.probabilities, round=round_no)
+        sel = select_query(ctx, strategy="activevisium", query_size=n_query, seed=SEED)
         rounds.append(time.perf_counter() - t0)
         f1.append(round(float((p.labels[has] == truth[has]).mean()), 3))
         sizes.append(len(asked))
@@ -248,11 +256,12 @@ def case_train(impl: str, repeats: int) -> dict:
     counts, truth, has = _dlpfc()
     genes = log1p_normalise(counts)
     pcs = PCA(30, random_state=0).fit_transform(genes).astype(np.float32)
-    rows = np.random.default_rng(SEED).choice(np.flatnonzero(has), 500, replace=False)
+    rows = np.random.default_rng(SEED).choice(np.flatnonzero(has), 200 if QUICK else 500, replace=False)
     train_model(pcs[rows], truth[rows], head="mlp", hyperparameters={"max_epochs": 1})  # warm-up
     out = {}
-    for name, feats in (("500-d log1p genes", genes), ("30-d PCs", pcs)):
-        for head in ("logreg", "mlp", "ensemble"):
+    cases = (("30-d PCs", pcs),) if QUICK else (("500-d log1p genes", genes), ("30-d PCs", pcs))
+    for name, feats in cases:
+        for head in ("logreg", "mlp") if QUICK else ("logreg", "mlp", "ensemble"):
             times, model = [], None
             for _ in range(repeats if head != "ensemble" else 1):
                 t0 = time.perf_counter()
@@ -334,20 +343,31 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="rows for library TypiClust")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--quick", action="store_true", help="every case on small inputs, one run each")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.repeats, args.subset)
         return
+    if args.quick:
+        os.environ["HISTOLOOP_BENCH_QUICK"] = "1"
+        args.repeats = args.lib_repeats = 1
+    import importlib.util
+
+    have_lib = importlib.util.find_spec("skactiveml") is not None
+    if not have_lib:
+        print("scikit-activeml is not installed (`make bench` installs it): the library side is skipped")
     results: dict[str, dict] = {}
+    failed = False
     for case in args.cases.split(","):
-        impls = ["ours"] if case in ("live", "train") else ["ours", "lib"]
+        impls = ["ours"] if case in ("live", "train") or not have_lib else ["ours", "lib"]
         results[case] = {}
         for impl in impls:
             repeats = args.repeats if impl == "ours" else args.lib_repeats
             subset = args.subset if (case == "typiclust" and impl == "lib") else None
             res = spawn(case, impl, repeats, subset, args.timeout)
             results[case][impl] = res
+            failed |= "error" in res
             print(f"{case:13s} {impl:4s} {json.dumps(res)}", flush=True)
     print()
     print("| case | ours (s) | scikit-activeml (s) | ratio | ours extra peak / input | lib extra peak / input |")
@@ -375,6 +395,8 @@ def main() -> None:
         print(f"| {case} | {o:.2f} | {li_s} | {ratio} | {mem(ours)} | {mem(lib)} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if failed:
+        raise SystemExit("some cases failed (see above)")
 
 
 if __name__ == "__main__":

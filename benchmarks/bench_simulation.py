@@ -23,10 +23,11 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from histoloop.acquisition.simulation import SimulationConfig, default_strategies, run_campaign
+from histoloop.simulation import SimulationConfig, default_strategies, run_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -104,15 +105,24 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--results", default=str(RESULTS), help="where the reference outputs are copied ('' = no copy)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny campaign in a temporary folder that checks the script works (not the reference)")
     parser.add_argument("--check", action="store_true",
                         help="afterwards rerun the logreg arms in a second folder and compare the numbers")
     args = parser.parse_args()
+    campaign = config(args.seeds)
+    if args.quick:
+        args.out, args.fresh, args.results, args.check = tempfile.mkdtemp(prefix="bench-sim-quick-"), True, "", False
+        args.workers = 1
+        campaign = SimulationConfig(label_column="layer", pca=10, neighbours=6, heads=("logreg",),
+                                    strategies=("random@logreg", "entropy@logreg"), seeds=1, query_size=46,
+                                    rounds=2, metric="macro_f1", target=0.95)
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     print(f"machine: {_machine()}", flush=True)
     started = time.perf_counter()
-    result = run_campaign(args.data, config(args.seeds), out, workers=args.workers, resume=args.resume)
+    result = run_campaign(args.data, campaign, out, workers=args.workers, resume=args.resume)
     wall = time.perf_counter() - started
     print((out / "comparison.md").read_text())
     versus = vs_reference_loop(json.loads((out / "comparison.json").read_text()))

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ALL = ["AnnotationStoreService", "TilingService", "EmbeddingService", "TrainingService",
-       "PredictionService", "AcquisitionService"]
+       "PredictionService", "AcquisitionService", "SimulationService"]
 
 
 def _free_port() -> int:
@@ -60,10 +60,13 @@ def time_to_serving(args: list[str], services: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args()
+    if args.quick:
+        args.runs = 1
     serve = [time_to_serving(["serve"], ALL) for _ in range(args.runs)]
     one = [time_to_serving(["run", "acquisition"], ["AcquisitionService"]) for _ in range(args.runs)]
-    print(f"histoloop serve (6 services): median {statistics.median(serve):.2f}s, max {max(serve):.2f}s")
+    print(f"histoloop serve ({len(ALL)} services): median {statistics.median(serve):.2f}s, max {max(serve):.2f}s")
     print(f"histoloop run acquisition:    median {statistics.median(one):.2f}s, max {max(one):.2f}s")
     print(f"ratio serve / one service: {statistics.median(serve) / statistics.median(one):.2f}")
 

@@ -92,7 +92,10 @@ def main() -> int:
         "--data", default=str(REPO.parent / "shared" / "data" / "dlpfc" / "151510" / "spatial")
     )
     parser.add_argument("--keep", action="store_true", help="keep the database and state folder")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.duration, args.warmup, args.drain_timeout = 2, 2.0, 0.5, 60.0
 
     state = Path(tempfile.mkdtemp(prefix="bench-submit-"))
     params = dict(p.split("=", 1) for p in args.pg.split())

@@ -70,8 +70,11 @@ def run(path: Path, backend: str, grids: list[np.ndarray], side: int, resize: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grids", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.quick:
+        args.grids, args.repeat = 1, 1
     torch.set_num_threads(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}; one process")

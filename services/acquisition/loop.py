@@ -11,17 +11,21 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf import json_format
 
 from histoloop import events
+from histoloop.acquisition.round import select_query
 from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
-from histoloop.acquisition.strategies import QueryContext, Selection, get_strategy
+from histoloop.acquisition.strategies import QueryContext, Selection
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import Predictions, feature_matrix, read_anndata, read_predictions
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
+from histoloop.formats.querysets import queryset_key, querysets_prefix
+from histoloop.formats.vocab import DEFAULT_COLD_START, DEFAULT_QUERY_SIZE, DEFAULT_STRATEGY
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
 from histoloop.v1 import common_pb2, events_pb2
@@ -30,9 +34,6 @@ __all__ = ["Acquisition", "QueryRecord"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "acquisition"
-DEFAULT_COLD_START = "coldstart_kmeans"
-DEFAULT_STRATEGY = "activevisium"
-DEFAULT_QUERY_SIZE = 20
 _HISTORY = 3  # rounds of predictions kept for the stopping signal
 
 
@@ -52,6 +53,8 @@ class QueryRecord:
     history: tuple[str, ...] = ()
     """URIs of the predictions of this and earlier rounds (newest last), for stopping."""
     stopping: dict | None = None
+    config: dict = field(default_factory=dict)
+    """The project's ``LoopConfig`` (proto JSON) the set was chosen with."""
 
 
 class Acquisition:
@@ -64,7 +67,7 @@ class Acquisition:
     # records -------------------------------------------------------------------------
     def records(self, project: str) -> list[QueryRecord]:
         """The project's query sets, oldest round first."""
-        infos = self.store.list(f"querysets/{project}/")
+        infos = self.store.list(querysets_prefix(project))
         out = [QueryRecord(**json.loads(self.store.get(i.key))) for i in infos if i.key.endswith(".json")]
         return sorted(out, key=lambda r: r.round)
 
@@ -74,7 +77,7 @@ class Acquisition:
 
     @staticmethod
     def _key(record: QueryRecord) -> str:
-        return f"querysets/{record.project}/r{record.round:06d}-{record.queryset_id}.json"
+        return queryset_key(record.project, record.round, record.queryset_id)
 
     # handlers ------------------------------------------------------------------------
     def on_embeddings(self, msg: events_pb2.EmbeddingsReady, _record: object = None) -> None:
@@ -102,7 +105,7 @@ class Acquisition:
                 for i, s in zip(selection.indices, selection.scores, strict=True)
             ]
             existing = QueryRecord(queryset_id=queryset_id, project=project, round=0, strategy=name,
-                                   model_version="", label_version=0, spots=spots)
+                                   model_version="", label_version=0, spots=spots, config=_config_json(config))
             self._save(existing)
         self._announce(existing, msg.meta, msg.config, None, None)
 
@@ -154,16 +157,33 @@ class Acquisition:
             queryset_id=queryset_id, project=project, round=round_, strategy=name,
             model_version=predictions.model_version, label_version=label_version, spots=spots,
             predictions_uri=predictions_uri, labels_uri=labels_uri, history=history,
-            stopping=self._stopping(history, predictions),
+            stopping=self._stopping(history, predictions), config=_config_json(config),
         )
+
+    def what_if(self, project: str, *, strategy: str = "", query_size: int = 0,
+                seed: int | None = None) -> QueryRecord:
+        """A query set on the latest predictions with the project's stored config, not recorded.
+
+        ``strategy``, ``query_size`` and ``seed`` override the project's when given.
+
+        Raises:
+            NotFound: no query set yet.
+            FailedPrecondition: no model yet.
+        """
+        latest = self.latest(project)
+        config = common_pb2.LoopConfig(strategy=latest.strategy)
+        if latest.config:
+            json_format.ParseDict(latest.config, config, ignore_unknown_fields=True)
+        return self.compute(
+            project, latest.predictions_uri, latest.labels_uri, config,
+            queryset_id=events.derived_id(latest.queryset_id, f"query/{strategy}/{query_size}/{seed}"),
+            label_version=latest.label_version, strategy=strategy, query_size=query_size, seed=seed)
 
     def _select(self, name: str, config: common_pb2.LoopConfig, ctx: QueryContext, *,
                 query_size: int = 0, seed: int | None = None) -> Selection:
-        strategy = get_strategy(name, adjudication_share=config.adjudication_share,
-                                compactness=config.compactness if ctx.positions is not None else 0.0)
-        k = int(query_size or config.query_size or DEFAULT_QUERY_SIZE)
-        rng = np.random.default_rng(int(config.seed if seed is None else seed) + ctx.round)
-        return strategy.select(ctx, k, rng)
+        return select_query(ctx, strategy=name, query_size=int(query_size or config.query_size or DEFAULT_QUERY_SIZE),
+                            seed=int(config.seed if seed is None else seed),
+                            adjudication_share=config.adjudication_share, compactness=config.compactness)
 
     def _stopping(self, history: Sequence[str], current: Predictions) -> dict:
         rounds = [current if uri == history[-1] else read_predictions(self.store, uri) for uri in history]
@@ -225,6 +245,10 @@ class Acquisition:
         if not with_model:
             raise FailedPrecondition(f"project {project!r} has no model yet; label the cold-start query set")
         return with_model[-1]
+
+
+def _config_json(config: common_pb2.LoopConfig) -> dict:
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 
 def check_query_args(project: str, query_size: int) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoloop.errors import InvalidArgument
+from histoloop.kappa import cohen_kappa
 
 __all__ = ["RoundPredictions", "StoppingSignal", "agreement_kappa", "recommend_stop"]
 
@@ -69,18 +70,7 @@ def agreement_kappa(a: np.ndarray, b: np.ndarray) -> float:
     Returns:
         Kappa in [-1, 1]; 1.0 when both labelings are identical (even if constant).
     """
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    n = len(a)
-    if n == 0:
-        return 1.0
-    m = int(max(a.max(), b.max())) + 1
-    conf = np.bincount(a * m + b, minlength=m * m).reshape(m, m).astype(np.float64)
-    po = np.trace(conf) / n
-    pe = float(conf.sum(axis=1) @ conf.sum(axis=0)) / (n * n)
-    if pe >= 1.0:
-        return 1.0 if po >= 1.0 else 0.0
-    return float((po - pe) / (1.0 - pe))
+    return cohen_kappa(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
 
 
 def _mean_entropy(P: np.ndarray) -> float:

@@ -13,6 +13,7 @@ from itertools import combinations
 
 from histoloop.annotation_store.consensus import Vote
 from histoloop.annotation_store.domain import PairKappa
+from histoloop.kappa import cohen_kappa as kappa
 
 __all__ = ["cohen_kappa", "fleiss_kappa", "pairwise_cohen"]
 
@@ -28,13 +29,7 @@ def cohen_kappa(a: Mapping[Hashable, str], b: Mapping[Hashable, str]) -> tuple[f
     n = len(common)
     if n == 0:
         return 0.0, 0
-    observed = sum(1 for item in common if a[item] == b[item]) / n
-    freq_a = Counter(a[item] for item in common)
-    freq_b = Counter(b[item] for item in common)
-    expected = sum(freq_a[c] * freq_b.get(c, 0) for c in freq_a) / (n * n)
-    if expected >= 1.0:
-        return 1.0, n
-    return (observed - expected) / (1.0 - expected), n
+    return kappa([a[item] for item in common], [b[item] for item in common]), n
 
 
 def fleiss_kappa(per_item: Mapping[Hashable, Mapping[str, Vote]]) -> tuple[float, int]:

@@ -14,6 +14,20 @@ from datetime import datetime
 from typing import Literal
 
 from histoloop.errors import InvalidArgument
+from histoloop.formats.vocab import (
+    CONSENSUS_RULES,
+    DEFAULT_COLD_START,
+    DEFAULT_CONSENSUS,
+    DEFAULT_FEATURES,
+    DEFAULT_HEAD,
+    DEFAULT_QUERY_SIZE,
+    DEFAULT_RESAMPLING,
+    DEFAULT_STRATEGY,
+    FEATURE_SETS,
+    HEADS,
+    RESAMPLING_MODES,
+    ConsensusRule,
+)
 
 __all__ = [
     "CONSENSUS_RULES",
@@ -44,11 +58,7 @@ __all__ = [
 HELP_LABEL = "help"
 """Loupe placeholder marking a spot the model asks about; never a class name."""
 
-ConsensusRule = Literal["latest_expert", "majority", "dawid_skene"]
-CONSENSUS_RULES: tuple[str, ...] = ("latest_expert", "majority", "dawid_skene")
-RESAMPLING: tuple[str, ...] = ("off", "offline", "online")
-HEADS: tuple[str, ...] = ("mlp", "multimodal", "logreg", "ensemble")
-FEATURE_SETS: tuple[str, ...] = ("morphology", "expression", "multimodal")
+RESAMPLING = RESAMPLING_MODES
 DatasetKind = Literal["visium", "wsi"]
 LabelSource = Literal["grpc", "loupe_csv", "correction"]
 
@@ -138,15 +148,15 @@ class LoopSettings:
     expert's or admin's latest label wins over annotators').
     """
 
-    strategy: str = "activevisium"
-    cold_start_strategy: str = "coldstart_kmeans"
-    query_size: int = 20
+    strategy: str = DEFAULT_STRATEGY
+    cold_start_strategy: str = DEFAULT_COLD_START
+    query_size: int = DEFAULT_QUERY_SIZE
     seed: int = 0
-    head: str = "mlp"
-    features: str = "morphology"
+    head: str = DEFAULT_HEAD
+    features: str = DEFAULT_FEATURES
     spatial_neighbours: int = 0
-    resampling: str = "off"
-    consensus: str = "latest_expert"
+    resampling: str = DEFAULT_RESAMPLING
+    consensus: str = DEFAULT_CONSENSUS
     adjudication_share: float = 0.0
     compactness: float = 0.0
     smoothing: float = 0.0

@@ -62,7 +62,6 @@ from histoloop.annotation_store.loupe import (
     query_set_csv,
 )
 from histoloop.annotation_store.snapshot import snapshot_document, snapshot_key
-from histoloop.annotation_store.spatial import find_positions_file, parse_positions
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore, InvalidKey
 from histoloop.auth import Identity, Role, hash_token
 from histoloop.errors import (
@@ -71,6 +70,7 @@ from histoloop.errors import (
     InvalidArgument,
     NotFound,
 )
+from histoloop.formats.positions import find_positions_file, parse_positions
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = [
@@ -383,7 +383,7 @@ class AnnotationRepository:
                     "spatial_dir: a Visium dataset needs its Space Ranger spatial/ folder"
                 )
             positions = find_positions_file(spec.spatial_dir)
-            rows = parse_positions(positions.read_bytes(), source=positions.name)
+            rows = list(parse_positions(positions.read_bytes(), source=positions.name))
             for path in sorted(Path(spec.spatial_dir).iterdir()):
                 if path.is_file() and not path.name.startswith("."):
                     self._put_input(f"{prefix}/spatial/{_safe(path.name)}", path)

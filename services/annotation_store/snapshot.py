@@ -24,6 +24,7 @@ from histoloop.annotation_store.consensus import (
     IncrementalConsensus,
     Vote,
 )
+from histoloop.formats.labels import snapshot_key
 
 __all__ = [
     "SnapshotBuilder",
@@ -33,11 +34,6 @@ __all__ = [
     "snapshot_document",
     "snapshot_key",
 ]
-
-
-def snapshot_key(project_id: str, label_version: int) -> str:
-    """Artifact key of the consensus label snapshot of a project at a label version."""
-    return f"labels/{project_id}/v{label_version}.json"
 
 
 def _dumps(value: object) -> str:

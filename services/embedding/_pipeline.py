@@ -20,8 +20,8 @@ from histoloop.embedding._expression import (
     read_expression,
     transform_expression,
 )
-from histoloop.embedding._patchset import StoredPatches
 from histoloop.errors import InvalidArgument
+from histoloop.formats.patches import PatchSet
 
 __all__ = ["EmbeddingResult", "embed_dataset"]
 
@@ -95,7 +95,7 @@ def embed_dataset(
     started = time.perf_counter()
     if store.exists(out_key):
         raise ArtifactExists(f"artifact {out_key!r} exists already; artifacts are immutable")
-    patches = StoredPatches.open(store, patches_prefix)
+    patches = PatchSet.open(store, patches_prefix)
     size = embedder.input_size
     if size is not None and (patches.patch_size, patches.patch_size) != tuple(size):
         raise InvalidArgument(
@@ -108,7 +108,8 @@ def embed_dataset(
     done = 0
     if on_progress is not None:
         on_progress(0, n)
-    for rows, chunk in patches.iter_chunks():
+    for stored in patches.iter_chunks():
+        rows, chunk = stored.index, stored.patches
         k = len(chunk)
         out = embed_views(embedder, chunk, n_augment, seed=seed, start=done)
         if out.shape != (n_augment + 1, k, dim):

@@ -8,7 +8,7 @@ import numpy as np
 from histoloop import events
 from histoloop.auth import require_project
 from histoloop.embedding.step import EmbeddingStep
-from histoloop.errors import InvalidArgument, NotFound
+from histoloop.errors import InvalidArgument
 from histoloop.runtime import Runtime, ServiceParts
 from histoloop.v1 import embedding_pb2, embedding_pb2_grpc
 
@@ -43,13 +43,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         if not request.project_id or not request.dataset_id:
             raise InvalidArgument("project_id and dataset_id are required")
         require_project(request.project_id)
-        prefix = f"embeddings/{request.project_id}/{request.dataset_id}/"
-        infos = [i for i in self.step.store.list(prefix) if i.key.endswith(".h5ad")]
-        if not infos:
-            raise NotFound(f"dataset {request.project_id}/{request.dataset_id} has no embeddings yet")
-        latest = max(infos, key=lambda i: i.created)
-        return embedding_pb2.EmbedDatasetResponse(embeddings_uri=self.step.store.uri(latest.key),
-                                                  n_spots=int(latest.metadata.get("n_obs", 0)))
+        uri, n_spots, dim = self.step.latest_embeddings(request.project_id, request.dataset_id)
+        return embedding_pb2.EmbedDatasetResponse(embeddings_uri=uri, n_spots=n_spots, dim=dim)
 
     def GetEmbeddingStatus(self, request: embedding_pb2.GetEmbeddingStatusRequest,
                            context: grpc.ServicerContext) -> embedding_pb2.EmbeddingStatus:

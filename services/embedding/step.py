@@ -30,7 +30,13 @@ from histoloop.embedding._expression import (
 )
 from histoloop.embedding._factory import make_embedder
 from histoloop.embedding._pipeline import embed_dataset
-from histoloop.errors import FailedPrecondition
+from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.formats.embeddings import (
+    embedding_dim,
+    embeddings_key,
+    embeddings_prefix,
+    parse_embeddings_key,
+)
 from histoloop.metrics import EMBEDDED_PATCHES
 from histoloop.progress import ProgressBoard
 from histoloop.v1 import events_pb2
@@ -84,7 +90,7 @@ class EmbeddingStep:
     def on_tiles(self, msg: events_pb2.TilesReady, _record: object = None) -> None:
         """Handle ``tiles.ready``."""
         project, dataset = msg.meta.project, msg.meta.dataset
-        key = f"embeddings/{project}/{dataset}/{events.derived_id(msg.meta.event_id, 'embeddings')}.h5ad"
+        key = embeddings_key(project, dataset, events.derived_id(msg.meta.event_id, "embeddings"))
         if not self.store.exists(key):
             self.progress.begin(project, dataset, "embedding")
             try:
@@ -96,7 +102,7 @@ class EmbeddingStep:
                 raise
             self.progress.finish(project, dataset)
         adata = read_anndata(self.store, self.store.uri(key))
-        dim = sum(int(adata.obsm[k].shape[1]) for k in ("X_morph", "X_expr") if k in adata.obsm)
+        dim = embedding_dim(adata.obsm)
         meta = dict(adata.uns.get("embedding", {}))
         message = events_pb2.EmbeddingsReady(
             meta=events.new_meta(project=project, dataset=dataset, producer=PRODUCER,
@@ -109,14 +115,30 @@ class EmbeddingStep:
         events.publish(self.bus, message)
         log.info("embeddings ready for %s/%s: %d spots, %d-d", project, dataset, adata.n_obs, dim)
 
+    def latest_embeddings(self, project: str, dataset: str) -> tuple[str, int, int]:
+        """``(uri, n_spots, dim)`` of a dataset's newest embeddings artifact.
+
+        Raises:
+            NotFound: the dataset has no embeddings yet.
+        """
+        infos = [i for i in self.store.list(embeddings_prefix(project, dataset)) if i.key.endswith(".h5ad")]
+        if not infos:
+            raise NotFound(f"dataset {project}/{dataset} has no embeddings yet")
+        latest = max(infos, key=lambda i: i.created)
+        n_spots, dim = latest.metadata.get("n_obs"), latest.metadata.get("dim")
+        if n_spots is None or dim is None:  # written before the metadata carried them
+            adata = read_anndata(self.store, self.store.uri(latest.key))
+            n_spots, dim = adata.n_obs, embedding_dim(adata.obsm)
+        return self.store.uri(latest.key), int(n_spots), int(dim)
+
     def reference_expression(self, project: str, dataset: str) -> ExpressionParams | None:
         """The expression transform of the project's first embedded dataset (transfer).
 
         Every later dataset of a project is mapped into the same gene space — genes matched by
         id, the ones it lacks set to zero — so one model serves all of them.
         """
-        others = [i for i in self.store.list(f"embeddings/{project}/")
-                  if i.key.endswith(".h5ad") and i.key.split("/")[2] != dataset]
+        others = [i for i in self.store.list(embeddings_prefix(project))
+                  if i.key.endswith(".h5ad") and parse_embeddings_key(i.key).dataset != dataset]
         if not others:
             return None
         first = min(others, key=lambda i: (i.created, i.key))

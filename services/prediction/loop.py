@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,14 +19,30 @@ from histoloop.datasets import (
     read_predictions,
     write_predictions,
 )
-from histoloop.models import LoadedModel, load_model
+from histoloop.errors import InvalidArgument
+from histoloop.formats.embeddings import parse_embeddings_key
+from histoloop.models import LoadedModel, latest_card, load_model
 from histoloop.spatial import neighbour_indices, smooth_probabilities, visium_array_positions
 from histoloop.v1 import events_pb2
 
-__all__ = ["PredictionStep", "prediction_map_png"]
+__all__ = ["OnDemandPredictions", "PredictionStep", "prediction_map_png"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "prediction"
+
+
+@dataclass(frozen=True)
+class OnDemandPredictions:
+    """A model's probabilities for vectors or one dataset's embeddings (the Predict RPC)."""
+
+    model_version: str
+    classes: Sequence[str]
+    probabilities: np.ndarray
+    """(n, C) float32."""
+    barcodes: Sequence[str] = ()
+    """The spots' barcodes when predicted from embeddings."""
+    missing_genes: Sequence[str] = ()
+    """Genes the model knows that the embeddings lack (set to the source mean)."""
 
 
 class PredictionStep:
@@ -51,7 +69,7 @@ class PredictionStep:
                                                               adata.obs["array_col"].to_numpy()),
                                        min(neighbours or 6, len(x) - 1))
                 probs = smooth_probabilities(probs, nb, smoothing)
-            dataset = str(adata.uns.get("dataset", uri.rsplit("/", 2)[-2]))
+            dataset = str(adata.uns.get("dataset", parse_embeddings_key(uri).dataset))
             positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
                 if {"array_row", "array_col"} <= set(adata.obs.columns) else np.zeros((len(x), 2))
             parts.append((np.full(len(x), dataset), np.asarray(adata.obs_names, dtype=str), probs, hidden,
@@ -63,6 +81,32 @@ class PredictionStep:
             member_probabilities=np.concatenate([p[4] for p in parts], axis=1) if parts[0][4].shape[0] > 1 else None,
             positions=np.concatenate([p[5] for p in parts]),
         )
+
+    def predict_on_demand(self, project: str, model_version: str = "", *, vectors: np.ndarray | None = None,
+                          embeddings_uri: str = "") -> OnDemandPredictions:
+        """Probabilities from a project's model (the newest unless ``model_version``).
+
+        Give ``vectors`` (``(n, input_dim)`` features) or ``embeddings_uri`` (a dataset's
+        embeddings, featurised as the model was trained).
+
+        Raises:
+            NotFound: no such model.
+            InvalidArgument: neither or both inputs, or features of the wrong width.
+        """
+        if (vectors is None) == (not embeddings_uri):
+            raise InvalidArgument("input: give vectors or embeddings_uri")
+        uri, _ = latest_card(self.store, project, model_version)
+        model = load_model(self.store, uri)
+        barcodes: list[str] = []
+        missing: list[str] = []
+        if vectors is None:
+            adata = read_anndata(self.store, embeddings_uri)
+            vectors = feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
+            barcodes = list(map(str, adata.obs_names))
+            missing = [str(g) for g in adata.uns.get("missing_genes", [])]
+        probs, _, _ = model.predict(vectors)
+        return OnDemandPredictions(model_version=model.card.version, classes=list(model.card.classes),
+                                   probabilities=probs, barcodes=barcodes, missing_genes=missing)
 
     def on_model(self, msg: events_pb2.ModelTrained, _record: object = None) -> None:
         """Handle ``model.trained``: predict, store, announce ``predictions.ready``."""

@@ -7,9 +7,7 @@ import numpy as np
 
 from histoloop import events
 from histoloop.auth import require_project
-from histoloop.datasets import feature_matrix, read_anndata
 from histoloop.errors import InvalidArgument
-from histoloop.models import latest_card, load_model
 from histoloop.prediction.loop import PredictionStep
 from histoloop.runtime import Runtime, ServiceParts
 from histoloop.v1 import prediction_pb2, prediction_pb2_grpc
@@ -30,10 +28,6 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         if not request.project_id:
             raise InvalidArgument("project_id is required")
         require_project(request.project_id)
-        uri, _ = latest_card(self.step.store, request.project_id, request.model_version)
-        model = load_model(self.step.store, uri)
-        barcodes: list[str] = []
-        missing: list[str] = []
         which = request.WhichOneof("input")
         if which == "vectors":
             v = request.vectors
@@ -41,20 +35,19 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 raise InvalidArgument(
                     f"vectors: n×dim ({v.n}×{v.dim}) must equal len(values) ({len(v.values)}), "
                     f"non-zero and at most {_MAX_VALUES}")
-            x = np.asarray(v.values, dtype=np.float32).reshape(v.n, v.dim)
+            result = self.step.predict_on_demand(
+                request.project_id, request.model_version,
+                vectors=np.asarray(v.values, dtype=np.float32).reshape(v.n, v.dim))
         elif which == "embeddings_uri":
-            adata = read_anndata(self.step.store, request.embeddings_uri)
-            x = feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
-            barcodes = list(map(str, adata.obs_names))
-            missing = [str(g) for g in adata.uns.get("missing_genes", [])]
+            result = self.step.predict_on_demand(request.project_id, request.model_version,
+                                                 embeddings_uri=request.embeddings_uri)
         else:
             raise InvalidArgument("input: give vectors or embeddings_uri")
-        probs, _, _ = model.predict(x)
-        classes = list(model.card.classes)
+        classes = list(result.classes)
         return prediction_pb2.PredictResponse(
-            classes=classes, probabilities=probs.ravel().tolist(),
-            predicted=[classes[i] for i in probs.argmax(axis=1)], barcodes=barcodes,
-            model_version=model.card.version, missing_genes=missing)
+            classes=classes, probabilities=result.probabilities.ravel().tolist(),
+            predicted=[classes[i] for i in result.probabilities.argmax(axis=1)], barcodes=list(result.barcodes),
+            model_version=result.model_version, missing_genes=list(result.missing_genes))
 
 
 def build(runtime: Runtime) -> ServiceParts:

@@ -9,6 +9,7 @@ Public API (domain logic only; the gRPC servicer and event worker wrap it):
 - :func:`read_spatial` — parse a Space Ranger ``spatial/`` folder.
 """
 
+from histoloop.formats.patches import MANIFEST_FORMAT, PatchChunk, PatchSet
 from histoloop.tiling._errors import (
     BadPositionsFile,
     BadScaleFactors,
@@ -20,7 +21,6 @@ from histoloop.tiling._errors import (
     SpatialFileMissing,
 )
 from histoloop.tiling._extract import ProgressCallback, default_workers
-from histoloop.tiling._patches import MANIFEST_FORMAT, PatchChunk, PatchSet
 from histoloop.tiling._slide import Backend, SlideReader
 from histoloop.tiling._tiling import NoTissueFound, TilingResult, tile_visium, tile_wsi
 from histoloop.tiling._tissue import TissueMask, tissue_mask

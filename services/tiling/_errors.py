@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from histoloop.errors import InvalidArgument, NotFound
+from histoloop.formats.positions import BadPositionsFile, BadScaleFactors, SpatialFileMissing
 
 __all__ = [
     "BadPositionsFile",
@@ -26,18 +27,6 @@ class SlideUnreadable(InvalidArgument):
 
 class MissingMpp(InvalidArgument):
     """The slide has no ``openslide.mpp-x`` property but a physical resolution is needed."""
-
-
-class SpatialFileMissing(NotFound):
-    """A Space Ranger ``spatial/`` file (positions CSV, ``scalefactors_json.json``) is absent."""
-
-
-class BadPositionsFile(InvalidArgument):
-    """The tissue positions CSV has wrong columns or values; the message names the field."""
-
-
-class BadScaleFactors(InvalidArgument):
-    """``scalefactors_json.json`` is not valid JSON or lacks a needed numeric field."""
 
 
 class PositionsOutsideSlide(InvalidArgument):

@@ -16,6 +16,14 @@ import pandas as pd
 
 from histoloop.artifacts import ArtifactExists, ArtifactStore, validate_key
 from histoloop.errors import InvalidArgument
+from histoloop.formats.patches import (
+    MANIFEST_FORMAT,
+    array_to_npy,
+    chunk_key,
+    index_key,
+    manifest_key,
+    overlay_key,
+)
 from histoloop.tiling._errors import PositionsOutsideSlide, ScaleMismatch
 from histoloop.tiling._extract import (
     ChunkPlan,
@@ -24,14 +32,6 @@ from histoloop.tiling._extract import (
     run_extraction,
 )
 from histoloop.tiling._overlay import draw_overlay
-from histoloop.tiling._patches import (
-    MANIFEST_FORMAT,
-    array_to_npy,
-    chunk_key,
-    index_key,
-    manifest_key,
-    overlay_key,
-)
 from histoloop.tiling._slide import Backend, SlideReader
 from histoloop.tiling._tissue import TissueMask, tissue_mask
 from histoloop.tiling._visium import read_spatial
@@ -138,7 +138,7 @@ def tile_visium(
         slide_path: the slide (any format OpenSlide reads).
         spatial_dir: Space Ranger ``spatial/`` folder.
         store: artifact store to write to.
-        key_prefix: where to write (see :mod:`histoloop.tiling._patches` for the layout).
+        key_prefix: where to write (see :mod:`histoloop.formats.patches` for the layout).
         context: patch side in spot diameters (1 = the spot itself).
         patch_size: output side in pixels (the model input, e.g. 224).
         scale: Space Ranger full-res pixels → slide level-0 pixels.

@@ -8,15 +8,20 @@ pxl_col_in_fullres; pixel positions are in Space Ranger's full-resolution image.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from histoloop.tiling._errors import BadPositionsFile, BadScaleFactors, SpatialFileMissing
+from histoloop.formats import positions as _formats
+from histoloop.formats.positions import (
+    POSITION_COLUMNS,
+    POSITION_FILES,
+    SCALEFACTORS_FILE,
+    ScaleFactors,
+    SpatialFileMissing,
+    read_scalefactors,
+)
 
 __all__ = [
     "POSITION_COLUMNS",
@@ -26,29 +31,6 @@ __all__ = [
     "read_scalefactors",
     "read_spatial",
 ]
-
-POSITION_COLUMNS = (
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-)
-_INT_COLUMNS = ("in_tissue", "array_row", "array_col")
-_PIXEL_COLUMNS = ("pxl_row_in_fullres", "pxl_col_in_fullres")
-_POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
-SCALEFACTORS_FILE = "scalefactors_json.json"
-
-
-@dataclass(frozen=True)
-class ScaleFactors:
-    """``scalefactors_json.json``: the spot diameter and the hires/lowres image scales."""
-
-    spot_diameter_fullres: float
-    tissue_hires_scalef: float | None
-    tissue_lowres_scalef: float | None
-    fiducial_diameter_fullres: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,127 +49,16 @@ class SpatialData:
 
 
 def read_positions(path: str | Path) -> pd.DataFrame:
-    """Read a tissue positions CSV of either flavour and check its columns and values.
+    """Read a tissue positions CSV of either flavour (:mod:`histoloop.formats.positions`).
+
+    Returns:
+        One row per spot, the six :data:`POSITION_COLUMNS`.
 
     Raises:
         SpatialFileMissing: no such file.
-        BadPositionsFile: wrong number or names of columns, non-numeric values, in_tissue
-            outside {0, 1}, duplicate or empty barcodes; the message names file and field.
+        BadPositionsFile: see :func:`histoloop.formats.positions.parse_positions`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SpatialFileMissing(f"positions file {path} does not exist")
-    with open(path, encoding="utf-8-sig") as fh:
-        first = fh.readline()
-    header_cells = [c.strip().strip('"') for c in first.strip().split(",")]
-    has_header = "barcode" in header_cells or not _looks_like_data(header_cells)
-    try:
-        df = pd.read_csv(path, header=0 if has_header else None, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise BadPositionsFile(f"positions file {path} is not a readable CSV: {exc}") from exc
-    if has_header:
-        df.columns = [str(c).strip() for c in df.columns]
-        missing = [c for c in POSITION_COLUMNS if c not in df.columns]
-        if missing:
-            raise BadPositionsFile(
-                f"positions file {path}: missing column(s) {', '.join(map(repr, missing))}; "
-                f"expected {', '.join(POSITION_COLUMNS)} (found {', '.join(map(str, df.columns))})"
-            )
-        df = df[list(POSITION_COLUMNS)]
-    else:
-        if df.shape[1] != len(POSITION_COLUMNS):
-            raise BadPositionsFile(
-                f"positions file {path}: {df.shape[1]} columns without a header; expected "
-                f"{len(POSITION_COLUMNS)}: {', '.join(POSITION_COLUMNS)}"
-            )
-        df.columns = list(POSITION_COLUMNS)
-    if df.empty:
-        raise BadPositionsFile(f"positions file {path} has no spots")
-    line0 = 2 if has_header else 1
-    out = pd.DataFrame({"barcode": df["barcode"].str.strip()})
-    for col in _INT_COLUMNS + _PIXEL_COLUMNS:
-        values = pd.to_numeric(df[col].str.strip(), errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
-        if col in _INT_COLUMNS:
-            bad |= values.fillna(0) % 1 != 0
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise BadPositionsFile(
-                f"positions file {path}: column {col!r} has a non-numeric value "
-                f"{df[col].iloc[i]!r} on line {i + line0}"
-            )
-        out[col] = values.astype(np.int64) if col in _INT_COLUMNS else values.astype(np.float64)
-    bad_flag = ~out["in_tissue"].isin([0, 1])
-    if bad_flag.any():
-        i = int(np.flatnonzero(bad_flag.to_numpy())[0])
-        raise BadPositionsFile(
-            f"positions file {path}: column 'in_tissue' must be 0 or 1, got "
-            f"{out['in_tissue'].iloc[i]} on line {i + line0}"
-        )
-    empty = out["barcode"] == ""
-    if empty.any():
-        i = int(np.flatnonzero(empty.to_numpy())[0])
-        raise BadPositionsFile(f"positions file {path}: empty 'barcode' on line {i + line0}")
-    dup = out["barcode"].duplicated()
-    if dup.any():
-        raise BadPositionsFile(
-            f"positions file {path}: duplicate 'barcode' {out['barcode'][dup].iloc[0]!r}"
-        )
-    return out.reset_index(drop=True)
-
-
-def _looks_like_data(cells: list[str]) -> bool:
-    """A first line of a headerless file: a barcode, then numbers."""
-    if len(cells) < 2:
-        return False
-    try:
-        [float(c) for c in cells[1:]]
-    except ValueError:
-        return False
-    return True
-
-
-def read_scalefactors(path: str | Path) -> ScaleFactors:
-    """Read ``scalefactors_json.json``.
-
-    Raises:
-        SpatialFileMissing: no such file.
-        BadScaleFactors: not JSON, or ``spot_diameter_fullres`` missing or not a positive
-            number (the scale fields are optional but must be positive numbers if present).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SpatialFileMissing(
-            f"{path} does not exist; Space Ranger writes {SCALEFACTORS_FILE} into spatial/ "
-            "and it is needed for the spot diameter (spot_diameter_fullres)"
-        )
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadScaleFactors(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise BadScaleFactors(f"{path} must hold a JSON object")
-
-    def number(name: str, required: bool) -> float | None:
-        if name not in raw:
-            if required:
-                raise BadScaleFactors(f"{path}: field {name!r} is missing")
-            return None
-        value = raw[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0
-        ):
-            raise BadScaleFactors(f"{path}: field {name!r} must be a positive number, got {value!r}")
-        return float(value)
-
-    diameter = number("spot_diameter_fullres", True)
-    assert diameter is not None
-    return ScaleFactors(
-        spot_diameter_fullres=diameter,
-        tissue_hires_scalef=number("tissue_hires_scalef", False),
-        tissue_lowres_scalef=number("tissue_lowres_scalef", False),
-        fiducial_diameter_fullres=number("fiducial_diameter_fullres", False),
-    )
+    return _formats.read_positions(path).to_frame()
 
 
 def read_spatial(spatial_dir: str | Path) -> SpatialData:
@@ -201,13 +72,13 @@ def read_spatial(spatial_dir: str | Path) -> SpatialData:
     spatial_dir = Path(spatial_dir)
     if not spatial_dir.is_dir():
         raise SpatialFileMissing(f"spatial folder {spatial_dir} does not exist")
-    for name in _POSITION_FILES:
+    for name in POSITION_FILES:
         if (spatial_dir / name).is_file():
             positions_file = spatial_dir / name
             break
     else:
         raise SpatialFileMissing(
-            f"spatial folder {spatial_dir} has neither {' nor '.join(_POSITION_FILES)}"
+            f"spatial folder {spatial_dir} has neither {' nor '.join(POSITION_FILES)}"
         )
     scalefactors = read_scalefactors(spatial_dir / SCALEFACTORS_FILE)
     return SpatialData(read_positions(positions_file), scalefactors, positions_file)

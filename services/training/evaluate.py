@@ -9,6 +9,7 @@ import numpy as np
 from sklearn import metrics
 
 from histoloop.errors import InvalidArgument
+from histoloop.kappa import cohen_kappa
 
 __all__ = ["classification_metrics"]
 
@@ -43,7 +44,7 @@ def classification_metrics(
                 "kappa": None, "per_class_f1": dict.fromkeys(names)}
     present = np.union1d(yt, yp)
     f1 = metrics.f1_score(yt, yp, labels=np.arange(n_classes), average=None, zero_division=0)
-    kappa = metrics.cohen_kappa_score(yt, yp) if len(present) > 1 else 1.0
+    kappa = cohen_kappa(yt, yp)
     return {
         "n": int(len(yt)),
         "accuracy": float(metrics.accuracy_score(yt, yp)),

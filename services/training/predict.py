@@ -20,14 +20,15 @@ from histoloop.errors import InvalidArgument
 from histoloop.training.heads import EnsembleHead, HeadInput
 from histoloop.training.pipeline import TrainedModel, feature_dims, prepare_features
 
-__all__ = ["Predictions", "align_genes", "predict"]
+__all__ = ["ModelOutput", "align_genes", "predict"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
-class Predictions:
-    """The model's view of every spot.
+class ModelOutput:
+    """The model's view of every spot (in memory; the stored artifact is
+    :class:`histoloop.datasets.Predictions`).
 
     Attributes:
         probabilities: ``(n, C)`` float32 class probabilities.
@@ -115,7 +116,7 @@ def predict(
     features: HeadInput,
     *,
     missing_genes: Sequence[str] = (),
-) -> Predictions:
+) -> ModelOutput:
     """Class probabilities and hidden features for every spot.
 
     Args:
@@ -126,7 +127,7 @@ def predict(
             their inputs are set to the source mean after scaling.
 
     Returns:
-        :class:`Predictions`.
+        :class:`ModelOutput`.
 
     Raises:
         InvalidArgument: Feature keys or dimensions differ from the model's.
@@ -142,7 +143,7 @@ def predict(
     head = model.loaded_head
     members = head.member_proba(X) if isinstance(head, EnsembleHead) else None
     P = members.mean(axis=0) if members is not None else head.predict_proba(X)
-    return Predictions(
+    return ModelOutput(
         probabilities=P,
         hidden=head.hidden(X),
         predicted=P.argmax(axis=1).astype(np.int64),

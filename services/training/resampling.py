@@ -17,18 +17,16 @@ Modes:
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import numpy as np
 
 from histoloop.errors import InvalidArgument
+from histoloop.formats.vocab import RESAMPLING_MODES, ResamplingMode
 
 __all__ = ["RESAMPLING_MODES", "ResamplingMode", "adaptive_resampling_weights", "resampling_weights"]
 
 log = logging.getLogger(__name__)
 
-ResamplingMode = Literal["off", "offline", "online"]
-RESAMPLING_MODES: tuple[str, ...] = ("off", "offline", "online")
 
 
 def adaptive_resampling_weights(

@@ -20,24 +20,26 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import feature_blocks, read_anndata
 from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.formats.embeddings import OBSM_MORPH_VIEWS, parse_embeddings_key
+from histoloop.formats.models import STATE_FILE, sibling_key, state_key
+from histoloop.formats.vocab import DEFAULT_HEAD, DEFAULT_RESAMPLING
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
 from histoloop.training.export import export_torchscript
-from histoloop.training.pipeline import TrainedModel, train_model
-from histoloop.training.scaling import FeatureScaling
+from histoloop.training.pipeline import TrainedModel
+from histoloop.training.round import VIEW_HEADS, fit_round
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = ["TrainingStep", "dataset_of"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "training"
-DEFAULT_HEAD = "mlp"
 
 
 def dataset_of(embeddings_uri: str) -> str:
     """The dataset id in an embeddings key ``embeddings/<project>/<dataset>/<id>.h5ad``."""
-    return embeddings_uri.rsplit("/", 2)[-2]
+    return parse_embeddings_key(embeddings_uri).dataset
 
 
 def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float) -> common_pb2.ModelMetrics:
@@ -56,10 +58,10 @@ def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.n
     They apply to the image-only features without neighbour means (the views are of the
     spot's own patch) and to the heads that train by epochs (``mlp``, ``ensemble``).
     """
-    if ("X_morph_aug" not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
+    if (OBSM_MORPH_VIEWS not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
             or config.spatial_neighbours or head not in ("mlp", "ensemble")):
         return np.empty((0,))
-    return np.ascontiguousarray(np.asarray(adata.obsm["X_morph_aug"], dtype=np.float32)[rows].transpose(1, 0, 2))
+    return np.ascontiguousarray(np.asarray(adata.obsm[OBSM_MORPH_VIEWS], dtype=np.float32)[rows].transpose(1, 0, 2))
 
 
 class TrainingStep:
@@ -112,16 +114,18 @@ class TrainingStep:
         if not msg.embeddings_uris:
             raise FailedPrecondition(f"labels of {project} name no embeddings; is the dataset embedded yet?")
         blocks_all: list[dict[str, np.ndarray]] = []
-        blocks_lab: list[dict[str, np.ndarray]] = []
+        labelled: list[np.ndarray] = []
         views_lab: list[np.ndarray] = []
         labels: list[str] = []
+        offset = 0
         for uri in msg.embeddings_uris:
             adata = read_anndata(self.store, uri)
             blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
             blocks_all.append(blocks)
-            blocks_lab.append({k: v[rows] for k, v in blocks.items()})
+            labelled.append(rows + offset)
+            offset += adata.n_obs
             views_lab.append(_augmented_views(adata, config, head, rows))
             labels += [given[adata.obs_names[i]] for i in rows]
         if len(set(labels)) < 2:
@@ -131,28 +135,22 @@ class TrainingStep:
             return None
         keys = list(blocks_all[0])
         all_x = {k: np.concatenate([b[k] for b in blocks_all]) for k in keys}
-        lab_x = {k: np.concatenate([b[k] for b in blocks_lab]) for k in keys}
-        multimodal = head == "multimodal"
-        if not multimodal:
-            all_x = {"features": np.hstack([all_x[k] for k in keys])}
-            lab_x = {"features": np.hstack([lab_x[k] for k in keys])}
-            if all(v.size for v in views_lab) and len({v.shape[0] for v in views_lab}) == 1:
-                # ActiveVisium repetitions: (views, n, d), view 0 clean; one view per spot per epoch
-                lab_x = {"features": np.concatenate(views_lab, axis=1)}
-        scaling = {k: FeatureScaling.fit(v) for k, v in all_x.items()}
+        views = None
+        if all(v.size for v in views_lab) and len({v.shape[0] for v in views_lab}) == 1:
+            views = np.concatenate(views_lab, axis=1)  # (views, n, d), view 0 clean
+        n_views = views.shape[0] if views is not None and head in VIEW_HEADS and len(keys) == 1 else 1
         previous = self._previous(project, head)
         started = time.perf_counter()
         try:
-            trained = train_model(lab_x if multimodal else lab_x["features"], labels, head=head, seed=seed,
-                                  classes=classes, resampling=config.resampling or "off", scaling=scaling,
-                                  previous=previous)
+            trained = fit_round(all_x, np.concatenate(labelled), labels, head=head, seed=seed, classes=classes,
+                                resampling=config.resampling or DEFAULT_RESAMPLING, views=views, previous=previous)
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise
         module = export_torchscript(trained)
-        prefix = f"models/{project}/{version}"
-        if not self.store.exists(f"{prefix}/trained.bin"):
-            self.store.put(f"{prefix}/trained.bin", trained.to_bytes())
+        state = state_key(project, version)
+        if not self.store.exists(state):
+            self.store.put(state, trained.to_bytes())
         card = ModelCard(
             project=project, version=version, head=head, classes=list(trained.classes),
             input_dim=int(sum(v.shape[1] for v in all_x.values())), features=int(config.features),
@@ -163,7 +161,7 @@ class TrainingStep:
             created_ms=int(time.time() * 1000), parent_event_id=parent,
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
                    "resampling": trained.resampling, "n_labels": len(labels),
-                   "views": int(lab_x["features"].shape[0]) if not multimodal and lab_x["features"].ndim == 3 else 1})
+                   "views": int(n_views)})
         uri = save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
         for name in ("macro_f1", "balanced_accuracy", "kappa"):
@@ -178,7 +176,7 @@ class TrainingStep:
         """The project's newest model of the same head, for a warm start."""
         for uri, card in reversed(list_cards(self.store, project)):
             if card.head == head:
-                key = self.store.key_from_uri(uri).rsplit("/", 1)[0] + "/trained.bin"
+                key = sibling_key(self.store.key_from_uri(uri), STATE_FILE)
                 return TrainedModel.from_bytes(self.store.get(key))
         return None
 

@@ -519,7 +519,7 @@ def test_query_sets_rounds_and_embeddings(repo: AnnotationRepository, project: s
 
 
 def test_headerless_and_header_positions_files(tmp_path: Path) -> None:
-    from histoloop.annotation_store.spatial import find_positions_file, parse_positions
+    from histoloop.formats.positions import find_positions_file, parse_positions
 
     new = write_spatial(tmp_path / "new", ["A-1", "B-1"], header=True)
     old = write_spatial(tmp_path / "old", ["A-1", "B-1"], header=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoloop.acquisition.simulation import SimulationConfig
+from histoloop.simulation import SimulationConfig
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from histoloop.acquisition.simulation import (
+from histoloop.errors import InvalidArgument
+from histoloop.simulation import (
     SimulationConfig,
     label_schedule,
     parse_schedule,
     run_campaign,
 )
-from histoloop.errors import InvalidArgument
 
 OUTPUTS = ("rounds.jsonl", "learning_curves.png", "efficiency.png", "comparison.json", "comparison.md",
            "comparison.tex", "campaign.json")

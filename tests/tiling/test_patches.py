@@ -10,8 +10,8 @@ import pytest
 from histoloop.artifacts import ArtifactNotFound
 from histoloop.artifacts.local import LocalArtifactStore
 from histoloop.errors import InvalidArgument
+from histoloop.formats.patches import array_to_npy, npy_to_array
 from histoloop.tiling import PatchSet
-from histoloop.tiling._patches import array_to_npy, npy_to_array
 
 
 def test_npy_round_trip_without_pickle() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from histoloop.config import load_settings
 from histoloop.errors import HistoloopError
 from histoloop.logs import setup_logging
-from histoloop.runtime import SERVICE_NAMES
+from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES
 
 __all__ = ["main"]
 
@@ -21,7 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     from histoloop.server import Server
 
     settings = load_settings(**_overrides(args))
-    Server(settings).serve_until_signal()
+    Server(settings, SERVICE_NAMES + EDGE_SERVICE_NAMES).serve_until_signal()
     return 0
 
 
@@ -127,7 +127,7 @@ def _tile(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import os
 
-    from histoloop.acquisition.simulation import SimulationConfig, parse_schedule, run_campaign
+    from histoloop.simulation import SimulationConfig, parse_schedule, run_campaign
 
     if "HISTOLOOP_LOG_LEVEL" not in os.environ:
         logging.getLogger().setLevel(logging.WARNING)  # the bar and the table are the output
@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     run = sub.add_parser("run", help="one service, backends from HISTOLOOP_* settings")
-    run.add_argument("service", help=" | ".join(SERVICE_NAMES))
+    run.add_argument("service", help=" | ".join(SERVICE_NAMES + EDGE_SERVICE_NAMES))
     run.add_argument("--port", type=int)
     run.add_argument("--data-dir")
     run.set_defaults(func=_run)

@@ -22,6 +22,7 @@ import numpy as np
 
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition
+from histoloop.formats.embeddings import OBSM_EXPR, OBSM_MORPH, embedding_dim
 from histoloop.spatial import neighbour_indices, neighbour_mean_features, visium_array_positions
 from histoloop.v1 import common_pb2
 
@@ -41,7 +42,8 @@ def write_anndata(store: ArtifactStore, key: str, adata: ad.AnnData) -> str:
     with tempfile.TemporaryDirectory(prefix="histoloop-h5ad-") as tmp:
         path = Path(tmp) / "data.h5ad"
         adata.write_h5ad(path)
-        store.put_file(key, path, content_type="application/x-hdf5", metadata={"n_obs": str(adata.n_obs)})
+        store.put_file(key, path, content_type="application/x-hdf5",
+                       metadata={"n_obs": str(adata.n_obs), "dim": str(embedding_dim(adata.obsm))})
     return store.uri(key)
 
 
@@ -69,13 +71,13 @@ def feature_blocks(adata: ad.AnnData, features: int, spatial_neighbours: int = 0
     want_morph = features in (common_pb2.FEATURE_SET_MORPHOLOGY, common_pb2.FEATURE_SET_MULTIMODAL)
     want_expr = features in (common_pb2.FEATURE_SET_EXPRESSION, common_pb2.FEATURE_SET_MULTIMODAL)
     if features == common_pb2.FEATURE_SET_UNSPECIFIED:
-        want_morph, want_expr = "X_morph" in adata.obsm, "X_expr" in adata.obsm
+        want_morph, want_expr = OBSM_MORPH in adata.obsm, OBSM_EXPR in adata.obsm
     neighbours = None
     if spatial_neighbours:
         positions = visium_array_positions(adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy())
         neighbours = neighbour_indices(positions, spatial_neighbours)
     blocks: dict[str, np.ndarray] = {}
-    for key, name, wanted in (("image", "X_morph", want_morph), ("genes", "X_expr", want_expr)):
+    for key, name, wanted in (("image", OBSM_MORPH, want_morph), ("genes", OBSM_EXPR, want_expr)):
         if not wanted:
             continue
         if name not in adata.obsm:

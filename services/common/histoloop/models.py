@@ -20,6 +20,14 @@ import torch
 
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
+from histoloop.formats.models import (
+    CARD_FILE,
+    MODULE_FILE,
+    card_key,
+    models_prefix,
+    module_key,
+    sibling_key,
+)
 
 __all__ = ["LoadedModel", "ModelCard", "latest_card", "list_cards", "load_model", "save_model"]
 
@@ -75,24 +83,20 @@ class LoadedModel:
                 np.concatenate([o[2] for o in outs], axis=1))
 
 
-def _prefix(project: str, version: str) -> str:
-    return f"models/{project}/{version}"
-
-
 def save_model(store: ArtifactStore, card: ModelCard, module: torch.jit.ScriptModule) -> str:
     """Store a model (module first, card last: a card always points at a complete model).
 
     Returns the URI of the card, which names the model in events.
     """
-    prefix = _prefix(card.project, card.version)
+    module_at, card_at = module_key(card.project, card.version), card_key(card.project, card.version)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
-    if not store.exists(f"{prefix}/model.pt"):
-        store.put(f"{prefix}/model.pt", buffer.getvalue())
-    if not store.exists(f"{prefix}/card.json"):
-        store.put(f"{prefix}/card.json", json.dumps(asdict(card), sort_keys=True).encode(),
+    if not store.exists(module_at):
+        store.put(module_at, buffer.getvalue())
+    if not store.exists(card_at):
+        store.put(card_at, json.dumps(asdict(card), sort_keys=True).encode(),
                   content_type="application/json")
-    return store.uri(f"{prefix}/card.json")
+    return store.uri(card_at)
 
 
 def _card(raw: bytes) -> ModelCard:
@@ -103,8 +107,7 @@ def load_model(store: ArtifactStore, card_uri: str) -> LoadedModel:
     """Load a model by its card URI."""
     key = store.key_from_uri(card_uri)
     card = _card(store.get(key))
-    module_key = key.rsplit("/", 1)[0] + "/model.pt"
-    module = torch.jit.load(io.BytesIO(store.get(module_key)), map_location="cpu")
+    module = torch.jit.load(io.BytesIO(store.get(sibling_key(key, MODULE_FILE))), map_location="cpu")
     module.eval()
     return LoadedModel(card=card, module=module)
 
@@ -112,7 +115,7 @@ def load_model(store: ArtifactStore, card_uri: str) -> LoadedModel:
 def list_cards(store: ArtifactStore, project: str) -> list[tuple[str, ModelCard]]:
     """``(card URI, card)`` of every model of a project, oldest first."""
     cards = [(store.uri(i.key), _card(store.get(i.key)))
-             for i in store.list(f"models/{project}/") if i.key.endswith("/card.json")]
+             for i in store.list(models_prefix(project)) if i.key.endswith(f"/{CARD_FILE}")]
     return sorted(cards, key=lambda c: (c[1].created_ms, c[1].version))
 
 
@@ -123,7 +126,7 @@ def latest_card(store: ArtifactStore, project: str, version: str = "") -> tuple[
         NotFound: no such model.
     """
     if version:  # a known key: no listing of the registry
-        key = f"{_prefix(project, version)}/card.json"
+        key = card_key(project, version)
         if not store.exists(key):
             raise NotFound(f"project {project!r} has no model {version!r}")
         return store.uri(key), _card(store.get(key))

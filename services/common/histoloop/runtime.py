@@ -21,9 +21,11 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus, Record
 from histoloop.config import Settings
 
-__all__ = ["SERVICE_NAMES", "Background", "Handler", "Runtime", "ServiceParts"]
+__all__ = ["EDGE_SERVICE_NAMES", "SERVICE_NAMES", "Background", "Handler", "Runtime", "ServiceParts"]
 
 SERVICE_NAMES = ("annotation_store", "tiling", "embedding", "training", "prediction", "acquisition")
+EDGE_SERVICE_NAMES = ("simulation",)
+"""Deployables at the edge: clients of the six, served by ``histoloop serve`` too."""
 
 Handler = Callable[[Message, Record], None]
 """An event handler: the decoded event and its record. Raising means "retry later"."""

@@ -32,7 +32,7 @@ from histoloop.bus import make_bus
 from histoloop.config import Settings
 from histoloop.errors import ConfigError, HistoloopError, InvalidArgument
 from histoloop.interceptors import ServerInterceptor
-from histoloop.runtime import SERVICE_NAMES, Runtime, ServiceParts
+from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES, Runtime, ServiceParts
 from histoloop.worker import EventWorker
 
 __all__ = ["MAX_MESSAGE_BYTES", "Server", "normalise_service_name", "server_credentials"]
@@ -45,8 +45,10 @@ _CHECK_INTERVAL = 2.0
 def normalise_service_name(name: str) -> str:
     """``annotation-store`` → ``annotation_store``; unknown names raise InvalidArgument."""
     normal = name.strip().lower().replace("-", "_")
-    if normal not in SERVICE_NAMES:
-        raise InvalidArgument(f"unknown service {name!r}; choose one of {', '.join(SERVICE_NAMES)}")
+    if normal not in SERVICE_NAMES + EDGE_SERVICE_NAMES:
+        raise InvalidArgument(
+            f"unknown service {name!r}; choose one of {', '.join(SERVICE_NAMES + EDGE_SERVICE_NAMES)}"
+        )
     return normal
 
 

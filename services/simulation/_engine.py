@@ -9,6 +9,10 @@ next round is the same as in an uninterrupted run; predictions are recomputed fr
 
 Everything random is derived from ``(seed, round)``, never from process state, so a run
 gives the same numbers in any process, in any order, before or after a restart.
+
+A round is the live loop's round: the model comes from
+:func:`histoloop.training.round.fit_round` and the picks from
+:func:`histoloop.acquisition.round.select_query`, with the same seed rules.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from histoloop.acquisition.strategies import STRATEGIES, QueryContext, get_strategy
+from histoloop.acquisition.round import select_query
+from histoloop.acquisition.strategies import QueryContext
 from histoloop.training.evaluate import classification_metrics
-from histoloop.training.pipeline import TrainedModel, train_model
+from histoloop.training.pipeline import TrainedModel
 from histoloop.training.predict import predict
+from histoloop.training.round import VALIDATION_FRACTION, fit_round
 from histoloop.training.scaling import FeatureScaling
 
-__all__: list[str] = []  # private module; the public API is histoloop.acquisition.simulation
+__all__: list[str] = []  # private module; the public API is histoloop.simulation
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ class Problem:
         classes: Class names by index.
         splits: Per seed: ``(pool_rows, test_rows)`` sorted int64.
         scaling: Standardisation fitted on every spot (no labels used).
+        positions: ``(n, 2)`` array row/column of each spot (spatially compact query
+            sets), or None.
     """
 
     X: np.ndarray
@@ -59,6 +67,7 @@ class Problem:
     classes: tuple[str, ...]
     splits: dict[int, tuple[np.ndarray, np.ndarray]]
     scaling: FeatureScaling
+    positions: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class RunSpec:
         warm_start: Start each round's model from the previous round's weights.
         hyperparameters: Head hyper-parameters.
         validation_fraction: Labelled share held out for early stopping.
+        resampling: Adaptive resampling mode (the project's ``resampling``).
+        compactness: Spatial compactness of query sets (the project's ``compactness``).
     """
 
     head: str
@@ -85,7 +96,9 @@ class RunSpec:
     initial_size: int
     warm_start: bool
     hyperparameters: tuple[tuple[str, Any], ...]
-    validation_fraction: float
+    validation_fraction: float = VALIDATION_FRACTION
+    resampling: str = "off"
+    compactness: float = 0.0
 
     @property
     def name(self) -> str:
@@ -218,17 +231,13 @@ def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedM
     if len(np.unique(y)) < 2:
         return _Constant(len(problem.classes), int(y[0])), time.perf_counter() - t0
     names = np.asarray(problem.classes, dtype=object)[y]
-    model = train_model(
-        problem.X[rows], names, head=spec.head, seed=_train_seed(spec.seed, round_),
-        classes=problem.classes, hyperparameters=dict(spec.hyperparameters),
-        validation_fraction=spec.validation_fraction, scaling={"features": problem.scaling},
-        previous=previous if spec.warm_start else None,
+    model = fit_round(
+        {"features": problem.X}, rows, names, head=spec.head, seed=spec.seed, classes=problem.classes,
+        resampling=spec.resampling, scaling={"features": problem.scaling},
+        previous=previous if spec.warm_start else None, hyperparameters=dict(spec.hyperparameters),
+        validation_fraction=spec.validation_fraction,
     )
     return model, time.perf_counter() - t0
-
-
-def _train_seed(seed: int, round_: int) -> int:
-    return int(seed) * 100_003 + int(round_)
 
 
 def _predict(model: TrainedModel | _Constant, X: np.ndarray, scaled: np.ndarray):
@@ -252,16 +261,23 @@ def _initial(problem: Problem, spec: RunSpec, pool: np.ndarray) -> np.ndarray:
     if spec.initial == "per_class":
         y = problem.y[pool]
         return np.array([rng.choice(pool[y == c]) for c in np.unique(y)], dtype=np.int64)
-    strategy = get_strategy(spec.initial)
-    X = problem.scaling.transform(problem.X[pool])
-    ctx = QueryContext(features=X, labelled=np.zeros(len(pool), bool))
-    return pool[strategy.select(ctx, spec.initial_size, rng).indices]
+    # the live cold start: the raw features, no labels, round 0
+    ctx = QueryContext(features=problem.X[pool], labelled=np.zeros(len(pool), bool),
+                       positions=_pool_positions(problem, pool), round=0)
+    selection = select_query(ctx, strategy=spec.initial, query_size=spec.initial_size, seed=spec.seed,
+                             compactness=spec.compactness)
+    return pool[selection.indices]
+
+
+def _pool_positions(problem: Problem, pool: np.ndarray) -> np.ndarray | None:
+    return None if problem.positions is None else problem.positions[pool]
 
 
 def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: dict[str, Any],
             picked: Sequence[int] | np.ndarray, query_s: float, train_s: float,
-            predict_s: float = 0.0) -> dict[str, Any]:
-    """One round: test metrics, timings (selection, training, pool prediction) and picks."""
+            predict_s: float = 0.0, validation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One round: test metrics, the model's own validation metrics (what the live loop
+    reports), timings (selection, training, pool prediction) and picks."""
     return {
         "head": spec.head, "strategy": spec.strategy, "seed": spec.seed, "round": round_,
         "labels": int(labels), "fraction": labels / pool_size,
@@ -269,6 +285,7 @@ def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: di
         "query_seconds": round(query_s, 6), "train_seconds": round(train_s, 6),
         "predict_seconds": round(predict_s, 6),
         "picked": [int(i) for i in picked],
+        "validation": {m: (validation or {}).get(m) for m in METRICS},
     }
 
 
@@ -316,8 +333,7 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         if stale != _model_path(path, len(done) - 1):
             stale.unlink()  # left by a kill between two steps of a round
     position = {int(r): i for i, r in enumerate(pool)}
-    strategy = get_strategy(spec.strategy)
-    uses_model = STRATEGIES[spec.strategy].needs_model
+    positions = _pool_positions(problem, pool)
     X_pool = problem.X[pool]
     scaled_pool = problem.scaling.transform(X_pool)
     finished = 0
@@ -333,11 +349,12 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             t0 = time.perf_counter()
             P, hidden, members = _predict(previous, X_pool, scaled_pool)
             predict_s = time.perf_counter() - t0
-            ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
-                               probabilities=P, member_probabilities=members, round=round_)
+            ctx = QueryContext(features=hidden, labelled=labelled, probabilities=P, member_probabilities=members,
+                               positions=positions, round=round_)
             k = spec.targets[round_] - spec.targets[round_ - 1]
             t0 = time.perf_counter()
-            picked = pool[strategy.select(ctx, k, np.random.default_rng([spec.seed, round_])).indices]
+            picked = pool[select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
+                                       compactness=spec.compactness).indices]
         query_s = time.perf_counter() - t0
         labelled_rows.extend(int(i) for i in picked)
         rows = np.asarray(labelled_rows, dtype=np.int64)
@@ -347,7 +364,7 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         if isinstance(model, TrainedModel):
             _write_atomic(_model_path(path, round_), model.to_bytes())
         _append(path, _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s,
-                              predict_s))
+                              predict_s, model.validation if isinstance(model, TrainedModel) else None))
         stale = _model_path(path, round_ - 1)
         if stale.exists():
             stale.unlink()

@@ -1,5 +1,7 @@
 """Patch sets in the artifact store: chunked uint8 arrays, an index table, a manifest.
 
+Tiling writes them; embedding (and anyone else) reads them with :class:`PatchSet`.
+
 Layout under a key prefix ``P``::
 
     P/patches/chunk-00000.npy   uint8 (n, H, W, 3), n ≤ chunk_size, one .npy per chunk

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from histoloop.acquisition._sim_engine import FULL
+from histoloop.simulation._engine import FULL
 
-__all__: list[str] = []  # private module; the public API is histoloop.acquisition.simulation
+__all__: list[str] = []  # private module; the public API is histoloop.simulation
 
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 _METRIC_NAMES = {"macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",

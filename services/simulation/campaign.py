@@ -11,7 +11,7 @@ A campaign runs every *arm* (strategy × head) for every seed:
   on ``obsm`` vectors); optionally ``[x, mean of the k nearest spots' x]`` (spatial
   neighbour means, as in the live loop). Spots without a label are dropped after the
   neighbour means are taken. The features are standardised with a scaling fitted on
-  every spot (no labels used), as the live training step does.
+  every spot, with or without a label (no labels used), as the live training step does.
 * **Splits.** Per seed, a stratified held-out test split (default 30 %) that is never
   queried; the rest is the *training pool*. Every arm of a seed gets the same split and
   the same initial labelled set (one random spot per class by default, or a cold-start
@@ -25,17 +25,19 @@ A campaign runs every *arm* (strategy × head) for every seed:
 * **Reference.** Per head and seed, a model trained on every pool label ("full
   supervision"), so the target "95 % of full supervision" is measured, not assumed.
 
-Strategies see the pool only. Model-based strategies get the model's hidden features
-(the live loop's choice); ``random``, ``coldstart_kmeans`` and ``typiclust`` (no model
-needed) get the standardised input features. BALD needs per-member probabilities, so it
+A round is the live loop's round (:func:`histoloop.training.round.fit_round`, then
+:func:`histoloop.acquisition.round.select_query`): the same seed rules, validation split,
+resampling and compactness. Strategies see the pool only, through the model's hidden
+features (the live loop's choice); a cold-start initial set is picked on the raw features,
+as the live cold start does. BALD needs per-member probabilities, so it
 runs only with the ``ensemble`` head (it is left out of the default set otherwise, and
 rejected when asked for without that head).
 
 Runs go to parallel processes (one torch/BLAS thread each) and append every finished
 round to a per-run JSONL file in the campaign folder; a restarted campaign re-derives each
-run's state from those files and continues (see :mod:`._sim_engine`). When every run is
+run's state from those files and continues (see :mod:`._engine`). When every run is
 finished the campaign writes ``rounds.jsonl``, ``learning_curves.png``,
-``efficiency.png`` and ``comparison.{json,md,tex}`` (see :mod:`._sim_report`), and, when
+``efficiency.png`` and ``comparison.{json,md,tex}`` (see :mod:`._report`), and, when
 an artifact store is given, stores them under ``simulations/<campaign>/``.
 """
 
@@ -58,11 +60,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from histoloop.acquisition import _sim_engine as engine
-from histoloop.acquisition import _sim_report as report
 from histoloop.acquisition.strategies import STRATEGIES, UnknownStrategy
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition, InvalidArgument
+from histoloop.formats.vocab import RESAMPLING_MODES
+from histoloop.simulation import _engine as engine
+from histoloop.simulation import _report as report
 
 __all__ = [
     "DEFAULT_PCA",
@@ -90,8 +93,6 @@ RPC_MAX_ROUNDS = 5000
 """Largest campaign (rounds of all runs together) the Simulate RPC runs synchronously."""
 SIMULATION_HEADS = ("mlp", "logreg", "ensemble")
 """Heads a simulation can train (the multimodal head needs two inputs; not simulated)."""
-_VALIDATION_FRACTION = {"logreg": 0.0}  # others: 0.1 for early stopping, as in the live loop
-_DEFAULT_VALIDATION_FRACTION = 0.1
 _HEAD_COST = {"ensemble": 0, "mlp": 1, "logreg": 2}  # start the slow runs first
 _FORMAT = "histoloop.simulation.v1"
 
@@ -127,6 +128,10 @@ class SimulationConfig:
         metric: Metric for the curves, the target and the comparison.
         target: Target as a share of the full-supervision metric.
         warm_start: Initialise each round's model from the previous one (live loop).
+        resampling: Adaptive resampling of each round's training set (``off``,
+            ``offline``, ``online``), as the project's ``resampling``.
+        compactness: Spatial compactness of query sets, as the project's ``compactness``
+            (needs ``obs["array_row"/"array_col"]``).
         hyperparameters: Per head name, head hyper-parameters
             (``{"ensemble": {"members": 3}}``).
     """
@@ -149,6 +154,8 @@ class SimulationConfig:
     target: float = 0.95
     warm_start: bool = True
     hyperparameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    resampling: str = "off"
+    compactness: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("obsm", "strategies", "heads"):
@@ -175,6 +182,10 @@ class SimulationConfig:
         """
         if not self.label_column:
             raise InvalidArgument("label_column is required")
+        if self.resampling not in RESAMPLING_MODES:
+            raise InvalidArgument(f"resampling: {self.resampling!r} is not one of {', '.join(RESAMPLING_MODES)}")
+        if not self.compactness >= 0.0:
+            raise InvalidArgument(f"compactness must be ≥ 0, got {self.compactness}")
         if self.pca < 0:
             raise InvalidArgument(f"pca must be ≥ 0, got {self.pca}")
         if self.neighbours < 0:
@@ -367,7 +378,7 @@ class SimulationData:
     """A campaign's prepared data.
 
     Attributes:
-        problem: Features, labels, classes, splits and scaling (see ``_sim_engine``).
+        problem: Features, labels, classes, splits and scaling (see ``_engine``).
         barcodes: ``(n,)`` spot ids (``obs_names``) of the rows used.
         pool_size: Training-pool size (the same for every seed).
         test_size: Test-split size.
@@ -491,6 +502,11 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     if counts.min() < 2:
         rare = [c for c, n in zip(classes, counts, strict=True) if n < 2]
         raise InvalidArgument(f"label_column: class(es) {rare} have < 2 spots; a stratified test split needs 2")
+    with engine.single_threaded():
+        scaling = FeatureScaling.fit(X)  # on every spot, labelled or not, as the live loop
+    positions = None
+    if {"array_row", "array_col"} <= set(adata.obs.columns):
+        positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)[keep]
     X = X[keep]
     n = len(y)
     splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -507,13 +523,11 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     else:
         initial_size = min(config.initial_size or config.query_size, pool_size)
     targets = label_schedule(config, pool_size, initial_size)
-    with engine.single_threaded():
-        scaling = FeatureScaling.fit(X)
     digest = hashlib.sha256()
     for part in (X, y, *[a for s in sorted(splits) for a in splits[s]]):
         digest.update(np.ascontiguousarray(part).tobytes())
     digest.update(json.dumps(classes).encode())
-    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling)
+    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling, positions=positions)
     return SimulationData(
         problem=problem, barcodes=np.asarray(adata.obs_names[keep]).astype(str), pool_size=pool_size,
         test_size=test_size, initial_size=initial_size, targets=targets, fingerprint=digest.hexdigest(),
@@ -568,14 +582,14 @@ def _specs(config: SimulationConfig, prepared: SimulationData) -> list[engine.Ru
     arms = config.arms()
     for head in heads_first:
         params = tuple(sorted(dict(config.hyperparameters.get(head, {})).items()))
-        vf = _VALIDATION_FRACTION.get(head, _DEFAULT_VALIDATION_FRACTION)
         names = [engine.FULL] + [s for h, s in arms if h == head]
         for strategy in names:
             for seed in range(config.seeds):
                 specs.append(engine.RunSpec(
                     head=head, strategy=strategy, seed=seed, targets=prepared.targets,
                     initial=config.initial, initial_size=prepared.initial_size,
-                    warm_start=config.warm_start, hyperparameters=params, validation_fraction=vf))
+                    warm_start=config.warm_start, hyperparameters=params, resampling=config.resampling,
+                    compactness=config.compactness))
     return specs
 
 
@@ -749,12 +763,18 @@ def _execute(problem: engine.Problem, specs: list[engine.RunSpec], folder: Path,
     pending = [s for s, p in zip(specs, paths, strict=True) if len(engine.read_records(p)) < s.rounds]
     bar = tqdm(total=total, initial=before, desc="simulated rounds", unit="round", disable=not progress,
                dynamic_ncols=True)
+    done = [before]  # a disabled bar does not count, so count here
+
+    def one_more() -> None:
+        done[0] += 1
+        _tick(bar, done[0], total, on_progress)
+
     try:
+        _tick(bar, before, total, on_progress)
         if workers == 1 or len(pending) <= 1:
             with engine.single_threaded():
                 for spec in pending:
-                    engine.run(problem, spec, folder, max_new_rounds=max_new_rounds,
-                               on_round=lambda: _tick(bar, bar.n + 1, total, on_progress))
+                    engine.run(problem, spec, folder, max_new_rounds=max_new_rounds, on_round=one_more)
         else:
             context = multiprocessing.get_context("spawn")  # never fork a process that may run gRPC threads
             with futures.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,

@@ -1,0 +1,69 @@
+"""The model registry's layout in the artifact store.
+
+Every model of a project lives under ``models/<project>/<version>/``:
+
+- ``model.pt`` (:data:`MODULE_FILE`): the TorchScript module prediction runs;
+- ``trained.bin`` (:data:`STATE_FILE`): training's own state, for a warm start;
+- ``card.json`` (:data:`CARD_FILE`): what the model is, written last, so a card always
+  points at a complete model; its URI names the model in events.
+"""
+
+from __future__ import annotations
+
+from histoloop.artifacts import validate_key
+from histoloop.errors import InvalidArgument
+
+__all__ = [
+    "CARD_FILE",
+    "MODELS_ROOT",
+    "MODULE_FILE",
+    "STATE_FILE",
+    "card_key",
+    "model_prefix",
+    "models_prefix",
+    "module_key",
+    "sibling_key",
+    "state_key",
+]
+
+MODELS_ROOT = "models"
+CARD_FILE = "card.json"
+MODULE_FILE = "model.pt"
+STATE_FILE = "trained.bin"
+
+
+def models_prefix(project: str) -> str:
+    """``models/<project>/``: every model of a project."""
+    return f"{MODELS_ROOT}/{project}/"
+
+
+def model_prefix(project: str, version: str) -> str:
+    """``models/<project>/<version>``: one model's folder."""
+    return validate_key(f"{MODELS_ROOT}/{project}/{version}")
+
+
+def card_key(project: str, version: str) -> str:
+    """Key of a model's card."""
+    return f"{model_prefix(project, version)}/{CARD_FILE}"
+
+
+def module_key(project: str, version: str) -> str:
+    """Key of a model's TorchScript module."""
+    return f"{model_prefix(project, version)}/{MODULE_FILE}"
+
+
+def state_key(project: str, version: str) -> str:
+    """Key of a model's training state (warm start)."""
+    return f"{model_prefix(project, version)}/{STATE_FILE}"
+
+
+def sibling_key(card: str, name: str) -> str:
+    """The key of file ``name`` (:data:`MODULE_FILE`, :data:`STATE_FILE`) beside a card key.
+
+    Raises:
+        InvalidArgument: ``card`` is not a card key.
+    """
+    folder, _, file = card.rpartition("/")
+    if file != CARD_FILE or not folder:
+        raise InvalidArgument(f"{card!r} is not a model card key (…/{CARD_FILE})")
+    return f"{folder}/{name}"

@@ -1,0 +1,61 @@
+"""Services never import each other: they talk through gRPC and events only.
+
+Walks every module under ``services/<a>/`` and fails on an import of ``histoloop.<b>``
+for another service ``<b>``. The one exception is simulation, which replays the round of
+training and acquisition and so may import both. The shared library is
+``services/common`` (``import histoloop``), open to every service.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+SERVICES = Path(__file__).resolve().parents[2] / "services"
+SERVICE_NAMES = sorted(
+    p.name
+    for p in SERVICES.iterdir()
+    if p.is_dir() and p.name != "common" and (p / "__init__.py").exists()
+)
+ALLOWED = {"simulation": {"training", "acquisition"}}
+
+
+def _imported(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every absolute import in a file (relative ones stay inside)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+            if node.module == "histoloop":  # from histoloop import training
+                out += [(node.lineno, f"histoloop.{alias.name}") for alias in node.names]
+    return out
+
+
+def test_the_walk_sees_every_service() -> None:
+    assert {
+        "annotation_store",
+        "tiling",
+        "embedding",
+        "training",
+        "prediction",
+        "acquisition",
+        "simulation",
+    } <= set(SERVICE_NAMES)
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_no_service_imports_another(service: str) -> None:
+    others = set(SERVICE_NAMES) - {service} - ALLOWED.get(service, set())
+    found = []
+    for path in sorted((SERVICES / service).rglob("*.py")):
+        for line, module in _imported(path):
+            parts = module.split(".")
+            if len(parts) >= 2 and parts[0] == "histoloop" and parts[1] in others:
+                found.append(f"{path.relative_to(SERVICES)}:{line} imports {module}")
+    assert not found, "\n".join(found)
