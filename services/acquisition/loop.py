@@ -25,6 +25,7 @@ from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
 from histoloop.v1 import common_pb2, events_pb2
+from histoloop.vocab import MAX_QUERY_SIZE
 
 __all__ = ["Acquisition", "QueryRecord"]
 
@@ -231,5 +232,6 @@ def check_query_args(project: str, query_size: int) -> None:
     """Validation shared by the Query RPC."""
     if not project:
         raise InvalidArgument("project_id is required")
-    if query_size < 0 or query_size > 10_000:
-        raise InvalidArgument(f"query_size must be between 0 and 10000, got {query_size}")
+    if query_size < 0 or query_size > MAX_QUERY_SIZE:
+        raise InvalidArgument(
+            f"query_size: {query_size} is not in 1..{MAX_QUERY_SIZE} (0 = the project's own size)")

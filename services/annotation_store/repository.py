@@ -43,6 +43,7 @@ from histoloop.annotation_store.domain import (
     AgreementReport,
     BatchResult,
     ClassSpec,
+    ConfigChange,
     DatasetInfo,
     DatasetSpec,
     LoopSettings,
@@ -53,6 +54,7 @@ from histoloop.annotation_store.domain import (
     SpotLabelInput,
     check_id,
 )
+from histoloop.annotation_store.doors import check_spots_on_slide, slide_size
 from histoloop.annotation_store.loupe import (
     DEFAULT_GROUP,
     DEFAULT_PREDICTIONS_GROUP,
@@ -129,6 +131,8 @@ class _DatasetRef:
 
     pk: int
     spots: Mapping[str, int]
+    removed: bool = False
+    """Taken out of the pool by RemoveDataset (labels for it are refused)."""
 
 
 class _Statements:
@@ -384,6 +388,10 @@ class AnnotationRepository:
                 )
             positions = find_positions_file(spec.spatial_dir)
             rows = parse_positions(positions.read_bytes(), source=positions.name)
+            if spec.slide_path and "://" not in spec.slide_path and Path(spec.slide_path).is_file():
+                size = slide_size(spec.slide_path)
+                if size is not None:  # before anything is copied: a refusal stores nothing
+                    check_spots_on_slide(rows, size, scale=spec.slide_scale, source=positions.name)
             for path in sorted(Path(spec.spatial_dir).iterdir()):
                 if path.is_file() and not path.name.startswith("."):
                     self._put_input(f"{prefix}/spatial/{_safe(path.name)}", path)
@@ -694,6 +702,11 @@ class AnnotationRepository:
         # transaction itself is a handful of prebuilt Core statements
         meta = self._project_meta(project_id)
         dataset = self._dataset_ref(project_id, dataset_id)
+        if dataset.removed:
+            raise FailedPrecondition(
+                f"dataset_id: {dataset_id!r} was removed from project {project_id!r} (RemoveDataset); "
+                "its labels are kept but it takes no new ones"
+            )
         if any(item.label not in meta.classes for item in labels.values()):
             meta = self._project_meta(project_id, refresh=True)  # added by another call?
         classes = meta.classes
@@ -873,7 +886,7 @@ class AnnotationRepository:
                         select(m.Spot.barcode, m.Spot.id).where(m.Spot.dataset_pk == dataset.id)
                     ).all()
                 )
-            ref = _DatasetRef(pk=dataset.id, spots=spots)
+            ref = _DatasetRef(pk=dataset.id, spots=spots, removed=dataset.removed_at is not None)
             self._dataset_cache[key] = ref
             while len(self._dataset_cache) > _DATASET_CACHE:
                 self._dataset_cache.popitem(last=False)
@@ -1052,7 +1065,11 @@ class AnnotationRepository:
             return list(
                 s.scalars(
                     select(m.Dataset.embeddings_uri)
-                    .where(m.Dataset.project_id == project_id, m.Dataset.embeddings_uri != "")
+                    .where(
+                        m.Dataset.project_id == project_id,
+                        m.Dataset.embeddings_uri != "",
+                        m.Dataset.removed_at.is_(None),  # RemoveDataset: out of the pool
+                    )
                     .order_by(m.Dataset.dataset_id)
                 )
             )
@@ -1267,7 +1284,7 @@ class AnnotationRepository:
             n_spots = (
                 s.scalar(
                     select(func.coalesce(func.sum(m.Dataset.n_in_tissue), 0)).where(
-                        m.Dataset.project_id == project_id
+                        m.Dataset.project_id == project_id, m.Dataset.removed_at.is_(None)
                     )
                 )
                 or 0
@@ -1432,6 +1449,88 @@ class AnnotationRepository:
             )
 
     # helpers --------------------------------------------------------------------------------
+    # recovery: UpdateProject, RemoveDataset ----------------------------------------------
+    def update_project(
+        self, project_id: str, config: LoopSettings, *, changed_by: str, reason: str = ""
+    ) -> ProjectInfo:
+        """Replace a project's loop config; the next ``labels.committed`` carries it.
+
+        The change is recorded (before, after, who, when, why, from which label version);
+        an unchanged config records nothing.
+
+        Raises:
+            NotFound: no such project.
+            InvalidArgument: a bad config field (named), or a reason over 2000 characters.
+        """
+        config.validate()
+        if len(reason) > 2000:
+            raise InvalidArgument("reason: longer than 2000 characters")
+        with self.db.write() as s:
+            project = self._project(s, project_id, lock=True)
+            before = _settings(project)
+            if before != config:
+                for name, value in config.__dict__.items():
+                    setattr(project, name, value)
+                s.add(
+                    m.ProjectConfigChange(
+                        project_id=project_id,
+                        changed_by=changed_by,
+                        changed_at=_now(),
+                        reason=reason,
+                        before=dict(before.__dict__),
+                        after=dict(config.__dict__),
+                        from_label_version=project.label_version + 1,
+                    )
+                )
+                log.info("project %s: loop config changed by %s: %s", project_id, changed_by,
+                         {k: v for k, v in config.__dict__.items() if before.__dict__[k] != v})
+        self._project_meta_cache.pop(project_id, None)
+        return self.get_project(project_id)
+
+    def config_history(self, project_id: str) -> list[ConfigChange]:
+        """Every UpdateProject change of a project, oldest first."""
+        with self.db.read() as s:
+            self._project(s, project_id)
+            rows = s.scalars(
+                select(m.ProjectConfigChange)
+                .where(m.ProjectConfigChange.project_id == project_id)
+                .order_by(m.ProjectConfigChange.id)
+            ).all()
+            return [
+                ConfigChange(
+                    before=_settings_from_json(r.before),
+                    after=_settings_from_json(r.after),
+                    changed_by=r.changed_by,
+                    changed_at=_utc(r.changed_at),
+                    reason=r.reason,
+                    from_label_version=r.from_label_version,
+                )
+                for r in rows
+            ]
+
+    def remove_dataset(
+        self, project_id: str, dataset_id: str, *, removed_by: str, reason: str = ""
+    ) -> DatasetInfo:
+        """Take a dataset out of the pool (soft): its spots and labels stay in the history.
+
+        Later label batches no longer carry its embeddings, so training, prediction and
+        query sets leave it out; labels for it are refused. Removing it again is a no-op.
+
+        Raises:
+            NotFound: no such project or dataset.
+        """
+        with self.db.write() as s:
+            self._project(s, project_id, lock=True)
+            d = self._dataset(s, project_id, dataset_id)
+            assert d is not None
+            if d.removed_at is None:
+                d.removed_at = _now()
+                d.removed_by = removed_by
+                log.info("project %s: dataset %s removed from the pool by %s (%s)", project_id,
+                         dataset_id, removed_by, reason or "no reason given")
+        self._dataset_cache.pop((project_id, dataset_id), None)
+        return self.get_dataset(project_id, dataset_id)
+
     def _project(self, s: Session, project_id: str, *, lock: bool = False) -> m.Project:
         query = select(m.Project).where(m.Project.id == project_id)
         if lock:
@@ -1516,6 +1615,12 @@ def _settings(project: m.Project) -> LoopSettings:
     )
 
 
+def _settings_from_json(values: Mapping[str, object]) -> LoopSettings:
+    """Settings recorded in the history; fields added since take their defaults."""
+    known = LoopSettings().__dict__
+    return LoopSettings(**{**known, **{k: v for k, v in values.items() if k in known}})  # type: ignore[arg-type]
+
+
 def _dataset_info(d: m.Dataset) -> DatasetInfo:
     return DatasetInfo(
         project_id=d.project_id,
@@ -1528,6 +1633,8 @@ def _dataset_info(d: m.Dataset) -> DatasetInfo:
         expression_uri=d.expression_uri,
         embeddings_uri=d.embeddings_uri,
         registered_at=_utc(d.registered_at),
+        removed_at=_utc(d.removed_at) if d.removed_at is not None else None,
+        removed_by=d.removed_by or "",
     )
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from google.protobuf.message import Message
+
 from histoloop import events
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore
 from histoloop.bus.base import EventBus, Record
@@ -154,12 +156,14 @@ def list_dead_letters(store: ArtifactStore, project: str, stage: str = "") -> li
 
 
 def retry_parked(store: ArtifactStore, bus: EventBus, project: str, stage: str, *,
-                 dataset: str = "", producer: str = "annotation_store") -> list[str]:
+                 dataset: str = "", producer: str = "annotation_store",
+                 config: Message | None = None) -> list[str]:
     """Publish the parked events of ``project`` in ``stage`` again; returns the new event ids.
 
     Each is republished once (a marker records it) under an id derived from the parked
-    one, so its downstream outputs get fresh ids too. Events that do not parse (there is
-    nothing to re-run) are left parked.
+    one, so its downstream outputs get fresh ids too, and with ``config`` (the project's
+    loop config now, so that a fix made with UpdateProject applies). Events that do not
+    parse (there is nothing to re-run) are left parked.
 
     Raises:
         InvalidArgument: ``stage`` is not a stage.
@@ -181,11 +185,15 @@ def retry_parked(store: ArtifactStore, bus: EventBus, project: str, stage: str, 
             continue
         meta.event_id = events.derived_id(letter.event_id, "retry")
         meta.producer = producer
+        if config is not None and "config" in message.DESCRIPTOR.fields_by_name:
+            message.config.CopyFrom(config)  # type: ignore[attr-defined]
         events.publish(bus, message)  # a concurrent retry publishes the same id: consumers dedupe
         try:
             store.put(_retried_key(stage, project, letter.event_id), meta.event_id.encode(),
                       content_type="text/plain")
         except ArtifactExists:
             pass
+        write_state(store, StageRecord(project=project, dataset=meta.dataset, stage=stage, state="pending",
+                                       event_id=meta.event_id, topic=letter.topic))
         republished.append(meta.event_id)
     return republished
