@@ -285,6 +285,8 @@ class BatchResult:
     duplicate: bool
     event_id: str
     n_placeholders: int = 0
+    n_empty: int = 0
+    """Loupe rows with an empty label (spots outside the category): skipped, and said so."""
 
 
 @dataclass(frozen=True)

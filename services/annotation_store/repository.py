@@ -8,6 +8,7 @@ nor announced twice. No transport code here: the servicer maps requests to these
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -73,6 +74,7 @@ from histoloop.errors import (
     InvalidArgument,
     NotFound,
 )
+from histoloop.metrics import LABELS_COMMITTED
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = [
@@ -678,6 +680,7 @@ class AnnotationRepository:
                 continue
             self._known_annotators.add(annotator)
             if result.event_id and not result.duplicate:
+                LABELS_COMMITTED.labels(project=project_id).inc(result.n_labels)
                 self.on_commit()
             return result
         raise FailedPrecondition(
@@ -714,6 +717,14 @@ class AnnotationRepository:
         for item in labels.values():
             if item.label not in classes and item.label not in missing:
                 missing[item.label] = item.row
+        for label, where in missing.items():
+            near = _near_class(label, classes)
+            if near is not None:
+                raise InvalidArgument(
+                    f"{where}: class {label!r} is not in the schema of project {project_id!r}; did you "
+                    f"mean {near!r}? (it differs only in case or spaces; add_missing_classes does not "
+                    "create such near-duplicates)"
+                )
         if missing and not add_missing_classes:
             label, where = next(iter(missing.items()))
             known = ", ".join(classes) or "no classes yet"
@@ -730,6 +741,8 @@ class AnnotationRepository:
             raise InvalidArgument(
                 self._unknown_barcode_message(project_id, dataset_id, unknown, labels)
             )
+        if queryset_id:
+            self._check_queryset_id(project_id, queryset_id)
 
         st = self._statements
         now = _now()
@@ -745,6 +758,7 @@ class AnnotationRepository:
             if row is None:
                 raise NotFound(f"annotator_id: annotator {annotator!r} not found")
             if row.label_version is not None:
+                self._check_same_batch(c, project_id, batch_id, dataset.pk, labels, n_placeholders)
                 return BatchResult(
                     batch_id=batch_id,
                     n_labels=row.n_labels,
@@ -852,6 +866,66 @@ class AnnotationRepository:
             n_placeholders=n_placeholders,
         )
 
+    def _check_queryset_id(self, project_id: str, queryset_id: str) -> None:
+        """Raise NotFound unless ``queryset_id`` is a query set of the project."""
+        with self.db.read() as s:
+            found = s.scalar(
+                select(func.count())
+                .select_from(m.QuerySet)
+                .where(m.QuerySet.project_id == project_id, m.QuerySet.queryset_id == queryset_id)
+            )
+        if not found:
+            raise NotFound(
+                f"queryset_id: {queryset_id!r} is not a query set of project {project_id!r} "
+                "(GetQuerySet/ListQuerySets list them; leave it empty for labels not asked for)"
+            )
+
+    def _check_same_batch(
+        self,
+        c: Connection,
+        project_id: str,
+        batch_id: str,
+        dataset_pk: int,
+        labels: Mapping[str, SpotLabelInput],
+        n_placeholders: int,
+    ) -> None:
+        """A batch id sent again must carry what it carried the first time.
+
+        Raises:
+            AlreadyExists: the batch id was committed with other labels, another dataset or
+                other placeholders (a reused id would otherwise drop the new labels silently).
+        """
+        B, E, S, C = (
+            m.LabelBatch.__table__,
+            m.LabelEvent.__table__,
+            m.Spot.__table__,
+            m.ProjectClass.__table__,
+        )
+        first = c.execute(
+            select(B.c.id, B.c.dataset_pk, B.c.n_placeholders).where(
+                B.c.project_id == project_id, B.c.batch_id == batch_id
+            )
+        ).one()
+        given = c.execute(
+            select(S.c.barcode, C.c.name)
+            .select_from(E.join(S, E.c.spot_id == S.c.id).join(C, E.c.class_id == C.c.id))
+            .where(E.c.batch_pk == first.id)
+        ).all()
+        before = dict((str(b), str(n)) for b, n in given)
+        now = {b: item.label for b, item in labels.items()}
+        if first.dataset_pk != dataset_pk or before != now or first.n_placeholders != n_placeholders:
+            changed = sorted(b for b in set(before) | set(now) if before.get(b) != now.get(b))
+            detail = (
+                f"{len(changed)} spot(s) differ, e.g. {changed[0]!r}: "
+                f"{before.get(changed[0], 'absent')!r} then, {now.get(changed[0], 'absent')!r} now"
+                if changed
+                else "another dataset or other placeholders"
+            )
+            raise AlreadyExists(
+                f"batch_id: {batch_id!r} was committed before with different content ({detail}); "
+                "a batch id is sent again only to retry the same batch — use a new batch_id"
+            )
+
     def _project_meta(self, project_id: str, *, refresh: bool = False) -> _ProjectMeta:
         meta = None if refresh else self._project_meta_cache.get(project_id)
         if meta is None:
@@ -937,7 +1011,10 @@ class AnnotationRepository:
             NotFound: unknown project or dataset.
         """
         parsed = parse_loupe_csv(data)
-        return self.submit_labels(
+        if parsed.n_empty:
+            log.info("Loupe import %s/%s batch %s: %d row(s) with an empty label skipped",
+                     project_id, dataset_id, batch_id, parsed.n_empty)
+        result = self.submit_labels(
             project_id,
             dataset_id,
             batch_id,
@@ -950,6 +1027,7 @@ class AnnotationRepository:
             n_placeholders=len(parsed.placeholders),
             create_annotator=create_annotator,
         )
+        return dataclasses.replace(result, n_empty=parsed.n_empty)
 
     # consensus, exports ---------------------------------------------------------------------
     def _votes(
@@ -1574,6 +1652,12 @@ def _validated_classes(
         seen.add(spec.name)
         specs.append(spec)
     return specs
+
+
+def _near_class(label: str, classes: Iterable[str]) -> str | None:
+    """An existing class ``label`` differs from only in case or spacing, if any."""
+    key = " ".join(label.split()).casefold()
+    return next((c for c in classes if c != label and " ".join(c.split()).casefold() == key), None)
 
 
 def _dedupe(labels: Iterable[SpotLabelInput]) -> dict[str, SpotLabelInput]:

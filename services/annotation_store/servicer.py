@@ -43,7 +43,10 @@ from histoloop.v1 import annotation_store_pb2 as pb
 from histoloop.v1 import annotation_store_pb2_grpc as pb_grpc
 from histoloop.v1 import common_pb2
 
-__all__ = ["AnnotationStoreServicer"]
+__all__ = ["EMPTY_ROWS_HEADER", "AnnotationStoreServicer"]
+
+EMPTY_ROWS_HEADER = "histoloop-empty-rows-skipped"
+"""Trailing metadata of ImportLoupeCsv: how many rows had an empty label (not labels; skipped)."""
 
 _ROLE_FROM_PROTO = {
     pb.ANNOTATOR_ROLE_UNSPECIFIED: None,
@@ -238,6 +241,9 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             queryset_id=request.queryset_id,
             create_annotator=create,
         )
+        if result.n_empty:
+            # accepted and said so: rows outside the category are not labels
+            context.set_trailing_metadata(((EMPTY_ROWS_HEADER, str(result.n_empty)),))
         return _batch(result)
 
     def ExportLabels(

@@ -41,6 +41,7 @@ __all__ = [
     "key_part",
     "latest_states",
     "list_dead_letters",
+    "park_event",
     "read_states",
     "retry_parked",
     "write_state",
@@ -133,6 +134,23 @@ def latest_states(records: Iterable[StageRecord]) -> list[StageRecord]:
 def dead_letter_key(stage: str, project: str, event_id: str) -> str:
     """Where a parked event of ``project`` in ``stage`` is kept."""
     return f"_deadletter/{key_part(stage)}/{key_part(project)}/{key_part(event_id)}.json"
+
+
+def park_event(store: ArtifactStore, stage: str, record: Record, error: str, attempts: int) -> str:
+    """Keep ``record`` as a dead letter of its project (the bus key) in ``stage``; its key.
+
+    Writing it twice (a redelivery) keeps the first.
+    """
+    key = dead_letter_key(stage, record.key, record.event_id)
+    if not store.exists(key):
+        body = json.dumps({"topic": record.topic, "key": record.key, "event_id": record.event_id,
+                           "offset": record.offset, "error": error, "attempts": attempts,
+                           "at_ms": int(time.time() * 1000), "value_hex": record.value.hex()})
+        try:
+            store.put(key, body.encode(), content_type="application/json")
+        except ArtifactExists:
+            pass
+    return key
 
 
 def _retried_key(stage: str, project: str, event_id: str) -> str:

@@ -53,7 +53,7 @@ from histoloop.metrics import (
     STAGE_FAILURES,
 )
 from histoloop.runtime import Handler
-from histoloop.stages import STAGE_OF_GROUP, StageRecord, dead_letter_key, key_part, write_state
+from histoloop.stages import STAGE_OF_GROUP, StageRecord, key_part, park_event, write_state
 
 __all__ = ["EventWorker", "is_transient"]
 
@@ -338,12 +338,7 @@ class EventWorker:
         DEAD_LETTERS.labels(stage=self.stage).inc()
         log.error("worker %s parks event %s (%s, project %s) as a dead letter after %d attempt(s): %s",
                   self.group, record.event_id, record.topic, record.key, attempts, exc)
-        key = dead_letter_key(self.stage, record.key, record.event_id)
-        if not self._store.exists(key):
-            body = json.dumps({"topic": record.topic, "key": record.key, "event_id": record.event_id,
-                               "offset": record.offset, "error": str(exc), "attempts": attempts,
-                               "at_ms": int(time.time() * 1000), "value_hex": record.value.hex()})
-            self._store.put(key, body.encode(), content_type="application/json")
+        park_event(self._store, self.stage, record, str(exc), attempts)
         self._mark_done(record)
 
     # deferred events -------------------------------------------------------------------
