@@ -108,6 +108,8 @@ class EventWorker:
         self._backoff = backoff
         self._max_backoff = max(max_backoff, backoff)
         self._stall_seconds = stall_seconds
+        for metric in (DEAD_LETTERS, STAGE_FAILURES, OLDEST_UNHANDLED):
+            metric.labels(stage=self.stage)  # exported (as 0) from the start: alerts need the series
         self._deferred: dict[str, _Deferred] = {}
         self._in_hand: dict[str, int] = {}
         self._last_progress = time.monotonic()
