@@ -108,8 +108,10 @@ class EventWorker:
         self._backoff = backoff
         self._max_backoff = max(max_backoff, backoff)
         self._stall_seconds = stall_seconds
-        for metric in (DEAD_LETTERS, STAGE_FAILURES, OLDEST_UNHANDLED):
+        for metric in (DEAD_LETTERS, STAGE_FAILURES):
             metric.labels(stage=self.stage)  # exported (as 0) from the start: alerts need the series
+        # computed at each scrape, so a handler that hangs still shows its event ageing
+        OLDEST_UNHANDLED.labels(stage=self.stage).set_function(self.oldest_unhandled_age)
         self._deferred: dict[str, _Deferred] = {}
         self._in_hand: dict[str, int] = {}
         self._last_progress = time.monotonic()
@@ -159,7 +161,6 @@ class EventWorker:
         while not self._stopping():
             if not self._retry_due():
                 break
-            self._report_age()
             try:
                 records = consumer.poll(self._next_due_in())
             except HistoloopError as exc:
@@ -423,10 +424,10 @@ class EventWorker:
             log.warning("worker %s cannot record %s state of event %s: %s", self.group, state,
                         record.event_id, exc)
 
-    def _report_age(self) -> None:
-        now_ms = time.time() * 1000
-        stamps = list(self._in_hand.values()) + [d.record.timestamp_ms for d in self._deferred.values()]
-        OLDEST_UNHANDLED.labels(stage=self.stage).set(max(0.0, (now_ms - min(stamps)) / 1000) if stamps else 0.0)
+    def oldest_unhandled_age(self) -> float:
+        """Seconds since the oldest event this worker holds (in hand or deferred) was published."""
+        stamps = list(self._in_hand.values()) + [d.record.timestamp_ms for d in list(self._deferred.values())]
+        return max(0.0, time.time() - min(stamps) / 1000) if stamps else 0.0
 
     def check_stalled(self) -> None:
         """Readiness: raise Unavailable if an event in hand has not progressed for too long.
