@@ -25,7 +25,12 @@ from histoloop.bus.base import EventBus
 from histoloop.datasets import Predictions, feature_matrix, read_anndata, read_predictions
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 from histoloop.formats.querysets import queryset_key, querysets_prefix
-from histoloop.formats.vocab import DEFAULT_COLD_START, DEFAULT_QUERY_SIZE, DEFAULT_STRATEGY
+from histoloop.formats.vocab import (
+    DEFAULT_COLD_START,
+    DEFAULT_QUERY_SIZE,
+    DEFAULT_STRATEGY,
+    MAX_QUERY_SIZE,
+)
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
 from histoloop.v1 import common_pb2, events_pb2
@@ -255,5 +260,6 @@ def check_query_args(project: str, query_size: int) -> None:
     """Validation shared by the Query RPC."""
     if not project:
         raise InvalidArgument("project_id is required")
-    if query_size < 0 or query_size > 10_000:
-        raise InvalidArgument(f"query_size must be between 0 and 10000, got {query_size}")
+    if query_size < 0 or query_size > MAX_QUERY_SIZE:
+        raise InvalidArgument(
+            f"query_size: {query_size} is not in 1..{MAX_QUERY_SIZE} (0 = the project's own size)")

@@ -15,6 +15,7 @@ from typing import Literal
 
 from histoloop.errors import InvalidArgument
 from histoloop.formats.vocab import (
+    COLD_START_STRATEGIES,
     CONSENSUS_RULES,
     DEFAULT_COLD_START,
     DEFAULT_CONSENSUS,
@@ -25,7 +26,9 @@ from histoloop.formats.vocab import (
     DEFAULT_STRATEGY,
     FEATURE_SETS,
     HEADS,
-    RESAMPLING_MODES,
+    MAX_QUERY_SIZE,
+    RESAMPLING,
+    STRATEGIES,
     ConsensusRule,
 )
 
@@ -39,6 +42,7 @@ __all__ = [
     "AgreementReport",
     "BatchResult",
     "ClassSpec",
+    "ConfigChange",
     "ConsensusRule",
     "DatasetInfo",
     "DatasetKind",
@@ -58,7 +62,7 @@ __all__ = [
 HELP_LABEL = "help"
 """Loupe placeholder marking a spot the model asks about; never a class name."""
 
-RESAMPLING = RESAMPLING_MODES
+# CONSENSUS_RULES, RESAMPLING, HEADS, FEATURE_SETS: the shared vocabulary (histoloop.formats.vocab)
 DatasetKind = Literal["visium", "wsi"]
 LabelSource = Literal["grpc", "loupe_csv", "correction"]
 
@@ -172,13 +176,26 @@ class LoopSettings:
     def validate(self) -> LoopSettings:
         """Check every field; raise :class:`InvalidArgument` naming the first bad one."""
         _name_field("config.strategy", self.strategy)
+        _choice("config.strategy", self.strategy, STRATEGIES)
         _name_field("config.cold_start_strategy", self.cold_start_strategy)
-        if not 1 <= self.query_size <= 100_000:
-            raise InvalidArgument(f"config.query_size: {self.query_size} is not in 1..100000")
+        if self.cold_start_strategy not in COLD_START_STRATEGIES:
+            raise InvalidArgument(
+                f"config.cold_start_strategy: {self.cold_start_strategy!r} is not a strategy that "
+                f"works without a model ({', '.join(COLD_START_STRATEGIES)})"
+            )
+        if not 1 <= self.query_size <= MAX_QUERY_SIZE:
+            raise InvalidArgument(
+                f"config.query_size: {self.query_size} is not in 1..{MAX_QUERY_SIZE}"
+            )
         if not 0 <= self.seed <= _MAX_SEED:
             raise InvalidArgument(f"config.seed: {self.seed} is not in 0..2^63-1")
         _choice("config.head", self.head, HEADS)
         _choice("config.features", self.features, FEATURE_SETS)
+        if self.head == "multimodal" and self.features != "multimodal":
+            raise InvalidArgument(
+                f"config.head: 'multimodal' learns from image and expression together; "
+                f"config.features is {self.features!r} (set it to multimodal, or choose another head)"
+            )
         if not 0 <= self.spatial_neighbours <= 1000:
             raise InvalidArgument(
                 f"config.spatial_neighbours: {self.spatial_neighbours} is not in 0..1000"
@@ -189,8 +206,8 @@ class LoopSettings:
             raise InvalidArgument(
                 f"config.adjudication_share: {self.adjudication_share} is not in [0, 1]"
             )
-        if not self.compactness >= 0.0:
-            raise InvalidArgument(f"config.compactness: {self.compactness} must be >= 0")
+        if not 0.0 <= self.compactness <= 1.0:
+            raise InvalidArgument(f"config.compactness: {self.compactness} is not in [0, 1]")
         if not 0.0 <= self.smoothing <= 1.0:
             raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
         return self
@@ -251,6 +268,9 @@ class DatasetInfo:
     expression_uri: str
     embeddings_uri: str
     registered_at: datetime
+    removed_at: datetime | None = None
+    """Set once RemoveDataset took it out of the pool (its labels stay in the history)."""
+    removed_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -272,6 +292,8 @@ class BatchResult:
     duplicate: bool
     event_id: str
     n_placeholders: int = 0
+    n_empty: int = 0
+    """Loupe rows with an empty label (spots outside the category): skipped, and said so."""
 
 
 @dataclass(frozen=True)
@@ -341,3 +363,16 @@ class AgreementReport:
     n_disputed: int
     disputed: tuple[str, ...]
     reliability: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One UpdateProject change of a project's loop config (the audit history)."""
+
+    before: LoopSettings
+    after: LoopSettings
+    changed_by: str
+    changed_at: datetime
+    reason: str
+    from_label_version: int
+    """The first label version (round) whose ``labels.committed`` carries ``after``."""

@@ -41,6 +41,7 @@ __all__ = [
     "Outbox",
     "Project",
     "ProjectClass",
+    "ProjectConfigChange",
     "QuerySet",
     "QuerySetSpot",
     "Round",
@@ -131,6 +132,9 @@ class Dataset(Base):
     embeddings_uri: Mapped[str] = mapped_column(Text, default="")
     embeddings_event_id: Mapped[str] = mapped_column(String(64), default="")
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """Set by RemoveDataset: out of the pool (soft; its spots and labels stay)."""
+    removed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
 
 class Spot(Base):
@@ -283,3 +287,19 @@ class Outbox(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
+
+
+class ProjectConfigChange(Base):
+    """One UpdateProject call: the loop config before and after, who, when, why (audit)."""
+
+    __tablename__ = "project_config_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    changed_by: Mapped[str] = mapped_column(String(128))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    before: Mapped[dict[str, object]] = mapped_column(JSON)
+    after: Mapped[dict[str, object]] = mapped_column(JSON)
+    from_label_version: Mapped[int] = mapped_column(BigInteger)
+    """The first label version (round) whose ``labels.committed`` carries ``after``."""

@@ -8,6 +8,7 @@ nor announced twice. No transport code here: the servicer maps requests to these
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -43,6 +44,7 @@ from histoloop.annotation_store.domain import (
     AgreementReport,
     BatchResult,
     ClassSpec,
+    ConfigChange,
     DatasetInfo,
     DatasetSpec,
     LoopSettings,
@@ -53,6 +55,7 @@ from histoloop.annotation_store.domain import (
     SpotLabelInput,
     check_id,
 )
+from histoloop.annotation_store.doors import check_spots_on_slide, slide_size
 from histoloop.annotation_store.loupe import (
     DEFAULT_GROUP,
     DEFAULT_PREDICTIONS_GROUP,
@@ -71,6 +74,7 @@ from histoloop.errors import (
     NotFound,
 )
 from histoloop.formats.positions import find_positions_file, parse_positions
+from histoloop.metrics import LABELS_COMMITTED
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = [
@@ -129,6 +133,8 @@ class _DatasetRef:
 
     pk: int
     spots: Mapping[str, int]
+    removed: bool = False
+    """Taken out of the pool by RemoveDataset (labels for it are refused)."""
 
 
 class _Statements:
@@ -384,6 +390,10 @@ class AnnotationRepository:
                 )
             positions = find_positions_file(spec.spatial_dir)
             rows = list(parse_positions(positions.read_bytes(), source=positions.name))
+            if spec.slide_path and "://" not in spec.slide_path and Path(spec.slide_path).is_file():
+                size = slide_size(spec.slide_path)
+                if size is not None:  # before anything is copied: a refusal stores nothing
+                    check_spots_on_slide(rows, size, scale=spec.slide_scale, source=positions.name)
             for path in sorted(Path(spec.spatial_dir).iterdir()):
                 if path.is_file() and not path.name.startswith("."):
                     self._put_input(f"{prefix}/spatial/{_safe(path.name)}", path)
@@ -670,6 +680,7 @@ class AnnotationRepository:
                 continue
             self._known_annotators.add(annotator)
             if result.event_id and not result.duplicate:
+                LABELS_COMMITTED.labels(project=project_id).inc(result.n_labels)
                 self.on_commit()
             return result
         raise FailedPrecondition(
@@ -694,6 +705,11 @@ class AnnotationRepository:
         # transaction itself is a handful of prebuilt Core statements
         meta = self._project_meta(project_id)
         dataset = self._dataset_ref(project_id, dataset_id)
+        if dataset.removed:
+            raise FailedPrecondition(
+                f"dataset_id: {dataset_id!r} was removed from project {project_id!r} (RemoveDataset); "
+                "its labels are kept but it takes no new ones"
+            )
         if any(item.label not in meta.classes for item in labels.values()):
             meta = self._project_meta(project_id, refresh=True)  # added by another call?
         classes = meta.classes
@@ -701,6 +717,14 @@ class AnnotationRepository:
         for item in labels.values():
             if item.label not in classes and item.label not in missing:
                 missing[item.label] = item.row
+        for label, where in missing.items():
+            near = _near_class(label, classes)
+            if near is not None:
+                raise InvalidArgument(
+                    f"{where}: class {label!r} is not in the schema of project {project_id!r}; did you "
+                    f"mean {near!r}? (it differs only in case or spaces; add_missing_classes does not "
+                    "create such near-duplicates)"
+                )
         if missing and not add_missing_classes:
             label, where = next(iter(missing.items()))
             known = ", ".join(classes) or "no classes yet"
@@ -717,6 +741,8 @@ class AnnotationRepository:
             raise InvalidArgument(
                 self._unknown_barcode_message(project_id, dataset_id, unknown, labels)
             )
+        if queryset_id:
+            self._check_queryset_id(project_id, queryset_id)
 
         st = self._statements
         now = _now()
@@ -732,6 +758,7 @@ class AnnotationRepository:
             if row is None:
                 raise NotFound(f"annotator_id: annotator {annotator!r} not found")
             if row.label_version is not None:
+                self._check_same_batch(c, project_id, batch_id, dataset.pk, labels, n_placeholders)
                 return BatchResult(
                     batch_id=batch_id,
                     n_labels=row.n_labels,
@@ -839,6 +866,66 @@ class AnnotationRepository:
             n_placeholders=n_placeholders,
         )
 
+    def _check_queryset_id(self, project_id: str, queryset_id: str) -> None:
+        """Raise NotFound unless ``queryset_id`` is a query set of the project."""
+        with self.db.read() as s:
+            found = s.scalar(
+                select(func.count())
+                .select_from(m.QuerySet)
+                .where(m.QuerySet.project_id == project_id, m.QuerySet.queryset_id == queryset_id)
+            )
+        if not found:
+            raise NotFound(
+                f"queryset_id: {queryset_id!r} is not a query set of project {project_id!r} "
+                "(GetQuerySet/ListQuerySets list them; leave it empty for labels not asked for)"
+            )
+
+    def _check_same_batch(
+        self,
+        c: Connection,
+        project_id: str,
+        batch_id: str,
+        dataset_pk: int,
+        labels: Mapping[str, SpotLabelInput],
+        n_placeholders: int,
+    ) -> None:
+        """A batch id sent again must carry what it carried the first time.
+
+        Raises:
+            AlreadyExists: the batch id was committed with other labels, another dataset or
+                other placeholders (a reused id would otherwise drop the new labels silently).
+        """
+        B, E, S, C = (
+            m.LabelBatch.__table__,
+            m.LabelEvent.__table__,
+            m.Spot.__table__,
+            m.ProjectClass.__table__,
+        )
+        first = c.execute(
+            select(B.c.id, B.c.dataset_pk, B.c.n_placeholders).where(
+                B.c.project_id == project_id, B.c.batch_id == batch_id
+            )
+        ).one()
+        given = c.execute(
+            select(S.c.barcode, C.c.name)
+            .select_from(E.join(S, E.c.spot_id == S.c.id).join(C, E.c.class_id == C.c.id))
+            .where(E.c.batch_pk == first.id)
+        ).all()
+        before = dict((str(b), str(n)) for b, n in given)
+        now = {b: item.label for b, item in labels.items()}
+        if first.dataset_pk != dataset_pk or before != now or first.n_placeholders != n_placeholders:
+            changed = sorted(b for b in set(before) | set(now) if before.get(b) != now.get(b))
+            detail = (
+                f"{len(changed)} spot(s) differ, e.g. {changed[0]!r}: "
+                f"{before.get(changed[0], 'absent')!r} then, {now.get(changed[0], 'absent')!r} now"
+                if changed
+                else "another dataset or other placeholders"
+            )
+            raise AlreadyExists(
+                f"batch_id: {batch_id!r} was committed before with different content ({detail}); "
+                "a batch id is sent again only to retry the same batch — use a new batch_id"
+            )
+
     def _project_meta(self, project_id: str, *, refresh: bool = False) -> _ProjectMeta:
         meta = None if refresh else self._project_meta_cache.get(project_id)
         if meta is None:
@@ -873,7 +960,7 @@ class AnnotationRepository:
                         select(m.Spot.barcode, m.Spot.id).where(m.Spot.dataset_pk == dataset.id)
                     ).all()
                 )
-            ref = _DatasetRef(pk=dataset.id, spots=spots)
+            ref = _DatasetRef(pk=dataset.id, spots=spots, removed=dataset.removed_at is not None)
             self._dataset_cache[key] = ref
             while len(self._dataset_cache) > _DATASET_CACHE:
                 self._dataset_cache.popitem(last=False)
@@ -924,7 +1011,10 @@ class AnnotationRepository:
             NotFound: unknown project or dataset.
         """
         parsed = parse_loupe_csv(data)
-        return self.submit_labels(
+        if parsed.n_empty:
+            log.info("Loupe import %s/%s batch %s: %d row(s) with an empty label skipped",
+                     project_id, dataset_id, batch_id, parsed.n_empty)
+        result = self.submit_labels(
             project_id,
             dataset_id,
             batch_id,
@@ -937,6 +1027,7 @@ class AnnotationRepository:
             n_placeholders=len(parsed.placeholders),
             create_annotator=create_annotator,
         )
+        return dataclasses.replace(result, n_empty=parsed.n_empty)
 
     # consensus, exports ---------------------------------------------------------------------
     def _votes(
@@ -1052,7 +1143,11 @@ class AnnotationRepository:
             return list(
                 s.scalars(
                     select(m.Dataset.embeddings_uri)
-                    .where(m.Dataset.project_id == project_id, m.Dataset.embeddings_uri != "")
+                    .where(
+                        m.Dataset.project_id == project_id,
+                        m.Dataset.embeddings_uri != "",
+                        m.Dataset.removed_at.is_(None),  # RemoveDataset: out of the pool
+                    )
                     .order_by(m.Dataset.dataset_id)
                 )
             )
@@ -1267,7 +1362,7 @@ class AnnotationRepository:
             n_spots = (
                 s.scalar(
                     select(func.coalesce(func.sum(m.Dataset.n_in_tissue), 0)).where(
-                        m.Dataset.project_id == project_id
+                        m.Dataset.project_id == project_id, m.Dataset.removed_at.is_(None)
                     )
                 )
                 or 0
@@ -1432,6 +1527,88 @@ class AnnotationRepository:
             )
 
     # helpers --------------------------------------------------------------------------------
+    # recovery: UpdateProject, RemoveDataset ----------------------------------------------
+    def update_project(
+        self, project_id: str, config: LoopSettings, *, changed_by: str, reason: str = ""
+    ) -> ProjectInfo:
+        """Replace a project's loop config; the next ``labels.committed`` carries it.
+
+        The change is recorded (before, after, who, when, why, from which label version);
+        an unchanged config records nothing.
+
+        Raises:
+            NotFound: no such project.
+            InvalidArgument: a bad config field (named), or a reason over 2000 characters.
+        """
+        config.validate()
+        if len(reason) > 2000:
+            raise InvalidArgument("reason: longer than 2000 characters")
+        with self.db.write() as s:
+            project = self._project(s, project_id, lock=True)
+            before = _settings(project)
+            if before != config:
+                for name, value in config.__dict__.items():
+                    setattr(project, name, value)
+                s.add(
+                    m.ProjectConfigChange(
+                        project_id=project_id,
+                        changed_by=changed_by,
+                        changed_at=_now(),
+                        reason=reason,
+                        before=dict(before.__dict__),
+                        after=dict(config.__dict__),
+                        from_label_version=project.label_version + 1,
+                    )
+                )
+                log.info("project %s: loop config changed by %s: %s", project_id, changed_by,
+                         {k: v for k, v in config.__dict__.items() if before.__dict__[k] != v})
+        self._project_meta_cache.pop(project_id, None)
+        return self.get_project(project_id)
+
+    def config_history(self, project_id: str) -> list[ConfigChange]:
+        """Every UpdateProject change of a project, oldest first."""
+        with self.db.read() as s:
+            self._project(s, project_id)
+            rows = s.scalars(
+                select(m.ProjectConfigChange)
+                .where(m.ProjectConfigChange.project_id == project_id)
+                .order_by(m.ProjectConfigChange.id)
+            ).all()
+            return [
+                ConfigChange(
+                    before=_settings_from_json(r.before),
+                    after=_settings_from_json(r.after),
+                    changed_by=r.changed_by,
+                    changed_at=_utc(r.changed_at),
+                    reason=r.reason,
+                    from_label_version=r.from_label_version,
+                )
+                for r in rows
+            ]
+
+    def remove_dataset(
+        self, project_id: str, dataset_id: str, *, removed_by: str, reason: str = ""
+    ) -> DatasetInfo:
+        """Take a dataset out of the pool (soft): its spots and labels stay in the history.
+
+        Later label batches no longer carry its embeddings, so training, prediction and
+        query sets leave it out; labels for it are refused. Removing it again is a no-op.
+
+        Raises:
+            NotFound: no such project or dataset.
+        """
+        with self.db.write() as s:
+            self._project(s, project_id, lock=True)
+            d = self._dataset(s, project_id, dataset_id)
+            assert d is not None
+            if d.removed_at is None:
+                d.removed_at = _now()
+                d.removed_by = removed_by
+                log.info("project %s: dataset %s removed from the pool by %s (%s)", project_id,
+                         dataset_id, removed_by, reason or "no reason given")
+        self._dataset_cache.pop((project_id, dataset_id), None)
+        return self.get_dataset(project_id, dataset_id)
+
     def _project(self, s: Session, project_id: str, *, lock: bool = False) -> m.Project:
         query = select(m.Project).where(m.Project.id == project_id)
         if lock:
@@ -1477,6 +1654,12 @@ def _validated_classes(
     return specs
 
 
+def _near_class(label: str, classes: Iterable[str]) -> str | None:
+    """An existing class ``label`` differs from only in case or spacing, if any."""
+    key = " ".join(label.split()).casefold()
+    return next((c for c in classes if c != label and " ".join(c.split()).casefold() == key), None)
+
+
 def _dedupe(labels: Iterable[SpotLabelInput]) -> dict[str, SpotLabelInput]:
     """Barcode → label of a batch; the same label twice is fine, two different ones are not."""
     unique: dict[str, SpotLabelInput] = {}
@@ -1516,6 +1699,12 @@ def _settings(project: m.Project) -> LoopSettings:
     )
 
 
+def _settings_from_json(values: Mapping[str, object]) -> LoopSettings:
+    """Settings recorded in the history; fields added since take their defaults."""
+    known = LoopSettings().__dict__
+    return LoopSettings(**{**known, **{k: v for k, v in values.items() if k in known}})  # type: ignore[arg-type]
+
+
 def _dataset_info(d: m.Dataset) -> DatasetInfo:
     return DatasetInfo(
         project_id=d.project_id,
@@ -1528,6 +1717,8 @@ def _dataset_info(d: m.Dataset) -> DatasetInfo:
         expression_uri=d.expression_uri,
         embeddings_uri=d.embeddings_uri,
         registered_at=_utc(d.registered_at),
+        removed_at=_utc(d.removed_at) if d.removed_at is not None else None,
+        removed_by=d.removed_by or "",
     )
 
 

@@ -20,6 +20,7 @@ from histoloop.annotation_store.access import AnnotatorTokenResolver
 from histoloop.annotation_store.convert import query_set_from_event
 from histoloop.annotation_store.db import Database, migrate
 from histoloop.annotation_store.outbox import OutboxRelay
+from histoloop.annotation_store.recovery import Recovery
 from histoloop.annotation_store.repository import AnnotationRepository, PredictionsLoader
 from histoloop.annotation_store.servicer import AnnotationStoreServicer
 from histoloop.annotation_store.watch import QuerySetHub
@@ -138,7 +139,11 @@ def build(
     repo.on_commit = relay.notify  # a commit with an outbox row wakes the relay at once
     resolver = AnnotatorTokenResolver(repo)
     servicer = AnnotationStoreServicer(
-        repo, hub, runtime.stopping, on_annotators_changed=resolver.clear
+        repo,
+        hub,
+        runtime.stopping,
+        on_annotators_changed=resolver.clear,
+        recovery=Recovery(repo, runtime.bus),
     )
     handlers = EventHandlers(repo, hub)
 

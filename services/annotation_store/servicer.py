@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from histoloop.annotation_store.convert import (
     loop_settings_from_proto,
@@ -23,22 +24,29 @@ from histoloop.annotation_store.convert import (
 from histoloop.annotation_store.domain import (
     BatchResult,
     ClassSpec,
+    ConfigChange,
     DatasetInfo,
     DatasetSpec,
     ProjectInfo,
     QuerySetRecord,
     SpotLabelInput,
 )
+from histoloop.annotation_store.doors import check_feeds_features
 from histoloop.annotation_store.loupe import check_upload_size
+from histoloop.annotation_store.recovery import Recovery, merge_config
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.annotation_store.watch import QuerySetHub
 from histoloop.auth import Identity, current_identity, require_project
 from histoloop.errors import InvalidArgument, PermissionDenied
+from histoloop.stages import DeadLetter, StageRecord
 from histoloop.v1 import annotation_store_pb2 as pb
 from histoloop.v1 import annotation_store_pb2_grpc as pb_grpc
 from histoloop.v1 import common_pb2
 
-__all__ = ["AnnotationStoreServicer"]
+__all__ = ["EMPTY_ROWS_HEADER", "AnnotationStoreServicer"]
+
+EMPTY_ROWS_HEADER = "histoloop-empty-rows-skipped"
+"""Trailing metadata of ImportLoupeCsv: how many rows had an empty label (not labels; skipped)."""
 
 _ROLE_FROM_PROTO = {
     pb.ANNOTATOR_ROLE_UNSPECIFIED: None,
@@ -83,6 +91,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         stopping: threading.Event,
         *,
         on_annotators_changed: Callable[[], None] = lambda: None,
+        recovery: Recovery | None = None,
     ) -> None:
         """Create the servicer.
 
@@ -91,11 +100,13 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             hub: wakes WatchQuerySets streams.
             stopping: set when the server shuts down (streams end).
             on_annotators_changed: called after RegisterAnnotator (clears the token cache).
+            recovery: stage states and RetryStage (default: read-only, no bus to republish on).
         """
         self._repo = repo
         self._hub = hub
         self._stopping = stopping
         self._on_annotators_changed = on_annotators_changed
+        self._recovery = recovery or Recovery(repo, None)
 
     # projects -----------------------------------------------------------------------------
     def CreateProject(
@@ -144,6 +155,9 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             kind = "visium" if request.spatial_dir or not request.slide_path else "wsi"
         else:
             raise InvalidArgument(f"kind: unknown value {request.kind}")
+        check_feeds_features(features=self._repo.get_project(request.project_id).config.features,
+                             kind=kind, slide_path=request.slide_path,
+                             expression_path=request.expression_path)
         info = self._repo.register_dataset(
             DatasetSpec(
                 project_id=request.project_id,
@@ -227,6 +241,9 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             queryset_id=request.queryset_id,
             create_annotator=create,
         )
+        if result.n_empty:
+            # accepted and said so: rows outside the category are not labels
+            context.set_trailing_metadata(((EMPTY_ROWS_HEADER, str(result.n_empty)),))
         return _batch(result)
 
     def ExportLabels(
@@ -318,7 +335,53 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         )
         message_from_json(st.latest_metrics, reply.latest_metrics)
         message_from_json(st.stopping, reply.stopping)
+        reply.stages.extend(_stage_state(r) for r in self._recovery.stages(request.project_id))
+        parked = self._recovery.parked(request.project_id)
+        reply.n_parked = len(parked)
+        reply.parked.extend(_parked_event(d) for d in parked)
+        reply.config_history.extend(
+            _config_change(c) for c in self._repo.config_history(request.project_id)
+        )
         return reply
+
+    # recovery --------------------------------------------------------------------------------
+    def UpdateProject(
+        self, request: pb.UpdateProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        """Change a project's loop config (admin); the next round uses it, the history keeps it."""
+        identity = require_project(request.project_id)
+        _require_role(identity, ("admin",), "change a project's loop config")
+        current = self._repo.get_project(request.project_id).config
+        config = merge_config(current, request.config, list(request.reset_fields))
+        return _project(
+            self._repo.update_project(
+                request.project_id, config, changed_by=identity.subject, reason=request.reason
+            )
+        )
+
+    def RetryStage(
+        self, request: pb.RetryStageRequest, context: grpc.ServicerContext
+    ) -> pb.RetryStageResponse:
+        """Republish a stage's parked events once their cause is fixed (admin or service)."""
+        identity = require_project(request.project_id)
+        _require_role(identity, ("admin", "service"), "retry a stage")
+        ids = self._recovery.retry(request.project_id, request.stage, request.dataset_id)
+        return pb.RetryStageResponse(event_ids=ids, n_retried=len(ids))
+
+    def RemoveDataset(
+        self, request: pb.RemoveDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.Dataset:
+        """Take a dataset out of the pool (admin); its labels stay in the history."""
+        identity = require_project(request.project_id)
+        _require_role(identity, ("admin",), "remove datasets")
+        return _dataset(
+            self._repo.remove_dataset(
+                request.project_id,
+                request.dataset_id,
+                removed_by=identity.subject,
+                reason=request.reason,
+            )
+        )
 
     def GetAgreement(
         self, request: pb.GetAgreementRequest, context: grpc.ServicerContext
@@ -368,6 +431,59 @@ def _dataset(info: DatasetInfo) -> pb.Dataset:
         spatial_uri_prefix=info.spatial_uri_prefix,
         expression_uri=info.expression_uri,
         embeddings_uri=info.embeddings_uri,
+        removed_at=timestamp(info.removed_at) if info.removed_at is not None else None,
+        removed_by=info.removed_by,
+    )
+
+
+_STAGE_STATUS = {
+    "pending": common_pb2.STAGE_STATUS_PENDING,
+    "running": common_pb2.STAGE_STATUS_RUNNING,
+    "done": common_pb2.STAGE_STATUS_DONE,
+    "failed": common_pb2.STAGE_STATUS_FAILED,
+    "parked": common_pb2.STAGE_STATUS_PARKED,
+}
+
+
+def _ms_timestamp(ms: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def _stage_state(record: StageRecord) -> common_pb2.StageState:
+    return common_pb2.StageState(
+        stage=record.stage,
+        dataset=record.dataset,
+        status=_STAGE_STATUS.get(record.state, common_pb2.STAGE_STATUS_UNSPECIFIED),
+        progress=record.progress,
+        last_error=record.error,
+        updated_at=_ms_timestamp(record.at_ms),
+        event_id=record.event_id,
+        attempts=record.attempts,
+        topic=record.topic,
+    )
+
+
+def _parked_event(letter: DeadLetter) -> pb.ParkedEvent:
+    return pb.ParkedEvent(
+        stage=letter.stage,
+        event_id=letter.event_id,
+        topic=letter.topic,
+        error=letter.error,
+        attempts=letter.attempts,
+        parked_at=_ms_timestamp(letter.at_ms),
+    )
+
+
+def _config_change(change: ConfigChange) -> pb.ConfigChange:
+    return pb.ConfigChange(
+        before=loop_settings_to_proto(change.before),
+        after=loop_settings_to_proto(change.after),
+        changed_by=change.changed_by,
+        changed_at=timestamp(change.changed_at),
+        reason=change.reason,
+        from_label_version=change.from_label_version,
     )
 
 

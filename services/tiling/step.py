@@ -14,12 +14,14 @@ import json
 import logging
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from histoloop import events
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
-from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.errors import FailedPrecondition, HistoloopError, InvalidArgument, NotFound
 from histoloop.progress import ProgressBoard
 from histoloop.tiling._tiling import tile_visium, tile_wsi
 from histoloop.tiling._visium import read_spatial
@@ -100,13 +102,15 @@ class TilingStep:
             def on_progress(done: int, total: int) -> None:
                 self.progress.update(project, dataset, done, total)
 
-            if msg.kind == common_pb2.DATASET_KIND_WSI or spatial_dir is None:
-                tiled = tile_wsi(slide, self.store, prefix + "/wsi", mpp=msg.mpp or None,
-                                 tile_size=msg.tile_size or 224, workers=self.workers, on_progress=on_progress)
-            else:
-                tiled = tile_visium(slide, spatial_dir, self.store, prefix + "/visium",
-                                    context=msg.context or 1.0, scale=msg.slide_scale or 1.0,
-                                    workers=self.workers, on_progress=on_progress)
+            with _naming_the_slide(slide, msg.slide_uri):
+                if msg.kind == common_pb2.DATASET_KIND_WSI or spatial_dir is None:
+                    tiled = tile_wsi(slide, self.store, prefix + "/wsi", mpp=msg.mpp or None,
+                                     tile_size=msg.tile_size or 224, workers=self.workers,
+                                     on_progress=on_progress)
+                else:
+                    tiled = tile_visium(slide, spatial_dir, self.store, prefix + "/visium",
+                                        context=msg.context or 1.0, scale=msg.slide_scale or 1.0,
+                                        workers=self.workers, on_progress=on_progress)
             for warning in tiled.warnings:
                 log.warning("tiling %s/%s: %s", project, dataset, warning)
             result.update(patches_uri=self.store.uri(tiled.manifest_key), index_uri=self.store.uri(tiled.index_key),
@@ -136,3 +140,24 @@ class TilingStep:
         events.publish(self.bus, message)
         log.info("tiles ready for %s/%s: %d", msg.meta.project, msg.meta.dataset, result["n_tiles"])
 
+
+
+@contextmanager
+def _naming_the_slide(local: Path, slide_uri: str) -> Iterator[None]:
+    """Errors about the slide name the user's file (and its artifact), not the temporary copy.
+
+    A slide that cannot be read is bad input, not an outage: an error that is not already a
+    histoloop error is raised as InvalidArgument, so the event is parked at once (RetryStage
+    re-runs it once the slide is replaced).
+    """
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        if str(local) not in text and local.name not in text:
+            raise
+        name = slide_uri.rsplit("/", 1)[-1]
+        named = text.replace(str(local), name).replace(local.name, name) + f" (slide {slide_uri})"
+        if isinstance(exc, HistoloopError):
+            raise type(exc)(named) from exc
+        raise InvalidArgument(f"slide_path: {named}") from exc

@@ -31,6 +31,7 @@ DLPFC_BARCODES = (
 def create_project(env: GrpcEnv, dlpfc_spatial: Path, **config: object) -> str:
     project = new_project_id()
     md = env.md(env.admin_token)
+    config.setdefault("features", common_pb2.FEATURE_SET_EXPRESSION)  # the sample has counts, no slide
     reply = env.stub.CreateProject(
         pb.CreateProjectRequest(
             project_id=project,
@@ -47,6 +48,7 @@ def create_project(env: GrpcEnv, dlpfc_spatial: Path, **config: object) -> str:
             dataset_id="151510",
             kind=common_pb2.DATASET_KIND_VISIUM,
             spatial_dir=str(dlpfc_spatial),
+            expression_path=str(dlpfc_spatial.parent / "dlpfc151510_500genes.h5ad"),
         ),
         metadata=md,
     )

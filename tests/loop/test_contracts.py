@@ -17,3 +17,17 @@ def test_the_store_accepts_exactly_the_resampling_modes_training_implements() ->
     from histoloop.training.pipeline import ResamplingMode
 
     assert set(STORE_RESAMPLING) == set(typing.get_args(ResamplingMode))
+
+
+def test_the_shared_vocabulary_is_exactly_what_the_services_implement() -> None:
+    """The door (CreateProject/UpdateProject) checks names against histoloop.formats.vocab."""
+    from histoloop.acquisition.strategies import STRATEGIES
+    from histoloop.annotation_store.consensus import IncrementalConsensus
+    from histoloop.formats import vocab
+    from histoloop.training.resampling import RESAMPLING_MODES
+
+    assert dict(vocab.STRATEGY_NEEDS_MODEL) == {n: c.needs_model for n, c in STRATEGIES.items()}
+    assert set(vocab.HEADS) == set(HEADS)
+    assert set(vocab.RESAMPLING) == set(RESAMPLING_MODES)
+    for rule in vocab.CONSENSUS_RULES:
+        IncrementalConsensus(rule)  # raises for a rule the store does not implement

@@ -66,8 +66,10 @@ def test_failing_handler_is_retried_not_dropped(tmp_path: Path) -> None:
 
 
 def test_stop_mid_retry_commits_nothing_and_restart_redelivers(tmp_path: Path) -> None:
+    from histoloop.errors import Unavailable
+
     def always_fails(msg, rec) -> None:
-        raise RuntimeError("down")
+        raise Unavailable("artifact store down")  # transient: retried in place, never committed
 
     worker, bus = _worker(tmp_path, always_fails)
     worker.start()
@@ -134,5 +136,5 @@ def test_event_rejected_as_bad_data_becomes_a_dead_letter(tmp_path: Path) -> Non
     _wait(lambda: seen == [2])  # the partition is not blocked behind the bad event
     worker.stop(5)
     store = LocalArtifactStore(tmp_path / "artifacts")
-    parked = json.loads(store.get(f"_deadletter/training/{bad}.json"))
+    parked = json.loads(store.get(f"_deadletter/training/p/{bad}.json"))
     assert parked["topic"] == events.LABELS_COMMITTED and "schema" in parked["error"]

@@ -40,7 +40,10 @@ def _health(args: argparse.Namespace) -> int:
     from histoloop.channels import make_channel
 
     # TLS (and the client certificate for mutual TLS) from HISTOLOOP_TLS_*; probes need no token
-    with make_channel(args.address, load_settings(), token="") as channel:
+    settings = load_settings()
+    if not args.address:  # the server this machine's settings start
+        args.address = f"{settings.grpc_host}:{settings.grpc_port}"
+    with make_channel(args.address, settings, token="") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -177,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     health = sub.add_parser("health", help="gRPC health check; exit 0 when SERVING")
-    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--address", default="",
+                        help="host:port; default: HISTOLOOP_GRPC_HOST:HISTOLOOP_GRPC_PORT (127.0.0.1:50051)")
     health.add_argument("--service", default="", help="full gRPC service name; empty = whole server")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=_health)

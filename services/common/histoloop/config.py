@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    # failure isolation (see histoloop.worker)
+    max_attempts: int = Field(5, ge=1, le=1000)
+    """Failed attempts at one event (errors other than a dependency outage) before it is
+    parked as a dead letter of its project and stage."""
+    retry_backoff: float = Field(0.5, gt=0, le=3600)
+    """First delay (s) before an event is attempted again; doubled per attempt (at most 30 s)."""
+    stall_seconds: float = Field(900.0, gt=0)
+    """Readiness turns NOT_SERVING for a stage whose event in hand has not progressed this long."""
+
     # event bus
     bus: Literal["embedded", "kafka"] | None = None
     kafka_bootstrap: str | None = None

@@ -21,6 +21,9 @@ __all__ = [
     "TRITON_ERRORS",
     "TRITON_LATENCY",
     "CONSUMER_LAG",
+    "DEAD_LETTERS",
+    "OLDEST_UNHANDLED",
+    "STAGE_FAILURES",
     "EVENTS_CONSUMED",
     "EVENTS_FAILED",
     "EVENTS_PRODUCED",
@@ -57,6 +60,21 @@ CONSUMER_LAG = Gauge(
     "Events on the bus not yet handled by the consumer group, by topic.",
     ["topic", "group"],
 )
+DEAD_LETTERS = Counter(
+    "histoloop_dead_letters_total",
+    "Events parked as dead letters (retries ran out or bad data), by stage; see GetStatus.",
+    ["stage"],
+)
+STAGE_FAILURES = Counter(
+    "histoloop_stage_failures_total",
+    "Failed attempts at an event that were not a dependency outage, by stage.",
+    ["stage"],
+)
+OLDEST_UNHANDLED = Gauge(
+    "histoloop_oldest_unhandled_event_age_seconds",
+    "Age of the oldest event a stage has taken but not finished (in hand or awaiting a retry).",
+    ["stage"],
+)
 ARTIFACT_BYTES = Counter(
     "histoloop_artifact_bytes_total",
     "Bytes moved to (out) and from (in) the artifact store.",
@@ -80,7 +98,7 @@ TRAINING_RUNS = Counter(
 )
 MODEL_METRIC = Gauge(
     "histoloop_model_metric",
-    "Validation metric of a project's latest model (macro_f1, balanced_accuracy, cohen_kappa).",
+    "Validation metric of a project's latest model (metric: macro_f1, balanced_accuracy, kappa).",
     ["project", "metric"],
 )
 EMBEDDED_PATCHES = Counter(

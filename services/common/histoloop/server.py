@@ -117,7 +117,15 @@ class Server:
             self.port = self._grpc.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise HistoloopError(f"cannot bind gRPC port {address}")
-        self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
+        try:
+            # SO_REUSEADDR (prometheus_client's server sets it): a connection left in
+            # TIME_WAIT by the previous run does not block a restart on the same port
+            self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
+        except OSError as exc:
+            self._grpc.stop(0)
+            raise ConfigError(f"HISTOLOOP_METRICS_PORT: cannot listen on {self.settings.grpc_host}:"
+                              f"{self.settings.metrics_port} ({exc.strerror}); another process holds it — "
+                              "stop it or choose another port (0 picks a free one)") from None
         self.metrics_port = self._metrics_server.server_port
         self._grpc.start()
         for parts in self.parts:
@@ -126,7 +134,10 @@ class Server:
             if parts.handlers:
                 worker = EventWorker(group=parts.name, bus=self.runtime.bus, store=self.runtime.store,
                                      handlers=parts.handlers, coalesce=parts.coalesce,
-                                     stopping=self.runtime.stopping)
+                                     stopping=self.runtime.stopping,
+                                     max_attempts=self.settings.max_attempts,
+                                     backoff=self.settings.retry_backoff,
+                                     stall_seconds=self.settings.stall_seconds)
                 worker.start()
                 self.workers.append(worker)
         self._check_health()
@@ -142,9 +153,11 @@ class Server:
 
     def _check_health(self) -> None:
         shared = [self.runtime.bus.ping, self.runtime.store.ping]
+        stalled = {w.group: w.check_stalled for w in self.workers}
         for parts in self.parts:
             ok = True
-            for check in [*shared, *parts.checks]:
+            own = [stalled[parts.name]] if parts.name in stalled else []
+            for check in [*shared, *parts.checks, *own]:
                 try:
                     check()
                 except HistoloopError as exc:

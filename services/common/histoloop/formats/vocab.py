@@ -1,9 +1,11 @@
 """The loop's vocabularies and defaults, stated once.
 
-The annotation store validates a project's ``LoopConfig`` against these names; training
-and acquisition take their defaults from here. A contract test checks that training
-implements exactly :data:`HEADS` and :data:`RESAMPLING_MODES`. Strategy names are not
-listed here: the acquisition registry (``ListStrategies``) owns them.
+One source for the door (the annotation store's ``CreateProject``/``UpdateProject``) and the
+services that implement the names (acquisition strategies, training heads and resampling,
+the store's consensus rules); training and acquisition take their defaults from here.
+Services never import each other, so the names live here; contract tests
+(``tests/loop/test_contracts.py``) check that each service's registry implements exactly
+these names, so the door can never accept a name that fails later.
 
 Defaults follow ActiveVisium: the ``activevisium`` strategy, k-means cold start, 20 spots
 per round, the MLP head on image embeddings, no resampling, ``latest_expert`` consensus.
@@ -11,9 +13,11 @@ per round, the MLP head on image embeddings, no resampling, ``latest_expert`` co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 __all__ = [
+    "COLD_START_STRATEGIES",
     "CONSENSUS_RULES",
     "DEFAULT_COLD_START",
     "DEFAULT_CONSENSUS",
@@ -24,7 +28,11 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "FEATURE_SETS",
     "HEADS",
+    "MAX_QUERY_SIZE",
+    "RESAMPLING",
     "RESAMPLING_MODES",
+    "STRATEGIES",
+    "STRATEGY_NEEDS_MODEL",
     "ConsensusRule",
     "ResamplingMode",
 ]
@@ -36,10 +44,32 @@ HEADS: tuple[str, ...] = ("mlp", "multimodal", "logreg", "ensemble")
 """Classifier heads training implements."""
 RESAMPLING_MODES: tuple[str, ...] = ("off", "offline", "online")
 """Adaptive resampling of the training set: off, once per fit, or every epoch."""
+RESAMPLING = RESAMPLING_MODES
 CONSENSUS_RULES: tuple[str, ...] = ("latest_expert", "majority", "dawid_skene")
 """How several annotators' labels of a spot become one training label."""
 FEATURE_SETS: tuple[str, ...] = ("morphology", "expression", "multimodal")
 """Which embeddings a model trains on (``LoopConfig.features``)."""
+
+STRATEGY_NEEDS_MODEL: Mapping[str, bool] = {
+    "activevisium": True,
+    "bald": True,
+    "coldstart_kmeans": False,
+    "coreset": True,
+    "entropy": True,
+    "hybrid": True,
+    "kmeans": True,
+    "least_confidence": True,
+    "margin": True,
+    "random": False,
+    "typiclust": False,
+}
+"""Acquisition strategy name → whether it needs model predictions (``ListStrategies``)."""
+STRATEGIES: tuple[str, ...] = tuple(sorted(STRATEGY_NEEDS_MODEL))
+"""Names ``config.strategy`` may take (any strategy; the first round uses the cold start)."""
+COLD_START_STRATEGIES: tuple[str, ...] = tuple(n for n in STRATEGIES if not STRATEGY_NEEDS_MODEL[n])
+"""Names ``config.cold_start_strategy`` may take: strategies that need no model."""
+MAX_QUERY_SIZE = 10_000
+"""Largest query set, for a project (``config.query_size``) and a what-if ``Query`` alike."""
 
 DEFAULT_STRATEGY = "activevisium"
 DEFAULT_COLD_START = "coldstart_kmeans"
