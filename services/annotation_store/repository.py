@@ -306,6 +306,24 @@ class AnnotationRepository:
                 label_version=project.label_version,
             )
 
+    def list_projects(self, only: Iterable[str] | None = None) -> list[ProjectInfo]:
+        """Every project (``only``: just these ids, e.g. an annotator's memberships), by id."""
+        with self.db.read() as s:
+            query = select(m.Project.id).order_by(m.Project.id)
+            if only is not None:
+                query = query.where(m.Project.id.in_(list(only)))
+            ids = list(s.scalars(query))
+        return [self.get_project(project_id) for project_id in ids]
+
+    def list_datasets(self, project_id: str) -> list[DatasetInfo]:
+        """A project's datasets in registration order. Raises :class:`NotFound`."""
+        with self.db.read() as s:
+            self._project(s, project_id)
+            rows = s.scalars(
+                select(m.Dataset).where(m.Dataset.project_id == project_id).order_by(m.Dataset.id)
+            ).all()
+            return [_dataset_info(d) for d in rows]
+
     def add_classes(self, project_id: str, classes: Sequence[ClassSpec]) -> ProjectInfo:
         """Append classes to the schema; names already there (same colour) are kept as they are.
 
@@ -739,8 +757,10 @@ class AnnotationRepository:
             NotFound: the project, dataset or (on-behalf) annotator does not exist.
         """
         check_id(batch_id, "batch_id")
-        if source not in ("grpc", "loupe_csv", "correction"):
-            raise InvalidArgument(f"source: {source!r} is not grpc, loupe_csv or correction")
+        if source not in ("grpc", "loupe_csv", "correction", "geojson"):
+            raise InvalidArgument(
+                f"source: {source!r} is not grpc, loupe_csv, correction or geojson"
+            )
         if not labels and not n_placeholders:
             raise InvalidArgument("labels: the batch is empty")
         if len(labels) > MAX_LABELS_PER_BATCH:

@@ -36,10 +36,8 @@ def test_a_wsi_loop_runs_on_its_tiles(server, store, shared_data) -> None:
         assert unit.shape == "square" and unit.size == 224
         assert 0 <= unit.x - unit.size / 2 and unit.x + unit.size / 2 <= width
         assert 0 <= unit.y - unit.size / 2 and unit.y + unit.size / 2 <= height
-    dataset = store.ListDatasets(pb.ListDatasetsRequest(project_id="wsi-a")).datasets[0] \
-        if hasattr(pb, "ListDatasetsRequest") else None
-    if dataset is not None:
-        assert dataset.n_spots == len(layout.units)
+    dataset = store.ListDatasets(pb.ListDatasetsRequest(project_id="wsi-a")).datasets[0]
+    assert dataset.n_spots == dataset.n_in_tissue == len(layout.units)
 
     labels = [pb.SpotLabel(barcode=s.barcode, label=CLASSES[i % 3]) for i, s in enumerate(cold.spots)]
     reply = store.SubmitLabels(pb.SubmitLabelsRequest(
@@ -68,3 +66,40 @@ def test_a_bad_tile_index_names_row_and_field() -> None:
         parse_tile_index(b"id,cx,cy,size0\nr0_c1,1,1,224\ntile,1,1,1\n", source="idx.csv")
     with pytest.raises(InvalidArgument, match="lacks column"):
         parse_tile_index(b"id,cx\n", source="idx.csv")
+
+
+def test_geojson_round_trip_and_query_picture_on_tiles(server, store, shared_data) -> None:
+    """Labels exported as QuPath GeoJSON import back as the same labels; the query is a PNG."""
+    import io
+    import json
+
+    from PIL import Image
+
+    export = store.ExportLabels(pb.ExportLabelsRequest(
+        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_LABELS, format=pb.EXPORT_FORMAT_GEOJSON))
+    doc = json.loads(export.content)
+    assert export.media_type == "application/geo+json" and export.filename.endswith(".geojson")
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == export.n_rows == 6
+    feature = doc["features"][0]
+    assert feature["properties"]["objectType"] == "annotation"
+    assert set(feature["properties"]["classification"]) == {"name", "color"}
+    ring = feature["geometry"]["coordinates"][0]
+    assert len(ring) == 5 and ring[0] == ring[-1]  # a closed square
+    before = store.ExportLabels(pb.ExportLabelsRequest(project_id="wsi-a", dataset_id="cmu")).csv
+    again = store.ImportGeoJson(pb.ImportGeoJsonRequest(
+        project_id="wsi-a", dataset_id="cmu", batch_id="geo-back", geojson=export.content))
+    assert again.n_labels == 6
+    assert store.ExportLabels(pb.ExportLabelsRequest(project_id="wsi-a", dataset_id="cmu")).csv == before
+
+    query = store.ExportLabels(pb.ExportLabelsRequest(
+        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_QUERY_SET, format=pb.EXPORT_FORMAT_GEOJSON))
+    features = json.loads(query.content)["features"]
+    assert [f["properties"]["measurements"]["query_rank"] for f in features] == list(range(1, 7))
+    assert {f["properties"]["classification"]["name"] for f in features} == {"help"}
+    png = store.ExportLabels(pb.ExportLabelsRequest(
+        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_QUERY_SET, format=pb.EXPORT_FORMAT_PNG))
+    image = Image.open(io.BytesIO(png.content))
+    assert png.media_type == "image/png" and png.n_rows == 6 and max(image.size) >= 1000
+    predictions = store.ExportLabels(pb.ExportLabelsRequest(
+        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_PREDICTIONS, format=pb.EXPORT_FORMAT_GEOJSON))
+    assert {f["properties"]["objectType"] for f in json.loads(predictions.content)["features"]} == {"detection"}
