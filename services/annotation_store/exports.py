@@ -141,7 +141,7 @@ def geojson_labels(
         NotFound: the project or dataset.
     """
     layout = repo.unit_layout(project_id, dataset_id)
-    frame = slide_view(layout, repo.artifacts).size
+    frame = slide_view(layout, repo.artifacts, image=False).size
     parsed = parse_geojson(data, layout.units, frame=frame)
     if not parsed.labels and not parsed.placeholders:
         raise InvalidArgument(

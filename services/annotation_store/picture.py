@@ -58,7 +58,7 @@ def _lowres(layout: UnitLayout, store: ArtifactStore) -> SlideView | None:
     return SlideView(image, ds, (image.width * ds, image.height * ds))
 
 
-def _slide(layout: UnitLayout, store: ArtifactStore) -> SlideView:
+def _slide(layout: UnitLayout, store: ArtifactStore, *, image: bool) -> SlideView:
     import openslide
 
     key = store.key_from_uri(layout.slide_uri)
@@ -67,23 +67,31 @@ def _slide(layout: UnitLayout, store: ArtifactStore) -> SlideView:
         try:
             with openslide.OpenSlide(str(path)) as slide:
                 width, height = slide.dimensions
-                image = slide.get_thumbnail((_THUMB, _THUMB)).convert("RGB")
+                thumb = slide.get_thumbnail((_THUMB, _THUMB)).convert("RGB") if image else None
         except openslide.OpenSlideError:
             with Image.open(path) as plain:  # a plain PNG/JPEG/TIFF slide
                 width, height = plain.size
-                plain.thumbnail((_THUMB, _THUMB))
-                image = plain.convert("RGB")
-    return SlideView(image, width / image.width, (float(width), float(height)))
+                if image:
+                    plain.thumbnail((_THUMB, _THUMB))
+                thumb = plain.convert("RGB") if image else None
+    ds = width / thumb.width if thumb is not None else 1.0
+    return SlideView(thumb, ds, (float(width), float(height)))
 
 
-def slide_view(layout: UnitLayout, store: ArtifactStore) -> SlideView:
-    """The image to draw a dataset's units on (see the module docstring)."""
+def slide_view(layout: UnitLayout, store: ArtifactStore, *, image: bool = True) -> SlideView:
+    """The image to draw a dataset's units on (see the module docstring).
+
+    Args:
+        layout: the dataset's units and inputs.
+        store: the artifact store holding the inputs.
+        image: False when only the slide's size is wanted (no thumbnail is made).
+    """
     if layout.spatial_uri_prefix:
         view = _lowres(layout, store)
         if view is not None:
             return view
     if layout.slide_uri:
-        return _slide(layout, store)
+        return _slide(layout, store, image=image)
     return SlideView(None, 1.0, None)
 
 
