@@ -102,6 +102,17 @@ def test_visium_round_trip_with_loupe_files(cli: Cli, visium: str, shared_data: 
     cli("export", "dl", "151510", "queryset", "--format", "png", "-o", str(png))
     assert Image.open(png).format == "PNG"
 
+    # spots as QuPath circles at their true diameter; the GeoJSON round-trips to the same labels
+    geo = tmp_path / "labels.geojson"
+    cli("export", "dl", "151510", "labels", "--format", "geojson", "-o", str(geo))
+    features = json.loads(geo.read_text())["features"]
+    factors = json.loads((shared_data / "dlpfc" / "151510" / "spatial" / "scalefactors_json.json").read_text())
+    xs = [x for x, _y in features[0]["geometry"]["coordinates"][0]]
+    assert max(xs) - min(xs) == pytest.approx(factors["spot_diameter_fullres"], rel=0.01)
+    cli("labels", "import", "dl", "151510", str(geo), "--batch-id", "geo-back")
+    cli("export", "dl", "151510", "labels", "-o", str(tmp_path / "after-geo.csv"))
+    assert (tmp_path / "after-geo.csv").read_bytes() == before
+
 
 def test_wsi_round_trip_with_qupath_geojson(cli: Cli, wsi: str, tmp_path: Path) -> None:
     cli("export", "wsi", "cmu", "queryset", "--format", "geojson", cwd=tmp_path)

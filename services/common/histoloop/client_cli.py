@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -459,7 +459,8 @@ def _status(args: argparse.Namespace, client: _Client) -> int:
     return EXIT_OK
 
 
-def _stream(client: _Client, project: str, include_latest: bool) -> Iterator[Message]:
+def _stream(client: _Client, project: str, include_latest: bool) -> Any:
+    """The WatchQuerySets call: an iterator of query sets that can be cancelled."""
     rpc = client.stub.WatchQuerySets
     return rpc(_pb().WatchQuerySetsRequest(project_id=project, include_latest=include_latest))
 
