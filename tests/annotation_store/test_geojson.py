@@ -8,7 +8,12 @@ import math
 import pytest
 from shapely.geometry import shape
 
-from histoloop.annotation_store.geojson import CIRCLE_VERTICES, GeoFeature, feature_collection, parse_geojson
+from histoloop.annotation_store.geojson import (
+    CIRCLE_VERTICES,
+    GeoFeature,
+    feature_collection,
+    parse_geojson,
+)
 from histoloop.annotation_store.units import Unit
 from histoloop.errors import InvalidArgument
 
