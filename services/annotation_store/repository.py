@@ -839,6 +839,10 @@ class AnnotationRepository:
             for i, (label, where) in enumerate(missing.items())
         ]
         unknown = [b for b in labels if b not in dataset.spots]
+        if unknown:  # a WSI's tiles may have arrived (tiles.ready) since the units were cached
+            self._dataset_cache.pop((project_id, dataset_id), None)
+            dataset = self._dataset_ref(project_id, dataset_id)
+            unknown = [b for b in labels if b not in dataset.spots]
         if unknown:
             raise InvalidArgument(
                 self._unknown_barcode_message(project_id, dataset_id, unknown, labels)

@@ -5,6 +5,9 @@ one as QuPath GeoJSON) → a model, predictions and a new query set, by themselv
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from histoloop.v1 import annotation_store_pb2 as pb
@@ -60,3 +63,31 @@ def test_wsi_tiles_loop_over_six_processes(stack: Stack, slide: Path) -> None:
         project_id=project, dataset_id="cmu", kind=pb.EXPORT_KIND_QUERY_SET, format=pb.EXPORT_FORMAT_PNG),
         timeout=60)
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(stack: Stack, *args: str, tls: bool = True, token: str | None = None, rc: int = 0) -> str:
+    """``histoloop …`` as a subprocess against the stack's annotation store (TLS flags, token)."""
+    assert stack.tls is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HISTOLOOP_")}
+    flags = ["--server", stack.services["annotation_store"].address, "--token", token or stack.admin_token]
+    if tls:
+        flags += ["--tls-ca", str(stack.tls.ca), "--tls-cert", str(stack.tls.cert), "--tls-key", str(stack.tls.key)]
+    done = subprocess.run([sys.executable, "-m", "histoloop.cli", *args, *flags, "--timeout", "20"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == rc, done.stderr
+    return done.stdout if rc == 0 else done.stderr
+
+
+def test_the_commands_reach_a_tls_server_with_tokens(stack: Stack, slide: Path) -> None:
+    """``--server``, ``--tls-*`` and ``--token`` against the mutual-TLS stack; an annotator's token
+    sees only its projects."""
+    project = "e2e-cli"
+    _cli(stack, "project", "create", project, "--classes", "a,b", "--query-size", "4")
+    assert json.loads(_cli(stack, "project", "show", project, "--json"))["project_id"] == project
+    token = json.loads(_cli(stack, "annotator", "add", "cli-path", "--project", project, "--json"))["token"]
+    mine = json.loads(_cli(stack, "project", "list", "--json", token=token))
+    assert [p["project_id"] for p in mine] == [project]
+    assert "project 'e2e-nope' not found" in _cli(stack, "status", "e2e-nope", rc=1)
+    refused = _cli(stack, "project", "create", "e2e-cli-2", "--classes", "a,b", token=token, rc=1)
+    assert "may not create projects" in refused
+    assert "cannot reach the server" in _cli(stack, "project", "list", tls=False, rc=1)
