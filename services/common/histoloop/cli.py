@@ -1,5 +1,5 @@
 """The ``histoloop`` command: serve, run one service, health probe, migrate, demo, and the
-client commands of :mod:`histoloop.client_cli`."""
+client commands (project, dataset, annotator, labels, export, status, watch, agreement)."""
 
 from __future__ import annotations
 
