@@ -138,7 +138,9 @@ class Dataset(Base):
 
 
 class Spot(Base):
-    """One Visium spot of a dataset (a row of ``tissue_positions*.csv``)."""
+    """One labelled unit of a dataset: a Visium spot (a row of ``tissue_positions*.csv``) or,
+    in a WSI dataset, a tissue tile ``r<row>_c<col>`` (``array_row``/``array_col`` = grid row
+    and column, ``pxl_row``/``pxl_col`` = its centre in level-0 pixels)."""
 
     __tablename__ = "spots"
     __table_args__ = (UniqueConstraint("dataset_pk", "barcode"),)
@@ -151,6 +153,8 @@ class Spot(Base):
     array_col: Mapped[int] = mapped_column(Integer)
     pxl_row: Mapped[float] = mapped_column(Float)
     pxl_col: Mapped[float] = mapped_column(Float)
+    extent: Mapped[float] = mapped_column(Float, server_default="0")
+    """A WSI tile's side in level-0 pixels (its centre is ``pxl_col, pxl_row``); 0 for a spot."""
 
 
 class Annotator(Base):

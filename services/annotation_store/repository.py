@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -65,6 +66,7 @@ from histoloop.annotation_store.loupe import (
     query_set_csv,
 )
 from histoloop.annotation_store.snapshot import snapshot_document, snapshot_key
+from histoloop.annotation_store.units import TileUnit, Unit, UnitLayout
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore, InvalidKey
 from histoloop.auth import Identity, Role, hash_token
 from histoloop.errors import (
@@ -310,6 +312,24 @@ class AnnotationRepository:
                 label_version=project.label_version,
             )
 
+    def list_projects(self, only: Iterable[str] | None = None) -> list[ProjectInfo]:
+        """Every project (``only``: just these ids, e.g. an annotator's memberships), by id."""
+        with self.db.read() as s:
+            query = select(m.Project.id).order_by(m.Project.id)
+            if only is not None:
+                query = query.where(m.Project.id.in_(list(only)))
+            ids = list(s.scalars(query))
+        return [self.get_project(project_id) for project_id in ids]
+
+    def list_datasets(self, project_id: str) -> list[DatasetInfo]:
+        """A project's datasets in registration order. Raises :class:`NotFound`."""
+        with self.db.read() as s:
+            self._project(s, project_id)
+            rows = s.scalars(
+                select(m.Dataset).where(m.Dataset.project_id == project_id).order_by(m.Dataset.id)
+            ).all()
+            return [_dataset_info(d) for d in rows]
+
     def add_classes(self, project_id: str, classes: Sequence[ClassSpec]) -> ProjectInfo:
         """Append classes to the schema; names already there (same colour) are kept as they are.
 
@@ -518,6 +538,110 @@ class AnnotationRepository:
             d.embeddings_event_id = event_id
         return True
 
+    def add_tiles(
+        self, project_id: str, dataset_id: str, tiles: Sequence[TileUnit], *, source: str
+    ) -> int:
+        """Make a WSI dataset's tissue tiles (from ``tiles.ready``) its labelled units.
+
+        Tiles already known keep their row (labels refer to it); new ones are added and the
+        dataset's unit counts updated. Visium datasets (units come from their positions)
+        and unknown datasets are left alone.
+
+        Returns:
+            The number of tiles added.
+        """
+        with self.db.write() as s:
+            if s.get(m.Project, project_id) is None:
+                return 0
+            d = self._dataset(s, project_id, dataset_id, missing_ok=True)
+            if d is None or d.kind != "wsi":
+                return 0
+            held = set(s.scalars(select(m.Spot.barcode).where(m.Spot.dataset_pk == d.id)))
+            new = {t.tile_id: t for t in tiles if t.tile_id not in held}
+            if new:
+                s.execute(
+                    insert(m.Spot.__table__),
+                    [
+                        {
+                            "dataset_pk": d.id,
+                            "barcode": t.tile_id,
+                            "in_tissue": True,
+                            "array_row": t.grid_row,
+                            "array_col": t.grid_col,
+                            "pxl_row": t.cy,
+                            "pxl_col": t.cx,
+                            "extent": t.side,
+                        }
+                        for t in new.values()
+                    ],
+                )
+            d.n_spots = d.n_in_tissue = len(held) + len(new)
+        self._dataset_cache.pop((project_id, dataset_id), None)
+        log.info(
+            "dataset %s/%s: %d new tiles from %s (%d units)",
+            project_id,
+            dataset_id,
+            len(new),
+            source,
+            len(held) + len(new),
+        )
+        return len(new)
+
+    def unit_layout(self, project_id: str, dataset_id: str) -> UnitLayout:
+        """Every unit of a dataset with its centre and size in slide level-0 pixels.
+
+        Raises:
+            NotFound: the project or dataset.
+            FailedPrecondition: a WSI dataset whose tiles are not known yet.
+        """
+        with self.db.read() as s:
+            self._project(s, project_id)
+            d = self._dataset(s, project_id, dataset_id)
+            assert d is not None
+            rows = s.execute(
+                select(
+                    m.Spot.barcode, m.Spot.pxl_col, m.Spot.pxl_row, m.Spot.extent, m.Spot.in_tissue
+                )
+                .where(m.Spot.dataset_pk == d.id)
+                .order_by(m.Spot.id)
+            ).all()
+            kind, scale = d.kind, d.slide_scale or 1.0
+            slide_uri, spatial = d.slide_uri, d.spatial_uri_prefix
+        if kind == "wsi":
+            if not rows:
+                raise FailedPrecondition(
+                    f"dataset {dataset_id!r}: its tiles are not known yet (tiling still running?)"
+                )
+            units = tuple(
+                Unit(b, x, y, size, "square", bool(t)) for b, x, y, size, t in rows
+            )
+        else:
+            diameter = self._spot_diameter(spatial) * scale
+            units = tuple(
+                Unit(b, x * scale, y * scale, diameter, "circle", bool(t))
+                for b, x, y, _size, t in rows
+            )
+        return UnitLayout(
+            project_id=project_id,
+            dataset_id=dataset_id,
+            kind=kind,
+            slide_uri=slide_uri,
+            spatial_uri_prefix=spatial,
+            slide_scale=scale,
+            units=units,
+        )
+
+    def _spot_diameter(self, spatial_uri_prefix: str) -> float:
+        """``spot_diameter_fullres`` from the copied ``scalefactors_json.json``."""
+        key = self.artifacts.key_from_uri(spatial_uri_prefix.rstrip("/")) + "/scalefactors_json.json"
+        try:
+            value = float(json.loads(self.artifacts.get(key))["spot_diameter_fullres"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FailedPrecondition(
+                f"{self.artifacts.uri(key)}: no usable spot_diameter_fullres ({exc})"
+            ) from None
+        return value
+
     # annotators --------------------------------------------------------------------------
     def register_annotator(
         self,
@@ -643,8 +767,10 @@ class AnnotationRepository:
             NotFound: the project, dataset or (on-behalf) annotator does not exist.
         """
         check_id(batch_id, "batch_id")
-        if source not in ("grpc", "loupe_csv", "correction"):
-            raise InvalidArgument(f"source: {source!r} is not grpc, loupe_csv or correction")
+        if source not in ("grpc", "loupe_csv", "correction", "geojson"):
+            raise InvalidArgument(
+                f"source: {source!r} is not grpc, loupe_csv, correction or geojson"
+            )
         if not labels and not n_placeholders:
             raise InvalidArgument("labels: the batch is empty")
         if len(labels) > MAX_LABELS_PER_BATCH:
@@ -737,6 +863,10 @@ class AnnotationRepository:
             for i, (label, where) in enumerate(missing.items())
         ]
         unknown = [b for b in labels if b not in dataset.spots]
+        if unknown:  # a WSI's tiles may have arrived (tiles.ready) since the units were cached
+            self._dataset_cache.pop((project_id, dataset_id), None)
+            dataset = self._dataset_ref(project_id, dataset_id)
+            unknown = [b for b in labels if b not in dataset.spots]
         if unknown:
             raise InvalidArgument(
                 self._unknown_barcode_message(project_id, dataset_id, unknown, labels)

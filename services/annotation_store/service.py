@@ -23,6 +23,7 @@ from histoloop.annotation_store.outbox import OutboxRelay
 from histoloop.annotation_store.recovery import Recovery
 from histoloop.annotation_store.repository import AnnotationRepository, PredictionsLoader
 from histoloop.annotation_store.servicer import AnnotationStoreServicer
+from histoloop.annotation_store.units import parse_tile_index
 from histoloop.annotation_store.watch import QuerySetHub
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.auth import TokenResolver
@@ -76,6 +77,17 @@ class EventHandlers:
                 query_set.project_id,
             )
             self._hub.notify(query_set.project_id)
+
+    def on_tiles_ready(self, message: Message, record: Record) -> None:
+        """A WSI dataset's tissue tiles become its labelled units (the tiling grid is the truth)."""
+        assert isinstance(message, events_pb2.TilesReady)
+        meta = message.meta
+        if not message.index_uri or message.spots_uri:  # Visium: units come from the positions
+            return
+        store = self._repo.artifacts
+        data = store.get(store.key_from_uri(message.index_uri))
+        tiles = parse_tile_index(data, source=message.index_uri)
+        self._repo.add_tiles(meta.project, meta.dataset, tiles, source=message.index_uri)
 
     def on_embeddings_ready(self, message: Message, record: Record) -> None:
         """Remember the dataset's latest embeddings URI (carried by ``labels.committed``)."""
@@ -161,6 +173,7 @@ def build(
         handlers={
             events.QUERYSET_READY: handlers.on_queryset_ready,
             events.EMBEDDINGS_READY: handlers.on_embeddings_ready,
+            events.TILES_READY: handlers.on_tiles_ready,
         },
         checks=[db.ping, relay.check],
         background=[relay],

@@ -9,8 +9,10 @@ paths) an admin or a service.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -32,6 +34,7 @@ from histoloop.annotation_store.domain import (
     SpotLabelInput,
 )
 from histoloop.annotation_store.doors import check_feeds_features
+from histoloop.annotation_store.exports import export_geojson, export_png, geojson_labels
 from histoloop.annotation_store.loupe import check_upload_size
 from histoloop.annotation_store.recovery import Recovery, merge_config
 from histoloop.annotation_store.repository import AnnotationRepository
@@ -68,6 +71,14 @@ _EXPORT_NAMES = {
     pb.EXPORT_KIND_QUERY_SET: "queryset",
     pb.EXPORT_KIND_PREDICTIONS: "predictions",
 }
+_EXPORT_FORMATS = frozenset(
+    {
+        pb.EXPORT_FORMAT_UNSPECIFIED,
+        pb.EXPORT_FORMAT_LOUPE_CSV,
+        pb.EXPORT_FORMAT_GEOJSON,
+        pb.EXPORT_FORMAT_PNG,
+    }
+)
 _WAKE_SECONDS = 0.25
 """How often an idle WatchQuerySets stream checks for shutdown and a cancelled call."""
 _REREAD_SECONDS = 2.0
@@ -223,18 +234,19 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         )
         return _batch(result)
 
-    def ImportLoupeCsv(
-        self, request: pb.ImportLoupeCsvRequest, context: grpc.ServicerContext
+    def _import_file(
+        self,
+        request: pb.ImportLoupeCsvRequest | pb.ImportGeoJsonRequest,
+        context: grpc.ServicerContext,
+        data: bytes,
+        field_name: str,
+        commit: Callable[..., BatchResult],
     ) -> pb.SubmitLabelsResponse:
-        """Import a Loupe category CSV as one label batch (members)."""
+        """Check the caller and the upload, then commit the file's labels as one batch."""
         identity = require_project(request.project_id)
-        check_upload_size(len(request.csv))
+        check_upload_size(len(data), field=field_name)
         annotator, role, create = self._labeller(identity, request.annotator_id)
-        result = self._repo.import_loupe_csv(
-            request.project_id,
-            request.dataset_id,
-            request.batch_id,
-            request.csv,
+        result = commit(
             annotator=annotator,
             annotator_role=role,
             add_missing_classes=request.add_missing_classes,
@@ -246,14 +258,59 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             context.set_trailing_metadata(((EMPTY_ROWS_HEADER, str(result.n_empty)),))
         return _batch(result)
 
+    def ImportLoupeCsv(
+        self, request: pb.ImportLoupeCsvRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitLabelsResponse:
+        """Import a Loupe category CSV as one label batch (members)."""
+        return self._import_file(
+            request,
+            context,
+            request.csv,
+            "csv",
+            functools.partial(
+                self._repo.import_loupe_csv,
+                request.project_id,
+                request.dataset_id,
+                request.batch_id,
+                request.csv,
+            ),
+        )
+
     def ExportLabels(
         self, request: pb.ExportLabelsRequest, context: grpc.ServicerContext
     ) -> pb.ExportLabelsResponse:
-        """Consensus labels, the query set (``help``) or predictions as a Loupe CSV (members)."""
+        """Consensus labels, the query set (``help``) or predictions as a Loupe CSV, QuPath
+        GeoJSON or (query set) a PNG picture (members)."""
         require_project(request.project_id)
         kind = _EXPORT_NAMES.get(request.kind)
         if kind is None:
             raise InvalidArgument(f"kind: unknown value {request.kind}")
+        if request.format not in _EXPORT_FORMATS:
+            raise InvalidArgument(f"format: unknown value {request.format}")
+        if request.format in (pb.EXPORT_FORMAT_GEOJSON, pb.EXPORT_FORMAT_PNG):
+            if request.format == pb.EXPORT_FORMAT_GEOJSON:
+                exported = export_geojson(
+                    self._repo,
+                    request.project_id,
+                    request.dataset_id,
+                    kind,  # type: ignore[arg-type]
+                    queryset_id=request.queryset_id,
+                )
+            elif kind != "queryset":
+                raise InvalidArgument(f"format: a PNG picture is of a query set, not of {kind}")
+            else:
+                exported = export_png(
+                    self._repo,
+                    request.project_id,
+                    request.dataset_id,
+                    queryset_id=request.queryset_id,
+                )
+            return pb.ExportLabelsResponse(
+                n_rows=exported.n_rows,
+                filename=f"{request.project_id}_{request.dataset_id}_{kind}.{exported.extension}",
+                content=exported.content,
+                media_type=exported.media_type,
+            )
         if kind == "labels":
             data, n = self._repo.export_labels(
                 request.project_id, request.dataset_id, group=request.group_name
@@ -273,8 +330,50 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
                 queryset_id=request.queryset_id,
             )
         return pb.ExportLabelsResponse(
-            csv=data, n_rows=n, filename=f"{request.project_id}_{request.dataset_id}_{kind}.csv"
+            csv=data,
+            n_rows=n,
+            filename=f"{request.project_id}_{request.dataset_id}_{kind}.csv",
+            content=data,
+            media_type="text/csv",
         )
+
+    def ImportGeoJson(
+        self, request: pb.ImportGeoJsonRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitLabelsResponse:
+        """Import QuPath GeoJSON annotations as one label batch (members)."""
+
+        def commit(**options: Any) -> BatchResult:
+            parsed = geojson_labels(
+                self._repo, request.project_id, request.dataset_id, request.geojson
+            )
+            return self._repo.submit_labels(
+                request.project_id,
+                request.dataset_id,
+                request.batch_id,
+                parsed.labels,
+                source="geojson",
+                n_placeholders=len(parsed.placeholders),
+                **options,
+            )
+
+        return self._import_file(request, context, request.geojson, "geojson", commit)
+
+    # listing -------------------------------------------------------------------------------
+    def ListProjects(
+        self, request: pb.ListProjectsRequest, context: grpc.ServicerContext
+    ) -> pb.ListProjectsResponse:
+        """The caller's projects (every project for admins and services)."""
+        identity = current_identity()
+        infos = self._repo.list_projects(identity.projects)
+        return pb.ListProjectsResponse(projects=[_project(i) for i in infos])
+
+    def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        """A project's datasets (members)."""
+        require_project(request.project_id)
+        infos = self._repo.list_datasets(request.project_id)
+        return pb.ListDatasetsResponse(datasets=[_dataset(i) for i in infos])
 
     # query sets ----------------------------------------------------------------------------
     def GetQuerySet(

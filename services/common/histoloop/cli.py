@@ -1,4 +1,5 @@
-"""The ``histoloop`` command: serve, run one service, health probe, migrate, demo."""
+"""The ``histoloop`` command: serve, run one service, health probe, migrate, demo, and the
+client commands (project, dataset, annotator, labels, export, status, watch, agreement)."""
 
 from __future__ import annotations
 
@@ -237,6 +238,10 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the annotation store's database")
     migrate.set_defaults(func=_migrate)
+
+    from histoloop.client_cli import add_commands  # project, dataset, labels, export, watch, …
+
+    add_commands(sub)
     return parser
 
 
