@@ -90,7 +90,7 @@ METRICS = engine.METRICS
 DEFAULT_PCA = 30
 """PCA components when neither ``obsm`` nor ``pca`` is given."""
 RPC_MAX_ROUNDS = 5000
-"""Largest campaign (rounds of all runs together) the Simulate RPC runs synchronously."""
+"""Largest campaign (rounds of all runs together) a SimulationService job accepts."""
 SIMULATION_HEADS = ("mlp", "logreg", "ensemble")
 """Heads a simulation can train (the multimodal head needs two inputs; not simulated)."""
 _HEAD_COST = {"ensemble": 0, "mlp": 1, "logreg": 2}  # start the slow runs first

@@ -20,7 +20,13 @@ from histoloop.models import list_cards
 from histoloop.simulation import _engine as engine
 from histoloop.training.evaluate import classification_metrics
 from histoloop.training.scaling import FeatureScaling
-from histoloop.v1 import acquisition_pb2, acquisition_pb2_grpc, common_pb2
+from histoloop.v1 import (
+    acquisition_pb2,
+    acquisition_pb2_grpc,
+    common_pb2,
+    embedding_pb2,
+    embedding_pb2_grpc,
+)
 from histoloop.v1 import annotation_store_pb2 as pb
 from tests.loop.conftest import LAYERS, Watch, answer
 
@@ -87,6 +93,12 @@ def test_a_campaign_arm_picks_what_the_live_loop_picks(
         i.key for i in artifacts.list(embeddings_prefix(PROJECT)) if i.key.endswith(".h5ad")
     ]
     adata = read_anndata(artifacts, artifacts.uri(embeddings))
+
+    embedded = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedDataset(
+        embedding_pb2.EmbedDatasetRequest(project_id=PROJECT, dataset_id="151510")
+    )
+    assert (embedded.embeddings_uri, embedded.n_spots) == (artifacts.uri(embeddings), adata.n_obs)
+    assert embedded.dim == adata.obsm[OBSM_EXPR].shape[1] > 0
 
     # the same campaign arm, simulated: the live pool, the oracle answering from the same truth
     X = np.asarray(adata.obsm[OBSM_EXPR], dtype=np.float32)

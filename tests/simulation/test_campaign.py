@@ -88,6 +88,7 @@ def test_same_seeds_give_the_same_numbers(reference, small_adata, config: Simula
         assert (again.folder / name).read_bytes() == (reference.folder / name).read_bytes()
 
 
+@pytest.mark.integration  # spawns worker processes
 def test_parallel_workers_give_the_same_numbers(reference, small_h5ad: Path, config: SimulationConfig,
                                                 tmp_path: Path) -> None:
     parallel = run_campaign(small_h5ad, config, tmp_path / "parallel", workers=2, progress=False)

@@ -182,6 +182,7 @@ def test_direct_and_openslide_paths_give_identical_patches(
     np.testing.assert_array_equal(a.read_all(), b.read_all())
 
 
+@pytest.mark.integration  # spawns worker processes
 def test_parallel_workers_give_the_same_result(visium: Path, cmu_svs: Path,
                                                store: LocalArtifactStore) -> None:
     calls: list[int] = []
