@@ -182,12 +182,20 @@ def run(
     project = f"bench-{uuid.uuid4().hex[:6]}"
     stub.CreateProject(
         pb.CreateProjectRequest(
-            project_id=project, name="bench", classes=[common_pb2.ClassDef(name=c) for c in LAYERS]
+            project_id=project,
+            name="bench",
+            classes=[common_pb2.ClassDef(name=c) for c in LAYERS],
+            config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION),
         ),
         metadata=md,
     )
-    stub.RegisterDataset(
-        pb.RegisterDatasetRequest(project_id=project, dataset_id="151510", spatial_dir=args.data),
+    stub.RegisterDataset(  # the door: an expression project needs the sample's counts
+        pb.RegisterDatasetRequest(
+            project_id=project,
+            dataset_id="151510",
+            spatial_dir=args.data,
+            expression_path=str(Path(args.data).parent / "dlpfc151510_500genes.h5ad"),
+        ),
         metadata=md,
     )
     barcodes = [
@@ -206,7 +214,7 @@ def run(
     measure_from = start_at + args.warmup
     stop_at = measure_from + args.duration
     latencies: list[list[float]] = [[] for _ in range(args.clients)]
-    acked: list[list[tuple[str, int]]] = [[] for _ in range(args.clients)]
+    acked: list[list[tuple[str, int, pb.SubmitLabelsRequest]]] = [[] for _ in range(args.clients)]
     errors: list[str] = []
 
     interval = args.clients * args.batch_size / args.labels_per_s if args.mode == "paced" else 0.0
@@ -239,7 +247,7 @@ def run(
                     errors.append(f"{exc.code().name}: {exc.details()}")
                     continue
                 elapsed = time.monotonic() - scheduled
-                acked[i].append((batch_id, reply.n_labels))
+                acked[i].append((batch_id, reply.n_labels, request))
                 if now >= measure_from:
                     latencies[i].append(elapsed)
 
@@ -252,21 +260,13 @@ def run(
     n_calls = len(measured)  # calls scheduled inside the measured window that succeeded
     labels_per_s = n_calls * args.batch_size / args.duration
     all_acked = [b for lst in acked for b in lst]
-    expected_labels = sum(n for _b, n in all_acked)
+    expected_labels = sum(n for _b, n, _r in all_acked)
 
-    # every acknowledged label stored exactly once; a resubmission changes nothing
+    # every acknowledged label stored exactly once; resending a batch (a client retry)
+    # changes nothing (resending its id with other labels is refused: ALREADY_EXISTS)
     sample = random.Random(1).sample(all_acked, min(50, len(all_acked)))
     dup_ok = all(
-        stub.SubmitLabels(
-            pb.SubmitLabelsRequest(
-                project_id=project,
-                dataset_id="151510",
-                batch_id=b,
-                labels=[pb.SpotLabel(barcode=barcodes[0], label="WM")],
-            ),
-            metadata=md,
-        ).duplicate
-        for b, _n in sample
+        stub.SubmitLabels(request, metadata=md).duplicate for _b, _n, request in sample
     )
     stored = count_rows(url, pg_db, args, project)
     status = stub.GetStatus(pb.GetStatusRequest(project_id=project), metadata=md)

@@ -572,6 +572,7 @@ def _parked_event(letter: DeadLetter) -> pb.ParkedEvent:
         error=letter.error,
         attempts=letter.attempts,
         parked_at=_ms_timestamp(letter.at_ms),
+        dataset=letter.dataset,
     )
 
 

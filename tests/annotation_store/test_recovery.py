@@ -105,7 +105,7 @@ def test_a_parked_stage_is_visible_and_retry_stage_runs_it_again(grpc_env: GrpcE
     # the store's own stage ("recording" query sets) parked a valid event earlier, as its
     # worker does after the retries ran out (e.g. the database was being restored)
     message = events_pb2.QuerySetReady(
-        meta=events.new_meta(project=project, producer="acquisition"), queryset_id="qs-1", round=1,
+        meta=events.new_meta(project=project, dataset="d1", producer="acquisition"), queryset_id="qs-1", round=1,
         strategy="random")
     parked = Record(topic=events.QUERYSET_READY, key=project, value=message.SerializeToString(),
                     event_id=message.meta.event_id, partition=0, offset=0, timestamp_ms=0)
@@ -113,8 +113,8 @@ def test_a_parked_stage_is_visible_and_retry_stage_runs_it_again(grpc_env: GrpcE
 
     status = env.stub.GetStatus(pb.GetStatusRequest(project_id=project), metadata=admin)
     assert status.n_parked == 1
-    assert (status.parked[0].stage, status.parked[0].event_id, status.parked[0].error) == (
-        "recording", message.meta.event_id, "database is being restored")
+    assert (status.parked[0].stage, status.parked[0].event_id, status.parked[0].error,
+            status.parked[0].dataset) == ("recording", message.meta.event_id, "database is being restored", "d1")
     missing = _error(lambda: env.stub.RetryStage(pb.RetryStageRequest(
         project_id=project, stage="training"), metadata=admin))
     assert missing.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -58,7 +58,8 @@ CLIENT_ERRORS = {
     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
 }
 MUTATING = {"CreateProject", "AddClasses", "RegisterDataset", "RegisterAnnotator", "SubmitLabels",
-            "ImportLoupeCsv", "TileDataset", "Train", "Simulate"}
+            "ImportLoupeCsv", "TileDataset", "Train", "Simulate",
+            "UpdateProject", "RetryStage", "RemoveDataset"}
 """RPCs that may change the store when they succeed (all others never may)."""
 _MODULES = (annotation_store_pb2, tiling_pb2, embedding_pb2, training_pb2, prediction_pb2, acquisition_pb2)
 

@@ -92,6 +92,16 @@ class DeadLetter:
     retried: bool
     value: bytes
 
+    @property
+    def dataset(self) -> str:
+        """The dataset the parked event names (empty: project-wide, or it does not parse)."""
+        try:
+            message = events.decode(Record(topic=self.topic, key=self.project, value=self.value,
+                                           event_id=self.event_id, partition=0, offset=0, timestamp_ms=0))
+        except InvalidArgument:
+            return ""
+        return str(message.meta.dataset)  # type: ignore[attr-defined]
+
 
 def key_part(part: str) -> str:
     """A key part made of the artifact key alphabet (ids are already; bus keys may not be)."""

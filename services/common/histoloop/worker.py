@@ -300,6 +300,8 @@ class EventWorker:
                     return self._failed(record, message, exc, prior + 1)
                 log.warning("worker %s: a dependency is down handling event %s (%s): %s; retrying in %.1fs",
                             self.group, record.event_id, record.topic, exc, backoff)
+                if self._consumer is not None:
+                    self._report_lag(self._consumer)  # the lag shows what waits behind it
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 continue

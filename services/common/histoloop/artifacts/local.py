@@ -115,9 +115,13 @@ class LocalArtifactStore(ArtifactStore):
         return self._meta_path(key).exists()
 
     def list(self, prefix: str = "") -> Iterator[ArtifactInfo]:
+        # walk only the folder the prefix names (not the whole store: ledgers grow per event)
+        folder = self._meta.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self._meta
+        if ".." in prefix.split("/") or not folder.is_dir():
+            return
         keys = sorted(
             p.relative_to(self._meta).as_posix()[: -len(".json")]
-            for p in self._meta.rglob("*.json")
+            for p in folder.rglob("*.json")
         )
         for key in keys:
             if key.startswith(prefix):
