@@ -235,12 +235,17 @@ def test_submit_labels_and_idempotent_resubmission(
         False,
     )  # same label twice: once
     before = counts(db)
-    again = repo.submit_labels(project, "ds1", "batch-1", labels((3, "WM")), annotator="alice")
+    again = repo.submit_labels(
+        project, "ds1", "batch-1", labels((1, "Layer1"), (2, "Layer2")), annotator="alice"
+    )
     assert again.duplicate and (again.n_labels, again.label_version, again.event_id) == (
         2,
         1,
         first.event_id,
     )
+    assert counts(db) == before
+    with pytest.raises(AlreadyExists, match="batch_id: 'batch-1' was committed before with different"):
+        repo.submit_labels(project, "ds1", "batch-1", labels((3, "WM")), annotator="alice")
     assert counts(db) == before
     second = repo.submit_labels(project, "ds1", "batch-2", labels((3, "WM")), annotator="alice")
     assert second.label_version == 2 and second.event_id != first.event_id
