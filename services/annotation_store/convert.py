@@ -49,6 +49,14 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         adjudication_share=config.adjudication_share,
         compactness=config.compactness,
         smoothing=config.smoothing,
+        hybrid_share=config.hybrid_share,
+        kmeans_pick=config.kmeans_pick,
+        mc_dropout_samples=config.mc_dropout_samples,
+        stop_max_change=config.stop_max_change,
+        stop_min_kappa=config.stop_min_kappa,
+        stop_patience=config.stop_patience,
+        stop_max_uncertainty=config.stop_max_uncertainty,
+        resampling_every=config.resampling_every,
     )
 
 
@@ -67,6 +75,14 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         adjudication_share=settings.adjudication_share,
         compactness=settings.compactness,
         smoothing=settings.smoothing,
+        hybrid_share=settings.hybrid_share,
+        kmeans_pick=settings.kmeans_pick,
+        mc_dropout_samples=settings.mc_dropout_samples,
+        stop_max_change=settings.stop_max_change,
+        stop_min_kappa=settings.stop_min_kappa,
+        stop_patience=settings.stop_patience,
+        stop_max_uncertainty=settings.stop_max_uncertainty,
+        resampling_every=settings.resampling_every,
     )
 
 

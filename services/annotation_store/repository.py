@@ -1513,6 +1513,14 @@ def _settings(project: m.Project) -> LoopSettings:
         adjudication_share=project.adjudication_share,
         compactness=project.compactness,
         smoothing=project.smoothing,
+        hybrid_share=project.hybrid_share,
+        kmeans_pick=project.kmeans_pick,
+        mc_dropout_samples=project.mc_dropout_samples,
+        stop_max_change=project.stop_max_change,
+        stop_min_kappa=project.stop_min_kappa,
+        stop_patience=project.stop_patience,
+        stop_max_uncertainty=project.stop_max_uncertainty,
+        resampling_every=project.resampling_every,
     )
 
 

@@ -259,6 +259,9 @@ class MLPConfig:
         patience: Stop after this many epochs without a better validation loss.
         weight_decay: Adam weight decay.
         threads: Torch intra-op threads during fit and predict.
+        dropout: Dropout on the hidden layer before the classifier (0 = none, the paper).
+        mc_samples: MC-dropout passes whose probabilities become the member
+            probabilities for BALD (0 = off; needs ``dropout > 0``).
     """
 
     hidden: int = 128
@@ -269,12 +272,20 @@ class MLPConfig:
     patience: int = 10
     weight_decay: float = 0.0
     threads: int = 1
+    dropout: float = 0.0
+    mc_samples: int = 0
 
     def validate(self) -> None:
         """Raise :class:`InvalidArgument` on an out-of-range value."""
         for key in ("hidden", "batch_size", "max_epochs", "patience", "threads"):
             if getattr(self, key) < 1:
                 raise InvalidArgument(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidArgument(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.mc_samples <= 1000:
+            raise InvalidArgument(f"mc_samples must be in 0..1000, got {self.mc_samples}")
+        if self.mc_samples and self.dropout == 0.0:
+            raise InvalidArgument("mc_samples > 0 needs dropout > 0 (MC-dropout samples it)")
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.negative_slope < 0:
@@ -350,13 +361,20 @@ class MLPNet(nn.Module):
         n_classes: Number of classes ``C``.
         hidden: Hidden width ``h`` (128).
         negative_slope: LeakyReLU slope (0.02).
+        dropout: Dropout on the hidden layer before the classifier (0 = none).
     """
 
     def __init__(
-        self, in_dim: int, n_classes: int, hidden: int = 128, negative_slope: float = 0.02
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 128,
+        negative_slope: float = 0.02,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(negative_slope))
+        self.dropout_rate = float(dropout)  # functional: layers and state dicts are unchanged
         self.classifier = nn.Linear(hidden, n_classes)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,7 +383,10 @@ class MLPNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(n, C)``."""
-        return self.classifier(self.encoder(x))
+        h = self.encoder(x)
+        if self.dropout_rate > 0:
+            h = nn.functional.dropout(h, self.dropout_rate, self.training)
+        return self.classifier(h)
 
 
 class MultimodalNet(nn.Module):
@@ -821,9 +842,8 @@ class MLPHead(_TorchHead):
     config_class = MLPConfig
 
     def _build(self, dims: Mapping[str, int]) -> nn.Module:
-        return MLPNet(
-            dims["features"], self.n_classes, self.config.hidden, self.config.negative_slope
-        )
+        c = self.config
+        return MLPNet(dims["features"], self.n_classes, c.hidden, c.negative_slope, c.dropout)
 
 
 class MultimodalHead(_TorchHead):

@@ -28,7 +28,7 @@ from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.scaling import FeatureScaling
 from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["TrainingStep", "dataset_of"]
+__all__ = ["MC_DROPOUT_RATE", "TrainingStep", "dataset_of", "head_settings"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "training"
@@ -48,6 +48,25 @@ def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float)
         per_class_f1={k: v for k, v in (validation.get("per_class_f1") or {}).items() if v is not None},
         cohen_kappa=validation.get("kappa") or 0.0, accuracy=validation.get("accuracy") or 0.0,
         n_train=n_train, n_val=n_val, train_seconds=seconds)
+
+
+MC_DROPOUT_RATE = 0.25
+"""Hidden-layer dropout of an MLP head trained for MC-dropout (the multimodal head's default)."""
+
+
+def head_settings(config: common_pb2.LoopConfig, head: str) -> dict[str, object]:
+    """Head hyper-parameters that the project's settings imply (MC-dropout for BALD).
+
+    With ``mc_dropout_samples`` > 0 the ``mlp`` head trains with dropout
+    :data:`MC_DROPOUT_RATE` and both torch heads predict that many MC-dropout passes;
+    other heads ignore it (the ensemble has members of its own).
+    """
+    if not config.mc_dropout_samples or head not in ("mlp", "multimodal"):
+        return {}
+    settings: dict[str, object] = {"mc_samples": int(config.mc_dropout_samples)}
+    if head == "mlp":
+        settings["dropout"] = MC_DROPOUT_RATE
+    return settings
 
 
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
@@ -145,7 +164,7 @@ class TrainingStep:
         try:
             trained = train_model(lab_x if multimodal else lab_x["features"], labels, head=head, seed=seed,
                                   classes=classes, resampling=config.resampling or "off", scaling=scaling,
-                                  previous=previous)
+                                  previous=previous, hyperparameters=head_settings(config, head))
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise
