@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from histoloop.annotation_store.convert import (
+    history_page_to_proto,
+    history_query_from_proto,
     loop_settings_from_proto,
     loop_settings_to_proto,
     message_from_json,
@@ -29,6 +31,7 @@ from histoloop.annotation_store.domain import (
     QuerySetRecord,
     SpotLabelInput,
 )
+from histoloop.annotation_store.history import list_label_events
 from histoloop.annotation_store.loupe import check_upload_size
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.annotation_store.watch import QuerySetHub
@@ -342,6 +345,14 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             disputed_barcodes=list(report.disputed),
             annotator_reliability=dict(report.reliability),
         )
+
+    def ListLabelEvents(
+        self, request: pb.ListLabelEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListLabelEventsResponse:
+        """The label history, oldest first, filtered and paged (members)."""
+        require_project(request.project_id)
+        page = list_label_events(self._repo.db, history_query_from_proto(request))
+        return history_page_to_proto(page)
 
 
 def _project(info: ProjectInfo) -> pb.Project:
