@@ -53,6 +53,7 @@ from histoloop.annotation_store.domain import (
     SpotLabelInput,
     check_id,
 )
+from histoloop.annotation_store.history import label_batches
 from histoloop.annotation_store.loupe import (
     DEFAULT_GROUP,
     DEFAULT_PREDICTIONS_GROUP,
@@ -1009,6 +1010,7 @@ class AnnotationRepository:
             project.consensus,
             self.classes_at(project_id, label_version),
             result,
+            label_batches(self.db, project_id, label_version),
         )
 
     # what the snapshot builder reads
@@ -1029,6 +1031,12 @@ class AnnotationRepository:
                 else []
             )
             return votes, self._classes_at(s, project_id, up_to_version)
+
+    def snapshot_batches(
+        self, project_id: str, after_version: int, up_to_version: int
+    ) -> list[tuple[int, str]]:
+        """The label batches in ``(after_version, up_to_version]`` (see :mod:`.history`)."""
+        return label_batches(self.db, project_id, up_to_version, after_version=after_version)
 
     def classes_at(self, project_id: str, label_version: int) -> list[tuple[str, str]]:
         """``(name, colour)`` of the class schema as of a label version, in order."""

@@ -20,7 +20,7 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import feature_blocks, read_anndata
 from histoloop.errors import FailedPrecondition, NotFound
-from histoloop.labelsets import read_snapshot
+from histoloop.labelsets import LabelSnapshot, read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
 from histoloop.training.export import export_torchscript
@@ -28,7 +28,7 @@ from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.scaling import FeatureScaling
 from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["MC_DROPOUT_RATE", "TrainingStep", "dataset_of", "head_settings"]
+__all__ = ["MC_DROPOUT_RATE", "TrainingStep", "dataset_of", "head_settings", "trained_batches"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "training"
@@ -67,6 +67,16 @@ def head_settings(config: common_pb2.LoopConfig, head: str) -> dict[str, object]
     if head == "mlp":
         settings["dropout"] = MC_DROPOUT_RATE
     return settings
+
+
+def trained_batches(snapshot: LabelSnapshot, msg: events_pb2.LabelsCommitted) -> list[str]:
+    """Every label batch a model trained on ``snapshot`` learnt from, oldest first.
+
+    The snapshot holds every label up to its version, so that is every batch up to it —
+    batches coalesced into this run included; snapshots without a batch list fall back to
+    the event's own batch.
+    """
+    return [batch for _, batch in snapshot.batches] or [msg.batch_id]
 
 
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
@@ -176,12 +186,13 @@ class TrainingStep:
             project=project, version=version, head=head, classes=list(trained.classes),
             input_dim=int(sum(v.shape[1] for v in all_x.values())), features=int(config.features),
             spatial_neighbours=int(config.spatial_neighbours), seed=seed, label_version=int(msg.label_version),
-            label_batch_ids=[msg.batch_id], embeddings_uris=list(msg.embeddings_uris),
+            label_batch_ids=trained_batches(snapshot, msg), embeddings_uris=list(msg.embeddings_uris),
             hyperparameters={k: str(v) for k, v in trained.hyperparameters.items()},
             metrics=dict(trained.validation), train_seconds=time.perf_counter() - started,
             created_ms=int(time.time() * 1000), parent_event_id=parent,
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
                    "resampling": trained.resampling, "n_labels": len(labels),
+                   "new_label_batch_ids": self._new_batches(project, snapshot, msg),
                    "views": int(lab_x["features"].shape[0]) if not multimodal and lab_x["features"].ndim == 3 else 1})
         uri = save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
@@ -192,6 +203,15 @@ class TrainingStep:
         log.info("trained %s %s on %d labels in %.2fs: %s", project, version, len(labels), card.train_seconds,
                  {k: v for k, v in asdict(card).items() if k == "metrics"})
         return uri, card
+
+    def _new_batches(self, project: str, snapshot: LabelSnapshot,
+                     msg: events_pb2.LabelsCommitted) -> list[str]:
+        """The batches since the project's newest earlier model (more than one when coalesced)."""
+        cards = [c for _, c in list_cards(self.store, project) if c.label_version < msg.label_version]
+        after = max((c.label_version for c in cards), default=0)
+        if not snapshot.batches:
+            return [msg.batch_id]
+        return [b for v, b in snapshot.batches if v > after]
 
     def _previous(self, project: str, head: str) -> TrainedModel | None:
         """The project's newest model of the same head, for a warm start."""

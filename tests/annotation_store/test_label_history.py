@@ -93,3 +93,23 @@ def test_list_label_events_filters_and_pages(grpc_env: GrpcEnv, dlpfc_spatial: P
     outsider = env.md(annotator(env, f"eve-{uuid.uuid4().hex[:6]}", []))
     assert code_of(lambda: env.stub.ListLabelEvents(
         pb.ListLabelEventsRequest(project_id=project), metadata=outsider)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_snapshots_list_every_batch_up_to_their_version(repo, project: str) -> None:
+    from histoloop.annotation_store.snapshot import SnapshotBuilder, snapshot_bytes
+    from histoloop.labelsets import LabelSnapshot
+    from tests.annotation_store.test_outbox import labels
+
+    repo.register_annotator("ann1", role="annotator", projects=[project])
+    for i, batch in enumerate(("first", "second", "third"), start=1):
+        repo.submit_labels(project, "ds1", batch, labels((i, "Layer1"), (i + 10, "WM")), annotator="ann1")
+    full = repo.labels_snapshot(project, 3)
+    assert full["batches"] == [{"batch_id": "first", "label_version": 1},
+                               {"batch_id": "second", "label_version": 2},
+                               {"batch_id": "third", "label_version": 3}]
+    builder = SnapshotBuilder(repo)
+    data, _ = builder.build(project, 2)
+    assert LabelSnapshot.from_json(data).batches == ((1, "first"), (2, "second"))
+    data, _ = builder.build(project, 3)  # incremental: the same bytes as from scratch
+    assert data == snapshot_bytes(full)
+    assert LabelSnapshot.from_json(data).batches == ((1, "first"), (2, "second"), (3, "third"))
