@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
 from histoloop.errors import InvalidArgument
+from histoloop.training.resampling import RESAMPLING_MODES, adaptive_resampling_weights
 
 __all__ = [
     "HEADS",
@@ -262,6 +263,12 @@ class MLPConfig:
         dropout: Dropout on the hidden layer before the classifier (0 = none, the paper).
         mc_samples: MC-dropout passes whose probabilities become the member
             probabilities for BALD (0 = off; needs ``dropout > 0``).
+        resampling: Adaptive resampling during the fit (see
+            :mod:`histoloop.training.resampling`): ``off``; ``offline`` (clusters of the
+            input features, fixed); ``online`` (clusters of the current hidden layer of
+            the labelled spots, recomputed every ``resampling_every`` epochs).
+        resampling_every: Epochs between two re-clusterings (``online``).
+        resampling_clusters: k-means clusters of the resampling.
     """
 
     hidden: int = 128
@@ -274,6 +281,9 @@ class MLPConfig:
     threads: int = 1
     dropout: float = 0.0
     mc_samples: int = 0
+    resampling: str = "off"
+    resampling_every: int = 5
+    resampling_clusters: int = 10
 
     def validate(self) -> None:
         """Raise :class:`InvalidArgument` on an out-of-range value."""
@@ -286,6 +296,10 @@ class MLPConfig:
             raise InvalidArgument(f"mc_samples must be in 0..1000, got {self.mc_samples}")
         if self.mc_samples and self.dropout == 0.0:
             raise InvalidArgument("mc_samples > 0 needs dropout > 0 (MC-dropout samples it)")
+        if self.resampling not in RESAMPLING_MODES:
+            raise InvalidArgument(f"resampling must be one of {RESAMPLING_MODES}, got {self.resampling!r}")
+        if self.resampling_every < 1 or self.resampling_clusters < 1:
+            raise InvalidArgument("resampling_every and resampling_clusters must be ≥ 1")
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.negative_slope < 0:
@@ -650,6 +664,9 @@ def _fit_module(
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float64)
+    clean = [views[0] if views is not None else first, *rest]
+    if cfg.resampling == "offline":  # clusters of the input features, fixed for the fit
+        sw = _density_weights(clean[0].numpy(), cfg, seed)
     has_val = val_parts is not None and y_val is not None and len(y_val) > 0
     vt = [torch.from_numpy(p) for p in val_parts] if has_val else []  # type: ignore[union-attr]
     yv = torch.from_numpy(y_val) if has_val else None  # type: ignore[arg-type]
@@ -665,6 +682,11 @@ def _fit_module(
     epoch, train_loss, early = 0, float("nan"), False
     arange = torch.arange(n)
     for epoch in range(1, cfg.max_epochs + 1):
+        if cfg.resampling == "online" and (epoch - 1) % cfg.resampling_every == 0:
+            module.eval()  # the current latent of every labelled spot, re-clustered
+            with torch.no_grad():
+                latent = module.hidden(*clean)  # type: ignore[operator]
+            sw = _density_weights(latent.numpy(), cfg, seed + epoch)
         module.train()
         if views is not None and views.shape[0] > 1:
             pick = torch.from_numpy(rng.integers(0, views.shape[0], size=n))
@@ -703,6 +725,12 @@ def _fit_module(
         logits = module(*vt)
     vf1 = _macro_f1(y_val, logits.argmax(dim=1).numpy())  # type: ignore[arg-type]
     return epoch, best_epoch, train_loss, best_loss, vf1, early
+
+
+def _density_weights(latent: np.ndarray, cfg: MLPConfig, seed: int) -> torch.Tensor:
+    """Sampler weights inverse to the density of each spot's cluster in ``latent``."""
+    w = adaptive_resampling_weights(latent, n_clusters=cfg.resampling_clusters, seed=seed)
+    return torch.as_tensor(w, dtype=torch.float64)
 
 
 class _TorchHead(Head):

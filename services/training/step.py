@@ -174,7 +174,8 @@ class TrainingStep:
         try:
             trained = train_model(lab_x if multimodal else lab_x["features"], labels, head=head, seed=seed,
                                   classes=classes, resampling=config.resampling or "off", scaling=scaling,
-                                  previous=previous, hyperparameters=head_settings(config, head))
+                                  previous=previous, hyperparameters=head_settings(config, head),
+                                  resampling_every=int(config.resampling_every))
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise
