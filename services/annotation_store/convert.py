@@ -60,6 +60,7 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         stop_patience=config.stop_patience,
         stop_max_uncertainty=config.stop_max_uncertainty,
         resampling_every=config.resampling_every,
+        harmony=config.harmony,
     )
 
 
@@ -86,6 +87,7 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         stop_patience=settings.stop_patience,
         stop_max_uncertainty=settings.stop_max_uncertainty,
         resampling_every=settings.resampling_every,
+        harmony=settings.harmony,
     )
 
 

@@ -158,6 +158,7 @@ class LoopSettings:
     stop_patience: int = 2
     stop_max_uncertainty: float = 0.0
     resampling_every: int = 5
+    harmony: bool = False
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:

@@ -29,6 +29,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false as sa_false
 
 __all__ = [
     "Annotator",
@@ -96,6 +97,7 @@ class Project(Base):
     stop_patience: Mapped[int] = mapped_column(Integer, server_default="2")
     stop_max_uncertainty: Mapped[float] = mapped_column(Float, server_default="0")
     resampling_every: Mapped[int] = mapped_column(Integer, server_default="5")
+    harmony: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())
 
 
 class ProjectClass(Base):

@@ -1529,6 +1529,7 @@ def _settings(project: m.Project) -> LoopSettings:
         stop_patience=project.stop_patience,
         stop_max_uncertainty=project.stop_max_uncertainty,
         resampling_every=project.resampling_every,
+        harmony=project.harmony,
     )
 
 

@@ -269,6 +269,9 @@ class MLPConfig:
             the labelled spots, recomputed every ``resampling_every`` epochs).
         resampling_every: Epochs between two re-clusterings (``online``).
         resampling_clusters: k-means clusters of the resampling.
+        class_weighting: Inverse-class-frequency loss weights (ActiveVisium); False
+            trains an unweighted loss, as the AR paper does, letting the resampling
+            alone rebalance (classes without labels keep weight 0).
     """
 
     hidden: int = 128
@@ -284,6 +287,7 @@ class MLPConfig:
     resampling: str = "off"
     resampling_every: int = 5
     resampling_clusters: int = 10
+    class_weighting: bool = True
 
     def validate(self) -> None:
         """Raise :class:`InvalidArgument` on an out-of-range value."""
@@ -779,6 +783,8 @@ class _TorchHead(Head):
             if self._dims(val_parts) != dims or len(yv) != val_parts[0].shape[0]:
                 raise InvalidArgument("validation inputs do not match the training inputs")
         weights = inverse_frequency_weights(y, self.n_classes)
+        if not self.config.class_weighting:  # unweighted loss over the classes with labels
+            weights = (weights > 0).astype(np.float32) / np.float32((weights > 0).sum())
         with _torch_threads(self.config.threads):
             torch.manual_seed(self.seed)
             module = self._build(dims)

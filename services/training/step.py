@@ -20,6 +20,7 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import feature_blocks, read_anndata
 from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.integration import project_feature_blocks
 from histoloop.labelsets import LabelSnapshot, read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
@@ -144,9 +145,12 @@ class TrainingStep:
         blocks_lab: list[dict[str, np.ndarray]] = []
         views_lab: list[np.ndarray] = []
         labels: list[str] = []
-        for uri in msg.embeddings_uris:
+        integrated = project_feature_blocks(self.store, list(msg.embeddings_uris), config.features,
+                                            config.spatial_neighbours, harmony=True, seed=seed) \
+            if config.harmony and len(msg.embeddings_uris) > 1 else None
+        for i, uri in enumerate(msg.embeddings_uris):
             adata = read_anndata(self.store, uri)
-            blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
+            blocks = integrated[i] if integrated else feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
             blocks_all.append(blocks)
@@ -192,7 +196,7 @@ class TrainingStep:
             metrics=dict(trained.validation), train_seconds=time.perf_counter() - started,
             created_ms=int(time.time() * 1000), parent_event_id=parent,
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
-                   "resampling": trained.resampling, "n_labels": len(labels),
+                   "resampling": trained.resampling, "n_labels": len(labels), "harmony": bool(integrated),
                    "new_label_batch_ids": self._new_batches(project, snapshot, msg),
                    "views": int(lab_x["features"].shape[0]) if not multimodal and lab_x["features"].ndim == 3 else 1})
         uri = save_model(self.store, card, module)

@@ -73,3 +73,18 @@ def test_bad_resampling_settings() -> None:
         heads.make_head("mlp", n_classes=2, resampling="sometimes")
     with pytest.raises(InvalidArgument, match="resampling_every"):
         heads.make_head("mlp", n_classes=2, resampling_every=0)
+
+
+def test_unweighted_loss_predicts_the_rare_class_less_often() -> None:
+    # features carry no signal: the weighted loss balances the classes, the unweighted
+    # one follows the 95 % majority
+    r = np.random.default_rng(3)
+    y = np.r_[np.zeros(190, int), np.ones(10, int)]
+    X = r.standard_normal((200, 4)).astype(np.float32)
+    fresh = r.standard_normal((400, 4)).astype(np.float32)
+    rare = []
+    for weighted in (True, False):
+        head = heads.make_head("mlp", n_classes=2, max_epochs=10, lr=1e-2, class_weighting=weighted)
+        head.fit(X, y)
+        rare.append(float(head.predict_proba(fresh).argmax(axis=1).mean()))
+    assert rare[0] > 0.05 and rare[1] < 0.01

@@ -2,7 +2,8 @@
 
 ``hybrid_share``, ``kmeans_pick``, ``mc_dropout_samples``, the stopping thresholds
 (``stop_max_change``, ``stop_min_kappa``, ``stop_patience``, ``stop_max_uncertainty``) and
-the online resampling period ``resampling_every``; existing projects get the defaults.
+the online resampling period ``resampling_every`` and ``harmony`` (integrate expression
+across datasets); existing projects get the defaults.
 
 Revision ID: 0007
 Revises: 0002
@@ -21,7 +22,7 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_COLUMNS: tuple[tuple[str, sa.types.TypeEngine, str], ...] = (
+_COLUMNS: tuple[tuple[str, sa.types.TypeEngine, object], ...] = (
     ("hybrid_share", sa.Float(), "0.7"),
     ("kmeans_pick", sa.String(32), "closest_to_centroid"),
     ("mc_dropout_samples", sa.Integer(), "0"),
@@ -30,6 +31,7 @@ _COLUMNS: tuple[tuple[str, sa.types.TypeEngine, str], ...] = (
     ("stop_patience", sa.Integer(), "2"),
     ("stop_max_uncertainty", sa.Float(), "0"),
     ("resampling_every", sa.Integer(), "5"),
+    ("harmony", sa.Boolean(), sa.false()),
 )
 
 
