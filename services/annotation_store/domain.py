@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from histoloop.errors import InvalidArgument
 
@@ -363,3 +363,6 @@ class AgreementReport:
     n_disputed: int
     disputed: tuple[str, ...]
     reliability: Mapping[str, float]
+    rater_confusion: tuple[Any, ...] = ()
+    """One :class:`~histoloop.annotation_store.raters.RaterConfusion` per annotator."""
+    confusion_classes: tuple[str, ...] = ()

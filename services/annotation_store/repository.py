@@ -62,6 +62,7 @@ from histoloop.annotation_store.loupe import (
     predictions_csv,
     query_set_csv,
 )
+from histoloop.annotation_store.raters import rater_confusions
 from histoloop.annotation_store.snapshot import snapshot_document, snapshot_key
 from histoloop.annotation_store.spatial import find_positions_file, parse_positions
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore, InvalidKey
@@ -1314,7 +1315,10 @@ class AnnotationRepository:
             if dataset_id:
                 self._dataset(s, project_id, dataset_id)
             votes = self._votes(s, project_id, dataset_id=dataset_id)
+            rule = self._project(s, project_id).consensus
+            class_names = tuple(c.name for c in self._classes(s, project_id))
         per_item = latest_votes(votes)
+        confusions = rater_confusions(per_item, compute_consensus(votes, rule).labels, class_names)
         fleiss, n_multi = fleiss_kappa(per_item)
         disputed = sorted(
             item for item, v in per_item.items() if len({x.label for x in v.values()}) > 1
@@ -1329,6 +1333,8 @@ class AnnotationRepository:
                 barcode if dataset_id else f"{ds}/{barcode}" for ds, barcode in disputed
             ),
             reliability=reliability,
+            rater_confusion=tuple(confusions),
+            confusion_classes=class_names,
         )
 
     # outbox ---------------------------------------------------------------------------------

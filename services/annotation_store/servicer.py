@@ -344,6 +344,12 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             n_disputed=report.n_disputed,
             disputed_barcodes=list(report.disputed),
             annotator_reliability=dict(report.reliability),
+            rater_confusion=[
+                pb.RaterConfusion(annotator_id=r.annotator, counts=r.counts.ravel().tolist(),
+                                  n_spots=r.n_spots, agreement=r.agreement)
+                for r in report.rater_confusion
+            ],
+            confusion_classes=list(report.confusion_classes),
         )
 
     def ListLabelEvents(

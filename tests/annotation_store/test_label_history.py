@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from histoloop.v1 import annotation_store_pb2 as pb
@@ -78,6 +79,15 @@ def test_list_label_events_filters_and_pages(grpc_env: GrpcEnv, dlpfc_spatial: P
     _submit(env, md_b, project, "b-2", {b1: "Layer6"})
     rest = ask(page_size=4, page_token=first.next_page_token)
     assert [e.batch_id for e in rest.events] == ["a-2", "b-2"]
+
+    # GetAgreement: each rater against the consensus (bob is the expert: latest_expert follows him)
+    agreement = env.stub.GetAgreement(pb.GetAgreementRequest(project_id=project), metadata=md_a)
+    classes = list(agreement.confusion_classes)
+    conf = {r.annotator_id: (r, np.array(r.counts).reshape(len(classes), len(classes)))
+            for r in agreement.rater_confusion}
+    assert conf[alice][1][classes.index("Layer4"), classes.index("Layer3")] == 1  # b0
+    assert conf[alice][1][classes.index("Layer2"), classes.index("Layer6")] == 1  # b1
+    assert conf[alice][0].agreement == 0.0 and conf[bob][0].agreement == 1.0 and conf[bob][0].n_spots == 2
 
     # bad input names the field; other projects' members are refused
     assert code_of(lambda: ask(page_token="garbage!")) == grpc.StatusCode.INVALID_ARGUMENT
