@@ -302,6 +302,9 @@ def train_model(
     if in_fit:  # the torch heads resample inside the fit, by the current latent
         hyper.setdefault("resampling", resampling)
         hyper.setdefault("resampling_clusters", resampling_clusters)
+        # the resampling rebalances; on DLPFC and A1 adding class weights on top hurt
+        # (benchmarks/README.md, "Issue 17"), so the loss is unweighted unless asked
+        hyper.setdefault("class_weighting", False)
         if resampling_every:
             hyper.setdefault("resampling_every", resampling_every)
     model_head = make_head(head, n_classes=len(class_names), seed=seed, **hyper)

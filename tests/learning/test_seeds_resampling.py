@@ -63,6 +63,7 @@ def test_train_model_passes_the_mode_to_the_torch_heads(spy) -> None:
     model = train_model(X, y.astype(str), head="mlp", resampling="online", resampling_every=2,
                         hyperparameters={"max_epochs": 4}, validation_fraction=0.0)
     assert model.resampling == "online" and model.hyperparameters["resampling_every"] == 2
+    assert model.hyperparameters["class_weighting"] is False  # the evidence-based pairing
     assert len(spy) == 2
     logreg = train_model(X, y.astype(str), head="logreg", resampling="offline", validation_fraction=0.0)
     assert logreg.resampling == "offline"  # fixed weights outside the fit, as before
