@@ -16,9 +16,9 @@ stop_patience      2                          consecutive round pairs that must 
 stop_max_uncertainty (unused)                 ceiling on the mean normalised entropy
 ================== ========================= =======================================
 
-The stopping defaults are Bloodgood & Vijay-Shanker's stabilising-predictions rule
-(kappa ≥ 0.99 in the paper; 0.95 here with the changed-share condition added, which the
-DLPFC runs in ``benchmarks/README.md`` reach after 10–15 rounds of 20 spots).
+The stopping defaults are those :func:`~histoloop.acquisition.stopping.recommend_stop` had
+before they became settings (Bloodgood & Vijay-Shanker's stabilising-predictions rule,
+with a changed-share condition added); they were not re-derived by simulation.
 """
 
 from __future__ import annotations
