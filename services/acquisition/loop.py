@@ -18,6 +18,7 @@ from google.protobuf import json_format
 
 from histoloop import events
 from histoloop.acquisition.round import select_query
+from histoloop.acquisition.settings import stopping_options, strategy_options
 from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
 from histoloop.acquisition.strategies import QueryContext, Selection
 from histoloop.artifacts.base import ArtifactStore
@@ -152,7 +153,8 @@ class Acquisition:
         )
         name = strategy or config.strategy or DEFAULT_STRATEGY
         selection = self._select(name, config, ctx, query_size=query_size, seed=seed)
-        history = tuple(previous[-1].history[-(_HISTORY - 1):] if previous else ()) + (predictions_uri,)
+        keep = max(_HISTORY, int(stopping_options(config)["patience"]) + 1)  # rounds the rule looks at
+        history = tuple(previous[-1].history[-(keep - 1):] if previous else ()) + (predictions_uri,)
         spots = [
             {"dataset": str(predictions.datasets[i]), "barcode": str(predictions.barcodes[i]),
              "score": float(s), "reason": "adjudication" if adj else "uncertainty"}
@@ -162,7 +164,7 @@ class Acquisition:
             queryset_id=queryset_id, project=project, round=round_, strategy=name,
             model_version=predictions.model_version, label_version=label_version, spots=spots,
             predictions_uri=predictions_uri, labels_uri=labels_uri, history=history,
-            stopping=self._stopping(history, predictions), config=_config_json(config),
+            stopping=self._stopping(history, predictions, config), config=_config_json(config),
         )
 
     def what_if(self, project: str, *, strategy: str = "", query_size: int = 0,
@@ -188,9 +190,11 @@ class Acquisition:
                 query_size: int = 0, seed: int | None = None) -> Selection:
         return select_query(ctx, strategy=name, query_size=int(query_size or config.query_size or DEFAULT_QUERY_SIZE),
                             seed=int(config.seed if seed is None else seed),
-                            adjudication_share=config.adjudication_share, compactness=config.compactness)
+                            adjudication_share=config.adjudication_share, compactness=config.compactness,
+                            options=strategy_options(name, config))
 
-    def _stopping(self, history: Sequence[str], current: Predictions) -> dict:
+    def _stopping(self, history: Sequence[str], current: Predictions,
+                  config: common_pb2.LoopConfig | None = None) -> dict:
         rounds = [current if uri == history[-1] else read_predictions(self.store, uri) for uri in history]
         keys = [(str(d), str(b)) for d, b in zip(current.datasets, current.barcodes, strict=True)]
         aligned = []
@@ -201,7 +205,7 @@ class Acquisition:
             rows = np.array([index[k] for k in keys])
             aligned.append(RoundPredictions(predicted=preds.probabilities[rows].argmax(1),
                                             probabilities=preds.probabilities[rows]))
-        signal = recommend_stop(aligned)
+        signal = recommend_stop(aligned, **stopping_options(config))
         return {"changed_fraction": signal.changed_share or 0.0, "kappa_vs_previous": signal.kappa or 0.0,
                 "mean_uncertainty": signal.mean_uncertainty or 0.0, "recommend_stop": signal.stop,
                 "reason": signal.reason}

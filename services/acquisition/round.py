@@ -9,6 +9,9 @@ project's seed and the round (:func:`query_rng`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from histoloop.acquisition.strategies import QueryContext, Selection, get_strategy
@@ -29,6 +32,7 @@ def select_query(
     seed: int,
     adjudication_share: float = 0.0,
     compactness: float = 0.0,
+    options: Mapping[str, Any] | None = None,
 ) -> Selection:
     """Choose ``query_size`` unlabelled spots.
 
@@ -40,6 +44,8 @@ def select_query(
         seed: The project's seed.
         adjudication_share: Share of the set given to disputed spots.
         compactness: Spatial compactness (ignored without positions).
+        options: The strategy's own settings from the project's config
+            (:func:`histoloop.acquisition.settings.strategy_options`).
 
     Raises:
         UnknownStrategy: no such strategy.
@@ -49,5 +55,6 @@ def select_query(
         strategy,
         adjudication_share=adjudication_share,
         compactness=compactness if ctx.positions is not None else 0.0,
+        **(options or {}),
     )
     return chosen.select(ctx, int(query_size), query_rng(seed, ctx.round))

@@ -13,7 +13,8 @@ Two options apply to every strategy and are handled by :func:`get_strategy`:
 * ``compactness`` λ in [0, 1]: trades informativeness for a spatially compact query set
   that is faster to annotate.
 
-All distance work goes through :mod:`histoloop.acquisition.cluster`.
+All distance work goes through :mod:`histoloop.acquisition.cluster`, in the standardised
+space of :func:`histoloop.acquisition.diversity.diversity_space` whatever the head.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ import numpy as np
 from histoloop.errors import FailedPrecondition, InvalidArgument
 
 from . import cluster
+from .diversity import diversity_space
+from .probcover import probcover_select
 
 __all__ = [
+    "KMEANS_PICKS",
     "STRATEGIES",
+    "KMeansPick",
     "QueryContext",
     "Selection",
     "Strategy",
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 UncertaintyMeasure = Literal["least_confidence", "margin", "entropy"]
 _MEASURES: tuple[str, ...] = ("least_confidence", "margin", "entropy")
+KMeansPick = Literal["closest_to_centroid", "far_from_centre"]
+KMEANS_PICKS: tuple[str, ...] = ("closest_to_centroid", "far_from_centre")
 
 # Centres are fitted on at most this many rows per cluster (and at least
 # _MIN_FIT_SAMPLES rows); every row is then assigned exactly.
@@ -288,14 +295,30 @@ def _finish(
 
 
 def _representatives(
-    X: np.ndarray, rows: np.ndarray, k: int, rng: np.random.Generator
+    X: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    pick: str = "closest_to_centroid",
 ) -> np.ndarray:
-    """k-means with ``k`` clusters on ``X[rows]``; the row closest to each centroid."""
+    """k-means with ``k`` clusters on ``X[rows]``; one row per cluster.
+
+    ``pick`` = ``closest_to_centroid`` (ActiveVisium: the most representative member) or
+    ``far_from_centre`` (the CryoEM seed: the member farthest from its centroid, at the
+    cluster's edge).
+    """
     if len(rows) <= k:
         return rows
     km = cluster.kmeans(X[rows], k, rng, max_fit_samples=_fit_samples(k))
-    best = cluster.closest_per_cluster(km.labels, km.sq_distances, km.centroids.shape[0])
+    d = km.sq_distances if pick == "closest_to_centroid" else -km.sq_distances
+    best = cluster.closest_per_cluster(km.labels, d, km.centroids.shape[0])
     return rows[best[best >= 0]]
+
+
+def _check_pick(pick: str) -> str:
+    if pick not in KMEANS_PICKS:
+        raise InvalidArgument(f"pick must be one of {KMEANS_PICKS}, got {pick!r}")
+    return pick
 
 
 # --------------------------------------------------------------------------- base
@@ -394,7 +417,10 @@ class BALD(_ScoringStrategy):
     """
 
     name = "bald"
-    description = "mutual information across ensemble members (BALD); needs an ensemble"
+    description = (
+        "mutual information across ensemble members or MC-dropout passes (BALD); "
+        "needs the ensemble head or mc_dropout_samples > 0"
+    )
     needs_model = True
 
     def score(self, ctx: QueryContext, rng: np.random.Generator) -> np.ndarray:
@@ -402,7 +428,8 @@ class BALD(_ScoringStrategy):
         if mp is None:
             _need_probabilities(ctx, self.name)  # cold start: FailedPrecondition
             raise InvalidArgument(
-                "strategy 'bald' needs member_probabilities (train the 'ensemble' head)"
+                "strategy 'bald' needs member_probabilities: train the 'ensemble' head, or "
+                "set mc_dropout_samples > 0 with the 'mlp' or 'multimodal' head"
             )
         mp = np.asarray(mp, dtype=np.float32)
         mean = mp.mean(axis=0)
@@ -411,18 +438,35 @@ class BALD(_ScoringStrategy):
 
 
 class KMeansDiversity(Strategy):
-    """k-means with k = query size on the features; the spot closest to each centroid."""
+    """k-means with k = query size on the features; one spot per cluster.
+
+    Args:
+        pick: ``closest_to_centroid`` (ActiveVisium) or ``far_from_centre`` (CryoEM seed).
+    """
 
     name = "kmeans"
     description = "k-means (k = query size) on hidden features, closest spot per centroid"
     needs_model = True
 
+    def __init__(self, *, pick: KMeansPick = "closest_to_centroid") -> None:
+        self.pick = _check_pick(pick)
+
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         k = _check_k(k)
         rows = ctx.unlabelled
-        X = cluster.as_float32(ctx.features)
-        reps = _representatives(X, rows, k, rng)
+        X = diversity_space(ctx.features)
+        reps = _representatives(X, rows, k, rng, self.pick)
         return _finish(ctx, self.name, k, reps, np.ones(len(reps)), rng)
+
+
+class KMeansFarFromCentre(KMeansDiversity):
+    """:class:`KMeansDiversity` taking the spot farthest from each centroid."""
+
+    name = "kmeans_far"
+    description = "k-means (k = query size) on hidden features, farthest spot from each centre"
+
+    def __init__(self, *, pick: KMeansPick = "far_from_centre") -> None:
+        super().__init__(pick=pick)
 
 
 class ColdStartKMeans(KMeansDiversity):
@@ -442,7 +486,7 @@ class CoreSet(Strategy):
 
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         k = _check_k(k)
-        X = cluster.as_float32(ctx.features)
+        X = diversity_space(ctx.features)
         rows, d = cluster.kcenter_greedy(
             X, k, rng, centres=np.flatnonzero(ctx.labelled), eligible=~ctx.labelled
         )
@@ -461,6 +505,7 @@ class ActiveVisium(Strategy):
         measure: Uncertainty measure for the pool.
         top_fraction: Share of the unlabelled spots kept in the pool (0, 1].
         decay: Per-round factor in (0, 1] for the pool share, or None (constant).
+        pick: ``closest_to_centroid`` (the paper) or ``far_from_centre``.
     """
 
     name = "activevisium"
@@ -473,7 +518,9 @@ class ActiveVisium(Strategy):
         measure: UncertaintyMeasure = "entropy",
         top_fraction: float = 0.05,
         decay: float | None = None,
+        pick: KMeansPick = "closest_to_centroid",
     ) -> None:
+        self.pick = _check_pick(pick)
         if measure not in _MEASURES:
             raise InvalidArgument(f"measure must be one of {_MEASURES}, got {measure!r}")
         if not 0.0 < float(top_fraction) <= 1.0:
@@ -490,8 +537,8 @@ class ActiveVisium(Strategy):
         rows = ctx.unlabelled
         fraction = self.top_fraction * (self.decay**ctx.round if self.decay else 1.0)
         pool = _top(u, rows, max(k, math.ceil(fraction * len(rows))))
-        X = cluster.as_float32(ctx.features)
-        reps = _representatives(X, pool, k, rng)
+        X = diversity_space(ctx.features)
+        reps = _representatives(X, pool, k, rng, self.pick)
         if len(reps) < min(k, len(pool)):  # empty clusters: fill with the most uncertain
             reps = np.concatenate([reps, _top(u, np.setdiff1d(pool, reps), k - len(reps))])
         return _finish(ctx, self.name, k, reps, u[reps], rng)
@@ -525,7 +572,7 @@ class Hybrid(Strategy):
         eligible = ~ctx.labelled
         eligible[first] = False
         centres = np.concatenate([np.flatnonzero(ctx.labelled), first])
-        X = cluster.as_float32(ctx.features)
+        X = diversity_space(ctx.features)
         rest, _ = cluster.kcenter_greedy(X, k - len(first), rng, centres=centres, eligible=eligible)
         picked = np.concatenate([first, rest])
         return _finish(ctx, self.name, k, picked, u[picked], rng)
@@ -580,7 +627,7 @@ class TypiClust(Strategy):
 
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         k = _check_k(k)
-        X = cluster.as_float32(ctx.features)
+        X = diversity_space(ctx.features)
         x_sq = cluster.row_sq_norms(X)
         n_clusters = min(int(ctx.labelled.sum()) + k, self.max_clusters, ctx.n)
         km = cluster.kmeans(X, n_clusters, rng, max_fit_samples=_fit_samples(n_clusters), x_sq=x_sq)
@@ -617,6 +664,52 @@ class TypiClust(Strategy):
             taken[row] = True
             covered[c] += 1
         return _finish(ctx, self.name, k, np.asarray(picked, dtype=np.int64), np.asarray(scores), rng)
+
+
+class ProbCover(Strategy):
+    """ProbCover cold start: greedy maximum coverage of δ-balls (Yehuda et al., 2022).
+
+    See :mod:`histoloop.acquisition.probcover`. Labelled spots count as covered, so it
+    also works after the cold start (on whatever features the context holds).
+
+    Args:
+        purity: α: δ is the largest radius whose balls are pure for this share of the
+            spots against k-means pseudo-labels (paper: 0.95).
+        n_clusters: k-means pseudo-classes (0 = one per query spot, at least 2).
+        delta: Fixed radius in the unit-normalised space (0 = from ``purity``).
+        max_points: Coverage is computed over at most this many spots.
+    """
+
+    name = "probcover"
+    description = "cold start: greedy max coverage of δ-balls, δ from k-means purity (α = 0.95)"
+    needs_model = False
+
+    def __init__(
+        self,
+        *,
+        purity: float = 0.95,
+        n_clusters: int = 0,
+        delta: float = 0.0,
+        max_points: int = 20_000,
+    ) -> None:
+        if not 0.0 < float(purity) < 1.0:
+            raise InvalidArgument(f"purity must be in (0, 1), got {purity}")
+        if int(n_clusters) < 0 or float(delta) < 0 or int(max_points) < 2:
+            raise InvalidArgument("n_clusters and delta must be ≥ 0 and max_points ≥ 2")
+        self.purity = float(purity)
+        self.n_clusters = int(n_clusters)
+        self.delta = float(delta)
+        self.max_points = int(max_points)
+
+    def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
+        k = _check_k(k)
+        plan = probcover_select(
+            ctx.features, ctx.labelled, k, rng, purity=self.purity, n_clusters=self.n_clusters,
+            delta=self.delta, max_points=self.max_points,
+        )
+        log.debug("probcover: delta %.4f, coverage %.3f after %d picks",
+                  plan.delta, plan.coverage, len(plan.rows))
+        return _finish(ctx, self.name, k, plan.rows, plan.gains.astype(np.float64), rng)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -718,11 +811,13 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Entropy,
         BALD,
         KMeansDiversity,
+        KMeansFarFromCentre,
         CoreSet,
         ActiveVisium,
         Hybrid,
         ColdStartKMeans,
         TypiClust,
+        ProbCover,
     )
 }
 """Registry: strategy name → class."""

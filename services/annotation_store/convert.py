@@ -10,12 +10,15 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from histoloop.annotation_store.domain import LoopSettings, QuerySetRecord, QuerySpot
+from histoloop.annotation_store.history import LabelHistoryPage, LabelHistoryQuery
 from histoloop.errors import InvalidArgument
-from histoloop.v1 import common_pb2, events_pb2
+from histoloop.v1 import annotation_store_pb2, common_pb2, events_pb2
 
 __all__ = [
     "FEATURES_FROM_PROTO",
     "FEATURES_TO_PROTO",
+    "history_page_to_proto",
+    "history_query_from_proto",
     "loop_settings_from_proto",
     "loop_settings_to_proto",
     "message_from_json",
@@ -49,6 +52,15 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         adjudication_share=config.adjudication_share,
         compactness=config.compactness,
         smoothing=config.smoothing,
+        hybrid_share=config.hybrid_share,
+        kmeans_pick=config.kmeans_pick,
+        mc_dropout_samples=config.mc_dropout_samples,
+        stop_max_change=config.stop_max_change,
+        stop_min_kappa=config.stop_min_kappa,
+        stop_patience=config.stop_patience,
+        stop_max_uncertainty=config.stop_max_uncertainty,
+        resampling_every=config.resampling_every,
+        harmony=config.harmony,
     )
 
 
@@ -67,6 +79,15 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         adjudication_share=settings.adjudication_share,
         compactness=settings.compactness,
         smoothing=settings.smoothing,
+        hybrid_share=settings.hybrid_share,
+        kmeans_pick=settings.kmeans_pick,
+        mc_dropout_samples=settings.mc_dropout_samples,
+        stop_max_change=settings.stop_max_change,
+        stop_min_kappa=settings.stop_min_kappa,
+        stop_patience=settings.stop_patience,
+        stop_max_uncertainty=settings.stop_max_uncertainty,
+        resampling_every=settings.resampling_every,
+        harmony=settings.harmony,
     )
 
 
@@ -115,4 +136,55 @@ def query_set_from_event(event: events_pb2.QuerySetReady) -> QuerySetRecord:
         metrics=message_to_json(event.metrics),
         stopping=message_to_json(event.stopping),
         created_at=created,
+    )
+
+
+_ROLES_TO_PROTO = {
+    "annotator": annotation_store_pb2.ANNOTATOR_ROLE_ANNOTATOR,
+    "expert": annotation_store_pb2.ANNOTATOR_ROLE_EXPERT,
+    "admin": annotation_store_pb2.ANNOTATOR_ROLE_ADMIN,
+    "service": annotation_store_pb2.ANNOTATOR_ROLE_SERVICE,
+}
+_SOURCES_TO_PROTO = {
+    "grpc": annotation_store_pb2.LABEL_SOURCE_GRPC,
+    "loupe_csv": annotation_store_pb2.LABEL_SOURCE_LOUPE_CSV,
+    "correction": annotation_store_pb2.LABEL_SOURCE_CORRECTION,
+}
+
+
+def history_query_from_proto(request: annotation_store_pb2.ListLabelEventsRequest) -> LabelHistoryQuery:
+    """The label-history query a ``ListLabelEvents`` request asks for."""
+    return LabelHistoryQuery(
+        project_id=request.project_id,
+        dataset_id=request.dataset_id,
+        barcode=request.barcode,
+        annotator_id=request.annotator_id,
+        since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+        until=request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None,
+        batch_id=request.batch_id,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+def history_page_to_proto(page: LabelHistoryPage) -> annotation_store_pb2.ListLabelEventsResponse:
+    """The ``ListLabelEvents`` reply for a page of the label history."""
+    return annotation_store_pb2.ListLabelEventsResponse(
+        events=[
+            annotation_store_pb2.LabelHistoryEntry(
+                sequence=e.sequence,
+                dataset_id=e.dataset_id,
+                barcode=e.barcode,
+                label=e.label,
+                annotator_id=e.annotator_id,
+                annotator_role=_ROLES_TO_PROTO.get(e.annotator_role, 0),
+                source=_SOURCES_TO_PROTO.get(e.source, 0),
+                batch_id=e.batch_id,
+                label_version=e.label_version,
+                created_at=timestamp(e.created_at),
+                queryset_id=e.queryset_id,
+            )
+            for e in page.entries
+        ],
+        next_page_token=page.next_page_token,
     )

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from histoloop.errors import InvalidArgument
 from histoloop.formats.vocab import (
@@ -164,6 +164,15 @@ class LoopSettings:
     adjudication_share: float = 0.0
     compactness: float = 0.0
     smoothing: float = 0.0
+    hybrid_share: float = 0.7
+    kmeans_pick: str = "closest_to_centroid"
+    mc_dropout_samples: int = 0
+    stop_max_change: float = 0.01
+    stop_min_kappa: float = 0.95
+    stop_patience: int = 2
+    stop_max_uncertainty: float = 0.0
+    resampling_every: int = 5
+    harmony: bool = False
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
@@ -210,7 +219,30 @@ class LoopSettings:
             raise InvalidArgument(f"config.compactness: {self.compactness} is not in [0, 1]")
         if not 0.0 <= self.smoothing <= 1.0:
             raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
+        _check_issue17_settings(self)
         return self
+
+
+KMEANS_PICKS: tuple[str, ...] = ("closest_to_centroid", "far_from_centre")
+
+
+def _check_issue17_settings(settings: LoopSettings) -> None:
+    """The acquisition, uncertainty and stopping settings (LoopConfig fields 30–37)."""
+    for name in ("hybrid_share", "stop_max_change", "stop_min_kappa", "stop_max_uncertainty"):
+        value = getattr(settings, name)
+        if not 0.0 <= value <= 1.0:
+            raise InvalidArgument(f"config.{name}: {value} is not in [0, 1]")
+    _choice("config.kmeans_pick", settings.kmeans_pick, KMEANS_PICKS)
+    if not 0 <= settings.mc_dropout_samples <= 1000:
+        raise InvalidArgument(
+            f"config.mc_dropout_samples: {settings.mc_dropout_samples} is not in 0..1000"
+        )
+    if not 1 <= settings.stop_patience <= 100:
+        raise InvalidArgument(f"config.stop_patience: {settings.stop_patience} is not in 1..100")
+    if not 1 <= settings.resampling_every <= 1000:
+        raise InvalidArgument(
+            f"config.resampling_every: {settings.resampling_every} is not in 1..1000"
+        )
 
 
 def _name_field(field_name: str, value: str) -> None:
@@ -363,6 +395,9 @@ class AgreementReport:
     n_disputed: int
     disputed: tuple[str, ...]
     reliability: Mapping[str, float]
+    rater_confusion: tuple[Any, ...] = ()
+    """One :class:`~histoloop.annotation_store.raters.RaterConfusion` per annotator."""
+    confusion_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

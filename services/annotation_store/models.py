@@ -29,6 +29,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false as sa_false
 
 __all__ = [
     "Annotator",
@@ -89,6 +90,15 @@ class Project(Base):
     adjudication_share: Mapped[float] = mapped_column(Float)
     compactness: Mapped[float] = mapped_column(Float)
     smoothing: Mapped[float] = mapped_column(Float, server_default="0")
+    hybrid_share: Mapped[float] = mapped_column(Float, server_default="0.7")
+    kmeans_pick: Mapped[str] = mapped_column(String(32), server_default="closest_to_centroid")
+    mc_dropout_samples: Mapped[int] = mapped_column(Integer, server_default="0")
+    stop_max_change: Mapped[float] = mapped_column(Float, server_default="0.01")
+    stop_min_kappa: Mapped[float] = mapped_column(Float, server_default="0.95")
+    stop_patience: Mapped[int] = mapped_column(Integer, server_default="2")
+    stop_max_uncertainty: Mapped[float] = mapped_column(Float, server_default="0")
+    resampling_every: Mapped[int] = mapped_column(Integer, server_default="5")
+    harmony: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())
 
 
 class ProjectClass(Base):

@@ -57,6 +57,7 @@ from histoloop.annotation_store.domain import (
     check_id,
 )
 from histoloop.annotation_store.doors import check_spots_on_slide, slide_size
+from histoloop.annotation_store.history import label_batches
 from histoloop.annotation_store.loupe import (
     DEFAULT_GROUP,
     DEFAULT_PREDICTIONS_GROUP,
@@ -65,6 +66,7 @@ from histoloop.annotation_store.loupe import (
     predictions_csv,
     query_set_csv,
 )
+from histoloop.annotation_store.raters import rater_confusions
 from histoloop.annotation_store.snapshot import snapshot_document, snapshot_key
 from histoloop.annotation_store.units import TileUnit, Unit, UnitLayout
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore, InvalidKey
@@ -1230,6 +1232,7 @@ class AnnotationRepository:
             project.consensus,
             self.classes_at(project_id, label_version),
             result,
+            label_batches(self.db, project_id, label_version),
         )
 
     # what the snapshot builder reads
@@ -1250,6 +1253,12 @@ class AnnotationRepository:
                 else []
             )
             return votes, self._classes_at(s, project_id, up_to_version)
+
+    def snapshot_batches(
+        self, project_id: str, after_version: int, up_to_version: int
+    ) -> list[tuple[int, str]]:
+        """The label batches in ``(after_version, up_to_version]`` (see :mod:`.history`)."""
+        return label_batches(self.db, project_id, up_to_version, after_version=after_version)
 
     def classes_at(self, project_id: str, label_version: int) -> list[tuple[str, str]]:
         """``(name, colour)`` of the class schema as of a label version, in order."""
@@ -1531,7 +1540,10 @@ class AnnotationRepository:
             if dataset_id:
                 self._dataset(s, project_id, dataset_id)
             votes = self._votes(s, project_id, dataset_id=dataset_id)
+            rule = self._project(s, project_id).consensus
+            class_names = tuple(c.name for c in self._classes(s, project_id))
         per_item = latest_votes(votes)
+        confusions = rater_confusions(per_item, compute_consensus(votes, rule).labels, class_names)
         fleiss, n_multi = fleiss_kappa(per_item)
         disputed = sorted(
             item for item, v in per_item.items() if len({x.label for x in v.values()}) > 1
@@ -1546,6 +1558,8 @@ class AnnotationRepository:
                 barcode if dataset_id else f"{ds}/{barcode}" for ds, barcode in disputed
             ),
             reliability=reliability,
+            rater_confusion=tuple(confusions),
+            confusion_classes=class_names,
         )
 
     # outbox ---------------------------------------------------------------------------------
@@ -1826,6 +1840,15 @@ def _settings(project: m.Project) -> LoopSettings:
         adjudication_share=project.adjudication_share,
         compactness=project.compactness,
         smoothing=project.smoothing,
+        hybrid_share=project.hybrid_share,
+        kmeans_pick=project.kmeans_pick,
+        mc_dropout_samples=project.mc_dropout_samples,
+        stop_max_change=project.stop_max_change,
+        stop_min_kappa=project.stop_min_kappa,
+        stop_patience=project.stop_patience,
+        stop_max_uncertainty=project.stop_max_uncertainty,
+        resampling_every=project.resampling_every,
+        harmony=project.harmony,
     )
 
 

@@ -18,6 +18,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from histoloop.annotation_store.convert import (
+    history_page_to_proto,
+    history_query_from_proto,
     loop_settings_from_proto,
     loop_settings_to_proto,
     message_from_json,
@@ -35,6 +37,7 @@ from histoloop.annotation_store.domain import (
 )
 from histoloop.annotation_store.doors import check_feeds_features
 from histoloop.annotation_store.exports import export_geojson, export_png, geojson_labels
+from histoloop.annotation_store.history import list_label_events
 from histoloop.annotation_store.loupe import check_upload_size
 from histoloop.annotation_store.recovery import Recovery, merge_config
 from histoloop.annotation_store.repository import AnnotationRepository
@@ -503,7 +506,21 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             n_disputed=report.n_disputed,
             disputed_barcodes=list(report.disputed),
             annotator_reliability=dict(report.reliability),
+            rater_confusion=[
+                pb.RaterConfusion(annotator_id=r.annotator, counts=r.counts.ravel().tolist(),
+                                  n_spots=r.n_spots, agreement=r.agreement)
+                for r in report.rater_confusion
+            ],
+            confusion_classes=list(report.confusion_classes),
         )
+
+    def ListLabelEvents(
+        self, request: pb.ListLabelEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListLabelEventsResponse:
+        """The label history, oldest first, filtered and paged (members)."""
+        require_project(request.project_id)
+        page = list_label_events(self._repo.db, history_query_from_proto(request))
+        return history_page_to_proto(page)
 
 
 def _project(info: ProjectInfo) -> pb.Project:

@@ -49,18 +49,25 @@ def _disagreement(label: ConsensusLabel) -> float:
     return round(label.disagreement, 6)
 
 
+def _batch_entries(batches: Sequence[tuple[int, str]]) -> list[dict[str, object]]:
+    return [{"batch_id": batch_id, "label_version": version} for version, batch_id in batches]
+
+
 def snapshot_document(
     project_id: str,
     label_version: int,
     rule: str,
     classes: Sequence[tuple[str, str]],
     result: ConsensusResult,
+    batches: Sequence[tuple[int, str]] = (),
 ) -> dict[str, Any]:
     """The JSON document of a snapshot.
 
     Keys: ``project``, ``label_version``, ``consensus`` (the rule), ``classes`` (name and
-    colour, in schema order), ``n_labelled_spots``, and ``datasets``: per dataset
-    ``labels`` (barcode → class) and ``disagreement`` (barcode → 0..1, 6 decimals).
+    colour, in schema order), ``n_labelled_spots``, ``datasets``: per dataset
+    ``labels`` (barcode → class) and ``disagreement`` (barcode → 0..1, 6 decimals), and
+    ``batches``: every label batch up to the version (``batch_id``, ``label_version``),
+    in commit order — what a model trained on the snapshot was trained on.
     """
     datasets: dict[str, dict[str, dict[str, object]]] = {}
     for (dataset, barcode), label in sorted(result.labels.items()):
@@ -68,6 +75,7 @@ def snapshot_document(
         entry["labels"][barcode] = label.label
         entry["disagreement"][barcode] = _disagreement(label)
     return {
+        "batches": _batch_entries(batches),
         "project": project_id,
         "label_version": label_version,
         "consensus": rule,
@@ -84,6 +92,7 @@ def render_snapshot(
     classes: Sequence[tuple[str, str]],
     datasets: Mapping[str, tuple[Sequence[str], Sequence[str]]],
     n_labelled: int,
+    batches: Sequence[tuple[int, str]] = (),
 ) -> bytes:
     """Canonical bytes of a snapshot from pre-rendered, barcode-sorted per-spot JSON members.
 
@@ -98,7 +107,8 @@ def render_snapshot(
             f'"labels":{{{",".join(labels)}}}}}'
         )
     text = (
-        f'{{"classes":{_dumps([{"name": n, "color": c} for n, c in classes])},'
+        f'{{"batches":{_dumps(_batch_entries(batches))},'
+        f'"classes":{_dumps([{"name": n, "color": c} for n, c in classes])},'
         f'"consensus":{_dumps(rule)},"datasets":{{{",".join(parts)}}},'
         f'"label_version":{label_version},"n_labelled_spots":{n_labelled},"project":{_dumps(project_id)}}}'
     )
@@ -116,6 +126,11 @@ class SnapshotSource(Protocol):
     ) -> tuple[list[Vote], list[tuple[str, str]]]:
         """Label events with ``after_version < label_version <= up_to_version`` (commit order),
         and ``(name, colour)`` of the class schema at ``up_to_version`` (one transaction)."""
+
+    def snapshot_batches(
+        self, project_id: str, after_version: int, up_to_version: int
+    ) -> list[tuple[int, str]]:
+        """``(label_version, batch_id)`` of the batches in that version range, in commit order."""
 
 
 class _Dataset:
@@ -144,6 +159,7 @@ class _Project:
         self.consensus = IncrementalConsensus(rule)
         self.datasets: dict[str, _Dataset] = {}
         self.n_labelled = 0
+        self.batches: list[tuple[int, str]] = []
 
     def apply(self, changed: Mapping[Hashable, ConsensusLabel]) -> None:
         for item, label in changed.items():
@@ -173,11 +189,15 @@ class SnapshotBuilder:
                 )
             votes, classes = self._source.snapshot_inputs(project_id, state.version, label_version)
             if label_version > state.version:
+                state.batches += self._source.snapshot_batches(
+                    project_id, state.version, label_version
+                )
                 state.consensus.add(votes)
                 state.apply(state.consensus.refresh())
                 state.version = label_version
             datasets = {name: (d.labels, d.disagreement) for name, d in state.datasets.items()}
             data = render_snapshot(
-                project_id, label_version, state.consensus.rule, classes, datasets, state.n_labelled
+                project_id, label_version, state.consensus.rule, classes, datasets, state.n_labelled,
+                [b for b in state.batches if b[0] <= label_version],
             )
             return data, state.n_labelled

@@ -21,6 +21,7 @@ from histoloop.datasets import (
 )
 from histoloop.errors import InvalidArgument
 from histoloop.formats.embeddings import parse_embeddings_key
+from histoloop.integration import project_feature_blocks
 from histoloop.models import LoadedModel, latest_card, load_model
 from histoloop.spatial import neighbour_indices, smooth_probabilities, visium_array_positions
 from histoloop.v1 import events_pb2
@@ -57,12 +58,17 @@ class PredictionStep:
         """Probabilities and hidden features for every spot of the given datasets.
 
         With ``smoothing`` = α > 0 each spot's probabilities become ``(1 − α)·own + α·mean of
-        its neighbours'`` (``neighbours`` nearest spots on the array; 6 when 0).
+        its neighbours'`` (``neighbours`` nearest spots on the array; 6 when 0). A model trained
+        on Harmony-integrated expression (``card.extra["harmony"]``) gets the same integration.
         """
         parts = []
-        for uri in embeddings_uris:
+        integrated = project_feature_blocks(
+            self.store, embeddings_uris, model.card.features, model.card.spatial_neighbours, harmony=True,
+            seed=model.card.seed) if model.card.extra.get("harmony") else None
+        for i, uri in enumerate(embeddings_uris):
             adata = read_anndata(self.store, uri)
-            x = feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
+            x = np.hstack(list(integrated[i].values())) if integrated else \
+                feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
             probs, hidden, members = model.predict(x)
             if smoothing > 0 and {"array_row", "array_col"} <= set(adata.obs.columns):
                 nb = neighbour_indices(visium_array_positions(adata.obs["array_row"].to_numpy(),

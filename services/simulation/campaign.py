@@ -223,11 +223,12 @@ class SimulationConfig:
                     f"strategies: unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))}")
             if head and head not in self.heads:
                 raise InvalidArgument(f"strategies: {entry!r} names head {head!r}, which is not in heads")
-            if name == "bald" and (head or "ensemble") != "ensemble":
-                raise InvalidArgument(f"strategies: {entry!r}: bald needs the 'ensemble' head")
+            if name == "bald" and head and not self._has_members(head):
+                raise InvalidArgument(f"strategies: {entry!r}: bald needs the 'ensemble' head "
+                                      "or mc_samples > 0 in the head's hyperparameters (MC-dropout)")
         if len(set(self.strategies)) != len(self.strategies):
             raise InvalidArgument("strategies: a strategy is listed twice")
-        if "bald" in self.strategies and "ensemble" not in self.heads:
+        if "bald" in self.strategies and not any(self._has_members(h) for h in self.heads):
             raise InvalidArgument("strategies: 'bald' needs the 'ensemble' head (per-member probabilities); "
                                   "add ensemble to heads or drop bald")
         for head in self.heads:
@@ -250,10 +251,14 @@ class SimulationConfig:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"hyperparameters[{head!r}]: {exc}") from None
 
+    def _has_members(self, head: str) -> bool:
+        """Whether ``head`` gives per-member probabilities (ensemble, or MC-dropout passes)."""
+        return head == "ensemble" or int(dict(self.hyperparameters.get(head, {})).get("mc_samples", 0)) > 0
+
     def _names(self, head: str) -> list[str]:
         if not self.strategies:
             return list(default_strategies(head))
-        names = {s for s in self.strategies if "@" not in s and (s != "bald" or head == "ensemble")}
+        names = {s for s in self.strategies if "@" not in s and (s != "bald" or self._has_members(head))}
         names |= {s.partition("@")[0] for s in self.strategies if s.partition("@")[2] == head}
         return sorted(names)
 

@@ -8,8 +8,9 @@ without importing training code and without pickle)::
 ``x`` is ``(n, D)`` float32 with the raw feature blocks side by side in the order of
 :func:`input_layout` (``features``; or ``image`` then ``genes`` for the multimodal head).
 The stored source-dataset scaling (library-size normalisation + log1p where recorded,
-then standardisation) is baked into the module. ``M`` is the ensemble size, 1 for every
-other head (``member_probabilities[0] == probabilities``).
+then standardisation) is baked into the module. ``M`` is the ensemble size, the number of
+MC-dropout passes for an MLP head trained with ``mc_samples > 0``, 1 for every other head
+(``member_probabilities[0] == probabilities``).
 
 Genes missing from a transfer target cannot be neutralised inside the module; use
 :func:`histoloop.prediction.predict` with ``missing_genes`` for that case.
@@ -25,6 +26,7 @@ from torch import nn
 from histoloop.errors import InvalidArgument
 
 from .heads import EnsembleHead, Head, LogRegHead, MLPHead, MLPNet, MultimodalHead, MultimodalNet
+from .mc_dropout import mc_masks_for
 from .pipeline import TrainedModel
 
 __all__ = ["export_torchscript", "input_layout"]
@@ -73,28 +75,51 @@ class _Scaler(nn.Module):
         return (torch.cat(out, dim=1) - self.mean) / self.scale
 
 
+def _members(
+    weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, p: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """MC-dropout passes ``(T, n, C)`` with the stored masks, or ``p`` alone without masks."""
+    if masks.shape[0] == 0:
+        return p.unsqueeze(0)
+    logits = torch.nn.functional.linear(h.unsqueeze(0) * masks.unsqueeze(1), weight, bias)
+    return torch.softmax(logits, dim=2)
+
+
+def _mask_buffer(head: Head) -> torch.Tensor:
+    masks = mc_masks_for(head)
+    return torch.zeros(0, 1) if masks is None else torch.from_numpy(masks)
+
+
 class _MLPCore(nn.Module):
-    def __init__(self, net: MLPNet) -> None:
+    if TYPE_CHECKING:
+        masks: torch.Tensor
+
+    def __init__(self, net: MLPNet, masks: torch.Tensor) -> None:
         super().__init__()
         self.net = net
+        self.register_buffer("masks", masks)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.net.encoder(z)
         p = torch.softmax(self.net.classifier(h), dim=1)
-        return p, h, p.unsqueeze(0)
+        return p, h, _members(self.net.classifier.weight, self.net.classifier.bias, h, p, self.masks)
 
 
 class _MultimodalCore(nn.Module):
-    def __init__(self, net: MultimodalNet, image_dim: int, gene_dim: int) -> None:
+    if TYPE_CHECKING:
+        masks: torch.Tensor
+
+    def __init__(self, net: MultimodalNet, image_dim: int, gene_dim: int, masks: torch.Tensor) -> None:
         super().__init__()
         self.net = net
         self.dims: list[int] = [image_dim, gene_dim]
+        self.register_buffer("masks", masks)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, genes = torch.split(z, self.dims, dim=1)
         h = self.net.fusion(torch.cat([self.net.image(image), self.net.genes(genes)], dim=1))
         p = torch.softmax(self.net.classifier(h), dim=1)
-        return p, h, p.unsqueeze(0)
+        return p, h, _members(self.net.classifier.weight, self.net.classifier.bias, h, p, self.masks)
 
 
 class _LogRegCore(nn.Module):
@@ -154,10 +179,10 @@ class _Exported(nn.Module):
 def _core(head: Head) -> nn.Module:
     if isinstance(head, MLPHead):
         assert isinstance(head.module, MLPNet)
-        return _MLPCore(head.module)
+        return _MLPCore(head.module, _mask_buffer(head))
     if isinstance(head, MultimodalHead):
         assert isinstance(head.module, MultimodalNet) and head.input_dims is not None
-        return _MultimodalCore(head.module, head.input_dims["image"], head.input_dims["genes"])
+        return _MultimodalCore(head.module, head.input_dims["image"], head.input_dims["genes"], _mask_buffer(head))
     if isinstance(head, LogRegHead):
         return _LogRegCore(head)
     if isinstance(head, EnsembleHead):

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
 from histoloop.errors import InvalidArgument
+from histoloop.training.resampling import RESAMPLING_MODES, adaptive_resampling_weights
 
 __all__ = [
     "HEADS",
@@ -259,6 +260,18 @@ class MLPConfig:
         patience: Stop after this many epochs without a better validation loss.
         weight_decay: Adam weight decay.
         threads: Torch intra-op threads during fit and predict.
+        dropout: Dropout on the hidden layer before the classifier (0 = none, the paper).
+        mc_samples: MC-dropout passes whose probabilities become the member
+            probabilities for BALD (0 = off; needs ``dropout > 0``).
+        resampling: Adaptive resampling during the fit (see
+            :mod:`histoloop.training.resampling`): ``off``; ``offline`` (clusters of the
+            input features, fixed); ``online`` (clusters of the current hidden layer of
+            the labelled spots, recomputed every ``resampling_every`` epochs).
+        resampling_every: Epochs between two re-clusterings (``online``).
+        resampling_clusters: k-means clusters of the resampling.
+        class_weighting: Inverse-class-frequency loss weights (ActiveVisium); False
+            trains an unweighted loss, as the AR paper does, letting the resampling
+            alone rebalance (classes without labels keep weight 0).
     """
 
     hidden: int = 128
@@ -269,12 +282,28 @@ class MLPConfig:
     patience: int = 10
     weight_decay: float = 0.0
     threads: int = 1
+    dropout: float = 0.0
+    mc_samples: int = 0
+    resampling: str = "off"
+    resampling_every: int = 5
+    resampling_clusters: int = 10
+    class_weighting: bool = True
 
     def validate(self) -> None:
         """Raise :class:`InvalidArgument` on an out-of-range value."""
         for key in ("hidden", "batch_size", "max_epochs", "patience", "threads"):
             if getattr(self, key) < 1:
                 raise InvalidArgument(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidArgument(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.mc_samples <= 1000:
+            raise InvalidArgument(f"mc_samples must be in 0..1000, got {self.mc_samples}")
+        if self.mc_samples and self.dropout == 0.0:
+            raise InvalidArgument("mc_samples > 0 needs dropout > 0 (MC-dropout samples it)")
+        if self.resampling not in RESAMPLING_MODES:
+            raise InvalidArgument(f"resampling must be one of {RESAMPLING_MODES}, got {self.resampling!r}")
+        if self.resampling_every < 1 or self.resampling_clusters < 1:
+            raise InvalidArgument("resampling_every and resampling_clusters must be ≥ 1")
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.negative_slope < 0:
@@ -350,13 +379,20 @@ class MLPNet(nn.Module):
         n_classes: Number of classes ``C``.
         hidden: Hidden width ``h`` (128).
         negative_slope: LeakyReLU slope (0.02).
+        dropout: Dropout on the hidden layer before the classifier (0 = none).
     """
 
     def __init__(
-        self, in_dim: int, n_classes: int, hidden: int = 128, negative_slope: float = 0.02
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 128,
+        negative_slope: float = 0.02,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(negative_slope))
+        self.dropout_rate = float(dropout)  # functional: layers and state dicts are unchanged
         self.classifier = nn.Linear(hidden, n_classes)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,7 +401,10 @@ class MLPNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(n, C)``."""
-        return self.classifier(self.encoder(x))
+        h = self.encoder(x)
+        if self.dropout_rate > 0:
+            h = nn.functional.dropout(h, self.dropout_rate, self.training)
+        return self.classifier(h)
 
 
 class MultimodalNet(nn.Module):
@@ -629,6 +668,9 @@ def _fit_module(
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float64)
+    clean = [views[0] if views is not None else first, *rest]
+    if cfg.resampling == "offline":  # clusters of the input features, fixed for the fit
+        sw = _density_weights(clean[0].numpy(), cfg, seed)
     has_val = val_parts is not None and y_val is not None and len(y_val) > 0
     vt = [torch.from_numpy(p) for p in val_parts] if has_val else []  # type: ignore[union-attr]
     yv = torch.from_numpy(y_val) if has_val else None  # type: ignore[arg-type]
@@ -644,6 +686,11 @@ def _fit_module(
     epoch, train_loss, early = 0, float("nan"), False
     arange = torch.arange(n)
     for epoch in range(1, cfg.max_epochs + 1):
+        if cfg.resampling == "online" and (epoch - 1) % cfg.resampling_every == 0:
+            module.eval()  # the current latent of every labelled spot, re-clustered
+            with torch.no_grad():
+                latent = module.hidden(*clean)  # type: ignore[operator]
+            sw = _density_weights(latent.numpy(), cfg, seed + epoch)
         module.train()
         if views is not None and views.shape[0] > 1:
             pick = torch.from_numpy(rng.integers(0, views.shape[0], size=n))
@@ -682,6 +729,12 @@ def _fit_module(
         logits = module(*vt)
     vf1 = _macro_f1(y_val, logits.argmax(dim=1).numpy())  # type: ignore[arg-type]
     return epoch, best_epoch, train_loss, best_loss, vf1, early
+
+
+def _density_weights(latent: np.ndarray, cfg: MLPConfig, seed: int) -> torch.Tensor:
+    """Sampler weights inverse to the density of each spot's cluster in ``latent``."""
+    w = adaptive_resampling_weights(latent, n_clusters=cfg.resampling_clusters, seed=seed)
+    return torch.as_tensor(w, dtype=torch.float64)
 
 
 class _TorchHead(Head):
@@ -730,6 +783,8 @@ class _TorchHead(Head):
             if self._dims(val_parts) != dims or len(yv) != val_parts[0].shape[0]:
                 raise InvalidArgument("validation inputs do not match the training inputs")
         weights = inverse_frequency_weights(y, self.n_classes)
+        if not self.config.class_weighting:  # unweighted loss over the classes with labels
+            weights = (weights > 0).astype(np.float32) / np.float32((weights > 0).sum())
         with _torch_threads(self.config.threads):
             torch.manual_seed(self.seed)
             module = self._build(dims)
@@ -821,9 +876,8 @@ class MLPHead(_TorchHead):
     config_class = MLPConfig
 
     def _build(self, dims: Mapping[str, int]) -> nn.Module:
-        return MLPNet(
-            dims["features"], self.n_classes, self.config.hidden, self.config.negative_slope
-        )
+        c = self.config
+        return MLPNet(dims["features"], self.n_classes, c.hidden, c.negative_slope, c.dropout)
 
 
 class MultimodalHead(_TorchHead):

@@ -29,7 +29,7 @@ import torch
 from histoloop.errors import InvalidArgument
 
 from .evaluate import classification_metrics
-from .heads import Head, HeadInput, make_head, stratified_split
+from .heads import HEADS, Head, HeadInput, MLPConfig, make_head, stratified_split
 from .resampling import ResamplingMode, resampling_weights
 from .scaling import FeatureScaling
 
@@ -254,6 +254,7 @@ def train_model(
     resampling_clusters: int = 10,
     scaling: Mapping[str, FeatureScaling] | None = None,
     previous: TrainedModel | None = None,
+    resampling_every: int = 0,
 ) -> TrainedModel:
     """Train one round's model on the labelled spots.
 
@@ -269,12 +270,17 @@ def train_model(
         hyperparameters: Head hyper-parameters (see the head's config class).
         validation_fraction: Stratified validation share (used only when every class
             present has ≥ 2 labels; otherwise the last epoch is kept).
-        resampling: Adaptive resampling ``"off"``, ``"offline"`` or ``"online"``.
+        resampling: Adaptive resampling ``"off"``, ``"offline"`` or ``"online"``. The
+            torch heads resample inside the fit (``online``: the current hidden layer
+            re-clustered every ``resampling_every`` epochs); the logistic regression
+            gets fixed weights (``online``: the previous model's hidden layer).
         resampling_clusters: k-means clusters for adaptive resampling.
         scaling: Source-dataset scaling per feature key, applied before training and
             stored in the model for prediction.
         previous: Last round's model; its weights seed this one when head, classes and
-            feature dimensions match, and its hidden layer drives online resampling.
+            feature dimensions match (for logreg its hidden layer drives online resampling).
+        resampling_every: Epochs between re-clusterings of online resampling (0 = the
+            head's default, 5).
 
     Returns:
         The :class:`TrainedModel`.
@@ -291,7 +297,17 @@ def train_model(
         raise InvalidArgument(f"{n} feature rows but {len(y)} labels")
     dims = feature_dims(features)
     X = prepare_features(features, scaling)
-    model_head = make_head(head, n_classes=len(class_names), seed=seed, **dict(hyperparameters or {}))
+    hyper = dict(hyperparameters or {})
+    in_fit = resampling != "off" and head in HEADS and issubclass(HEADS[head].config_class, MLPConfig)
+    if in_fit:  # the torch heads resample inside the fit, by the current latent
+        hyper.setdefault("resampling", resampling)
+        hyper.setdefault("resampling_clusters", resampling_clusters)
+        # the resampling rebalances; on DLPFC and A1 adding class weights on top hurt
+        # (benchmarks/README.md, "Issue 17"), so the loss is unweighted unless asked
+        hyper.setdefault("class_weighting", False)
+        if resampling_every:
+            hyper.setdefault("resampling_every", resampling_every)
+    model_head = make_head(head, n_classes=len(class_names), seed=seed, **hyper)
     rng = np.random.default_rng(seed)
     train_rows, val_rows = stratified_split(y, validation_fraction, rng)
     X_train, y_train = _take(X, train_rows), y[train_rows]
@@ -310,9 +326,9 @@ def train_model(
         log.info("previous model not reused: head, classes or feature dimensions differ")
 
     hidden = None
-    if resampling == "online" and init is not None:
+    if resampling == "online" and init is not None and not in_fit:
         hidden = init.hidden(X_train)
-    weights = resampling_weights(
+    weights = None if in_fit else resampling_weights(
         resampling,
         embeddings=_clean_first(X_train),
         hidden=hidden,
@@ -342,7 +358,7 @@ def train_model(
         feature_dims=dims,
         n_train=int(len(train_rows)),
         n_validation=int(len(val_rows)),
-        resampling=str(resampling),
+        resampling=str(hyper.get("resampling", resampling)),
         fit_report=report.to_dict(),
         scaling=dict(scaling or {}),
     )

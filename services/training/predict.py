@@ -18,6 +18,7 @@ import numpy as np
 
 from histoloop.errors import InvalidArgument
 from histoloop.training.heads import EnsembleHead, HeadInput
+from histoloop.training.mc_dropout import mc_dropout_proba, mc_masks_for
 from histoloop.training.pipeline import TrainedModel, feature_dims, prepare_features
 
 __all__ = ["ModelOutput", "align_genes", "predict"]
@@ -35,7 +36,8 @@ class ModelOutput:
         hidden: ``(n, h)`` float32 hidden features (for diversity strategies).
         predicted: ``(n,)`` int64 most likely class index.
         classes: Class names by index.
-        member_probabilities: ``(M, n, C)`` float32 for ensemble heads, else None.
+        member_probabilities: ``(M, n, C)`` float32 for ensemble heads and for heads
+            sampling MC-dropout (``M`` = passes), else None.
     """
 
     probabilities: np.ndarray
@@ -143,6 +145,8 @@ def predict(
     head = model.loaded_head
     members = head.member_proba(X) if isinstance(head, EnsembleHead) else None
     P = members.mean(axis=0) if members is not None else head.predict_proba(X)
+    if members is None and mc_masks_for(head) is not None:
+        members = mc_dropout_proba(head, X)  # P stays the deterministic (dropout-off) prediction
     return ModelOutput(
         probabilities=P,
         hidden=head.hidden(X),

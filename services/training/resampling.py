@@ -10,8 +10,12 @@ Modes:
 
 * ``"off"`` — uniform sampling (no weights);
 * ``"offline"`` — clusters on the foundation-model embeddings (fixed across rounds);
-* ``"online"`` — clusters on the previous model's hidden layer, recomputed each round
-  (falls back to ``"offline"`` when there is no compatible previous model).
+* ``"online"`` — as the AR paper describes it, concurrently with training: the torch
+  heads (``mlp``, ``multimodal``, ``ensemble``) re-cluster the *current* hidden layer of
+  every labelled spot every ``resampling_every`` epochs and re-weight the sampler
+  (``MLPConfig.resampling``; see ``heads._fit_module``). The logistic regression,
+  which has no epochs, clusters the previous model's hidden layer once per round
+  (:func:`resampling_weights`; falls back to ``"offline"`` without a previous model).
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ def fit_round(
     previous: TrainedModel | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
     validation_fraction: float = VALIDATION_FRACTION,
+    resampling_every: int = 0,
 ) -> TrainedModel:
     """Train one round's model on the labelled spots.
 
@@ -75,6 +76,8 @@ def fit_round(
         previous: The previous round's model (warm start, online resampling).
         hyperparameters: Head hyper-parameters.
         validation_fraction: Stratified validation share.
+        resampling_every: ``online`` resampling: re-cluster the hidden layer every this
+            many epochs (0: the head's default).
 
     Returns:
         The :class:`TrainedModel`.
@@ -111,4 +114,5 @@ def fit_round(
         previous=previous,
         hyperparameters=hyperparameters,
         validation_fraction=validation_fraction,
+        resampling_every=resampling_every,
     )

@@ -23,7 +23,8 @@ from histoloop.errors import FailedPrecondition, NotFound
 from histoloop.formats.embeddings import OBSM_MORPH_VIEWS, parse_embeddings_key
 from histoloop.formats.models import STATE_FILE, sibling_key, state_key
 from histoloop.formats.vocab import DEFAULT_HEAD, DEFAULT_RESAMPLING
-from histoloop.labelsets import read_snapshot
+from histoloop.integration import project_feature_blocks
+from histoloop.labelsets import LabelSnapshot, read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
 from histoloop.training.export import export_torchscript
@@ -31,7 +32,7 @@ from histoloop.training.pipeline import TrainedModel
 from histoloop.training.round import VIEW_HEADS, fit_round
 from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["TrainingStep", "dataset_of"]
+__all__ = ["MC_DROPOUT_RATE", "TrainingStep", "dataset_of", "head_settings", "trained_batches"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "training"
@@ -50,6 +51,35 @@ def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float)
         per_class_f1={k: v for k, v in (validation.get("per_class_f1") or {}).items() if v is not None},
         cohen_kappa=validation.get("kappa") or 0.0, accuracy=validation.get("accuracy") or 0.0,
         n_train=n_train, n_val=n_val, train_seconds=seconds)
+
+
+MC_DROPOUT_RATE = 0.25
+"""Hidden-layer dropout of an MLP head trained for MC-dropout (the multimodal head's default)."""
+
+
+def head_settings(config: common_pb2.LoopConfig, head: str) -> dict[str, object]:
+    """Head hyper-parameters that the project's settings imply (MC-dropout for BALD).
+
+    With ``mc_dropout_samples`` > 0 the ``mlp`` head trains with dropout
+    :data:`MC_DROPOUT_RATE` and both torch heads predict that many MC-dropout passes;
+    other heads ignore it (the ensemble has members of its own).
+    """
+    if not config.mc_dropout_samples or head not in ("mlp", "multimodal"):
+        return {}
+    settings: dict[str, object] = {"mc_samples": int(config.mc_dropout_samples)}
+    if head == "mlp":
+        settings["dropout"] = MC_DROPOUT_RATE
+    return settings
+
+
+def trained_batches(snapshot: LabelSnapshot, msg: events_pb2.LabelsCommitted) -> list[str]:
+    """Every label batch a model trained on ``snapshot`` learnt from, oldest first.
+
+    The snapshot holds every label up to its version, so that is every batch up to it —
+    batches coalesced into this run included; snapshots without a batch list fall back to
+    the event's own batch.
+    """
+    return [batch for _, batch in snapshot.batches] or [msg.batch_id]
 
 
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
@@ -118,9 +148,12 @@ class TrainingStep:
         views_lab: list[np.ndarray] = []
         labels: list[str] = []
         offset = 0
-        for uri in msg.embeddings_uris:
+        integrated = project_feature_blocks(self.store, list(msg.embeddings_uris), config.features,
+                                            config.spatial_neighbours, harmony=True, seed=seed) \
+            if config.harmony and len(msg.embeddings_uris) > 1 else None
+        for i, uri in enumerate(msg.embeddings_uris):
             adata = read_anndata(self.store, uri)
-            blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
+            blocks = integrated[i] if integrated else feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
             blocks_all.append(blocks)
@@ -143,7 +176,9 @@ class TrainingStep:
         started = time.perf_counter()
         try:
             trained = fit_round(all_x, np.concatenate(labelled), labels, head=head, seed=seed, classes=classes,
-                                resampling=config.resampling or DEFAULT_RESAMPLING, views=views, previous=previous)
+                                resampling=config.resampling or DEFAULT_RESAMPLING, views=views, previous=previous,
+                                hyperparameters=head_settings(config, head),
+                                resampling_every=int(config.resampling_every))
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise
@@ -155,12 +190,13 @@ class TrainingStep:
             project=project, version=version, head=head, classes=list(trained.classes),
             input_dim=int(sum(v.shape[1] for v in all_x.values())), features=int(config.features),
             spatial_neighbours=int(config.spatial_neighbours), seed=seed, label_version=int(msg.label_version),
-            label_batch_ids=[msg.batch_id], embeddings_uris=list(msg.embeddings_uris),
+            label_batch_ids=trained_batches(snapshot, msg), embeddings_uris=list(msg.embeddings_uris),
             hyperparameters={k: str(v) for k, v in trained.hyperparameters.items()},
             metrics=dict(trained.validation), train_seconds=time.perf_counter() - started,
             created_ms=int(time.time() * 1000), parent_event_id=parent,
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
-                   "resampling": trained.resampling, "n_labels": len(labels),
+                   "resampling": trained.resampling, "n_labels": len(labels), "harmony": bool(integrated),
+                   "new_label_batch_ids": self._new_batches(project, snapshot, msg),
                    "views": int(n_views)})
         uri = save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
@@ -171,6 +207,15 @@ class TrainingStep:
         log.info("trained %s %s on %d labels in %.2fs: %s", project, version, len(labels), card.train_seconds,
                  {k: v for k, v in asdict(card).items() if k == "metrics"})
         return uri, card
+
+    def _new_batches(self, project: str, snapshot: LabelSnapshot,
+                     msg: events_pb2.LabelsCommitted) -> list[str]:
+        """The batches since the project's newest earlier model (more than one when coalesced)."""
+        cards = [c for _, c in list_cards(self.store, project) if c.label_version < msg.label_version]
+        after = max((c.label_version for c in cards), default=0)
+        if not snapshot.batches:
+            return [msg.batch_id]
+        return [b for v, b in snapshot.batches if v > after]
 
     def _previous(self, project: str, head: str) -> TrainedModel | None:
         """The project's newest model of the same head, for a warm start."""

@@ -139,6 +139,8 @@ def test_annotator_reaches_only_their_projects(stack: Stack, visium: Path, slide
                 project_id=theirs.project_id), timeout=10),
             "GetAgreement": lambda: store.GetAgreement(pb.GetAgreementRequest(
                 project_id=theirs.project_id), timeout=10),
+            "ListLabelEvents": lambda: store.ListLabelEvents(pb.ListLabelEventsRequest(
+                project_id=theirs.project_id), timeout=10),
             "WatchQuerySets": lambda: next(iter(store.WatchQuerySets(pb.WatchQuerySetsRequest(
                 project_id=theirs.project_id, include_latest=True), timeout=10))),
             "AddClasses": lambda: store.AddClasses(pb.AddClassesRequest(

@@ -6,7 +6,8 @@ it with :func:`read_snapshot`. The document (canonical JSON)::
 
     {"project": …, "label_version": N, "consensus": rule, "n_labelled_spots": n,
      "classes": [{"name": …, "color": …}, …],
-     "datasets": {dataset: {"labels": {barcode: class}, "disagreement": {barcode: 0..1}}}}
+     "datasets": {dataset: {"labels": {barcode: class}, "disagreement": {barcode: 0..1}}},
+     "batches": [{"batch_id": …, "label_version": v}, …]}
 
 A snapshot holds exactly the labels with a version ≤ ``label_version``, so replaying a
 round reads the same bytes.
@@ -36,6 +37,9 @@ class LabelSnapshot:
     disagreement: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     """dataset → barcode → disagreement in [0, 1] (0: the raters agree or only one rated)."""
     consensus: str = ""
+    batches: tuple[tuple[int, str], ...] = ()
+    """``(label_version, batch_id)`` of every label batch up to ``label_version``, in commit
+    order (empty in snapshots written before batches were recorded)."""
 
     @classmethod
     def from_json(cls, data: bytes) -> LabelSnapshot:
@@ -49,6 +53,7 @@ class LabelSnapshot:
             classes = [str(c["name"]) for c in raw["classes"]]
             datasets = raw["datasets"]
             project, version = str(raw["project"]), int(raw["label_version"])
+            batches = tuple((int(b["label_version"]), str(b["batch_id"])) for b in raw.get("batches", []))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"not a label snapshot: {exc}") from exc
         known = set(classes)
@@ -59,7 +64,7 @@ class LabelSnapshot:
                 raise InvalidArgument(f"snapshot labels of dataset {dataset!r} use unknown classes {bad}")
         return cls(project=project, label_version=version, classes=classes, labels=labels,
                    disagreement={d: dict(v.get("disagreement", {})) for d, v in datasets.items()},
-                   consensus=str(raw.get("consensus", "")))
+                   consensus=str(raw.get("consensus", "")), batches=batches)
 
     @property
     def n_labelled(self) -> int:

@@ -58,8 +58,10 @@ STRATEGY_NEEDS_MODEL: Mapping[str, bool] = {
     "entropy": True,
     "hybrid": True,
     "kmeans": True,
+    "kmeans_far": True,
     "least_confidence": True,
     "margin": True,
+    "probcover": False,
     "random": False,
     "typiclust": False,
 }

@@ -1,0 +1,181 @@
+"""Issue 17 in simulation: adaptive-resampling modes, the new strategies, ProbCover cold start.
+
+Small campaigns (CPU is scarce) on DLPFC 151510 (500-gene counts, layer labels) and HER2+
+ST section A1 (15,045-gene counts, pathologist labels), both from ``../shared/data``::
+
+    nice .venv/bin/python benchmarks/bench_seeds.py            # everything, ~15 min on 2 busy cores
+    nice .venv/bin/python benchmarks/bench_seeds.py --only ar  # one experiment
+
+Experiments (MLP head, warm start, 3 seeds, 30 PCs of log1p counts + 6-neighbour means):
+
+* ``ar``: ``resampling`` off / offline / online (re-cluster the hidden layer every 5
+  epochs) with the live loop's class-weighted loss, and offline / online with an
+  unweighted loss (the AR paper's setting); entropy queries.
+* ``strategies``: random, entropy, kmeans (closest to centroid), kmeans_far (far from
+  centre), coreset, hybrid (share 0.7), BALD by MC-dropout (10 passes); every arm of this
+  campaign trains the MLP with dropout 0.25 so BALD has something to sample.
+* ``coldstart``: the initial set (one query of ``query_size``) by random, coldstart_kmeans,
+  typiclust or probcover, then entropy.
+
+A1 drops the labels ``undetermined`` (5 spots, not a class) and ``immune infiltrate``
+(2 spots: too few to split into pool and test). Writes ``benchmarks/results/seeds/*.md``
+and prints the tables that ``benchmarks/README.md`` quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from histoloop.acquisition.simulation import SimulationConfig, run_campaign
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+RESULTS = REPO / "benchmarks" / "results" / "seeds"
+SEEDS = 3
+AR_ARMS = (("off", True), ("offline", True), ("online", True), ("offline", False), ("online", False))
+"""(resampling, class_weighting): the live loop weights the loss by inverse class frequency; the AR
+paper resamples instead, so the resampling modes also run with an unweighted loss."""
+
+
+def dlpfc():
+    """DLPFC 151510 as shipped (an ``.h5ad`` with ``obs['layer']``)."""
+    import anndata as ad
+
+    return ad.read_h5ad(SHARED / "dlpfc" / "151510" / "dlpfc151510_500genes.h5ad")
+
+
+def her2st_a1():
+    """HER2+ ST section A1: counts joined to the pathologist's labels and array positions."""
+    import anndata as ad
+    import pandas as pd
+
+    folder = SHARED / "her2st" / "A1"
+    counts = pd.read_csv(folder / "A1.tsv.gz", sep="\t", index_col=0)
+    selection = pd.read_csv(folder / "A1_selection.tsv", sep="\t")
+    labels = pd.read_csv(folder / "A1_labeled_coordinates.tsv", sep="\t")
+    key = lambda x, y: f"{float(x):.3f}_{float(y):.3f}"  # noqa: E731
+    label_of = {key(x, y): lab for x, y, lab in zip(labels.x, labels.y, labels.label, strict=True)}
+    selection["label"] = [label_of.get(key(x, y)) for x, y in zip(selection.new_x, selection.new_y, strict=True)]
+    selection.index = [f"{x}x{y}" for x, y in zip(selection.x, selection.y, strict=True)]
+    keep = selection[selection.label.notna() & ~selection.label.isin(["undetermined", "immune infiltrate"])]
+    keep = keep[keep.index.isin(counts.index)]
+    obs = pd.DataFrame({"label": keep.label.astype(str).to_numpy(), "array_row": keep.y.to_numpy(),
+                        "array_col": keep.x.to_numpy()}, index=keep.index)
+    X = counts.loc[keep.index].to_numpy(dtype=np.float32)
+    return ad.AnnData(X=X, obs=obs)
+
+
+DATASETS = {
+    "dlpfc151510": dict(load=dlpfc, label_column="layer", query_size=46, budget=460),
+    "her2st_a1": dict(load=her2st_a1, label_column="label", query_size=10, budget=100),
+}
+
+
+def experiments(name: str) -> dict[str, tuple[SimulationConfig, ...]]:
+    """The campaigns of one dataset, by experiment."""
+    d = DATASETS[name]
+    base = dict(label_column=d["label_column"], pca=30, neighbours=6, heads=("mlp",), seeds=SEEDS,
+                test_fraction=0.3, query_size=d["query_size"], budget=d["budget"], metric="macro_f1")
+    ar = tuple(SimulationConfig(**base, strategies=("entropy",),
+                                hyperparameters={"mlp": {"resampling": mode, "class_weighting": weighted}})
+               for mode, weighted in AR_ARMS)
+    strategies = (SimulationConfig(
+        **base, strategies=("random", "entropy", "kmeans", "kmeans_far", "coreset", "hybrid", "bald"),
+        hyperparameters={"mlp": {"dropout": 0.25, "mc_samples": 10}}),)
+    cold = tuple(SimulationConfig(**{**base, "budget": 3 * d["query_size"]}, strategies=("entropy",),
+                                  initial=initial, initial_size=d["query_size"])
+                 for initial in ("random", "coldstart_kmeans", "typiclust", "probcover"))
+    return {"ar": ar, "strategies": strategies, "coldstart": cold}
+
+
+def _records(folder: Path) -> list[dict]:
+    out = []
+    for path in sorted(folder.rglob("*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _summary(folder: Path, comparison: dict, label: str) -> list[dict]:
+    records = [r for r in _records(folder) if r.get("strategy") != "full" and "round" in r]
+    rows = []
+    for row in comparison["rows"]:
+        mine = [r for r in records if r["strategy"] == row["strategy"] and r["head"] == row["head"]]
+        by_seed: dict[int, list[dict]] = {}
+        for r in mine:
+            by_seed.setdefault(r["seed"], []).append(r)
+        first = [min(v, key=lambda r: r["round"])["macro_f1"] for v in by_seed.values()]
+        last = [max(v, key=lambda r: r["round"])["macro_f1"] for v in by_seed.values()]
+        rows.append({"arm": label or row["strategy"], "strategy": row["strategy"],
+                     "aulc": row["aulc"]["mean"], "aulc_sd": row["aulc"]["sd"],
+                     "first": float(np.mean(first)), "last": float(np.mean(last)),
+                     "last_sd": float(np.std(last, ddof=1)) if len(last) > 1 else 0.0,
+                     "labels_first": min(r["labels"] for r in mine), "labels_last": max(r["labels"] for r in mine),
+                     "full": comparison["full_supervision"]["mlp"]["mean"],
+                     "train_s": row["train_seconds_mean"], "query_s": row["query_seconds_mean"]})
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| arm | AULC (mean ± sd) | macro-F1 first round | macro-F1 last round (± sd) | labels first → last "
+             "| full supervision | train / query s per round |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: -r["aulc"]):
+        lines.append(f"| {r['arm']} | {r['aulc']:.3f} ± {r['aulc_sd']:.3f} | {r['first']:.3f} | "
+                     f"{r['last']:.3f} ± {r['last_sd']:.3f} | {r['labels_first']} → {r['labels_last']} | "
+                     f"{r['full']:.3f} | {r['train_s']:.2f} / {r['query_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} × {model}, Python {platform.python_version()}, load average {load}"
+
+
+def main() -> int:
+    """Run the chosen experiments on the chosen datasets and write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="ar,strategies,coldstart", help="experiments (comma-separated)")
+    parser.add_argument("--data", default=",".join(DATASETS), help="datasets (comma-separated)")
+    parser.add_argument("--out", default="/tmp/histoloop-bench-seeds", help="campaign folders")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for data_name in args.data.split(","):
+        data = DATASETS[data_name]["load"]()
+        for exp_name in args.only.split(","):
+            t0 = time.perf_counter()
+            rows: list[dict] = []
+            for config in experiments(data_name)[exp_name]:
+                label = ""
+                if exp_name == "ar":
+                    hp = config.hyperparameters["mlp"]
+                    label = f"resampling={hp['resampling']}" + ("" if hp["class_weighting"] else ", unweighted loss")
+                elif exp_name == "coldstart":
+                    label = f"initial={config.initial}"
+                result = run_campaign(data, config, root=Path(args.out) / data_name / exp_name,
+                                      workers=args.workers, resume=True, progress=False)
+                assert result.comparison is not None
+                rows += _summary(result.folder, result.comparison, label)
+            wall = time.perf_counter() - t0
+            text = (f"### {data_name}: {exp_name}\n\n{_table(rows)}\n\n"
+                    f"{SEEDS} seeds; {wall:.0f} s wall on {_machine()}.\n")
+            (RESULTS / f"{data_name}_{exp_name}.md").write_text(text)
+            (RESULTS / f"{data_name}_{exp_name}.json").write_text(json.dumps(rows, indent=1))
+            print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
