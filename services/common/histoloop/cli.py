@@ -6,22 +6,54 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from histoloop.config import load_settings
 from histoloop.errors import HistoloopError
 from histoloop.logs import setup_logging
 from histoloop.runtime import SERVICE_NAMES
 
+if TYPE_CHECKING:
+    from histoloop.config import Settings
+    from histoloop.server import Server
+    from histoloop.web import WebServer
+
 __all__ = ["main"]
 
 log = logging.getLogger("histoloop.cli")
+
+
+class _Workspace:
+    """The browser workspace beside ``histoloop serve``'s gRPC server (a server companion)."""
+
+    def __init__(self, server: Server, settings: Settings) -> None:
+        self._server = server
+        self._settings = settings
+        self._web: WebServer | None = None
+
+    def start(self) -> None:
+        from histoloop.web import WebServer
+
+        def ready(url: str) -> None:
+            print(f"browser workspace: {url}", flush=True)
+
+        web = WebServer(self._settings, store_address=f"127.0.0.1:{self._server.port}", on_ready=ready)
+        web.start()
+        self._web = web
+
+    def stop(self, timeout: float) -> None:
+        if self._web is not None:
+            self._web.stop(timeout)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from histoloop.server import Server
 
     settings = load_settings(**_overrides(args))
-    Server(settings).serve_until_signal()
+    server = Server(settings)
+    if not getattr(args, "no_web", False):
+        server.companions.append(_Workspace(server, settings))
+    server.serve_until_signal()
     return 0
 
 
@@ -29,6 +61,12 @@ def _run(args: argparse.Namespace) -> int:
     from histoloop.server import Server, normalise_service_name
 
     settings = load_settings(**_overrides(args))
+    if args.service.strip().lower() == "web":
+        from histoloop.web import WebServer
+
+        WebServer(settings, on_ready=lambda url: print(f"browser workspace: {url}", flush=True)
+                  ).serve_until_signal()
+        return 0
     Server(settings, [normalise_service_name(args.service)]).serve_until_signal()
     return 0
 
@@ -158,6 +196,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["grpc_port"] = args.port
     if getattr(args, "data_dir", None) is not None:
         overrides["data_dir"] = args.data_dir
+    if getattr(args, "web_port", None) is not None:
+        overrides["web_port"] = args.web_port
     return overrides
 
 
@@ -168,10 +208,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="all six services in one process (embedded default)")
     serve.add_argument("--port", type=int, help="gRPC port (default HISTOLOOP_GRPC_PORT or 50051)")
     serve.add_argument("--data-dir", help="state folder (default HISTOLOOP_DATA_DIR or .histoloop)")
+    serve.add_argument("--web-port", type=int, help="browser workspace port (default HISTOLOOP_WEB_PORT or 8080)")
+    serve.add_argument("--no-web", action="store_true", help="do not serve the browser workspace")
     serve.set_defaults(func=_serve)
 
     run = sub.add_parser("run", help="one service, backends from HISTOLOOP_* settings")
-    run.add_argument("service", help=" | ".join(SERVICE_NAMES))
+    run.add_argument("service", help=" | ".join((*SERVICE_NAMES, "web")))
     run.add_argument("--port", type=int)
     run.add_argument("--data-dir")
     run.set_defaults(func=_run)

@@ -1,0 +1,228 @@
+"""The overlay of one dataset for the browser workspace: every unit as columns.
+
+:func:`unit_layer` gathers, for each spot or tile of a dataset, where it is (centre and
+size in slide or Space Ranger full-res pixels), its consensus label, the caller's own
+latest label, the latest predictions (class and uncertainty), whether annotators dispute
+it and its place in the latest query set — one pass over the database and at most one
+predictions artifact, so that 100,000 tiles cost a few array columns, not 100,000 objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import select
+
+from histoloop.annotation_store import models as m
+from histoloop.annotation_store.consensus import compute_consensus, latest_votes
+from histoloop.annotation_store.domain import QuerySetRecord
+from histoloop.annotation_store.repository import AnnotationRepository
+from histoloop.artifacts.base import ArtifactStore
+from histoloop.errors import HistoloopError, NotFound
+
+__all__ = ["UnitLayerData", "unit_layer"]
+
+log = logging.getLogger(__name__)
+
+_SCALEFACTORS = "scalefactors_json.json"
+_VISIUM_SPOT_TO_PITCH = 55.0 / 100.0
+"""Visium spots are 55 µm across on a 100 µm centre-to-centre grid."""
+_CACHE = 8
+
+
+@dataclass
+class UnitLayerData:
+    """Columns of a dataset's units (index ``i`` of each array is unit ``i``)."""
+
+    project_id: str
+    dataset_id: str
+    kind: str
+    slide_uri: str
+    spatial_uri_prefix: str
+    slide_scale: float
+    coordinates: str
+    """``slide`` (level-0 slide px) or ``fullres`` (Space Ranger full-res px; no slide)."""
+    classes: list[str]
+    class_colors: list[str]
+    caller: str
+    unit_ids: list[str] = field(default_factory=list)
+    x: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    in_tissue: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    consensus: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    mine: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    uncertainty: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    disputed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    query_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    queryset_id: str = ""
+    round: int = 0
+    model_version: str = ""
+    votes: list[tuple[int, str, int]] = field(default_factory=list)
+    """``(unit index, annotator, class index)`` of every disputed unit's latest labels."""
+
+
+class _Predicted:
+    """Predicted class index and uncertainty per barcode of one dataset (cached by URI)."""
+
+    _lock = threading.Lock()
+    _cache: OrderedDict[tuple[str, str], tuple[str, dict[str, tuple[str, float]]]] = OrderedDict()
+
+    @classmethod
+    def load(cls, store: ArtifactStore, uri: str, dataset_id: str) -> tuple[str, dict[str, tuple[str, float]]]:
+        key = (uri, dataset_id)
+        with cls._lock:
+            if key in cls._cache:
+                cls._cache.move_to_end(key)
+                return cls._cache[key]
+        from histoloop.datasets import read_predictions  # numpy/anndata only when drawn
+
+        predictions = read_predictions(store, uri)
+        mask = predictions.datasets.astype(str) == dataset_id
+        probabilities = predictions.probabilities[mask]
+        classes = np.asarray(predictions.classes)
+        best = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, int)
+        uncertainty = 1.0 - probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
+        table = {
+            str(b): (str(classes[c]), float(u))
+            for b, c, u in zip(predictions.barcodes[mask], best, uncertainty, strict=True)
+        }
+        value = (predictions.model_version, table)
+        with cls._lock:
+            cls._cache[key] = value
+            while len(cls._cache) > _CACHE:
+                cls._cache.popitem(last=False)
+        return value
+
+
+def _spot_diameter(store: ArtifactStore, spatial_uri_prefix: str, pxl: np.ndarray) -> float:
+    """``spot_diameter_fullres`` from the copied scale factors, else 55/100 of the spot pitch."""
+    if spatial_uri_prefix:
+        try:
+            key = store.key_from_uri(spatial_uri_prefix).rstrip("/") + "/" + _SCALEFACTORS
+            value = float(json.loads(store.get(key))["spot_diameter_fullres"])
+            if value > 0:
+                return value
+        except (HistoloopError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.info("no spot diameter in %s (%s); estimating it from the spot pitch", spatial_uri_prefix, exc)
+    if len(pxl) < 2:
+        return 1.0
+    sample = pxl[: min(len(pxl), 2000)]
+    d = np.sqrt(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(axis=1)) * _VISIUM_SPOT_TO_PITCH)
+
+
+def unit_layer(
+    repo: AnnotationRepository,
+    project_id: str,
+    dataset_id: str,
+    *,
+    caller: str,
+    header_only: bool = False,
+) -> UnitLayerData:
+    """Every unit of a dataset with labels, predictions, disputes and query order.
+
+    Args:
+        repo: the annotation store's repository (database and artifact store).
+        project_id: the project.
+        dataset_id: one of its datasets.
+        caller: the annotator whose own labels fill ``mine``.
+        header_only: only describe the dataset and slide (no unit columns).
+
+    Raises:
+        NotFound: the project or dataset does not exist.
+    """
+    with repo.db.read() as s:
+        project = repo._project(s, project_id)
+        dataset = repo._dataset(s, project_id, dataset_id)
+        assert dataset is not None
+        classes = repo._classes(s, project_id)
+        layer = UnitLayerData(
+            project_id=project_id,
+            dataset_id=dataset_id,
+            kind=dataset.kind,
+            slide_uri=dataset.slide_uri,
+            spatial_uri_prefix=dataset.spatial_uri_prefix,
+            slide_scale=dataset.slide_scale or 1.0,
+            coordinates="slide" if dataset.slide_uri else "fullres",
+            classes=[c.name for c in classes],
+            class_colors=[c.color for c in classes],
+            caller=caller,
+        )
+        if header_only:
+            return layer
+        spots = s.execute(
+            select(m.Spot.barcode, m.Spot.pxl_col, m.Spot.pxl_row, m.Spot.in_tissue)
+            .where(m.Spot.dataset_pk == dataset.id)
+            .order_by(m.Spot.id)
+        ).all()
+        votes = repo._votes(s, project_id, dataset_id=dataset_id)
+        rule = project.consensus
+        tile_size = dataset.tile_size
+    n = len(spots)
+    index = {barcode: i for i, (barcode, *_rest) in enumerate(spots)}
+    class_index = {name: i for i, name in enumerate(layer.classes)}
+    pxl = np.array([(c, r) for _b, c, r, _t in spots], dtype=np.float64).reshape(n, 2)
+    scale = layer.slide_scale if layer.coordinates == "slide" else 1.0
+    layer.unit_ids = [b for b, *_rest in spots]
+    layer.x = (pxl[:, 0] * scale).astype(np.float32)
+    layer.y = (pxl[:, 1] * scale).astype(np.float32)
+    if layer.kind == "visium":
+        side = _spot_diameter(repo.artifacts, layer.spatial_uri_prefix, pxl) * scale
+    else:
+        side = float(tile_size or 1) * scale
+    layer.size = np.full(n, side, dtype=np.float32)
+    layer.in_tissue = np.array([bool(t) for *_rest, t in spots], dtype=bool)
+
+    layer.consensus = np.full(n, -1, np.int32)
+    layer.disputed = np.zeros(n, bool)
+    layer.mine = np.full(n, -1, np.int32)
+    result = compute_consensus(votes, rule)
+    for (_ds, barcode), label in result.labels.items():
+        i = index.get(barcode)
+        if i is not None:
+            layer.consensus[i] = class_index.get(label.label, -1)
+            layer.disputed[i] = label.disputed
+    for (_ds, barcode), by_annotator in latest_votes(votes).items():
+        i = index.get(barcode)
+        if i is None:
+            continue
+        mine = by_annotator.get(caller)
+        if mine is not None:
+            layer.mine[i] = class_index.get(mine.label, -1)
+        if layer.disputed[i]:
+            for annotator, vote in sorted(by_annotator.items()):
+                layer.votes.append((i, annotator, class_index.get(vote.label, -1)))
+
+    layer.predicted = np.full(n, -1, np.int32)
+    layer.uncertainty = np.full(n, -1.0, np.float32)
+    layer.query_rank = np.zeros(n, np.uint32)
+    try:
+        record: QuerySetRecord | None = repo.get_query_set(project_id)
+    except NotFound:
+        record = None
+    if record is not None:
+        layer.queryset_id, layer.round = record.queryset_id, record.round
+        rank = 0
+        for spot in record.spots:
+            if spot.dataset not in ("", dataset_id):
+                continue
+            rank += 1
+            i = index.get(spot.barcode)
+            if i is not None:
+                layer.query_rank[i] = rank
+        if record.predictions_uri:
+            layer.model_version, table = _Predicted.load(repo.artifacts, record.predictions_uri, dataset_id)
+            for barcode, (label, uncertainty) in table.items():
+                i = index.get(barcode)
+                if i is not None:
+                    layer.predicted[i] = class_index.get(label, -1)
+                    layer.uncertainty[i] = uncertainty
+    return layer
