@@ -80,7 +80,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _message(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def _check_id(value: str, what: str) -> str:
