@@ -87,7 +87,9 @@ def test_project_status_queryset_models_agreement(stack: Stack, ann_a: httpx.Cli
     assert ann_a.get(f"/api/projects/{PROJECT}/models").status_code == 200
     assert "fleiss_kappa" in ann_a.get(f"/api/projects/{PROJECT}/agreement?dataset={DATASET}").json()
     assert ann_a.get(f"/api/projects/{PROJECT}/agreement?dataset=bad%20id").status_code == 400
-    assert ann_a.get("/api/projects/nope/status").status_code == 404
+    # an unknown project is one the annotator is no member of: the store answers 403, naming them
+    reply = ann_a.get("/api/projects/nope/status")
+    assert reply.status_code == 403 and "ann-a" in reply.json()["error"]
 
 
 def test_layer_is_columnar_binary(stack: Stack, ann_a: httpx.Client) -> None:

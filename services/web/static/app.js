@@ -102,6 +102,7 @@ async function openDataset() {
     tileSources: { Image: slide.Image }, showNavigator: true, animationTime: 0.6,
     gestureSettingsMouse: { clickToZoom: false }, maxZoomPixelRatio: 4,
   });
+  state.viewer = viewer;
   viewer.addHandler('update-viewport', scheduleDraw);
   viewer.addHandler('resize', scheduleDraw);
   viewer.addHandler('canvas-click', onCanvasClick);
@@ -218,6 +219,7 @@ function draw() {
   for (let i = 0; i < L.n; i++) {
     const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 0.6);
     if (px + half < 0 || py + half < 0 || px - half > w || py - half > h) continue;
+    if (!(L.flags[i] & 1) && column[i] < 0 && !state.pending.has(i)) continue;  // off tissue, unlabelled
     let c = state.pending.has(i) ? state.pending.get(i) : column[i];
     let alpha = 0.6;
     if (state.mode === 'uncertainty' && !state.pending.has(i)) {
@@ -403,7 +405,7 @@ function fly(k) {
   const i = state.query[state.cursor];
   const scale = state.slide.unit_scale;
   const centre = viewer.viewport.imageToViewportCoordinates(new OpenSeadragon.Point(L.x[i] * scale, L.y[i] * scale));
-  const span = viewer.viewport.imageToViewportCoordinates(new OpenSeadragon.Point(L.size[i] * scale * 14, 0)).x;
+  const span = viewer.viewport.imageToViewportCoordinates(new OpenSeadragon.Point(L.size[i] * scale * 30, 0)).x;
   viewer.viewport.panTo(centre, false);
   viewer.viewport.zoomTo(Math.min(viewer.viewport.getMaxZoom(), 1 / Math.max(span, 1e-6)), centre, false);
   say(`query unit ${state.cursor + 1} of ${state.query.length}: ${L.ids[i]}`);

@@ -1,0 +1,153 @@
+"""The workspace in a real browser: Debian's chromium driven by Playwright (never downloaded).
+
+Without ``/usr/bin/chromium`` or the ``playwright`` package these tests skip and say why
+(``make test`` installs chromium where it runs as root with apt). Screenshots land in
+``$HISTOLOOP_WEB_SCREENSHOTS`` (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.web.conftest import LAYERS, PROJECT, WSI_PROJECT, Stack
+
+CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+    pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; make test does it as root)",
+                allow_module_level=True)
+
+OVERLAY_SIGNATURE = """() => {
+  const c = document.getElementById('overlay');
+  const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let h = 0, n = 0;
+  for (let i = 0; i < data.length; i += 4) if (data[i + 3]) { n++; h = (h * 31 + data[i] * 7 + data[i + 1] * 3 + data[i + 2]) % 1000000007; }
+  return [n, h];
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(os.environ.get("HISTOLOOP_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False):  # noqa: ANN001
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{stack.url}/?project={project}")
+    page.fill("#signin-token", stack.tokens[who])
+    if view_only:
+        page.check("#signin-view-only")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page.wait_for_timeout(300)
+    assert not errors, errors
+    return context, page
+
+
+def _label_query_with_hotkeys(page, stack: Stack) -> int:  # noqa: ANN001
+    ids = page.evaluate("window.__histoloop.query.map(i => window.__histoloop.layer.ids[i])")
+    assert ids, "the page shows no query units"
+    page.evaluate("window.__histoloop.cursor = -1")
+    page.keyboard.press("n")
+    labelled = 0
+    for k, unit in enumerate(ids):
+        label = stack.truth.get(unit)
+        if label is None:
+            if k < len(ids) - 1:
+                page.keyboard.press("n")
+            continue
+        page.keyboard.press(str(LAYERS.index(label) + 1))
+        labelled += 1
+    assert page.evaluate("window.__histoloop.pending.size") == labelled
+    return labelled
+
+
+def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, shots: Path) -> None:  # noqa: ANN001
+    context, page = _open(browser, stack, "ann-a")
+    round_before = page.evaluate("window.__histoloop.round")
+    page.select_option("#colour-mode", "consensus")
+    before = page.evaluate(OVERLAY_SIGNATURE)
+    consensus_before = page.evaluate("Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length")
+    page.screenshot(path=str(shots / "web-query.png"))
+    labelled = _label_query_with_hotkeys(page, stack)
+    page.keyboard.press("s")
+    page.wait_for_function(f"window.__histoloop.round > {round_before}", timeout=120_000)
+    page.wait_for_selector("#banner:not([hidden])")
+    banner = page.text_content("#banner")
+    assert banner.startswith(f"round {round_before + 1}:") and "new spots" in banner
+    page.wait_for_timeout(200)
+    consensus_after = page.evaluate("Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length")
+    assert consensus_after >= consensus_before + labelled
+    after = page.evaluate(OVERLAY_SIGNATURE)
+    assert after != before, "the overlay did not change after the next round arrived"
+    page.screenshot(path=str(shots / "web-next-round.png"))
+    page.evaluate("window.__histoloop.viewer.viewport.goHome(true)")
+    page.select_option("#colour-mode", "predicted")
+    page.wait_for_timeout(1500)
+    predicted = page.evaluate(OVERLAY_SIGNATURE)
+    assert predicted != after
+    page.screenshot(path=str(shots / "web-predicted.png"))
+    page.select_option("#colour-mode", "uncertainty")
+    page.wait_for_timeout(200)
+    page.screenshot(path=str(shots / "web-uncertainty.png"))
+    assert int(page.text_content("#round-number")) >= round_before + 1
+    context.close()
+
+
+def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots: Path) -> None:  # noqa: ANN001
+    ctx_a, page_a = _open(browser, stack, "ann-a")
+    ctx_b, page_b = _open(browser, stack, "ann-b")
+    ctx_v, page_v = _open(browser, stack, "ann-b", view_only=True)
+    assert page_v.is_hidden("#send") and "read-only" in page_v.text_content("#who")
+    start = page_a.evaluate("window.__histoloop.round")
+    assert page_b.evaluate("window.__histoloop.round") == start
+    _label_query_with_hotkeys(page_a, stack)
+    page_a.click("#send")
+    for page in (page_a, page_b, page_v):
+        page.wait_for_function(f"window.__histoloop.round > {start}", timeout=120_000)
+        assert page.text_content("#banner").startswith(f"round {start + 1}:")
+    assert page_b.text_content("#who").startswith("ann-b")
+    page_b.screenshot(path=str(shots / "web-second-annotator.png"))
+    for ctx in (ctx_a, ctx_b, ctx_v):
+        ctx.close()
+
+
+def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:  # noqa: ANN001
+    context, page = _open(browser, stack, "ann-a", project=WSI_PROJECT)
+    n = page.evaluate("window.__histoloop.layer.n")
+    page.screenshot(path=str(shots / "web-wsi.png"))
+    if n == 0:
+        context.close()
+        pytest.skip("needs tiles as units from wip/cli (the WSI dataset has no units in the store yet)")
+    page.keyboard.press("b")
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=25)
+    page.mouse.up()
+    assert page.evaluate("window.__histoloop.pending.size") > 0
+    page.keyboard.press("u")
+    assert page.evaluate("window.__histoloop.pending.size") == 0
+    context.close()
