@@ -50,7 +50,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False):  # noqa: ANN001
+def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False):
     context = browser.new_context(viewport={"width": 1400, "height": 860})
     page = context.new_page()
     errors: list[str] = []
@@ -66,7 +66,7 @@ def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only:
     return context, page
 
 
-def _label_query_with_hotkeys(page, stack: Stack) -> int:  # noqa: ANN001
+def _label_query_with_hotkeys(page, stack: Stack) -> int:
     ids = page.evaluate("window.__histoloop.query.map(i => window.__histoloop.layer.ids[i])")
     assert ids, "the page shows no query units"
     page.evaluate("window.__histoloop.cursor = -1")
@@ -84,7 +84,7 @@ def _label_query_with_hotkeys(page, stack: Stack) -> int:  # noqa: ANN001
     return labelled
 
 
-def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, shots: Path) -> None:  # noqa: ANN001
+def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, shots: Path) -> None:
     context, page = _open(browser, stack, "ann-a")
     round_before = page.evaluate("window.__histoloop.round")
     page.select_option("#colour-mode", "consensus")
@@ -116,7 +116,7 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     context.close()
 
 
-def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots: Path) -> None:  # noqa: ANN001
+def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots: Path) -> None:
     ctx_a, page_a = _open(browser, stack, "ann-a")
     ctx_b, page_b = _open(browser, stack, "ann-b")
     ctx_v, page_v = _open(browser, stack, "ann-b", view_only=True)
@@ -134,7 +134,7 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
         ctx.close()
 
 
-def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:  # noqa: ANN001
+def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
     context, page = _open(browser, stack, "ann-a", project=WSI_PROJECT)
     n = page.evaluate("window.__histoloop.layer.n")
     page.screenshot(path=str(shots / "web-wsi.png"))
