@@ -94,6 +94,7 @@ async function signIn() {
 
 // ---------------------------------------------------------------------------- slide + layer
 async function openDataset() {
+  const layerBytes = fetchLayer();  // in parallel with the slide
   const slide = await getJSON(`${dsBase()}/slide.json`);
   state.slide = slide;
   if (viewer) viewer.destroy();
@@ -107,11 +108,15 @@ async function openDataset() {
   viewer.addHandler('resize', scheduleDraw);
   viewer.addHandler('canvas-click', onCanvasClick);
   await new Promise((resolve) => viewer.addOnceHandler('open', resolve));
-  await loadLayer();
+  await loadLayer(layerBytes);
 }
 
-async function loadLayer() {
-  const buffer = await (await api(`${dsBase()}/layer`)).arrayBuffer();
+async function fetchLayer() {
+  return (await api(`${dsBase()}/layer`)).arrayBuffer();
+}
+
+async function loadLayer(pending = null) {
+  const buffer = await (pending || fetchLayer());
   const layer = parseLayer(buffer);
   state.layer = layer;
   state.round = layer.round;
@@ -425,12 +430,13 @@ async function send() {
   const L = state.layer;
   const labels = [...state.pending].map(([i, c]) => ({ unit: L.ids[i], label: L.classes[c] }));
   const batchId = 'web-' + (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2));
+  const sentAt = performance.now();
   try {
     const reply = await (await api(`${dsBase()}/labels`, {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ labels, queryset_id: L.queryset_id, batch_id: batchId }),
     })).json();
-    state.sentAt = performance.now();
+    state.sentAt = sentAt;
     state.pending.clear();
     state.undo = [];
     $('pending-count').textContent = '0';
