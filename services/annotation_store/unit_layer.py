@@ -119,6 +119,77 @@ def _spot_diameter(store: ArtifactStore, spatial_uri_prefix: str, pxl: np.ndarra
     return float(np.median(d.min(axis=1)) * _VISIUM_SPOT_TO_PITCH)
 
 
+@dataclass(frozen=True)
+class _Units:
+    """A dataset's units (immutable once registered)."""
+
+    ids: list[str]
+    pxl: np.ndarray
+    in_tissue: np.ndarray
+    index: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """Consensus and every annotator's latest label, as of one label version."""
+
+    consensus: dict[str, tuple[str, bool]]
+    """barcode → (consensus label, disputed)."""
+    latest: dict[str, dict[str, str]]
+    """barcode → annotator → their latest label."""
+
+
+class _Lru:
+    """A small thread-safe LRU cache."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[object, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> object | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: object, value: object) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class _Columns:
+    """Label columns of one dataset as of one label version (``mine`` filled per caller)."""
+
+    consensus: np.ndarray
+    disputed: np.ndarray
+    votes: list[tuple[int, str, int]]
+    mine: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _label_columns(units: _Units, labels: _Labels, class_index: dict[str, int]) -> _Columns:
+    n = len(units.ids)
+    columns = _Columns(consensus=np.full(n, -1, np.int32), disputed=np.zeros(n, bool), votes=[])
+    for barcode, (label, disputed) in labels.consensus.items():
+        i = units.index.get(barcode)
+        if i is not None:
+            columns.consensus[i] = class_index.get(label, -1)
+            columns.disputed[i] = disputed
+            if disputed:
+                for annotator, vote in sorted(labels.latest.get(barcode, {}).items()):
+                    columns.votes.append((i, annotator, class_index.get(vote, -1)))
+    return columns
+
+
+_UNITS = _Lru(_CACHE)
+_COLUMNS = _Lru(_CACHE)
+_LABELS = _Lru(_CACHE)
+
+
 def unit_layer(
     repo: AnnotationRepository,
     project_id: str,
@@ -128,6 +199,9 @@ def unit_layer(
     header_only: bool = False,
 ) -> UnitLayerData:
     """Every unit of a dataset with labels, predictions, disputes and query order.
+
+    Units are cached per dataset row and labels per label version, so only the first
+    request after a commit recomputes the consensus.
 
     Args:
         repo: the annotation store's repository (database and artifact store).
@@ -158,49 +232,65 @@ def unit_layer(
         )
         if header_only:
             return layer
-        spots = s.execute(
-            select(m.Spot.barcode, m.Spot.pxl_col, m.Spot.pxl_row, m.Spot.in_tissue)
-            .where(m.Spot.dataset_pk == dataset.id)
-            .order_by(m.Spot.id)
-        ).all()
-        votes = repo._votes(s, project_id, dataset_id=dataset_id)
-        rule = project.consensus
+        units_key = (repo.db, dataset.id, dataset.registered_at, dataset.n_spots)
+        units = _UNITS.get(units_key)
+        if units is None:
+            spots = s.execute(
+                select(m.Spot.barcode, m.Spot.pxl_col, m.Spot.pxl_row, m.Spot.in_tissue)
+                .where(m.Spot.dataset_pk == dataset.id)
+                .order_by(m.Spot.id)
+            ).all()
+            ids = [b for b, *_rest in spots]
+            units = _Units(
+                ids=ids,
+                pxl=np.array([(c, r) for _b, c, r, _t in spots], dtype=np.float64).reshape(len(spots), 2),
+                in_tissue=np.array([bool(t) for *_rest, t in spots], dtype=bool),
+                index={b: i for i, b in enumerate(ids)},
+            )
+            _UNITS.put(units_key, units)
+        labels_key = (repo.db, project_id, dataset_id, project.label_version, project.consensus)
+        labels = _LABELS.get(labels_key)
+        if labels is None:
+            votes = repo._votes(s, project_id, dataset_id=dataset_id)
+            result = compute_consensus(votes, project.consensus)
+            labels = _Labels(
+                consensus={b: (c.label, c.disputed) for (_ds, b), c in result.labels.items()},
+                latest={b: {a: v.label for a, v in by.items()} for (_ds, b), by in latest_votes(votes).items()},
+            )
+            _LABELS.put(labels_key, labels)
         tile_size = dataset.tile_size
-    n = len(spots)
-    index = {barcode: i for i, (barcode, *_rest) in enumerate(spots)}
+    assert isinstance(units, _Units) and isinstance(labels, _Labels)
+    n = len(units.ids)
+    index = units.index
     class_index = {name: i for i, name in enumerate(layer.classes)}
-    pxl = np.array([(c, r) for _b, c, r, _t in spots], dtype=np.float64).reshape(n, 2)
     scale = layer.slide_scale if layer.coordinates == "slide" else 1.0
-    layer.unit_ids = [b for b, *_rest in spots]
-    layer.x = (pxl[:, 0] * scale).astype(np.float32)
-    layer.y = (pxl[:, 1] * scale).astype(np.float32)
+    layer.unit_ids = units.ids
+    layer.x = (units.pxl[:, 0] * scale).astype(np.float32)
+    layer.y = (units.pxl[:, 1] * scale).astype(np.float32)
     if layer.kind == "visium":
-        side = _spot_diameter(repo.artifacts, layer.spatial_uri_prefix, pxl) * scale
+        side = _spot_diameter(repo.artifacts, layer.spatial_uri_prefix, units.pxl) * scale
     else:
         side = float(tile_size or 1) * scale
     layer.size = np.full(n, side, dtype=np.float32)
-    layer.in_tissue = np.array([bool(t) for *_rest, t in spots], dtype=bool)
+    layer.in_tissue = units.in_tissue
 
-    layer.consensus = np.full(n, -1, np.int32)
-    layer.disputed = np.zeros(n, bool)
-    layer.mine = np.full(n, -1, np.int32)
-    result = compute_consensus(votes, rule)
-    for (_ds, barcode), label in result.labels.items():
-        i = index.get(barcode)
-        if i is not None:
-            layer.consensus[i] = class_index.get(label.label, -1)
-            layer.disputed[i] = label.disputed
-    for (_ds, barcode), by_annotator in latest_votes(votes).items():
-        i = index.get(barcode)
-        if i is None:
-            continue
-        mine = by_annotator.get(caller)
-        if mine is not None:
-            layer.mine[i] = class_index.get(mine.label, -1)
-        if layer.disputed[i]:
-            for annotator, vote in sorted(by_annotator.items()):
-                layer.votes.append((i, annotator, class_index.get(vote.label, -1)))
-
+    columns_key = (labels_key, units_key, tuple(layer.classes))
+    columns = _COLUMNS.get(columns_key)
+    if columns is None:
+        columns = _label_columns(units, labels, class_index)
+        _COLUMNS.put(columns_key, columns)
+    assert isinstance(columns, _Columns)
+    layer.consensus, layer.disputed, layer.votes = columns.consensus, columns.disputed, columns.votes
+    mine = columns.mine.get(caller)
+    if mine is None:
+        mine = np.full(n, -1, np.int32)
+        for barcode, by_annotator in labels.latest.items():
+            label = by_annotator.get(caller)
+            i = index.get(barcode)
+            if label is not None and i is not None:
+                mine[i] = class_index.get(label, -1)
+        columns.mine[caller] = mine
+    layer.mine = mine
     layer.predicted = np.full(n, -1, np.int32)
     layer.uncertainty = np.full(n, -1.0, np.float32)
     layer.query_rank = np.zeros(n, np.uint32)
