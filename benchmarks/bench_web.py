@@ -101,7 +101,7 @@ def _grid_dataset(folder: Path, cols: int, rows: int, step: float) -> Path:
     return spatial
 
 
-def part_big(args: argparse.Namespace, browser, out: dict) -> None:  # noqa: ANN001
+def part_big(args: argparse.Namespace, browser, out: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
         server, web = _stack(Path(tmp), ["annotation_store", "training"])
         try:
@@ -198,7 +198,7 @@ def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
                     "warm_vs_bare": rates["warm"] / bare}
 
 
-def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:  # noqa: ANN001
+def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:
     import anndata as ad
 
     truth = ad.read_h5ad(DLPFC / "dlpfc151510_500genes.h5ad").obs["layer"].astype("object").dropna().astype(str)
