@@ -103,7 +103,7 @@ def _grid_dataset(folder: Path, cols: int, rows: int, step: float) -> Path:
 
 def part_big(args: argparse.Namespace, browser, out: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
-        server, web = _stack(Path(tmp), ["annotation_store", "training"])
+        server, web = _stack(Path(tmp), ["annotation_store"])  # no training: nothing competes
         try:
             store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
             store.CreateProject(pb.CreateProjectRequest(project_id="big", name="100,000 units", classes=[

@@ -5,6 +5,6 @@ HTTP server that runs it (:class:`WebServer`). See ``services/web/README.md``.
 """
 
 from histoloop.web.app import create_app
-from histoloop.web.server import WebServer
+from histoloop.web.server import WebServer, WorkspaceCompanion
 
-__all__ = ["WebServer", "create_app"]
+__all__ = ["WebServer", "WorkspaceCompanion", "create_app"]

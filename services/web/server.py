@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -20,7 +21,10 @@ from histoloop.errors import HistoloopError
 from histoloop.web.app import create_app
 from histoloop.web.backends import Backends
 
-__all__ = ["WebServer"]
+if TYPE_CHECKING:
+    from histoloop.server import Server
+
+__all__ = ["WebServer", "WorkspaceCompanion"]
 
 log = logging.getLogger(__name__)
 _START_TIMEOUT = 20.0
@@ -97,3 +101,30 @@ class WebServer:
         self.start()
         stop.wait()
         self.stop(self.settings.grace_seconds)
+
+
+class WorkspaceCompanion:
+    """The workspace beside a :class:`histoloop.server.Server` in the same process.
+
+    Appended to ``server.companions``: started once the gRPC port is bound (so it knows
+    the port), stopped before the gRPC server.
+    """
+
+    def __init__(self, server: Server, settings: Settings, *,
+                 on_ready: Callable[[str], None] = lambda url: None) -> None:
+        """Serve the workspace for ``server``'s services with ``settings``."""
+        self._server = server
+        self._settings = settings
+        self._on_ready = on_ready
+        self.web: WebServer | None = None
+
+    def start(self) -> None:
+        """Start the HTTP server against the gRPC server's port."""
+        self.web = WebServer(self._settings, store_address=f"127.0.0.1:{self._server.port}",
+                             on_ready=self._on_ready)
+        self.web.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop the HTTP server; safe to call twice."""
+        if self.web is not None:
+            self.web.stop(timeout)

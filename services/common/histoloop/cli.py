@@ -6,44 +6,15 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from histoloop.config import load_settings
 from histoloop.errors import HistoloopError
 from histoloop.logs import setup_logging
 from histoloop.runtime import SERVICE_NAMES
 
-if TYPE_CHECKING:
-    from histoloop.config import Settings
-    from histoloop.server import Server
-    from histoloop.web import WebServer
-
 __all__ = ["main"]
 
 log = logging.getLogger("histoloop.cli")
-
-
-class _Workspace:
-    """The browser workspace beside ``histoloop serve``'s gRPC server (a server companion)."""
-
-    def __init__(self, server: Server, settings: Settings) -> None:
-        self._server = server
-        self._settings = settings
-        self._web: WebServer | None = None
-
-    def start(self) -> None:
-        from histoloop.web import WebServer
-
-        def ready(url: str) -> None:
-            print(f"browser workspace: {url}", flush=True)
-
-        web = WebServer(self._settings, store_address=f"127.0.0.1:{self._server.port}", on_ready=ready)
-        web.start()
-        self._web = web
-
-    def stop(self, timeout: float) -> None:
-        if self._web is not None:
-            self._web.stop(timeout)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -52,7 +23,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(**_overrides(args))
     server = Server(settings)
     if not getattr(args, "no_web", False):
-        server.companions.append(_Workspace(server, settings))
+        from histoloop.web import WorkspaceCompanion
+
+        server.companions.append(WorkspaceCompanion(
+            server, settings, on_ready=lambda url: print(f"browser workspace: {url}", flush=True)))
     server.serve_until_signal()
     return 0
 
@@ -121,8 +95,23 @@ def _demo(args: argparse.Namespace) -> int:
                   f"{row.seconds_to_next_query:>17.2f}s")
         bar.update(1)
 
+    def on_workspace(url: str) -> None:
+        bar.write(f"browser workspace (live while the demo runs): {url}")
+
+    def hold() -> None:
+        if args.serve:
+            import signal
+            import threading
+
+            done = threading.Event()
+            signal.signal(signal.SIGINT, lambda *_: done.set())
+            signal.signal(signal.SIGTERM, lambda *_: done.set())
+            print("the workspace stays open; Ctrl-C to stop", flush=True)
+            done.wait()
+
     rows = run_demo(data, out, rounds=args.rounds, query_size=args.query_size, strategy=args.strategy,
-                    head=args.head, spatial_neighbours=args.neighbours, seed=args.seed, on_round=on_round)
+                    head=args.head, spatial_neighbours=args.neighbours, seed=args.seed, on_round=on_round,
+                    on_workspace=on_workspace, hold=hold)
     bar.close()
     latencies = sorted(r.seconds_to_next_query for r in rows)
     print(f"median labels→next query set: {latencies[len(latencies) // 2]:.2f}s")
@@ -233,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--head", default="mlp")
     demo.add_argument("--neighbours", type=int, default=6, help="spatial neighbour features (0 = off)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--serve", action="store_true", help="keep the browser workspace open after the rounds")
     demo.set_defaults(func=_demo)
 
     tile = sub.add_parser("tile", help="cut a slide into patches (Visium spots or a WSI grid) with a progress bar")
