@@ -203,8 +203,9 @@ class WebApp:
     async def models(self, request: Request) -> JSONResponse:
         """Model cards, oldest first: the learning curve."""
         p = _check_id(request.path_params["project"], "project")
-        reply = await self._rpc(request, p, self.backends.training.ListModels,
-                                training_pb2.ListModelsRequest(project_id=p))
+        await self.session(request, p)  # the store confirms membership; then the service token reads
+        reply = await run_in_threadpool(self.backends.call, self.backends.training.ListModels,
+                                        training_pb2.ListModelsRequest(project_id=p), "")
         return JSONResponse({"models": [
             {"model_version": m.model_version, "label_version": m.label_version, "head": m.head,
              "n_train": m.metrics.n_train, "macro_f1": m.metrics.macro_f1,

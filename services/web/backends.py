@@ -71,8 +71,10 @@ class Backends:
         token = "" if self.auth else None  # token mode: each call carries the annotator's token
         self._channels = [make_channel(store, settings, token=token)]
         self.store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(self._channels[0])
-        if training != store:
-            self._channels.append(make_channel(training, settings, token=token))
+        # The training service knows only service and admin tokens (annotator tokens live in
+        # the store), so model cards are read with the service token, after the store has
+        # confirmed the annotator's membership of the project.
+        self._channels.append(make_channel(training, settings))
         self.training = training_pb2_grpc.TrainingServiceStub(self._channels[-1])
         self.store_channel = self._channels[0]
         self.store_address = store

@@ -84,7 +84,9 @@ def test_project_status_queryset_models_agreement(stack: Stack, ann_a: httpx.Cli
     assert status["round"] >= 0 and status["n_spots"] == 4634
     query_set = ann_a.get(f"/api/projects/{PROJECT}/queryset").json()
     assert len(query_set["spots"]) == 10
-    assert ann_a.get(f"/api/projects/{PROJECT}/models").status_code == 200
+    models = ann_a.get(f"/api/projects/{PROJECT}/models").json()["models"]
+    assert all({"model_version", "n_train", "macro_f1"} <= m.keys() for m in models)
+    assert _client(stack, "other", project=OTHER).get(f"/api/projects/{PROJECT}/models").status_code == 403
     assert "fleiss_kappa" in ann_a.get(f"/api/projects/{PROJECT}/agreement?dataset={DATASET}").json()
     assert ann_a.get(f"/api/projects/{PROJECT}/agreement?dataset=bad%20id").status_code == 400
     # an unknown project is one the annotator is no member of: the store answers 403, naming them
