@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.web.conftest import LAYERS, PROJECT, WSI_PROJECT, Stack
+from histoloop.v1 import annotation_store_pb2 as pb
+from tests.web.conftest import DATASET, LAYERS, PROJECT, WSI_PROJECT, Stack
 
 CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -130,8 +131,48 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
         assert page.text_content("#banner").startswith(f"round {start + 1}:")
     assert page_b.text_content("#who").startswith("ann-b")
     page_b.screenshot(path=str(shots / "web-second-annotator.png"))
-    for ctx in (ctx_a, ctx_b, ctx_v):
-        ctx.close()
+    ctx_a.close()
+    ctx_v.close()
+
+    # brush and lasso over the spots, each undone
+    page_b.evaluate("window.__histoloop.viewer.viewport.goHome(true)")
+    page_b.wait_for_timeout(300)
+    box = page_b.locator("#viewer-wrap").bounding_box()
+    cx, cy = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5
+    page_b.keyboard.press("b")
+    page_b.mouse.move(cx - 80, cy)
+    page_b.mouse.down()
+    page_b.mouse.move(cx + 80, cy, steps=20)
+    page_b.mouse.up()
+    brushed = page_b.evaluate("window.__histoloop.pending.size")
+    assert brushed > 10
+    page_b.keyboard.press("u")
+    assert page_b.evaluate("window.__histoloop.pending.size") == 0
+    page_b.keyboard.press("l")
+    page_b.mouse.move(cx - 60, cy - 60)
+    page_b.mouse.down()
+    for x, y in ((cx + 60, cy - 60), (cx + 60, cy + 60), (cx - 60, cy + 60), (cx - 60, cy - 59)):
+        page_b.mouse.move(x, y, steps=5)
+    page_b.mouse.up()
+    lassoed = page_b.evaluate("window.__histoloop.pending.size")
+    assert lassoed > brushed  # a 120 px square holds more spots than a 160 px brush line
+    page_b.keyboard.press("u")
+    assert page_b.evaluate("window.__histoloop.pending.size") == 0
+
+    # two annotators disagree on a spot: the adjudication panel lists both labels
+    unit = str(stack.truth.index[-1])
+    for who, label in (("ann-a", "Layer1"), ("ann-b", "Layer2")):
+        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
+            project_id=PROJECT, dataset_id=DATASET, batch_id=f"dispute-{who}", annotator_id=who,
+            labels=[pb.SpotLabel(barcode=unit, label=label)]), metadata=stack.admin)
+    page_b.reload()
+    page_b.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page_b.wait_for_selector(f"#adjudication tr[data-unit]:has-text('{unit}')", timeout=30_000)
+    row = page_b.text_content(f"#adjudication tr[data-unit]:has-text('{unit}')")
+    assert "ann-a: Layer1" in row and "ann-b: Layer2" in row
+    page_b.locator("#adjudication").scroll_into_view_if_needed()
+    page_b.screenshot(path=str(shots / "web-adjudication.png"))
+    ctx_b.close()
 
 
 def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
