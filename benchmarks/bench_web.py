@@ -139,7 +139,7 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
                 context = browser.new_context(viewport={"width": 1400, "height": 860})
                 page = context.new_page()
                 page.goto(f"{base}/?project=big")
-                page.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
+                page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
                 interactive.append(page.evaluate(
                     "performance.getEntriesByName('histoloop-interactive')[0].startTime") / 1000)
                 context.close()
@@ -147,7 +147,7 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             context = browser.new_context(viewport={"width": 1400, "height": 860})
             page = context.new_page()
             page.goto(f"{base}/?project=big")
-            page.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
+            page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
             page.wait_for_timeout(1000)
             out["pan_zoom"] = page.evaluate(FPS, args.seconds)
             # the same motion with the overlay switched off: OpenSeadragon alone, same run
@@ -230,7 +230,7 @@ def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:
             page.goto(f"{web.url}?project=dlpfc")
             deadline = time.monotonic() + 300
             while True:  # the cold-start query set first
-                page.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=300_000)
+                page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=300_000)
                 if page.evaluate("window.__histoloop.query.length") or time.monotonic() > deadline:
                     break
                 page.wait_for_timeout(1000)
@@ -246,7 +246,7 @@ def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:
                     elif j < len(ids) - 1:
                         page.keyboard.press("n")
                 page.keyboard.press("s")
-                page.wait_for_function(f"window.__histoloop.round > {before} && window.__histoloop.latencies.length > {k}",
+                page.wait_for_function(f"() => window.__histoloop.round > {before} && window.__histoloop.latencies.length > {k}",
                                        timeout=300_000)
             latencies = [x / 1000 for x in page.evaluate("window.__histoloop.latencies")]
             out["labels_to_query_drawn_s"] = latencies

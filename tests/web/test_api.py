@@ -42,6 +42,8 @@ def test_health_page_and_static(stack: Stack) -> None:
         assert client.get("/readyz").json() == {"status": "ready"}
         page = client.get("/")
         assert page.status_code == 200 and "openseadragon.min.js" in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["x-content-type-options"] == "nosniff"
         osd = client.get("/static/vendor/openseadragon/openseadragon.min.js")
         assert osd.status_code == 200 and b"OpenSeadragon" in osd.content[:2000]
         assert client.get("/static/app.js").status_code == 200

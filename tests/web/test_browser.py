@@ -61,7 +61,7 @@ def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only:
     if view_only:
         page.check("#signin-view-only")
     page.click("#signin-form button[type=submit]")
-    page.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
     page.wait_for_timeout(300)
     assert not errors, errors
     return context, page
@@ -94,7 +94,7 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     page.screenshot(path=str(shots / "web-query.png"))
     labelled = _label_query_with_hotkeys(page, stack)
     page.keyboard.press("s")
-    page.wait_for_function(f"window.__histoloop.round > {round_before}", timeout=120_000)
+    page.wait_for_function(f"() => window.__histoloop.round > {round_before}", timeout=120_000)
     page.wait_for_selector("#banner:not([hidden])")
     banner = page.text_content("#banner")
     assert banner.startswith(f"round {round_before + 1}:") and "new spots" in banner
@@ -127,7 +127,7 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
     _label_query_with_hotkeys(page_a, stack)
     page_a.click("#send")
     for page in (page_a, page_b, page_v):
-        page.wait_for_function(f"window.__histoloop.round > {start}", timeout=120_000)
+        page.wait_for_function(f"() => window.__histoloop.round > {start}", timeout=120_000)
         assert page.text_content("#banner").startswith(f"round {start + 1}:")
     assert page_b.text_content("#who").startswith("ann-b")
     page_b.screenshot(path=str(shots / "web-second-annotator.png"))
@@ -166,7 +166,7 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
             project_id=PROJECT, dataset_id=DATASET, batch_id=f"dispute-{who}", annotator_id=who,
             labels=[pb.SpotLabel(barcode=unit, label=label)]), metadata=stack.admin)
     page_b.reload()
-    page_b.wait_for_function("window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page_b.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
     page_b.wait_for_selector(f"#adjudication tr[data-unit]:has-text('{unit}')", timeout=30_000)
     row = page_b.text_content(f"#adjudication tr[data-unit]:has-text('{unit}')")
     assert "ann-a: Layer1" in row and "ann-b: Layer2" in row
