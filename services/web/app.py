@@ -9,6 +9,7 @@ Endpoints (``{p}`` a project id, ``{d}`` one of its dataset ids):
 ========================================================  ===========================================
 ``GET /``                                                 the workspace page (``?project=…``)
 ``GET /healthz``, ``GET /readyz``                         liveness; readiness (the store answers)
+``GET /metrics``                                          Prometheus metrics (``histoloop_web_*``)
 ``GET /api/me``                                           auth mode, who is signed in, read-only
 ``POST /api/session``, ``DELETE /api/session``            sign in with an annotator token; sign out
 ``GET /api/projects/{p}``                                 project: classes, datasets, settings
@@ -61,6 +62,7 @@ from histoloop.v1 import annotation_store_pb2 as pb
 from histoloop.v1 import training_pb2
 from histoloop.web.backends import Backends, WebError, http_status
 from histoloop.web.layer import encode_layer
+from histoloop.web.metrics import EVENT_STREAMS, TILES, RequestMetrics, metrics_endpoint
 from histoloop.web.sessions import COOKIE, Session, SessionStore
 from histoloop.web.slides import Slide, SlideCache, TileCache, check_address
 
@@ -253,6 +255,7 @@ class WebApp:
         threading.Thread(target=pump, name=f"sse-{p}", daemon=True).start()
 
         async def body() -> AsyncIterator[str]:
+            EVENT_STREAMS.inc()
             try:
                 yield "retry: 2000\n\n"
                 while True:
@@ -266,6 +269,7 @@ class WebApp:
                     kind, data = item
                     yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
             finally:
+                EVENT_STREAMS.dec()
                 stream.cancel()
 
         return StreamingResponse(body(), media_type="text/event-stream",
@@ -332,8 +336,11 @@ class WebApp:
         etag = slide.etag(level, c, r)
         headers = {"ETag": etag, "Cache-Control": "private, max-age=86400"}
         if request.headers.get("if-none-match") == etag:
+            TILES.labels("not_modified").inc()
             return Response(status_code=304, headers=headers)
+        hits = self.tiles.hits
         data = await run_in_threadpool(self.tiles.get, slide, level, c, r)
+        TILES.labels("cache" if self.tiles.hits > hits else "rendered").inc()
         return Response(data, media_type="image/jpeg", headers=headers)
 
     async def submit(self, request: Request) -> JSONResponse:
@@ -461,6 +468,7 @@ def create_app(settings: Settings, store: ArtifactStore, backends: Backends) -> 
     routes = [
         Route("/", index),
         Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
         Route("/readyz", _guard(web.readyz)),
         Route("/api/me", _guard(web.me)),
         Route("/api/session", _guard(web.sign_in), methods=["POST"]),
@@ -479,6 +487,6 @@ def create_app(settings: Settings, store: ArtifactStore, backends: Backends) -> 
         Route(ds + "/export", _guard(web.export)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)])
+    app = Starlette(routes=routes, middleware=[Middleware(RequestMetrics), Middleware(_SecurityHeaders)])
     app.state.web = web
     return app

@@ -47,6 +47,8 @@ def test_health_page_and_static(stack: Stack) -> None:
         osd = client.get("/static/vendor/openseadragon/openseadragon.min.js")
         assert osd.status_code == 200 and b"OpenSeadragon" in osd.content[:2000]
         assert client.get("/static/app.js").status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'histoloop_web_requests_total{route="/healthz",status="200"}' in metrics
 
 
 def test_sign_in_checks_the_token_with_the_store(stack: Stack) -> None:
@@ -120,6 +122,10 @@ def test_deep_zoom_of_a_visium_image_and_a_wsi(stack: Stack, ann_a: httpx.Client
     assert tile.status_code == 200 and tile.content[:2] == b"\xff\xd8"
     etag = tile.headers["etag"]
     assert ann_a.get(f"{ds}/slide_files/9/0_0.jpeg", headers={"If-None-Match": etag}).status_code == 304
+    assert ann_a.get(f"{ds}/slide_files/9/0_0.jpeg").content == tile.content  # from the cache
+    metrics = ann_a.get("/metrics").text
+    for source in ("rendered", "cache", "not_modified"):
+        assert f'histoloop_web_tiles_total{{source="{source}"}}' in metrics
     for bad, code in (("99/0_0.jpeg", 404), ("9/7_0.jpeg", 404), ("x/0_0.jpeg", 400), ("9/0_0.png", 404),
                       ("9/../../etc_passwd.jpeg", 404)):
         assert ann_a.get(f"{ds}/slide_files/{bad}").status_code == code, bad
