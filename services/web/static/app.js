@@ -195,7 +195,7 @@ function toUnits(px, py) {
 // ---------------------------------------------------------------------------- drawing
 // While the view moves, the last full overlay is redrawn as one transformed bitmap (cheap
 // at any unit count); the full redraw follows once the view has been still for a moment.
-const SETTLE_MS = 150;
+const SETTLE_MS = 400;
 let cache = null;
 let settleTimer = 0;
 
