@@ -38,12 +38,19 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PY) tools/gen_protos.py
 	touch $@
 
-# Debian tools some deployment checks use (docker-compose config, promtool); installed
+# Debian tools some deployment checks use (docker-compose config, promtool) and the browser
+# the workspace tests drive (chromium); installed
 # where we are root with apt, else those checks skip and say why.
 deb-tools:
 	@if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null; \
+	  fi; \
+	fi
+	@# the browser tests drive Debian's chromium with Playwright (never a downloaded browser)
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  fi; \
 	fi
 

@@ -41,6 +41,7 @@ from histoloop.annotation_store.history import list_label_events
 from histoloop.annotation_store.loupe import check_upload_size
 from histoloop.annotation_store.recovery import Recovery, merge_config
 from histoloop.annotation_store.repository import AnnotationRepository
+from histoloop.annotation_store.unit_layer import unit_layer
 from histoloop.annotation_store.watch import QuerySetHub
 from histoloop.auth import Identity, current_identity, require_project
 from histoloop.errors import InvalidArgument, PermissionDenied
@@ -521,6 +522,45 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         require_project(request.project_id)
         page = list_label_events(self._repo.db, history_query_from_proto(request))
         return history_page_to_proto(page)
+    def GetUnitLayer(
+        self, request: pb.GetUnitLayerRequest, context: grpc.ServicerContext
+    ) -> pb.UnitLayer:
+        """Every unit of a dataset as columns, for the browser overlay (members)."""
+        identity = require_project(request.project_id)
+        layer = unit_layer(
+            self._repo,
+            request.project_id,
+            request.dataset_id,
+            caller=identity.subject,
+            header_only=request.header_only,
+        )
+        return pb.UnitLayer(
+            project_id=layer.project_id,
+            dataset_id=layer.dataset_id,
+            kind=_KIND_TO_PROTO[layer.kind],
+            slide_uri=layer.slide_uri,
+            spatial_uri_prefix=layer.spatial_uri_prefix,
+            slide_scale=layer.slide_scale,
+            coordinates=layer.coordinates,
+            classes=layer.classes,
+            class_colors=layer.class_colors,
+            unit_ids=layer.unit_ids,
+            x=layer.x.tolist(),
+            y=layer.y.tolist(),
+            size=layer.size.tolist(),
+            in_tissue=layer.in_tissue.tolist(),
+            consensus=layer.consensus.tolist(),
+            mine=layer.mine.tolist(),
+            predicted=layer.predicted.tolist(),
+            uncertainty=layer.uncertainty.tolist(),
+            disputed=layer.disputed.tolist(),
+            query_rank=layer.query_rank.tolist(),
+            queryset_id=layer.queryset_id,
+            round=layer.round,
+            model_version=layer.model_version,
+            caller=layer.caller,
+            votes=[pb.UnitVote(unit=i, annotator_id=a, label=c) for i, a, c in layer.votes],
+        )
 
 
 def _project(info: ProjectInfo) -> pb.Project:

@@ -73,6 +73,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "secrets": {"existingSecret": "histoloop-credentials", "minioAccessKey": "", "minioSecretKey": "",
                     "databaseUrl": "", "serviceToken": ""},
         "networkPolicy": {"enabled": True, "grpcFrom": [{"podSelector": {"matchLabels": {"app": "viewer"}}}]},
+        "web": {"ingress": {"enabled": True, "className": "nginx", "host": "histoloop.facility.example.org",
+                            "from": [{"namespaceSelector": {"matchLabels": {
+                                "kubernetes.io/metadata.name": "ingress-nginx"}}}]}},
         "annotationStore": {"replicas": 2},
         "tiling": {"autoscaling": {"enabled": True}},
         "embedding": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}},

@@ -398,7 +398,7 @@ def test_network_policies_restrict_ingress(rendered_sets: dict[str, list[dict[st
     assert not _kind(rendered_sets["defaults"], "NetworkPolicy")
     policies = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
                 for d in _kind(rendered_sets["production"], "NetworkPolicy")}
-    assert set(policies) == {*SERVICES, "triton"}
+    assert set(policies) == {*SERVICES, "triton", "web"}
     grpc_rule = policies["annotation-store"]["spec"]["ingress"][0]
     assert {"podSelector": {"matchLabels": {"app": "viewer"}}} in grpc_rule["from"]
     triton_from = policies["triton"]["spec"]["ingress"][0]["from"]
@@ -434,3 +434,19 @@ def test_disabled_services_render_nothing(render_chart: Renderer) -> None:
     test_pod = _kind(docs, "Pod")[0]
     assert "TrainingService" not in test_pod["spec"]["containers"][0]["args"][0]
     assert "TilingService" in test_pod["spec"]["containers"][0]["args"][0]
+
+
+def test_the_browser_workspace_is_deployed_with_http_probes_and_an_ingress(
+        rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+    web = _named(rendered_sets["defaults"], "Deployment", "web")
+    container = _pod_spec(web)["containers"][0]
+    assert container["args"] == ["run", "web"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HISTOLOOP_WEB_STORE_ADDRESS"] == "rel-histoloop-annotation-store:50051"
+    assert env["HISTOLOOP_WEB_TRAINING_ADDRESS"] == "rel-histoloop-training:50051"
+    assert not _kind(rendered_sets["defaults"], "Ingress")
+    ingress = _kind(rendered_sets["production"], "Ingress")
+    assert [i["spec"]["rules"][0]["host"] for i in ingress] == ["histoloop.facility.example.org"]
+    assert ingress[0]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"

@@ -22,7 +22,13 @@ def _serve(args: argparse.Namespace) -> int:
     from histoloop.server import Server
 
     settings = load_settings(**_overrides(args))
-    Server(settings, SERVICE_NAMES + EDGE_SERVICE_NAMES).serve_until_signal()
+    server = Server(settings, SERVICE_NAMES + EDGE_SERVICE_NAMES)
+    if not getattr(args, "no_web", False):
+        from histoloop.web import WorkspaceCompanion
+
+        server.companions.append(WorkspaceCompanion(
+            server, settings, on_ready=lambda url: print(f"browser workspace: {url}", flush=True)))
+    server.serve_until_signal()
     return 0
 
 
@@ -30,6 +36,12 @@ def _run(args: argparse.Namespace) -> int:
     from histoloop.server import Server, normalise_service_name
 
     settings = load_settings(**_overrides(args))
+    if args.service.strip().lower() == "web":
+        from histoloop.web import WebServer
+
+        WebServer(settings, on_ready=lambda url: print(f"browser workspace: {url}", flush=True)
+                  ).serve_until_signal()
+        return 0
     Server(settings, [normalise_service_name(args.service)]).serve_until_signal()
     return 0
 
@@ -87,8 +99,23 @@ def _demo(args: argparse.Namespace) -> int:
                   f"{row.seconds_to_next_query:>17.2f}s")
         bar.update(1)
 
+    def on_workspace(url: str) -> None:
+        bar.write(f"browser workspace (live while the demo runs): {url}")
+
+    def hold() -> None:
+        if args.serve:
+            import signal
+            import threading
+
+            done = threading.Event()
+            signal.signal(signal.SIGINT, lambda *_: done.set())
+            signal.signal(signal.SIGTERM, lambda *_: done.set())
+            print("the workspace stays open; Ctrl-C to stop", flush=True)
+            done.wait()
+
     rows = run_demo(data, out, rounds=args.rounds, query_size=args.query_size, strategy=args.strategy,
-                    head=args.head, spatial_neighbours=args.neighbours, seed=args.seed, on_round=on_round)
+                    head=args.head, spatial_neighbours=args.neighbours, seed=args.seed, on_round=on_round,
+                    on_workspace=on_workspace, hold=hold)
     bar.close()
     latencies = sorted(r.seconds_to_next_query for r in rows)
     print(f"median labels→next query set: {latencies[len(latencies) // 2]:.2f}s")
@@ -162,6 +189,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["grpc_port"] = args.port
     if getattr(args, "data_dir", None) is not None:
         overrides["data_dir"] = args.data_dir
+    if getattr(args, "web_port", None) is not None:
+        overrides["web_port"] = args.web_port
     return overrides
 
 
@@ -172,10 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="all six services in one process (embedded default)")
     serve.add_argument("--port", type=int, help="gRPC port (default HISTOLOOP_GRPC_PORT or 50051)")
     serve.add_argument("--data-dir", help="state folder (default HISTOLOOP_DATA_DIR or .histoloop)")
+    serve.add_argument("--web-port", type=int, help="browser workspace port (default HISTOLOOP_WEB_PORT or 8080)")
+    serve.add_argument("--no-web", action="store_true", help="do not serve the browser workspace")
     serve.set_defaults(func=_serve)
 
     run = sub.add_parser("run", help="one service, backends from HISTOLOOP_* settings")
-    run.add_argument("service", help=" | ".join(SERVICE_NAMES + EDGE_SERVICE_NAMES))
+    run.add_argument("service", help=" | ".join((*SERVICE_NAMES, *EDGE_SERVICE_NAMES, "web")))
     run.add_argument("--port", type=int)
     run.add_argument("--data-dir")
     run.set_defaults(func=_run)
@@ -196,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--head", default="mlp")
     demo.add_argument("--neighbours", type=int, default=6, help="spatial neighbour features (0 = off)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--serve", action="store_true", help="keep the browser workspace open after the rounds")
     demo.set_defaults(func=_demo)
 
     tile = sub.add_parser("tile", help="cut a slide into patches (Visium spots or a WSI grid) with a progress bar")

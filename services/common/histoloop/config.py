@@ -109,6 +109,21 @@ class Settings(BaseSettings):
     ``tls_cert``) makes :func:`histoloop.channels.make_channel` open TLS channels.
     Default: the system's roots."""
 
+    # browser workspace (histoloop.web)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8080, ge=0, le=65535)
+    """HTTP port of the browser workspace; 0 picks a free one."""
+    web_store_address: str | None = None
+    """host:port of the annotation store's gRPC server; default: this process's gRPC port."""
+    web_training_address: str | None = None
+    """host:port of the training service (model cards); default: the store's address."""
+    web_session_hours: float = Field(12.0, gt=0)
+    """How long a sign-in lasts."""
+    web_viewers: str = ""
+    """Comma-separated annotator ids that only view (read-only role), whatever their token allows."""
+    web_max_batch: int = Field(10_000, ge=1)
+    """Most labels one send from the page may carry."""
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -114,8 +115,15 @@ def run_demo(
     seed: int = 0,
     timeout: float = 300.0,
     on_round: Callable[[DemoRound], None] = lambda r: None,
+    on_workspace: Callable[[str], None] | None = None,
+    hold: Callable[[], None] = lambda: None,
 ) -> list[DemoRound]:
-    """Run the loop; write Loupe CSVs and PNGs into ``out_dir``; return one row per round."""
+    """Run the loop; write Loupe CSVs and PNGs into ``out_dir``; return one row per round.
+
+    With ``on_workspace`` the browser workspace is served too (``HISTOLOOP_WEB_PORT``, else
+    a free port) and called with its URL, the demo project open; ``hold`` runs after the
+    outputs are written, before the services stop (``histoloop demo --serve`` waits there).
+    """
     h5ad = data_dir / "dlpfc151510_500genes.h5ad"
     spatial = data_dir / "spatial"
     if not h5ad.is_file() or not spatial.is_dir():
@@ -127,7 +135,14 @@ def run_demo(
     state = out_dir / "state"
     shutil.rmtree(state, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(load_settings(data_dir=state, grpc_port=0, metrics_port=0))
+    settings = load_settings(data_dir=state, grpc_port=0, metrics_port=0,
+                             **({} if "HISTOLOOP_WEB_PORT" in os.environ else {"web_port": 0}))
+    server = Server(settings)
+    if on_workspace is not None:
+        from histoloop.web import WorkspaceCompanion
+
+        server.companions.append(WorkspaceCompanion(
+            server, settings, on_ready=lambda url: on_workspace(f"{url}?project={PROJECT}")))
     server.start()
     results: list[DemoRound] = []
     try:
@@ -167,6 +182,7 @@ def run_demo(
                 on_round(row)
             _write_outputs(stub, channel, out_dir, results, data_dir, truth)
             cancel()
+            hold()
     finally:
         server.stop(5)
     return results

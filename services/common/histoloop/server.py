@@ -32,7 +32,7 @@ from histoloop.bus import make_bus
 from histoloop.config import Settings
 from histoloop.errors import ConfigError, HistoloopError, InvalidArgument
 from histoloop.interceptors import ServerInterceptor
-from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES, Runtime, ServiceParts
+from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES, Background, Runtime, ServiceParts
 from histoloop.worker import EventWorker
 
 __all__ = ["MAX_MESSAGE_BYTES", "Server", "normalise_service_name", "server_credentials"]
@@ -88,6 +88,8 @@ class Server:
         self._checker: threading.Thread | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self.companions: list[Background] = []
+        """Started after the gRPC port is bound, stopped first (the browser workspace)."""
 
     # start ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +145,8 @@ class Server:
         self._check_health()
         self._checker = threading.Thread(target=self._health_loop, name="health", daemon=True)
         self._checker.start()
+        for companion in self.companions:
+            companion.start()
         log.info("serving %s on %s:%d (%s; metrics on :%d, %s bus, %s artifacts)",
                  ",".join(self.names), self.settings.grpc_host, self.port, _tls_mode(self.settings),
                  self.metrics_port, self.settings.bus_backend, self.settings.artifact_backend)
@@ -181,6 +185,8 @@ class Server:
         log.info("shutting down (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         self.runtime.stopping.set()
+        for companion in self.companions:
+            companion.stop(grace)
         done = self._grpc.stop(grace)
         for worker in self.workers:
             worker.stop(grace)

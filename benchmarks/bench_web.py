@@ -1,0 +1,289 @@
+"""The browser workspace: overlay payload, first view, pan/zoom fps, Deep Zoom tiles/s, labels → next query drawn.
+
+Three parts, each on a fresh embedded stack in a temporary folder (nothing to set up;
+the data come from ``../shared/data``; the browser is Debian's ``/usr/bin/chromium``
+driven by Playwright):
+
+1. **100,000 units**: the annotation store alone (no tiling, so nothing else competes)
+   with a project whose dataset is a 290 × 345 grid of 100,050 units over
+   CMU-1-Small-Region.svs, registered through ``RegisterDataset``. It reports the overlay
+   payload (raw and gzip), the time to the first interactive view in headless Chromium
+   (navigation start → slide open and overlay drawn, ``performance.mark``), and the
+   frame rate while the viewport pans and zooms continuously for ``--seconds``
+   (``requestAnimationFrame`` count), with the time of each moving-frame overlay update
+   and of the full overlay redraws (every unit filled: all 100,050 carry a label).
+2. **Deep Zoom tiles/s** on the same slide: every tile of the top ``--levels`` levels,
+   fetched over HTTP by ``--clients`` concurrent clients, cold (empty tile cache) and warm
+   (cached), against a bare loop of ``DeepZoomGenerator.get_tile`` (+ the JPEG encoding any
+   tile server needs) in this process, same run.
+3. **Labels → next query drawn** on DLPFC 151510: all six services embedded; the page
+   labels each query set with hotkeys and sends it; the time from send to the next query
+   set drawn on the page (``--rounds`` rounds, median).
+
+    nice .venv/bin/python benchmarks/bench_web.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from histoloop.config import load_settings  # noqa: E402
+from histoloop.server import Server  # noqa: E402
+from histoloop.v1 import annotation_store_pb2 as pb  # noqa: E402
+from histoloop.v1 import annotation_store_pb2_grpc, common_pb2  # noqa: E402
+from histoloop.web import WebServer  # noqa: E402
+
+SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+SLIDE = SHARED / "wsi" / "CMU-1-Small-Region.svs"
+DLPFC = SHARED / "dlpfc" / "151510"
+CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+LAYERS = ["Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"]
+
+FPS = """async (seconds) => {
+  const v = window.__histoloop.viewer;
+  v.viewport.goHome(true);
+  const drawn = window.__histoloop.drawMs.length;
+  const full = window.__histoloop.fullDrawMs.slice(-5);
+  let frames = 0; const t0 = performance.now();
+  return await new Promise((resolve) => {
+    function step(t) {
+      frames++;
+      const k = (t - t0) / 1000;
+      v.viewport.panBy(new OpenSeadragon.Point(0.004 * Math.cos(k * 2), 0.004 * Math.sin(k * 2)), true);
+      v.viewport.zoomBy(Math.floor(k) % 2 === 0 ? 1.02 : 1 / 1.02, null, true);
+      if (t - t0 < seconds * 1000) requestAnimationFrame(step);
+      else {
+        const ms = window.__histoloop.drawMs.slice(drawn).sort((a, b) => a - b);
+        resolve({fps: frames * 1000 / (t - t0), moving_draws: ms.length,
+                 moving_draw_ms_median: ms[Math.floor(ms.length / 2)] || 0,
+                 full_redraw_ms: full});
+      }
+    }
+    requestAnimationFrame(step);
+  });
+}"""
+
+
+def _stack(folder: Path, services: list[str]) -> tuple[Server, WebServer]:
+    settings = load_settings(data_dir=folder, grpc_port=0, metrics_port=0, web_port=0)
+    server = Server(settings, services)
+    server.start()
+    web = WebServer(settings, store_address=f"127.0.0.1:{server.port}")
+    web.start()
+    return server, web
+
+
+def _grid_dataset(folder: Path, cols: int, rows: int, step: float) -> Path:
+    spatial = folder / "grid" / "spatial"
+    spatial.mkdir(parents=True)
+    with open(spatial / "tissue_positions_list.csv", "w") as out:
+        for r in range(rows):
+            for c in range(cols):
+                out.write(f"r{r}_c{c},1,{r},{c},{step * (r + 0.5):.1f},{step * (c + 0.5):.1f}\n")
+    (spatial / "scalefactors_json.json").write_text(json.dumps(
+        {"spot_diameter_fullres": step, "tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 1.0}))
+    return spatial
+
+
+def part_big(args: argparse.Namespace, browser, out: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
+        server, web = _stack(Path(tmp), ["annotation_store"])  # no training: nothing competes
+        try:
+            store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+            store.CreateProject(pb.CreateProjectRequest(project_id="big", name="100,000 units", classes=[
+                common_pb2.ClassDef(name=n) for n in ("tumour", "stroma", "immune", "other")]))
+            spatial = _grid_dataset(Path(tmp), 290, 345, 7.6)
+            t = time.perf_counter()
+            store.RegisterDataset(pb.RegisterDatasetRequest(project_id="big", dataset_id="grid", spatial_dir=str(spatial),
+                                                            slide_path=str(SLIDE), kind=common_pb2.DATASET_KIND_VISIUM))
+            out["register_s"] = time.perf_counter() - t
+            # every unit labelled (random classes): the overlay then fills all 100,050 units
+            rng = random.Random(0)
+            labels = [pb.SpotLabel(barcode=f"r{r}_c{c}", label=rng.choice(("tumour", "stroma", "immune", "other")))
+                      for r in range(345) for c in range(290)]
+            store.SubmitLabels(pb.SubmitLabelsRequest(project_id="big", dataset_id="grid", batch_id="all",
+                                                      labels=labels), timeout=600)
+            base = web.url.rstrip("/")
+            with httpx.Client(base_url=base, timeout=120) as client:
+                raw = client.get("/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "identity"})
+                zipped = client.get("/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "gzip"})
+                out["units"] = int(raw.headers["x-units"])
+                out["payload_bytes"] = len(raw.content)
+                out["payload_gzip_bytes"] = int(zipped.headers.get("content-length") or len(gzip.compress(raw.content, 1)))
+                t = time.perf_counter()
+                for _ in range(3):
+                    client.get("/api/projects/big/datasets/grid/layer")
+                out["layer_request_s"] = (time.perf_counter() - t) / 3
+            interactive = []
+            for _ in range(args.repeat):
+                context = browser.new_context(viewport={"width": 1400, "height": 860})
+                page = context.new_page()
+                page.goto(f"{base}/?project=big")
+                page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
+                interactive.append(page.evaluate(
+                    "performance.getEntriesByName('histoloop-interactive')[0].startTime") / 1000)
+                context.close()
+            out["first_interactive_s"] = interactive
+            context = browser.new_context(viewport={"width": 1400, "height": 860})
+            page = context.new_page()
+            page.goto(f"{base}/?project=big")
+            page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
+            page.wait_for_timeout(1000)
+            out["pan_zoom"] = page.evaluate(FPS, args.seconds)
+            # the same motion with the overlay switched off: OpenSeadragon alone, same run
+            layer = page.evaluate_handle("(() => { const l = window.__histoloop.layer; "
+                                         "window.__histoloop.layer = null; return l; })()")
+            page.wait_for_timeout(500)
+            out["pan_zoom_without_overlay"] = page.evaluate(FPS, args.seconds)
+            page.evaluate("(l) => { window.__histoloop.layer = l; }", layer)
+            out["fps_ratio_overlay_vs_none"] = out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
+            context.close()
+            part_tiles(args, web, out)
+        finally:
+            web.stop()
+            server.stop(2)
+
+
+def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
+    import io
+
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    dz = DeepZoomGenerator(openslide.OpenSlide(str(SLIDE)), tile_size=254, overlap=1, limit_bounds=False)
+    top = dz.level_count - 1
+    addresses = [(level, c, r) for level in range(top - args.levels + 1, top + 1)
+                 for c in range(dz.level_tiles[level][0]) for r in range(dz.level_tiles[level][1])]
+    t = time.perf_counter()
+    for level, c, r in addresses:
+        dz.get_tile(level, (c, r))
+    bare = len(addresses) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for level, c, r in addresses:
+        buffer = io.BytesIO()
+        dz.get_tile(level, (c, r)).save(buffer, "JPEG", quality=80)
+    bare_jpeg = len(addresses) / (time.perf_counter() - t)
+    base = web.url.rstrip("/") + "/api/projects/big/datasets/grid/slide_files"
+    local = threading.local()
+
+    def fetch(address: tuple[int, int, int]) -> int:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=60)
+        level, c, r = address
+        reply = local.client.get(f"{base}/{level}/{c}_{r}.jpeg")
+        reply.raise_for_status()
+        return len(reply.content)
+
+    with httpx.Client() as client:  # open the slide once (copy to the cache, open) outside the timing
+        client.get(f"{base}/{top}/0_0.jpeg").raise_for_status()
+    web.app.state.web.tiles._tiles.clear()
+    rates = {}
+    with ThreadPoolExecutor(args.clients) as pool:
+        for phase in ("cold", "warm"):
+            t = time.perf_counter()
+            list(pool.map(fetch, addresses))
+            rates[phase] = len(addresses) / (time.perf_counter() - t)
+    out["tiles"] = {"n": len(addresses), "bare_get_tile_per_s": bare, "bare_get_tile_jpeg_per_s": bare_jpeg,
+                    "http_cold_per_s": rates["cold"], "http_warm_per_s": rates["warm"],
+                    "cold_vs_bare": rates["cold"] / bare, "cold_vs_bare_jpeg": rates["cold"] / bare_jpeg,
+                    "warm_vs_bare": rates["warm"] / bare}
+
+
+def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:
+    import anndata as ad
+
+    truth = ad.read_h5ad(DLPFC / "dlpfc151510_500genes.h5ad").obs["layer"].astype("object").dropna().astype(str)
+    with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
+        server, web = _stack(Path(tmp), ["annotation_store", "tiling", "embedding", "training", "prediction",
+                                         "acquisition"])
+        try:
+            store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+            store.CreateProject(pb.CreateProjectRequest(
+                project_id="dlpfc", name="DLPFC 151510", classes=[common_pb2.ClassDef(name=n) for n in LAYERS],
+                config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION, query_size=20,
+                                             spatial_neighbours=6)))
+            store.RegisterDataset(pb.RegisterDatasetRequest(
+                project_id="dlpfc", dataset_id="151510", kind=common_pb2.DATASET_KIND_VISIUM,
+                spatial_dir=str(DLPFC / "spatial"), expression_path=str(DLPFC / "dlpfc151510_500genes.h5ad")))
+            context = browser.new_context(viewport={"width": 1400, "height": 860})
+            page = context.new_page()
+            page.goto(f"{web.url}?project=dlpfc")
+            deadline = time.monotonic() + 300
+            while True:  # the cold-start query set first
+                page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=300_000)
+                if page.evaluate("window.__histoloop.query.length") or time.monotonic() > deadline:
+                    break
+                page.wait_for_timeout(1000)
+                page.reload()
+            for k in range(args.rounds):
+                before = page.evaluate("window.__histoloop.round")
+                ids = page.evaluate("window.__histoloop.query.map(i => window.__histoloop.layer.ids[i])")
+                page.evaluate("window.__histoloop.cursor = -1")
+                page.keyboard.press("n")
+                for j, unit in enumerate(ids):
+                    if unit in truth.index:
+                        page.keyboard.press(str(LAYERS.index(truth[unit]) + 1))
+                    elif j < len(ids) - 1:
+                        page.keyboard.press("n")
+                page.keyboard.press("s")
+                page.wait_for_function(f"() => window.__histoloop.round > {before} && window.__histoloop.latencies.length > {k}",
+                                       timeout=300_000)
+            latencies = [x / 1000 for x in page.evaluate("window.__histoloop.latencies")]
+            out["labels_to_query_drawn_s"] = latencies
+            out["labels_to_query_drawn_median_s"] = statistics.median(latencies)
+            context.close()
+        finally:
+            web.stop()
+            server.stop(2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="pan/zoom duration")
+    parser.add_argument("--repeat", type=int, default=3, help="first-view measurements")
+    parser.add_argument("--levels", type=int, default=4, help="top Deep Zoom levels fetched")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients for tiles")
+    parser.add_argument("--rounds", type=int, default=5, help="DLPFC rounds labelled in the page")
+    parser.add_argument("--skip-dlpfc", action="store_true")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                 "load_average": os.getloadavg()}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        out["browser"] = browser.version
+        part_big(args, browser, out)
+        if not args.skip_dlpfc:
+            part_dlpfc(args, browser, out)
+        browser.close()
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

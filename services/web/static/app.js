@@ -1,0 +1,670 @@
+// The histoloop workspace: slide (OpenSeadragon), overlay (canvas), labelling, panels, live updates.
+// Plain ES module, no build step. Every read and write goes through the workspace's /api.
+
+import { parseLayer } from './layer.js';
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const FALLBACK_COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf'];
+
+const state = {
+  project: params.get('project') || '',
+  dataset: params.get('dataset') || '',
+  me: null,
+  projectInfo: null,
+  slide: null,
+  layer: null,
+  mode: 'consensus',
+  tool: 'click',
+  cls: 0,
+  pending: new Map(),      // unit index -> class index
+  undo: [],                // [[unit, previous class or undefined], ...] per action
+  query: [],               // unit indices in query order
+  cursor: -1,
+  grid: null,
+  sentAt: 0,
+  round: 0,
+  latencies: [],
+  frames: 0,
+  drawMs: [],              // per moving frame (bitmap)
+  fullDrawMs: [],          // per full overlay redraw
+  interactive: false,
+  readOnly: false,
+};
+window.__histoloop = state;
+
+let viewer = null;
+const canvas = $('overlay');
+const ctx = canvas.getContext('2d');
+
+function say(text, error = false) {
+  const line = $('status-line');
+  line.textContent = text;
+  line.className = error ? 'error' : '';
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { credentials: 'same-origin', ...options });
+  if (!response.ok) {
+    let message = response.statusText;
+    try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
+  }
+  return response;
+}
+const getJSON = async (path) => (await api(path)).json();
+const base = () => `/api/projects/${encodeURIComponent(state.project)}`;
+const dsBase = () => `${base()}/datasets/${encodeURIComponent(state.dataset)}`;
+
+function colourOf(c) {
+  if (c < 0 || !state.layer) return null;
+  return state.layer.class_colors[c] || FALLBACK_COLOURS[c % FALLBACK_COLOURS.length];
+}
+
+// ---------------------------------------------------------------------------- sign-in
+async function signIn() {
+  state.me = await getJSON('/api/me');
+  if (state.me.auth && !state.me.signed_in) {
+    $('signin').hidden = false;
+    $('signin-project').value = state.project;
+    await new Promise((resolve) => {
+      $('signin-form').onsubmit = async (event) => {
+        event.preventDefault();
+        try {
+          await api('/api/session', {
+            method: 'POST', headers: { 'Content-Type': 'application/json' },
+            body: JSON.stringify({ token: $('signin-token').value, project: $('signin-project').value,
+              view_only: $('signin-view-only').checked }),
+          });
+          state.project = $('signin-project').value;
+          $('signin').hidden = true;
+          resolve();
+        } catch (e) { $('signin-error').textContent = e.message; }
+      };
+    });
+    state.me = await getJSON('/api/me');
+  }
+  state.readOnly = !!state.me.read_only;
+  document.body.classList.toggle('read-only', state.readOnly);
+  $('who').textContent = (state.me.subject || '') + (state.readOnly ? ' (read-only)' : '');
+  $('signout').hidden = !state.me.auth;
+  $('signout').onclick = async () => { await api('/api/session', { method: 'DELETE' }); location.reload(); };
+}
+
+// ---------------------------------------------------------------------------- slide + layer
+async function openDataset() {
+  const layerBytes = fetchLayer();  // in parallel with the slide
+  const slide = await getJSON(`${dsBase()}/slide.json`);
+  state.slide = slide;
+  if (viewer) viewer.destroy();
+  viewer = OpenSeadragon({
+    element: $('viewer'), prefixUrl: '/static/vendor/openseadragon/images/',
+    tileSources: { Image: slide.Image }, showNavigator: true, animationTime: 0.6,
+    gestureSettingsMouse: { clickToZoom: false }, maxZoomPixelRatio: 4,
+  });
+  state.viewer = viewer;
+  viewer.addHandler('update-viewport', onViewport);
+  viewer.addHandler('resize', scheduleDraw);
+  viewer.addHandler('canvas-click', onCanvasClick);
+  await new Promise((resolve) => viewer.addOnceHandler('open', resolve));
+  await loadLayer(layerBytes);
+}
+
+async function fetchLayer() {
+  return (await api(`${dsBase()}/layer`)).arrayBuffer();
+}
+
+async function loadLayer(pending = null) {
+  const buffer = await (pending || fetchLayer());
+  const layer = parseLayer(buffer);
+  state.layer = layer;
+  state.round = layer.round;
+  state.query = [];
+  for (let i = 0; i < layer.n; i++) if (layer.query_rank[i]) state.query.push(i);
+  state.query.sort((a, b) => layer.query_rank[a] - layer.query_rank[b]);
+  state.cursor = -1;
+  buildGrid();
+  renderClasses();
+  renderAdjudication();
+  draw();
+  if (!state.interactive) {
+    state.interactive = true;
+    performance.mark('histoloop-interactive');
+  }
+}
+
+function buildGrid() {
+  const L = state.layer;
+  let cell = 1;
+  for (let i = 0; i < L.n; i++) cell = Math.max(cell, L.size[i]);
+  const grid = new Map();
+  for (let i = 0; i < L.n; i++) {
+    const key = Math.floor(L.x[i] / cell) + ',' + Math.floor(L.y[i] / cell);
+    let list = grid.get(key);
+    if (!list) grid.set(key, list = []);
+    list.push(i);
+  }
+  state.grid = { cell, grid };
+}
+
+function unitsNear(ux, uy, radius) {
+  const { cell, grid } = state.grid;
+  const L = state.layer;
+  const out = [];
+  const r = Math.ceil((radius + cell) / cell);
+  const cx = Math.floor(ux / cell), cy = Math.floor(uy / cell);
+  for (let gx = cx - r; gx <= cx + r; gx++) {
+    for (let gy = cy - r; gy <= cy + r; gy++) {
+      for (const i of grid.get(gx + ',' + gy) || []) {
+        const dx = L.x[i] - ux, dy = L.y[i] - uy;
+        if (dx * dx + dy * dy <= (radius + L.size[i] / 2) ** 2) out.push(i);
+      }
+    }
+  }
+  return out;
+}
+
+function unitAt(ux, uy) {
+  const L = state.layer;
+  let best = -1, bestD = Infinity;
+  for (const i of unitsNear(ux, uy, 0)) {
+    const dx = L.x[i] - ux, dy = L.y[i] - uy;
+    const half = L.size[i] / 2;
+    const inside = L.kind === 'wsi' ? Math.abs(dx) <= half && Math.abs(dy) <= half : dx * dx + dy * dy <= half * half;
+    const d = dx * dx + dy * dy;
+    if (inside && d < bestD) { best = i; bestD = d; }
+  }
+  return best;
+}
+
+// screen (viewer element px) <-> unit coordinates
+function transform() {
+  const vp = viewer.viewport;
+  const p0 = vp.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+  const p1 = vp.imageToViewerElementCoordinates(new OpenSeadragon.Point(1000, 1000));
+  const s = ((p1.x - p0.x) / 1000) * state.slide.unit_scale;
+  return { ox: p0.x, oy: p0.y, s };
+}
+function toUnits(px, py) {
+  const t = transform();
+  return [(px - t.ox) / t.s, (py - t.oy) / t.s];
+}
+
+// ---------------------------------------------------------------------------- drawing
+// While the view moves, the last full overlay is redrawn as one transformed bitmap (cheap
+// at any unit count); the full redraw follows once the view has been still for a moment.
+const SETTLE_MS = 400;
+let cache = null;
+let settleTimer = 0;
+
+function onViewport() {
+  if (!cache || !state.layer) { scheduleDraw(); return; }
+  const started = performance.now();
+  const ratio = window.devicePixelRatio || 1;
+  const { ox, oy, s } = transform();
+  const k = s / cache.s;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.setTransform(k, 0, 0, k, (ox - cache.ox * k) * ratio, (oy - cache.oy * k) * ratio);
+  ctx.drawImage(cache.canvas, 0, 0);
+  state.frames += 1;
+  state.drawMs.push(performance.now() - started);
+  if (state.drawMs.length > 600) state.drawMs.shift();
+  clearTimeout(settleTimer);
+  settleTimer = setTimeout(draw, SETTLE_MS);
+}
+
+let drawScheduled = false;
+function scheduleDraw() {
+  if (drawScheduled) return;
+  drawScheduled = true;
+  requestAnimationFrame(() => { drawScheduled = false; draw(); });
+}
+
+function labelColumn() {
+  const L = state.layer;
+  return state.mode === 'mine' ? L.mine : state.mode === 'consensus' ? L.consensus : L.predicted;
+}
+
+function draw() {
+  if (!viewer || !state.layer || !state.slide) return;
+  const started = performance.now();
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
+    canvas.width = Math.round(w * ratio);
+    canvas.height = Math.round(h * ratio);
+  }
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  const L = state.layer;
+  const { ox, oy, s } = transform();
+  const column = labelColumn();
+  const square = L.kind === 'wsi';
+  const buckets = new Map();     // colour|alpha -> [unit indices]
+  const outline = [];
+  for (let i = 0; i < L.n; i++) {
+    const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 0.6);
+    if (px + half < 0 || py + half < 0 || px - half > w || py - half > h) continue;
+    if (!(L.flags[i] & 1) && column[i] < 0 && !state.pending.has(i)) continue;  // off tissue, unlabelled
+    let c = state.pending.has(i) ? state.pending.get(i) : column[i];
+    let alpha = 0.6;
+    if (state.mode === 'uncertainty' && !state.pending.has(i)) {
+      alpha = L.uncertainty[i] === 255 ? 0 : Math.max(0.05, L.uncertainty[i] / 254);
+    }
+    if (c < 0 || alpha === 0) { if (half > 2.5) outline.push(i); continue; }
+    const key = colourOf(c) + '|' + alpha.toFixed(2);
+    let list = buckets.get(key);
+    if (!list) buckets.set(key, list = []);
+    list.push(i);
+  }
+  const shape = (i) => {
+    const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 0.6);
+    if (square || half < 2) { ctx.rect(px - half, py - half, 2 * half, 2 * half); }
+    else { ctx.moveTo(px + half, py); ctx.arc(px, py, half, 0, 2 * Math.PI); }
+  };
+  for (const [key, list] of buckets) {
+    const [colour, alpha] = key.split('|');
+    ctx.globalAlpha = Number(alpha);
+    ctx.fillStyle = colour;
+    ctx.beginPath();
+    for (const i of list) shape(i);
+    ctx.fill();
+  }
+  ctx.globalAlpha = 0.5;
+  ctx.strokeStyle = '#ffffff';
+  ctx.lineWidth = 1;
+  ctx.beginPath();
+  for (const i of outline) shape(i);
+  ctx.stroke();
+  ctx.globalAlpha = 1;
+  // disputed units: a magenta cross
+  ctx.strokeStyle = '#ff00ff';
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  for (let i = 0; i < L.n; i++) {
+    if (!(L.flags[i] & 2)) continue;
+    const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 3);
+    ctx.moveTo(px - half, py - half); ctx.lineTo(px + half, py + half);
+    ctx.moveTo(px + half, py - half); ctx.lineTo(px - half, py + half);
+  }
+  ctx.stroke();
+  // the query set: rings (and numbers when there is room)
+  ctx.font = 'bold 12px system-ui, sans-serif';
+  ctx.textAlign = 'center';
+  ctx.textBaseline = 'middle';
+  state.query.forEach((i, k) => {
+    const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 4);
+    if (px + half < 0 || py + half < 0 || px - half > w || py - half > h) return;
+    const current = k === state.cursor;
+    ctx.lineWidth = current ? 4 : 2.5;
+    ctx.strokeStyle = current ? '#00e5ff' : '#ffd400';
+    ctx.beginPath();
+    if (square) ctx.rect(px - half - 2, py - half - 2, 2 * half + 4, 2 * half + 4);
+    else ctx.arc(px, py, half + 2, 0, 2 * Math.PI);
+    ctx.stroke();
+    if (half >= 3) {
+      ctx.fillStyle = '#000';
+      ctx.fillText(String(k + 1), px + 1, py - half - 9);
+      ctx.fillStyle = '#ffd400';
+      ctx.fillText(String(k + 1), px, py - half - 10);
+    }
+  });
+  if (lasso.length > 1) {
+    ctx.strokeStyle = '#00e5ff';
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    ctx.moveTo(lasso[0][0], lasso[0][1]);
+    for (const [x, y] of lasso) ctx.lineTo(x, y);
+    ctx.stroke();
+  }
+  if (!cache) cache = { canvas: document.createElement('canvas') };
+  cache.canvas.width = canvas.width;
+  cache.canvas.height = canvas.height;
+  cache.canvas.getContext('2d').drawImage(canvas, 0, 0);
+  Object.assign(cache, { ox, oy, s });
+  state.frames += 1;
+  state.fullDrawMs.push(performance.now() - started);
+  if (state.fullDrawMs.length > 600) state.fullDrawMs.shift();
+}
+
+// ---------------------------------------------------------------------------- labelling
+function assign(units) {
+  if (state.readOnly || !units.length) return;
+  const action = [];
+  for (const i of units) {
+    if (state.pending.get(i) === state.cls) continue;
+    action.push([i, state.pending.get(i)]);
+    state.pending.set(i, state.cls);
+  }
+  if (action.length) state.undo.push(action);
+  afterEdit();
+}
+
+function undo() {
+  const action = state.undo.pop();
+  if (!action) return;
+  for (const [i, previous] of action.reverse()) {
+    if (previous === undefined) state.pending.delete(i); else state.pending.set(i, previous);
+  }
+  afterEdit();
+}
+
+function afterEdit() {
+  $('pending-count').textContent = String(state.pending.size);
+  draw();
+  if ($('auto-send').checked && state.query.length && state.query.every((i) => state.pending.has(i))) send();
+}
+
+function onCanvasClick(event) {
+  if (!event.quick || state.tool !== 'click' || !state.layer) return;
+  const [ux, uy] = toUnits(event.position.x, event.position.y);
+  const i = unitAt(ux, uy);
+  if (i >= 0) {
+    assign([i]);
+    const k = state.query.indexOf(i);
+    if (k >= 0) state.cursor = k;
+  }
+}
+
+let lasso = [];
+let painting = false;
+function setTool(tool) {
+  state.tool = tool;
+  document.querySelectorAll('.tool').forEach((b) => b.classList.toggle('active', b.dataset.tool === tool));
+  canvas.classList.toggle('capture', tool !== 'click');
+  if (viewer) viewer.setMouseNavEnabled(tool === 'click');
+}
+function pointer(event) {
+  const rect = canvas.getBoundingClientRect();
+  return [event.clientX - rect.left, event.clientY - rect.top];
+}
+const BRUSH_PX = 14;
+function brushAt(event) {
+  const [px, py] = pointer(event);
+  const [ux, uy] = toUnits(px, py);
+  assign(unitsNear(ux, uy, BRUSH_PX / transform().s));
+}
+canvas.addEventListener('pointerdown', (event) => {
+  if (state.tool === 'click') return;
+  painting = true;
+  canvas.setPointerCapture(event.pointerId);
+  if (state.tool === 'brush') { state.undo.push([]); brushAt(event); }
+  else lasso = [pointer(event)];
+});
+canvas.addEventListener('pointermove', (event) => {
+  if (!painting) return;
+  if (state.tool === 'brush') {
+    const [px, py] = pointer(event);
+    const [ux, uy] = toUnits(px, py);
+    const units = unitsNear(ux, uy, BRUSH_PX / transform().s).filter((i) => state.pending.get(i) !== state.cls);
+    if (units.length && !state.readOnly) {
+      const action = state.undo[state.undo.length - 1];
+      for (const i of units) { action.push([i, state.pending.get(i)]); state.pending.set(i, state.cls); }
+      afterEdit();
+    }
+  } else { lasso.push(pointer(event)); scheduleDraw(); }
+});
+canvas.addEventListener('pointerup', () => {
+  if (!painting) return;
+  painting = false;
+  if (state.tool === 'brush') {
+    if (state.undo.length && !state.undo[state.undo.length - 1].length) state.undo.pop();
+    return;
+  }
+  const polygon = lasso;
+  lasso = [];
+  if (polygon.length < 3) { draw(); return; }
+  const L = state.layer;
+  const { ox, oy, s } = transform();
+  const inside = [];
+  for (let i = 0; i < L.n; i++) {
+    const px = ox + L.x[i] * s, py = oy + L.y[i] * s;
+    let hit = false;
+    for (let a = 0, b = polygon.length - 1; a < polygon.length; b = a++) {
+      const [xa, ya] = polygon[a], [xb, yb] = polygon[b];
+      if ((ya > py) !== (yb > py) && px < ((xb - xa) * (py - ya)) / (yb - ya) + xa) hit = !hit;
+    }
+    if (hit) inside.push(i);
+  }
+  assign(inside);
+});
+
+function fly(k) {
+  if (!state.query.length) return;
+  state.cursor = Math.max(0, Math.min(state.query.length - 1, k));
+  const L = state.layer;
+  const i = state.query[state.cursor];
+  const scale = state.slide.unit_scale;
+  const centre = viewer.viewport.imageToViewportCoordinates(new OpenSeadragon.Point(L.x[i] * scale, L.y[i] * scale));
+  const span = viewer.viewport.imageToViewportCoordinates(new OpenSeadragon.Point(L.size[i] * scale * 30, 0)).x;
+  viewer.viewport.panTo(centre, false);
+  viewer.viewport.zoomTo(Math.min(viewer.viewport.getMaxZoom(), 1 / Math.max(span, 1e-6)), centre, false);
+  say(`query unit ${state.cursor + 1} of ${state.query.length}: ${L.ids[i]}`);
+  draw();
+}
+
+function labelCurrent() {
+  if (state.cursor < 0 || !state.query.length) return false;
+  assign([state.query[state.cursor]]);
+  if (state.cursor < state.query.length - 1) fly(state.cursor + 1);
+  return true;
+}
+
+async function send() {
+  if (state.readOnly || !state.pending.size || state.sending) return;
+  state.sending = true;
+  const L = state.layer;
+  const labels = [...state.pending].map(([i, c]) => ({ unit: L.ids[i], label: L.classes[c] }));
+  const batchId = 'web-' + (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2));
+  const sentAt = performance.now();
+  try {
+    const reply = await (await api(`${dsBase()}/labels`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ labels, queryset_id: L.queryset_id, batch_id: batchId }),
+    })).json();
+    state.sentAt = sentAt;
+    state.pending.clear();
+    state.undo = [];
+    $('pending-count').textContent = '0';
+    say(`sent ${reply.n_labels} labels (label version ${reply.label_version}); waiting for round ${state.round + 1}…`);
+    await loadLayer();
+  } catch (e) {
+    say('send failed: ' + e.message, true);
+  } finally {
+    state.sending = false;
+  }
+}
+
+// ---------------------------------------------------------------------------- panels
+function renderClasses() {
+  const L = state.layer;
+  const box = $('classes');
+  box.innerHTML = '';
+  L.classes.forEach((name, c) => {
+    const button = document.createElement('button');
+    button.className = 'class-button' + (c === state.cls ? ' active' : '');
+    button.dataset.cls = String(c);
+    button.innerHTML = `<span class="swatch" style="background:${colourOf(c)}"></span>${escape(name)}` +
+      (c < 9 ? `<kbd>${c + 1}</kbd>` : '');
+    button.onclick = () => selectClass(c, false);
+    box.appendChild(button);
+  });
+}
+function selectClass(c, fromKey) {
+  if (!state.layer || c >= state.layer.classes.length) return;
+  state.cls = c;
+  document.querySelectorAll('.class-button').forEach((b) => b.classList.toggle('active', Number(b.dataset.cls) === c));
+  if (fromKey && state.tool === 'click') labelCurrent();  // brush/lasso: the key picks the paint
+}
+
+function escape(text) {
+  return String(text).replace(/[&<>"']/g, (ch) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[ch]));
+}
+
+const KNOWN_STATUS = new Set(['project_id', 'round', 'labelled_per_class', 'n_labelled', 'n_spots', 'label_version',
+  'latest_model_version', 'latest_metrics', 'stopping', 'n_disputed', 'pending_events']);
+
+async function refreshStatus() {
+  let status;
+  try { status = await getJSON(`${base()}/status`); } catch (e) { say(e.message, true); return; }
+  const per = status.labelled_per_class || {};
+  const max = Math.max(1, ...Object.values(per));
+  $('round').innerHTML = `<table><tr><th>round</th><td id="round-number">${status.round || 0}</td></tr>` +
+    `<tr><th>labelled</th><td>${status.n_labelled || 0} of ${status.n_spots || 0}</td></tr>` +
+    `<tr><th>disputed</th><td>${status.n_disputed || 0}</td></tr>` +
+    `<tr><th>query set</th><td>${escape(state.layer ? state.layer.queryset_id : '')}</td></tr></table>`;
+  const classes = state.layer ? state.layer.classes : Object.keys(per);
+  $('per-class').innerHTML = '<table>' + classes.map((name, c) => {
+    const n = per[name] || 0;
+    return `<tr><td><span class="swatch" style="background:${colourOf(c) || '#999'}"></span>${escape(name)}</td>` +
+      `<td>${n}</td><td><span class="bar" style="width:${Math.round((80 * n) / max)}px"></span></td></tr>`;
+  }).join('') + '</table>';
+  const m = status.latest_metrics || {};
+  $('metrics').innerHTML = status.latest_model_version
+    ? `<table><tr><th>model</th><td>${escape(status.latest_model_version).slice(0, 18)}</td></tr>` +
+      `<tr><th>macro-F1</th><td>${(m.macro_f1 || 0).toFixed(3)}</td></tr>` +
+      `<tr><th>balanced acc.</th><td>${(m.balanced_accuracy || 0).toFixed(3)}</td></tr>` +
+      `<tr><th>kappa</th><td>${(m.cohen_kappa || 0).toFixed(3)}</td></tr></table>`
+    : 'no model yet';
+  const stop = status.stopping || {};
+  $('stopping').innerHTML = Object.keys(stop).length
+    ? '<table>' + Object.entries(stop).map(([k, v]) => `<tr><th>${escape(k)}</th><td>${escape(typeof v === 'number' ? v.toFixed(3) : v)}</td></tr>`).join('') + '</table>'
+    : 'not yet';
+  // stage states and any other status field the store adds: rendered as they come
+  const extra = Object.entries(status).filter(([k]) => !KNOWN_STATUS.has(k));
+  $('stages').innerHTML = extra.length ? extra.map(([k, v]) => renderValue(k, v)).join('') : `pending events: ${status.pending_events || 0}`;
+}
+
+function renderValue(key, value) {
+  if (Array.isArray(value) && value.length && typeof value[0] === 'object') {
+    const columns = [...new Set(value.flatMap((row) => Object.keys(row)))];
+    return `<div><b>${escape(key)}</b><table><tr>${columns.map((c) => `<th>${escape(c)}</th>`).join('')}</tr>` +
+      value.map((row) => '<tr>' + columns.map((c) => {
+        const v = row[c];
+        const bad = /fail|error|dead|park|stall/i.test(String(v));
+        return `<td class="${bad ? 'state-bad' : ''}">${escape(typeof v === 'object' ? JSON.stringify(v) : v ?? '')}</td>`;
+      }).join('') + '</tr>').join('') + '</table></div>';
+  }
+  if (value && typeof value === 'object') {
+    return `<div><b>${escape(key)}</b><table>` + Object.entries(value).map(([k, v]) =>
+      `<tr><th>${escape(k)}</th><td>${escape(typeof v === 'object' ? JSON.stringify(v) : v)}</td></tr>`).join('') + '</table></div>';
+  }
+  return `<div><b>${escape(key)}</b>: ${escape(value)}</div>`;
+}
+
+async function refreshCurve() {
+  let models = [];
+  try { models = (await getJSON(`${base()}/models`)).models; } catch (e) { return; }
+  const svg = $('curve');
+  const points = models.filter((m) => m.n_train > 0).map((m) => [m.n_train, m.macro_f1]);
+  if (!points.length) { svg.innerHTML = ''; return; }
+  const W = 260, H = 110, pad = 22;
+  const maxX = Math.max(...points.map((p) => p[0]));
+  const px = (x) => pad + ((W - pad - 6) * x) / Math.max(maxX, 1);
+  const py = (y) => H - pad - (H - pad - 6) * y;
+  svg.innerHTML = `<line x1="${pad}" y1="${H - pad}" x2="${W - 4}" y2="${H - pad}" stroke="#999"/>` +
+    `<line x1="${pad}" y1="4" x2="${pad}" y2="${H - pad}" stroke="#999"/>` +
+    `<text x="${pad}" y="${H - 6}" font-size="10">labels →${maxX}</text>` +
+    `<text x="2" y="10" font-size="10">F1</text>` +
+    `<polyline fill="none" stroke="#2e8b57" stroke-width="2" points="${points.map((p) => px(p[0]) + ',' + py(p[1])).join(' ')}"/>` +
+    points.map((p) => `<circle cx="${px(p[0])}" cy="${py(p[1])}" r="2.5" fill="#2e8b57"/>`).join('');
+}
+
+async function renderAdjudication() {
+  const L = state.layer;
+  const byUnit = new Map();
+  for (const [i, annotator, c] of L.votes) {
+    if (!byUnit.has(i)) byUnit.set(i, []);
+    byUnit.get(i).push(`${escape(annotator)}: ${escape(L.classes[c] ?? '?')}`);
+  }
+  let kappa = '';
+  try {
+    const agreement = await getJSON(`${base()}/agreement?dataset=${encodeURIComponent(state.dataset)}`);
+    if (agreement.n_spots_multi_rated) {
+      kappa = `<div>Fleiss' kappa ${(agreement.fleiss_kappa || 0).toFixed(3)} over ${agreement.n_spots_multi_rated} units</div>` +
+        (agreement.cohen || []).map((p) => `<div>${escape(p.annotator_a)} × ${escape(p.annotator_b)}: κ ${(p.kappa || 0).toFixed(3)}</div>`).join('');
+    }
+  } catch (e) { /* no agreement yet */ }
+  $('adjudication').innerHTML = kappa + (byUnit.size
+    ? '<table>' + [...byUnit].map(([i, votes]) => `<tr class="disputed-unit" data-unit="${i}"><td>${escape(L.ids[i])}</td><td>${votes.join('<br>')}</td></tr>`).join('') + '</table>'
+    : '<div>no disputed units</div>');
+  document.querySelectorAll('.disputed-unit').forEach((row) => {
+    row.onclick = () => {
+      const i = Number(row.dataset.unit);
+      const scale = state.slide.unit_scale;
+      viewer.viewport.panTo(viewer.viewport.imageToViewportCoordinates(new OpenSeadragon.Point(L.x[i] * scale, L.y[i] * scale)));
+    };
+  });
+}
+
+function renderExports() {
+  $('exports').innerHTML = ['labels', 'queryset', 'predictions'].map((kind) =>
+    `<a class="export" href="${dsBase()}/export?kind=${kind}" download>Loupe CSV: ${kind}</a>`).join('');
+}
+
+// ---------------------------------------------------------------------------- live updates
+function listen() {
+  const source = new EventSource(`${base()}/events`);
+  source.addEventListener('queryset', async (event) => {
+    const data = JSON.parse(event.data);
+    if (data.round <= state.round && state.layer && data.queryset_id === state.layer.queryset_id) return;
+    await loadLayer();
+    refreshStatus();
+    refreshCurve();
+    if (state.sentAt) {
+      state.latencies.push(performance.now() - state.sentAt);
+      state.sentAt = 0;
+    }
+    const banner = $('banner');
+    banner.hidden = false;
+    banner.textContent = `round ${data.round}: ${data.n} new ${state.layer.kind === 'wsi' ? 'tiles' : 'spots'}`;
+    if (state.query.length) fly(0);
+  });
+  source.addEventListener('error', () => say('live updates interrupted; reconnecting…', true));
+  source.addEventListener('open', () => say('live'));
+}
+
+// ---------------------------------------------------------------------------- keys, start
+document.addEventListener('keydown', (event) => {
+  if (event.target instanceof HTMLInputElement || event.target instanceof HTMLSelectElement) return;
+  if (event.key >= '1' && event.key <= '9') selectClass(Number(event.key) - 1, true);
+  else if (event.key === 'n') fly(state.cursor + 1);
+  else if (event.key === 'p') fly(state.cursor - 1);
+  else if (event.key === 'u' || (event.key === 'z' && (event.ctrlKey || event.metaKey))) undo();
+  else if (event.key === 's') send();
+  else if (event.key === 'c') setTool('click');
+  else if (event.key === 'b') setTool('brush');
+  else if (event.key === 'l') setTool('lasso');
+});
+
+async function main() {
+  $('colour-mode').onchange = (event) => { state.mode = event.target.value; draw(); };
+  document.querySelectorAll('.tool').forEach((b) => { b.onclick = () => setTool(b.dataset.tool); });
+  $('undo').onclick = undo;
+  $('send').onclick = send;
+  $('next').onclick = () => fly(state.cursor + 1);
+  $('prev').onclick = () => fly(state.cursor - 1);
+  await signIn();
+  if (!state.project) { say('open a project: add ?project=<id> to the address', true); return; }
+  state.projectInfo = await getJSON(base());
+  $('project-name').textContent = state.projectInfo.name || state.project;
+  const datasets = state.projectInfo.datasets || [];
+  if (!datasets.length) { say('this project has no dataset yet', true); return; }
+  if (!state.dataset || !datasets.includes(state.dataset)) state.dataset = datasets[0];
+  $('dataset').innerHTML = datasets.map((d) => `<option${d === state.dataset ? ' selected' : ''}>${escape(d)}</option>`).join('');
+  $('dataset').onchange = async (event) => { state.dataset = event.target.value; state.pending.clear(); renderExports(); await openDataset(); };
+  renderExports();
+  await openDataset();
+  listen();
+  refreshStatus();
+  refreshCurve();
+  setInterval(refreshStatus, 10000);
+  say(`${state.layer.n} units; ${state.query.length} asked in round ${state.round}`);
+  if (state.query.length) fly(0);
+  state.ready = true;
+}
+
+main().catch((e) => say(e.message, true));

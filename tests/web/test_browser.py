@@ -1,0 +1,212 @@
+"""The workspace in a real browser: Debian's chromium driven by Playwright (never downloaded).
+
+Without ``/usr/bin/chromium`` or the ``playwright`` package these tests skip and say why
+(``make test`` installs chromium where it runs as root with apt). Screenshots land in
+``$HISTOLOOP_WEB_SCREENSHOTS`` (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from histoloop.v1 import annotation_store_pb2 as pb
+from tests.web.conftest import DATASET, LAYERS, PROJECT, WSI_PROJECT, Stack
+
+CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+    pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; make test does it as root)",
+                allow_module_level=True)
+
+OVERLAY_SIGNATURE = """() => {
+  const c = document.getElementById('overlay');
+  const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let h = 0, n = 0;
+  for (let i = 0; i < data.length; i += 4) if (data[i + 3]) { n++; h = (h * 31 + data[i] * 7 + data[i + 1] * 3 + data[i + 2]) % 1000000007; }
+  return [n, h];
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(os.environ.get("HISTOLOOP_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False):
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{stack.url}/?project={project}")
+    page.fill("#signin-token", stack.tokens[who])
+    if view_only:
+        page.check("#signin-view-only")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page.wait_for_timeout(300)
+    assert not errors, errors
+    return context, page
+
+
+def _label_query_with_hotkeys(page, stack: Stack) -> int:
+    ids = page.evaluate("window.__histoloop.query.map(i => window.__histoloop.layer.ids[i])")
+    assert ids, "the page shows no query units"
+    page.evaluate("window.__histoloop.cursor = -1")
+    page.keyboard.press("n")
+    labelled = 0
+    for k, unit in enumerate(ids):
+        label = stack.truth.get(unit)
+        if label is None:
+            if k < len(ids) - 1:
+                page.keyboard.press("n")
+            continue
+        page.keyboard.press(str(LAYERS.index(label) + 1))
+        labelled += 1
+    assert page.evaluate("window.__histoloop.pending.size") == labelled
+    return labelled
+
+
+def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, shots: Path) -> None:
+    context, page = _open(browser, stack, "ann-a")
+    round_before = page.evaluate("window.__histoloop.round")
+    page.select_option("#colour-mode", "consensus")
+    before = page.evaluate(OVERLAY_SIGNATURE)
+    consensus_before = page.evaluate("Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length")
+    page.screenshot(path=str(shots / "web-query.png"))
+    labelled = _label_query_with_hotkeys(page, stack)
+    page.keyboard.press("s")
+    page.wait_for_function(f"() => window.__histoloop.round > {round_before}", timeout=120_000)
+    page.wait_for_selector("#banner:not([hidden])")
+    banner = page.text_content("#banner")
+    assert banner.startswith(f"round {round_before + 1}:") and "new spots" in banner
+    page.wait_for_timeout(200)
+    consensus_after = page.evaluate("Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length")
+    assert consensus_after >= consensus_before + labelled
+    after = page.evaluate(OVERLAY_SIGNATURE)
+    assert after != before, "the overlay did not change after the next round arrived"
+    page.screenshot(path=str(shots / "web-next-round.png"))
+    page.evaluate("window.__histoloop.viewer.viewport.goHome(true)")
+    page.select_option("#colour-mode", "predicted")
+    page.wait_for_timeout(1500)
+    predicted = page.evaluate(OVERLAY_SIGNATURE)
+    assert predicted != after
+    page.screenshot(path=str(shots / "web-predicted.png"))
+    page.select_option("#colour-mode", "uncertainty")
+    page.wait_for_timeout(200)
+    page.screenshot(path=str(shots / "web-uncertainty.png"))
+    assert int(page.text_content("#round-number")) >= round_before + 1
+    context.close()
+
+
+def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots: Path) -> None:
+    ctx_a, page_a = _open(browser, stack, "ann-a")
+    ctx_b, page_b = _open(browser, stack, "ann-b")
+    ctx_v, page_v = _open(browser, stack, "ann-b", view_only=True)
+    assert page_v.is_hidden("#send") and "read-only" in page_v.text_content("#who")
+    start = page_a.evaluate("window.__histoloop.round")
+    assert page_b.evaluate("window.__histoloop.round") == start
+    _label_query_with_hotkeys(page_a, stack)
+    page_a.click("#send")
+    for page in (page_a, page_b, page_v):
+        page.wait_for_function(f"() => window.__histoloop.round > {start}", timeout=120_000)
+        assert page.text_content("#banner").startswith(f"round {start + 1}:")
+    assert page_b.text_content("#who").startswith("ann-b")
+    page_b.screenshot(path=str(shots / "web-second-annotator.png"))
+    ctx_a.close()
+    ctx_v.close()
+
+    # brush and lasso over the spots, each undone
+    page_b.evaluate("window.__histoloop.viewer.viewport.goHome(true)")
+    page_b.wait_for_timeout(300)
+    box = page_b.locator("#viewer-wrap").bounding_box()
+    cx, cy = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5
+    page_b.keyboard.press("b")
+    page_b.mouse.move(cx - 80, cy)
+    page_b.mouse.down()
+    page_b.mouse.move(cx + 80, cy, steps=20)
+    page_b.mouse.up()
+    brushed = page_b.evaluate("window.__histoloop.pending.size")
+    assert brushed > 10
+    page_b.keyboard.press("u")
+    assert page_b.evaluate("window.__histoloop.pending.size") == 0
+    page_b.keyboard.press("l")
+    page_b.mouse.move(cx - 60, cy - 60)
+    page_b.mouse.down()
+    for x, y in ((cx + 60, cy - 60), (cx + 60, cy + 60), (cx - 60, cy + 60), (cx - 60, cy - 59)):
+        page_b.mouse.move(x, y, steps=5)
+    page_b.mouse.up()
+    lassoed = page_b.evaluate("window.__histoloop.pending.size")
+    assert lassoed > brushed  # a 120 px square holds more spots than a 160 px brush line
+    page_b.keyboard.press("u")
+    assert page_b.evaluate("window.__histoloop.pending.size") == 0
+
+    # two annotators disagree on a spot: the adjudication panel lists both labels
+    unit = str(stack.truth.index[-1])
+    for who, label in (("ann-a", "Layer1"), ("ann-b", "Layer2")):
+        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
+            project_id=PROJECT, dataset_id=DATASET, batch_id=f"dispute-{who}", annotator_id=who,
+            labels=[pb.SpotLabel(barcode=unit, label=label)]), metadata=stack.admin)
+    page_b.reload()
+    page_b.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page_b.wait_for_selector(f"#adjudication tr[data-unit]:has-text('{unit}')", timeout=30_000)
+    row = page_b.text_content(f"#adjudication tr[data-unit]:has-text('{unit}')")
+    assert "ann-a: Layer1" in row and "ann-b: Layer2" in row
+    page_b.locator("#adjudication").scroll_into_view_if_needed()
+    page_b.screenshot(path=str(shots / "web-adjudication.png"))
+    ctx_b.close()
+
+
+def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
+    """Tiles of a real slide: two brush strokes of two classes, send, the next round arrives."""
+    context, page = _open(browser, stack, "ann-a", project=WSI_PROJECT)
+    assert page.evaluate("window.__histoloop.layer.n") > 0, "the WSI dataset shows no tiles"
+    assert page.evaluate("window.__histoloop.layer.kind") == "wsi"
+    round_before = page.evaluate("window.__histoloop.round")
+    page.select_option("#colour-mode", "consensus")
+    before = page.evaluate(OVERLAY_SIGNATURE)
+    page.screenshot(path=str(shots / "web-wsi.png"))
+    box = page.locator("#overlay").bounding_box()
+
+    def stroke(key: str, height: float) -> None:
+        page.keyboard.press(key)
+        page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * height)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * height, steps=40)
+        page.mouse.up()
+
+    page.keyboard.press("b")
+    stroke("1", 0.35)
+    first = page.evaluate("window.__histoloop.pending.size")
+    assert first > 0
+    page.keyboard.press("u")
+    assert page.evaluate("window.__histoloop.pending.size") == 0
+    stroke("1", 0.35)
+    stroke("2", 0.65)
+    assert page.evaluate("window.__histoloop.pending.size") > first
+    page.keyboard.press("s")
+    page.wait_for_function(f"() => window.__histoloop.round > {round_before}", timeout=180_000)
+    banner = page.text_content("#banner")
+    assert banner.startswith(f"round {round_before + 1}:") and "new tiles" in banner
+    page.wait_for_timeout(200)
+    assert page.evaluate(OVERLAY_SIGNATURE) != before, "the overlay did not change after the next round"
+    page.screenshot(path=str(shots / "web-wsi-next-round.png"))
+    context.close()
