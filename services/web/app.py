@@ -74,6 +74,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _EXPORTS = {"labels": pb.EXPORT_KIND_LABELS, "queryset": pb.EXPORT_KIND_QUERY_SET,
             "predictions": pb.EXPORT_KIND_PREDICTIONS}
+_FORMATS = {"loupe": pb.EXPORT_FORMAT_LOUPE_CSV, "geojson": pb.EXPORT_FORMAT_GEOJSON,
+            "png": pb.EXPORT_FORMAT_PNG}
 _HEADER_TTL = 30.0
 _KEEPALIVE = 15.0
 _MAX_BODY = 8 * 1024 * 1024
@@ -378,14 +380,18 @@ class WebApp:
         return JSONResponse(_message(reply))
 
     async def export(self, request: Request) -> Response:
-        """A Loupe CSV of the labels, the query set or the predictions, as a download."""
+        """Labels, the query set or the predictions as a download: Loupe CSV, QuPath GeoJSON or PNG."""
         p, d = self._ids(request)
         kind = request.query_params.get("kind", "labels")
         if kind not in _EXPORTS:
             raise WebError(400, f"kind {kind[:40]!r}: choose one of {', '.join(_EXPORTS)}")
+        form = request.query_params.get("format", "loupe")
+        if form not in _FORMATS:
+            raise WebError(400, f"format {form[:40]!r}: choose one of {', '.join(_FORMATS)}")
         reply = await self._rpc(request, p, self.backends.store.ExportLabels,
-                                pb.ExportLabelsRequest(project_id=p, dataset_id=d, kind=_EXPORTS[kind]))
-        return Response(reply.csv, media_type="text/csv",
+                                pb.ExportLabelsRequest(project_id=p, dataset_id=d, kind=_EXPORTS[kind],
+                                                       format=_FORMATS[form]))
+        return Response(reply.content or reply.csv, media_type=reply.media_type or "text/csv",
                         headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'})
 
     # health -------------------------------------------------------------------------------

@@ -181,6 +181,15 @@ def test_send_then_export(stack: Stack) -> None:
     assert f"{spot},{stack.truth[spot]}" in csv.text
     assert client.get(f"/api/projects/{PROJECT}/datasets/{DATASET}/export?kind=queryset").status_code == 200
     assert client.get(f"/api/projects/{PROJECT}/datasets/{DATASET}/export?kind=bogus").status_code == 400
+    geojson = client.get(f"/api/projects/{PROJECT}/datasets/{DATASET}/export?kind=labels&format=geojson")
+    assert geojson.status_code == 200 and geojson.headers["content-type"].startswith("application/geo+json")
+    [feature] = [f for f in geojson.json()["features"] if f["properties"].get("name") == spot
+                 or f.get("id") == spot]
+    assert feature["properties"]["classification"]["name"] == stack.truth[spot]
+    png = client.get(f"/api/projects/{PROJECT}/datasets/{DATASET}/export?kind=queryset&format=png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = client.get(f"/api/projects/{PROJECT}/datasets/{DATASET}/export?kind=labels&format=xlsx")
+    assert bad.status_code == 400 and "format" in bad.text
 
 
 def test_events_stream_sends_the_next_query_set(stack: Stack) -> None:

@@ -601,8 +601,11 @@ async function renderAdjudication() {
 }
 
 function renderExports() {
-  $('exports').innerHTML = ['labels', 'queryset', 'predictions'].map((kind) =>
-    `<a class="export" href="${dsBase()}/export?kind=${kind}" download>Loupe CSV: ${kind}</a>`).join('');
+  const formats = [['loupe', 'Loupe CSV'], ['geojson', 'QuPath GeoJSON']];
+  $('exports').innerHTML = ['labels', 'queryset', 'predictions'].flatMap((kind) => formats.map(([format, name]) =>
+    `<a class="export" href="${dsBase()}/export?kind=${kind}&format=${format}" download>${name}: ${kind}</a>`))
+    .concat([`<a class="export" href="${dsBase()}/export?kind=queryset&format=png" download>PNG: queryset</a>`])
+    .join('');
 }
 
 // ---------------------------------------------------------------------------- live updates
