@@ -50,10 +50,8 @@ from histoloop.v1 import annotation_store_pb2 as pb
 from histoloop.v1 import annotation_store_pb2_grpc as pb_grpc
 from histoloop.v1 import common_pb2
 
-__all__ = ["EMPTY_ROWS_HEADER", "AnnotationStoreServicer"]
+__all__ = ["AnnotationStoreServicer"]
 
-EMPTY_ROWS_HEADER = "histoloop-empty-rows-skipped"
-"""Trailing metadata of ImportLoupeCsv: how many rows had an empty label (not labels; skipped)."""
 
 _ROLE_FROM_PROTO = {
     pb.ANNOTATOR_ROLE_UNSPECIFIED: None,
@@ -241,7 +239,6 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
     def _import_file(
         self,
         request: pb.ImportLoupeCsvRequest | pb.ImportGeoJsonRequest,
-        context: grpc.ServicerContext,
         data: bytes,
         field_name: str,
         commit: Callable[..., BatchResult],
@@ -257,9 +254,6 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             queryset_id=request.queryset_id,
             create_annotator=create,
         )
-        if result.n_empty:
-            # accepted and said so: rows outside the category are not labels
-            context.set_trailing_metadata(((EMPTY_ROWS_HEADER, str(result.n_empty)),))
         return _batch(result)
 
     def ImportLoupeCsv(
@@ -268,7 +262,6 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         """Import a Loupe category CSV as one label batch (members)."""
         return self._import_file(
             request,
-            context,
             request.csv,
             "csv",
             functools.partial(
@@ -360,7 +353,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
                 **options,
             )
 
-        return self._import_file(request, context, request.geojson, "geojson", commit)
+        return self._import_file(request, request.geojson, "geojson", commit)
 
     # listing -------------------------------------------------------------------------------
     def ListProjects(
@@ -652,6 +645,7 @@ def _batch(result: BatchResult) -> pb.SubmitLabelsResponse:
         duplicate=result.duplicate,
         event_id=result.event_id,
         n_placeholders=result.n_placeholders,
+        n_empty=result.n_empty,
     )
 
 

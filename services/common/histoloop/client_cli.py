@@ -372,7 +372,8 @@ def _labels_import(args: argparse.Namespace, client: _Client) -> int:
             raise HistoloopError(f"{path}: {exc.details()}") from None
         raise
     text = (f"{path.name}: {reply.n_labels} labels committed as batch {reply.batch_id} "
-            f"(label version {reply.label_version}, {reply.n_placeholders} help placeholders skipped)")
+            f"(label version {reply.label_version}, {reply.n_placeholders} help placeholders skipped"
+            + (f", {reply.n_empty} rows with an empty label skipped" if reply.n_empty else "") + ")")
     if reply.duplicate:
         text = f"{path.name}: imported before as batch {reply.batch_id}; nothing changed"
     client.emit(_as_dict(reply), text)
