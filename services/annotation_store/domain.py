@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Literal
 
 from histoloop.errors import InvalidArgument
+from histoloop.presets import DEFAULTS, loop_defaults
 
 __all__ = [
     "CONSENSUS_RULES",
@@ -138,23 +139,27 @@ class LoopSettings:
     expert's or admin's latest label wins over annotators').
     """
 
-    strategy: str = "activevisium"
-    cold_start_strategy: str = "coldstart_kmeans"
-    query_size: int = 20
+    strategy: str = DEFAULTS["strategy"]
+    cold_start_strategy: str = DEFAULTS["cold_start_strategy"]
+    query_size: int = DEFAULTS["query_size"]
     seed: int = 0
-    head: str = "mlp"
+    head: str = DEFAULTS["head"]
     features: str = "morphology"
-    spatial_neighbours: int = 0
+    spatial_neighbours: int = DEFAULTS["spatial_neighbours"]
     resampling: str = "off"
     consensus: str = "latest_expert"
     adjudication_share: float = 0.0
     compactness: float = 0.0
     smoothing: float = 0.0
+    preset: str = ""
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
-        """Settings from possibly-unset values (``""``/``0``/None take the default), validated."""
-        base = cls()
+        """Settings from possibly-unset values (``""``/``0``/None take the default), validated.
+
+        The defaults are those of ``given["preset"]`` (:func:`histoloop.presets.loop_defaults`).
+        """
+        base = cls(**loop_defaults(str(given.get("preset") or "")))  # type: ignore[arg-type]
         values = {k: v for k, v in given.items() if v not in (None, "", 0, 0.0)}
         merged = cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
         return merged.validate()
@@ -183,6 +188,7 @@ class LoopSettings:
             raise InvalidArgument(f"config.compactness: {self.compactness} must be >= 0")
         if not 0.0 <= self.smoothing <= 1.0:
             raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
+        loop_defaults(self.preset)  # raises naming config.preset
         return self
 
 

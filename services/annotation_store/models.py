@@ -88,6 +88,7 @@ class Project(Base):
     adjudication_share: Mapped[float] = mapped_column(Float)
     compactness: Mapped[float] = mapped_column(Float)
     smoothing: Mapped[float] = mapped_column(Float, server_default="0")
+    preset: Mapped[str] = mapped_column(String(32), server_default="")
 
 
 class ProjectClass(Base):

@@ -1513,6 +1513,7 @@ def _settings(project: m.Project) -> LoopSettings:
         adjudication_share=project.adjudication_share,
         compactness=project.compactness,
         smoothing=project.smoothing,
+        preset=project.preset,
     )
 
 

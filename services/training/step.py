@@ -23,6 +23,7 @@ from histoloop.errors import FailedPrecondition, NotFound
 from histoloop.labelsets import read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
+from histoloop.presets import head_hyperparameters
 from histoloop.training.export import export_torchscript
 from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.scaling import FeatureScaling
@@ -145,7 +146,7 @@ class TrainingStep:
         try:
             trained = train_model(lab_x if multimodal else lab_x["features"], labels, head=head, seed=seed,
                                   classes=classes, resampling=config.resampling or "off", scaling=scaling,
-                                  previous=previous)
+                                  previous=previous, hyperparameters=head_hyperparameters(config.preset, head))
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise

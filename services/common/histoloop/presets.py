@@ -1,0 +1,92 @@
+"""Named loop presets and the project defaults, in one place.
+
+A project's ``LoopConfig`` has a ``preset`` field. Its unset fields take the values of the
+preset, and the preset's head hyper-parameters are used by training:
+
+* ``""`` (default): the defaults chosen by evidence from simulated campaigns on the
+  development data (``benchmarks/README.md``, "Defaults by evidence"): :data:`DEFAULTS`.
+* ``"activevisium"``: the ActiveVisium paper (ECML-PKDD 2025): the two-stage
+  ``activevisium`` strategy, k-means cold start, the MLP head trained with Adam 1e-4 for at
+  most 50 epochs (patience 10), no spatial neighbour features, 20 spots per round.
+
+The annotation store (what ``CreateProject`` fills in), training (head hyper-parameters)
+and ``histoloop simulate`` (the default configuration it compares with random) all read
+this module, so a simulated default is the live default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from histoloop.errors import InvalidArgument
+
+__all__ = ["DEFAULTS", "PRESETS", "head_hyperparameters", "loop_defaults"]
+
+DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "strategy": "activevisium",
+    "cold_start_strategy": "coldstart_kmeans",
+    "query_size": 20,
+    "head": "mlp",
+    "spatial_neighbours": 0,
+})
+"""Project defaults (no preset): the loop fields a ``CreateProject`` without them gets."""
+
+_PAPER_MLP: Mapping[str, Any] = MappingProxyType({
+    "lr": 1e-4, "batch_size": 16, "max_epochs": 50, "patience": 10, "weight_decay": 0.0,
+    "weight_decay_per_label": 0.0,
+})
+
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "activevisium": MappingProxyType({
+        "loop": MappingProxyType({
+            "strategy": "activevisium", "cold_start_strategy": "coldstart_kmeans", "query_size": 20,
+            "head": "mlp", "spatial_neighbours": 0,
+        }),
+        "hyperparameters": MappingProxyType({"mlp": _PAPER_MLP, "multimodal": _PAPER_MLP, "ensemble": _PAPER_MLP}),
+    }),
+})
+"""Named presets: loop fields and per-head hyper-parameters."""
+
+
+def _check(preset: str) -> str:
+    preset = (preset or "").strip()
+    if preset and preset not in PRESETS:
+        raise InvalidArgument(f"config.preset: {preset!r} is not one of '', {', '.join(sorted(PRESETS))}")
+    return preset
+
+
+def loop_defaults(preset: str = "") -> dict[str, Any]:
+    """The loop fields an unset ``LoopConfig`` field takes under ``preset``.
+
+    Args:
+        preset: ``""`` (the evidence defaults) or a name in :data:`PRESETS`.
+
+    Returns:
+        Field name → value (strategy, cold_start_strategy, query_size, head, spatial_neighbours).
+
+    Raises:
+        InvalidArgument: Unknown preset (names ``config.preset``).
+    """
+    preset = _check(preset)
+    return dict(PRESETS[preset]["loop"]) if preset else dict(DEFAULTS)
+
+
+def head_hyperparameters(preset: str, head: str) -> dict[str, Any]:
+    """Hyper-parameters training passes to ``head`` under ``preset`` (empty: the head's own).
+
+    Args:
+        preset: ``""`` or a name in :data:`PRESETS`.
+        head: Training head name.
+
+    Returns:
+        Hyper-parameter overrides for :func:`histoloop.training.heads.make_head`.
+
+    Raises:
+        InvalidArgument: Unknown preset (names ``config.preset``).
+    """
+    preset = _check(preset)
+    if not preset:
+        return {}
+    return dict(PRESETS[preset]["hyperparameters"].get(head, {}))
