@@ -8,11 +8,16 @@ beside it (``….r<round>.model``, written *before* the line), so the warm start
 next round is the same as in an uninterrupted run; predictions are recomputed from it.
 
 Everything random is derived from ``(seed, round)``, never from process state, so a run
-gives the same numbers in any process, in any order, before or after a restart.
+gives the same numbers in any process, in any order, before or after a restart. A
+stateful strategy (``bandit``) stores its state in each line and gets it back on restart.
+
+Each line also holds the new model's predicted class of every pool spot (compact) and the
+live loop's stopping signal computed from the last three rounds' predictions.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
 from histoloop.acquisition.strategies import STRATEGIES, QueryContext, get_strategy
 from histoloop.training.evaluate import classification_metrics
 from histoloop.training.pipeline import TrainedModel, train_model
@@ -39,6 +45,15 @@ FULL = "full"
 """Pseudo-strategy name of the full-supervision reference."""
 
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "kappa")
+REFERENCE_MAX_EPOCHS = 1000
+"""Epoch cap of the full-supervision reference (early stopping ends it long before)."""
+REFERENCE_MIN_PATIENCE = 20
+"""Smallest early-stopping patience of the reference."""
+REFERENCE_MAX_ITER = 2000
+"""L-BFGS iterations of a logistic-regression reference."""
+REFERENCE_LR_DROPS = 2
+"""Times the reference goes back to its best weights and divides the learning rate by 10."""
+_STOP_HISTORY = 3  # rounds of pool predictions the stopping signal looks at (as the live loop)
 _INITIAL_SALT = 0x5EED  # keeps the initial draw apart from the per-round streams
 
 
@@ -211,6 +226,28 @@ class _Constant:
         self.n_classes, self.label = n_classes, label
 
 
+def reference_hyperparameters(head: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The arms' hyper-parameters with training run to convergence (the reference's).
+
+    Same head, learning rate, width, decay…; only the stopping rule changes: an epoch cap
+    of :data:`REFERENCE_MAX_EPOCHS` with early stopping (patience ≥
+    :data:`REFERENCE_MIN_PATIENCE`) on the validation split, annealed
+    :data:`REFERENCE_LR_DROPS` times (best weights, learning rate / 10) before it stops;
+    or ≥ :data:`REFERENCE_MAX_ITER` L-BFGS iterations for logistic regression.
+    """
+    from histoloop.training.heads import make_head
+
+    resolved = make_head(head, n_classes=2, **hyperparameters).hyperparameters
+    out = dict(hyperparameters)
+    if "max_epochs" in resolved:
+        out["max_epochs"] = max(int(resolved["max_epochs"]), REFERENCE_MAX_EPOCHS)
+        out["patience"] = max(int(resolved["patience"]), REFERENCE_MIN_PATIENCE)
+        out["lr_drops"] = max(int(resolved.get("lr_drops", 0)), REFERENCE_LR_DROPS)
+    if "max_iter" in resolved:
+        out["max_iter"] = max(int(resolved["max_iter"]), REFERENCE_MAX_ITER)
+    return out
+
+
 def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedModel | None,
            round_: int) -> tuple[TrainedModel | _Constant, float]:
     t0 = time.perf_counter()
@@ -218,9 +255,12 @@ def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedM
     if len(np.unique(y)) < 2:
         return _Constant(len(problem.classes), int(y[0])), time.perf_counter() - t0
     names = np.asarray(problem.classes, dtype=object)[y]
+    hyperparameters = dict(spec.hyperparameters)
+    if spec.strategy == FULL:
+        hyperparameters = reference_hyperparameters(spec.head, hyperparameters)
     model = train_model(
         problem.X[rows], names, head=spec.head, seed=_train_seed(spec.seed, round_),
-        classes=problem.classes, hyperparameters=dict(spec.hyperparameters),
+        classes=problem.classes, hyperparameters=hyperparameters,
         validation_fraction=spec.validation_fraction, scaling={"features": problem.scaling},
         previous=previous if spec.warm_start else None,
     )
@@ -260,7 +300,7 @@ def _initial(problem: Problem, spec: RunSpec, pool: np.ndarray) -> np.ndarray:
 
 def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: dict[str, Any],
             picked: Sequence[int] | np.ndarray, query_s: float, train_s: float,
-            predict_s: float = 0.0) -> dict[str, Any]:
+            predict_s: float = 0.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One round: test metrics, timings (selection, training, pool prediction) and picks."""
     return {
         "head": spec.head, "strategy": spec.strategy, "seed": spec.seed, "round": round_,
@@ -269,7 +309,27 @@ def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: di
         "query_seconds": round(query_s, 6), "train_seconds": round(train_s, 6),
         "predict_seconds": round(predict_s, 6),
         "picked": [int(i) for i in picked],
+        **(extra or {}),
     }
+
+
+def _pack(predicted: np.ndarray) -> str:
+    """Predicted classes of the pool, compact (base64 of uint16)."""
+    return base64.b64encode(np.asarray(predicted, dtype="<u2").tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<u2").astype(np.int64)
+
+
+def _stopping(done: list[dict[str, Any]], P: np.ndarray) -> dict[str, Any]:
+    """The live loop's stopping signal over the last rounds' pool predictions."""
+    history = [RoundPredictions(predicted=_unpack(r["pool_predicted"]))
+               for r in done[-(_STOP_HISTORY - 1):] if r.get("pool_predicted")]
+    history.append(RoundPredictions(predicted=P.argmax(axis=1), probabilities=P))
+    signal = recommend_stop(history)
+    return {"stop": bool(signal.stop), "changed_fraction": signal.changed_share,
+            "pool_predicted": _pack(P.argmax(axis=1))}
 
 
 def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | None = None,
@@ -317,12 +377,16 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             stale.unlink()  # left by a kill between two steps of a round
     position = {int(r): i for i, r in enumerate(pool)}
     strategy = get_strategy(spec.strategy)
+    if done:
+        strategy.set_state(done[-1].get("strategy_state"))
     uses_model = STRATEGIES[spec.strategy].needs_model
     X_pool = problem.X[pool]
     scaled_pool = problem.scaling.transform(X_pool)
+    y_pool = problem.y[pool]
+    history = list(done[-(_STOP_HISTORY - 1):])
+    cached = None  # the pool predictions of the last model, made at the end of its round
     finished = 0
     for round_ in range(len(done), len(done) + budget):
-        predict_s = 0.0
         if round_ == 0:
             t0 = time.perf_counter()
             picked = _initial(problem, spec, pool)
@@ -330,11 +394,10 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             labelled = np.zeros(len(pool), dtype=bool)
             labelled[[position[i] for i in labelled_rows]] = True
             assert previous is not None
-            t0 = time.perf_counter()
-            P, hidden, members = _predict(previous, X_pool, scaled_pool)
-            predict_s = time.perf_counter() - t0
+            P, hidden, members = cached if cached is not None else _predict(previous, X_pool, scaled_pool)
             ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
-                               probabilities=P, member_probabilities=members, round=round_)
+                               probabilities=P, member_probabilities=members, round=round_,
+                               labels=np.where(labelled, y_pool, -1))
             k = spec.targets[round_] - spec.targets[round_ - 1]
             t0 = time.perf_counter()
             picked = pool[strategy.select(ctx, k, np.random.default_rng([spec.seed, round_])).indices]
@@ -344,10 +407,18 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         model, train_s = _train(problem, spec, rows,
                                 previous if isinstance(previous, TrainedModel) else None, round_)
         metrics = _evaluate(problem, model, test)
+        t0 = time.perf_counter()
+        cached = _predict(model, X_pool, scaled_pool)
+        predict_s = time.perf_counter() - t0
+        extra = _stopping(history, cached[0])
+        state = strategy.get_state()
+        if state is not None:
+            extra["strategy_state"] = state
         if isinstance(model, TrainedModel):
             _write_atomic(_model_path(path, round_), model.to_bytes())
-        _append(path, _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s,
-                              predict_s))
+        record = _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s, predict_s, extra)
+        _append(path, record)
+        history = [*history, record][-(_STOP_HISTORY - 1):]
         stale = _model_path(path, round_ - 1)
         if stale.exists():
             stale.unlink()

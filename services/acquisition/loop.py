@@ -52,6 +52,8 @@ class QueryRecord:
     history: tuple[str, ...] = ()
     """URIs of the predictions of this and earlier rounds (newest last), for stopping."""
     stopping: dict | None = None
+    strategy_state: dict | None = None
+    """What a stateful strategy (``bandit``) learnt up to this query set; the next round starts from it."""
 
 
 class Acquisition:
@@ -95,7 +97,7 @@ class Acquisition:
                 if {"array_row", "array_col"} <= set(adata.obs.columns) else None
             ctx = QueryContext(features=features, labelled=np.zeros(len(features), bool), positions=positions)
             name = config.cold_start_strategy or DEFAULT_COLD_START
-            selection = self._select(name, config, ctx)
+            selection, _ = self._select(name, config, ctx)
             spots = [
                 {"dataset": msg.meta.dataset, "barcode": str(adata.obs_names[i]), "score": float(s),
                  "reason": "cold_start"}
@@ -137,13 +139,21 @@ class Acquisition:
         ])
         previous = self.records(project) if previous is None else previous
         round_ = (previous[-1].round + 1) if previous else 1
+        class_index = {str(c): i for i, c in enumerate(predictions.classes)}
+        labels = np.array([
+            class_index.get(str(snapshot.labels.get(d, {}).get(b)), -1)
+            for d, b in zip(predictions.datasets, predictions.barcodes, strict=True)
+        ], dtype=np.int64)
         ctx = QueryContext(
             features=predictions.hidden, labelled=labelled, probabilities=predictions.probabilities,
             member_probabilities=predictions.member_probabilities, positions=predictions.positions,
-            disagreement=disagreement if disagreement.any() else None, round=round_,
+            disagreement=disagreement if disagreement.any() else None, round=round_, labels=labels,
         )
         name = strategy or config.strategy or DEFAULT_STRATEGY
-        selection = self._select(name, config, ctx, query_size=query_size, seed=seed)
+        # a stateful strategy continues from the state stored with the last query set of the same strategy
+        state = next((r.strategy_state for r in reversed(previous) if r.strategy == name and r.strategy_state),
+                     None)
+        selection, new_state = self._select(name, config, ctx, query_size=query_size, seed=seed, state=state)
         history = tuple(previous[-1].history[-(_HISTORY - 1):] if previous else ()) + (predictions_uri,)
         spots = [
             {"dataset": str(predictions.datasets[i]), "barcode": str(predictions.barcodes[i]),
@@ -154,16 +164,19 @@ class Acquisition:
             queryset_id=queryset_id, project=project, round=round_, strategy=name,
             model_version=predictions.model_version, label_version=label_version, spots=spots,
             predictions_uri=predictions_uri, labels_uri=labels_uri, history=history,
-            stopping=self._stopping(history, predictions),
+            stopping=self._stopping(history, predictions), strategy_state=new_state,
         )
 
     def _select(self, name: str, config: common_pb2.LoopConfig, ctx: QueryContext, *,
-                query_size: int = 0, seed: int | None = None) -> Selection:
+                query_size: int = 0, seed: int | None = None,
+                state: dict | None = None) -> tuple[Selection, dict | None]:
         strategy = get_strategy(name, adjudication_share=config.adjudication_share,
                                 compactness=config.compactness if ctx.positions is not None else 0.0)
+        strategy.set_state(state)
         k = int(query_size or config.query_size or DEFAULT_QUERY_SIZE)
         rng = np.random.default_rng(int(config.seed if seed is None else seed) + ctx.round)
-        return strategy.select(ctx, k, rng)
+        selection = strategy.select(ctx, k, rng)
+        return selection, strategy.get_state()
 
     def _stopping(self, history: Sequence[str], current: Predictions) -> dict:
         rounds = [current if uri == history[-1] else read_predictions(self.store, uri) for uri in history]

@@ -63,7 +63,7 @@ class AcquisitionServicer(acquisition_pb2_grpc.AcquisitionServiceServicer):
             neighbours=request.neighbours, strategies=tuple(request.strategies),
             heads=tuple(request.heads) or ("mlp",), seeds=request.seeds or 5,
             test_fraction=request.test_fraction or 0.3, initial=request.initial or "per_class",
-            initial_size=request.initial_size, query_size=request.query_size or 46, rounds=request.rounds,
+            initial_size=request.initial_size, query_size=request.query_size, rounds=request.rounds,
             budget=request.label_budget, schedule=tuple(request.schedule), metric=request.metric or "macro_f1",
             target=request.target or 0.95)
         config.validate()

@@ -272,6 +272,9 @@ class MLPConfig:
         weight_decay_per_label: Adds ``weight_decay_per_label / max(n, 60)`` to the
             weight decay for ``n`` training labels: strong regularisation on a handful of
             labels, almost none on the whole pool (an L2 prior of fixed strength).
+        lr_drops: When patience runs out, go back to the best weights, divide the
+            learning rate by 10 and continue, this many times (0 = stop at once); used to
+            train a reference to convergence.
         threads: Torch intra-op threads during fit and predict.
     """
 
@@ -283,6 +286,7 @@ class MLPConfig:
     patience: int = 20
     weight_decay: float = 0.0
     weight_decay_per_label: float = 3.0
+    lr_drops: int = 0
     threads: int = 1
 
     def validate(self) -> None:
@@ -292,6 +296,8 @@ class MLPConfig:
                 raise InvalidArgument(f"{key} must be ≥ 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
+        if self.lr_drops < 0:
+            raise InvalidArgument(f"lr_drops must be ≥ 0, got {self.lr_drops}")
         if self.weight_decay < 0 or self.negative_slope < 0 or self.weight_decay_per_label < 0:
             raise InvalidArgument("weight_decay, weight_decay_per_label and negative_slope must be ≥ 0")
 
@@ -656,7 +662,7 @@ def _fit_module(
         with torch.no_grad():
             return float(loss_fn(module(*vt), yv).item())
 
-    best_loss, best_epoch, best_state, bad = float("inf"), 0, None, 0
+    best_loss, best_epoch, best_state, bad, drops = float("inf"), 0, None, 0, 0
     if has_val and warm:
         best_loss, best_state = val_loss(), copy.deepcopy(module.state_dict())
     epoch, train_loss, early = 0, float("nan"), False
@@ -689,6 +695,12 @@ def _fit_module(
             else:
                 bad += 1
                 if bad >= cfg.patience:
+                    if drops < cfg.lr_drops and best_state is not None:  # anneal: best weights, lr / 10
+                        drops, bad = drops + 1, 0
+                        module.load_state_dict(best_state)
+                        for group in opt.param_groups:
+                            group["lr"] *= 0.1
+                        continue
                     early = epoch < cfg.max_epochs
                     break
     if best_state is not None:
