@@ -45,7 +45,7 @@ FULL = "full"
 """Pseudo-strategy name of the full-supervision reference."""
 
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "kappa")
-REFERENCE_MAX_EPOCHS = 1000
+REFERENCE_MAX_EPOCHS = 400
 """Epoch cap of the full-supervision reference (early stopping ends it long before)."""
 REFERENCE_MIN_PATIENCE = 20
 """Smallest early-stopping patience of the reference."""
@@ -67,6 +67,7 @@ class Problem:
         classes: Class names by index.
         splits: Per seed: ``(pool_rows, test_rows)`` sorted int64.
         scaling: Standardisation fitted on every spot (no labels used).
+        positions: ``(n, 2)`` spot positions (for the spatial graph of ``+ssl`` heads), or None.
     """
 
     X: np.ndarray
@@ -74,6 +75,7 @@ class Problem:
     classes: tuple[str, ...]
     splits: dict[int, tuple[np.ndarray, np.ndarray]]
     scaling: FeatureScaling
+    positions: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -248,18 +250,60 @@ def reference_hyperparameters(head: str, hyperparameters: dict[str, Any]) -> dic
     return out
 
 
+SEMI_SUFFIX = "+ssl"
+"""A head name with this suffix trains with pseudo-labels from label spreading (``logreg+ssl``)."""
+
+
+def split_head(name: str) -> tuple[str, bool]:
+    """``(training head, semi-supervised?)`` of a simulated head name."""
+    return (name[: -len(SEMI_SUFFIX)], True) if name.endswith(SEMI_SUFFIX) else (name, False)
+
+
+class _Semi:
+    """Pseudo-labels for one run: the pool's graph, built once, and the spreading settings."""
+
+    def __init__(self, problem: Problem, pool: np.ndarray, scaled_pool: np.ndarray) -> None:
+        from histoloop.training.semi import SemiSupervised, combined_graph
+
+        self.settings = SemiSupervised()
+        positions = None if problem.positions is None else problem.positions[pool]
+        self.graph = combined_graph(scaled_pool, positions, feature_neighbours=self.settings.feature_neighbours,
+                                    spatial_neighbours=self.settings.spatial_neighbours)
+        self.pool = pool
+
+    def rows(self, problem: Problem, labelled_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pool rows, class indices)`` of the confident pseudo-labels."""
+        from histoloop.training.semi import label_spreading, pseudo_labels
+
+        s = self.settings
+        where = np.searchsorted(self.pool, labelled_rows)
+        labelled = np.zeros(len(self.pool), bool)
+        labelled[where] = True
+        y = np.zeros(len(self.pool), np.int64)
+        y[where] = problem.y[labelled_rows]
+        spread = label_spreading(self.graph, labelled, y, len(problem.classes), alpha=s.alpha,
+                                 iterations=s.iterations)
+        rows, cls = pseudo_labels(spread, labelled, s.threshold, max_count=int(s.max_share * len(labelled_rows)))
+        return self.pool[rows], cls
+
+
 def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedModel | None,
-           round_: int) -> tuple[TrainedModel | _Constant, float]:
+           round_: int, semi: _Semi | None = None) -> tuple[TrainedModel | _Constant, float]:
     t0 = time.perf_counter()
     y = problem.y[rows]
     if len(np.unique(y)) < 2:
         return _Constant(len(problem.classes), int(y[0])), time.perf_counter() - t0
+    X = problem.X[rows]
+    if semi is not None:
+        extra, extra_y = semi.rows(problem, rows)
+        X, y = np.concatenate([X, problem.X[extra]]), np.concatenate([y, extra_y])
     names = np.asarray(problem.classes, dtype=object)[y]
+    head, _ = split_head(spec.head)
     hyperparameters = dict(spec.hyperparameters)
     if spec.strategy == FULL:
-        hyperparameters = reference_hyperparameters(spec.head, hyperparameters)
+        hyperparameters = reference_hyperparameters(head, hyperparameters)
     model = train_model(
-        problem.X[rows], names, head=spec.head, seed=_train_seed(spec.seed, round_),
+        X, names, head=head, seed=_train_seed(spec.seed, round_),
         classes=problem.classes, hyperparameters=hyperparameters,
         validation_fraction=spec.validation_fraction, scaling={"features": problem.scaling},
         previous=previous if spec.warm_start else None,
@@ -383,6 +427,7 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
     X_pool = problem.X[pool]
     scaled_pool = problem.scaling.transform(X_pool)
     y_pool = problem.y[pool]
+    semi = _Semi(problem, pool, scaled_pool) if split_head(spec.head)[1] else None
     history = list(done[-(_STOP_HISTORY - 1):])
     cached = None  # the pool predictions of the last model, made at the end of its round
     finished = 0
@@ -405,12 +450,13 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         labelled_rows.extend(int(i) for i in picked)
         rows = np.asarray(labelled_rows, dtype=np.int64)
         model, train_s = _train(problem, spec, rows,
-                                previous if isinstance(previous, TrainedModel) else None, round_)
+                                previous if isinstance(previous, TrainedModel) else None, round_, semi)
         metrics = _evaluate(problem, model, test)
         t0 = time.perf_counter()
         cached = _predict(model, X_pool, scaled_pool)
         predict_s = time.perf_counter() - t0
         extra = _stopping(history, cached[0])
+        extra["classes_labelled"] = int(len(np.unique(problem.y[rows])))
         state = strategy.get_state()
         if state is not None:
             extra["strategy_state"] = state

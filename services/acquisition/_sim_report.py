@@ -27,6 +27,8 @@ How the numbers are made (also written into ``comparison.json`` and the Markdown
   predictions stable for two round pairs) recommends stopping; the table gives its
   labels and the metric there as a share of full supervision ("how far from full
   supervision when told to stop"), over the seeds where it fired.
+* **Every class labelled**: the first round after which every class has at least one
+  label (0 = the initial set), mean ± sd over the seeds where it happened.
 * **Gain over random**: per-seed paired differences (AULC; labels saved), with the
   Wilcoxon signed-rank test (exact, two-sided) and the paired t-test. With 5 seeds the
   Wilcoxon test cannot go below p = 0.0625 and neither test has much power: read the
@@ -69,6 +71,8 @@ METHOD = {
             "kappa ≥ 0.95 between consecutive rounds, twice in a row) recommends stopping; its labels and "
             "its metric as a share of the same seed's full-supervision metric, mean ± sd over the seeds where "
             "it fired",
+    "all_classes": "first round (0 = the initial set) after which every class has a label, mean ± sd over "
+                   "the seeds where that happened",
     "censored": "seeds that never reach the target: their best metric, the target and the labels at the end",
     "test": "paired across seeds: Wilcoxon signed-rank (exact, two-sided) and paired t-test (scipy); with "
             "5 seeds the smallest possible Wilcoxon p is 0.0625 and both tests have little power",
@@ -141,7 +145,7 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
     for (head, strategy), by_seed in runs.items():
         aulc, ltt, reached, at = [], [], [], defaultdict(list)
         qs, ts, ps = [], [], []
-        censored, stop_labels, stop_share = [], [], []
+        censored, stop_labels, stop_share, all_classes = [], [], [], []
         for seed in seeds:
             recs = sorted(by_seed[seed], key=lambda r: r["round"])
             f = np.array([r["fraction"] for r in recs])
@@ -156,6 +160,9 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
             if hit is None:
                 censored.append({"seed": seed, "best": float(v.max()), "target": float(goal),
                                  "labels": int(recs[-1]["labels"])})
+            covered = next((r["round"] for r in recs if r.get("classes_labelled", 0) >= len(meta["classes"])), None)
+            if covered is not None:
+                all_classes.append(float(covered))
             stop = next((r for r in recs if r.get("stop")), None)
             if stop is not None:
                 stop_labels.append(float(stop["labels"]))
@@ -165,7 +172,8 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
             ps += [r.get("predict_seconds", 0.0) for r in recs[1:]]
         per_arm[(head, strategy)] = {"aulc": aulc, "ltt": ltt, "reached": reached, "at": at,
                                      "query_s": qs, "train_s": ts, "predict_s": ps, "censored": censored,
-                                     "stop_labels": stop_labels, "stop_share": stop_share}
+                                     "stop_labels": stop_labels, "stop_share": stop_share,
+                                     "all_classes": all_classes}
 
     rows = []
     for head, strategy in [tuple(a) for a in meta["arms"]]:
@@ -182,6 +190,7 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
                                  "fraction_of_pool": None if stat["mean"] is None else stat["mean"] / pool},
             "ratio_to_random": None, "ratio_bound": None, "aulc_gain": None, "labels_saved": None,
             "censored_seeds": arm["censored"],
+            "all_classes_round": {**_mean_sd(arm["all_classes"]), "seeds": len(arm["all_classes"])},
             "stop": {"seeds": len(arm["stop_labels"]), "labels": _mean_sd(arm["stop_labels"]),
                      "share_of_full": _mean_sd(arm["stop_share"])},
             "query_seconds_mean": float(np.mean(arm["query_s"])) if arm["query_s"] else 0.0,

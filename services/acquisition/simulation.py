@@ -102,7 +102,9 @@ DEFAULT_QUERY_FRACTION = 0.02
 RPC_MAX_ROUNDS = 5000
 """Largest campaign (rounds of all runs together) the Simulate RPC runs synchronously."""
 SIMULATION_HEADS = ("mlp", "logreg", "ensemble")
-"""Heads a simulation can train (the multimodal head needs two inputs; not simulated)."""
+"""Heads a simulation can train (the multimodal head needs two inputs; not simulated). Each
+also as ``<head>+ssl``: the same head trained with pseudo-labels from label spreading over the
+spatial and feature graphs (:mod:`histoloop.training.semi`), to measure it against the head."""
 _VALIDATION_FRACTION = {"logreg": 0.0}  # others: 0.1 for early stopping, as in the live loop
 _DEFAULT_VALIDATION_FRACTION = 0.1
 _HEAD_COST = {"ensemble": 0, "mlp": 1, "logreg": 2}  # start the slow runs first
@@ -226,9 +228,10 @@ class SimulationConfig:
         if not self.heads:
             raise InvalidArgument("heads: give at least one head")
         for head in self.heads:
-            if head not in SIMULATION_HEADS:
+            if engine.split_head(head)[0] not in SIMULATION_HEADS:
                 raise InvalidArgument(
-                    f"heads: {head!r} cannot be simulated; choose from {', '.join(SIMULATION_HEADS)}")
+                    f"heads: {head!r} cannot be simulated; choose from {', '.join(SIMULATION_HEADS)} "
+                    f"(each also with {engine.SEMI_SUFFIX})")
         if len(set(self.heads)) != len(self.heads):
             raise InvalidArgument("heads: a head is listed twice")
         unknown_hp = sorted(set(self.hyperparameters) - set(self.heads))
@@ -264,7 +267,7 @@ class SimulationConfig:
 
         for head, params in self.hyperparameters.items():
             try:
-                make_head(head, n_classes=2, **dict(params))
+                make_head(engine.split_head(head)[0], n_classes=2, **dict(params))
             except InvalidArgument as exc:
                 raise InvalidArgument(f"hyperparameters[{head!r}]: {exc}") from None
 
@@ -615,7 +618,11 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     for part in (X, y, *[a for s in sorted(splits) for a in splits[s]]):
         digest.update(np.ascontiguousarray(part).tobytes())
     digest.update(json.dumps(classes).encode())
-    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling)
+    positions = None
+    if any(engine.split_head(h)[1] for h in config.heads):  # the spatial graph of label spreading
+        with contextlib.suppress(InvalidArgument):
+            positions = _positions(adata)[keep]
+    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling, positions=positions)
     return SimulationData(
         problem=problem, barcodes=np.asarray(adata.obs_names[keep]).astype(str), pool_size=pool_size,
         test_size=test_size, initial_size=initial_size, targets=targets, fingerprint=digest.hexdigest(),
@@ -666,11 +673,11 @@ class CampaignResult:
 
 def _specs(config: SimulationConfig, prepared: SimulationData) -> list[engine.RunSpec]:
     specs = []
-    heads_first = sorted(config.heads, key=lambda h: _HEAD_COST.get(h, 9))
+    heads_first = sorted(config.heads, key=lambda h: _HEAD_COST.get(engine.split_head(h)[0], 9))
     arms = config.arms()
     for head in heads_first:
         params = tuple(sorted(dict(config.hyperparameters.get(head, {})).items()))
-        vf = _VALIDATION_FRACTION.get(head, _DEFAULT_VALIDATION_FRACTION)
+        vf = _VALIDATION_FRACTION.get(engine.split_head(head)[0], _DEFAULT_VALIDATION_FRACTION)
         names = [engine.FULL] + [s for h, s in arms if h == head]
         for strategy in names:
             for seed in range(config.seeds):

@@ -470,6 +470,19 @@ class CoreSet(Strategy):
         return _finish(ctx, self.name, k, rows, np.sqrt(d), rng)
 
 
+class Coverage(CoreSet):
+    """Greedy k-center on the input features: a cold start that covers the feature space.
+
+    Farthest-first picks reach the outskirts of the feature space, where a class of a few
+    spots lives, before they fill in the dense middle (k-means and TypiClust cold starts
+    pick typical spots of the big clusters instead).
+    """
+
+    name = "coverage"
+    description = "k-center greedy on the embeddings (cold start that covers the feature space; finds rare classes)"
+    needs_model = False
+
+
 class ActiveVisium(Strategy):
     """ActiveVisium two-stage query: most uncertain pool, then k-means for diversity.
 
@@ -752,6 +765,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         BALD,
         KMeansDiversity,
         CoreSet,
+        Coverage,
         ActiveVisium,
         Hybrid,
         ColdStartKMeans,

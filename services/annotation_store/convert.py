@@ -50,6 +50,7 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         compactness=config.compactness,
         smoothing=config.smoothing,
         preset=config.preset,
+        semi_supervised=config.semi_supervised,
     )
 
 
@@ -69,6 +70,7 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         compactness=settings.compactness,
         smoothing=settings.smoothing,
         preset=settings.preset,
+        semi_supervised=settings.semi_supervised,
     )
 
 

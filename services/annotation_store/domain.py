@@ -152,6 +152,7 @@ class LoopSettings:
     compactness: float = 0.0
     smoothing: float = 0.0
     preset: str = ""
+    semi_supervised: float = 0.0
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
@@ -189,6 +190,8 @@ class LoopSettings:
         if not 0.0 <= self.smoothing <= 1.0:
             raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
         loop_defaults(self.preset)  # raises naming config.preset
+        if not 0.0 <= self.semi_supervised < 1.0:
+            raise InvalidArgument(f"config.semi_supervised: {self.semi_supervised} is not in [0, 1)")
         return self
 
 

@@ -89,6 +89,7 @@ class Project(Base):
     compactness: Mapped[float] = mapped_column(Float)
     smoothing: Mapped[float] = mapped_column(Float, server_default="0")
     preset: Mapped[str] = mapped_column(String(32), server_default="")
+    semi_supervised: Mapped[float] = mapped_column(Float, server_default="0")
 
 
 class ProjectClass(Base):

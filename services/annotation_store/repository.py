@@ -1514,6 +1514,7 @@ def _settings(project: m.Project) -> LoopSettings:
         compactness=project.compactness,
         smoothing=project.smoothing,
         preset=project.preset,
+        semi_supervised=project.semi_supervised,
     )
 
 

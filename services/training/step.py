@@ -24,9 +24,11 @@ from histoloop.labelsets import read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
 from histoloop.presets import head_hyperparameters
+from histoloop.spatial import visium_array_positions
 from histoloop.training.export import export_torchscript
 from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.scaling import FeatureScaling
+from histoloop.training.semi import SemiSupervised, pseudo_label_rows
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = ["TrainingStep", "dataset_of"]
@@ -49,6 +51,19 @@ def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float)
         per_class_f1={k: v for k, v in (validation.get("per_class_f1") or {}).items() if v is not None},
         cohen_kappa=validation.get("kappa") or 0.0, accuracy=validation.get("accuracy") or 0.0,
         n_train=n_train, n_val=n_val, train_seconds=seconds)
+
+
+def _pseudo_labels(adata, blocks: dict[str, np.ndarray], rows: np.ndarray, names: list[str], classes: list[str],
+                   threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Confident pseudo-labels of one dataset by label spreading (``LoopConfig.semi_supervised``)."""
+    x = np.hstack([blocks[k] for k in blocks])
+    z = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
+    positions = visium_array_positions(adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()) \
+        if {"array_row", "array_col"} <= set(adata.obs.columns) else None
+    extra, extra_names = pseudo_label_rows(z, positions, rows, np.asarray(names, dtype=object), tuple(classes),
+                                           SemiSupervised(threshold=threshold))
+    log.info("semi-supervised: %d pseudo-labels beside %d labels (threshold %.2f)", len(extra), len(rows), threshold)
+    return extra, extra_names
 
 
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
@@ -121,10 +136,14 @@ class TrainingStep:
             blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
+            names = [given[adata.obs_names[i]] for i in rows]
+            if config.semi_supervised > 0 and len(rows):
+                extra, extra_names = _pseudo_labels(adata, blocks, rows, names, classes, config.semi_supervised)
+                rows, names = np.concatenate([rows, extra]), names + [str(v) for v in extra_names]
             blocks_all.append(blocks)
             blocks_lab.append({k: v[rows] for k, v in blocks.items()})
             views_lab.append(_augmented_views(adata, config, head, rows))
-            labels += [given[adata.obs_names[i]] for i in rows]
+            labels += names
         if len(set(labels)) < 2:
             log.warning("project %s: %d labels in %d class(es); a model needs two classes — waiting for more",
                         project, len(labels), len(set(labels)))

@@ -144,3 +144,21 @@ def test_cli_default_mode_prints_the_default_against_random_last(small_h5ad: Pat
     assert last.startswith(f"project default ({d['strategy']} / {d['head']}"), last
     meta = json.loads((out / "campaign.json").read_text())
     assert sorted(a[1] for a in meta["arms"]) == sorted({d["strategy"], "random"})
+
+
+def test_semi_supervised_arm_is_measured_beside_the_same_head(tiny, tmp_path: Path) -> None:
+    cfg = SimulationConfig(label_column="layer", pca=10, neighbours=6, heads=("logreg", "logreg+ssl"),
+                           strategies=("random",), seeds=1, query_size=20, rounds=2)
+    result = run_campaign(tiny, cfg, tmp_path / "ssl", workers=1, progress=False)
+    records = _records(result.folder)
+    plain = [r["macro_f1"] for r in records if r["head"] == "logreg" and r["strategy"] == "random"]
+    semi = [r["macro_f1"] for r in records if r["head"] == "logreg+ssl" and r["strategy"] == "random"]
+    picked = {h: [r["picked"] for r in records if r["head"] == h and r["round"] == 0] for h in cfg.heads}
+    assert picked["logreg"] == picked["logreg+ssl"]  # same start, same random picks
+    assert plain != semi  # the pseudo-labels changed the model
+    full = result.comparison["full_supervision"]
+    assert full["logreg"]["per_seed"] == full["logreg+ssl"]["per_seed"]  # every pool spot is labelled there
+    assert all(r["classes_labelled"] == 7 for r in records
+               if r["strategy"] != "full")
+    with pytest.raises(InvalidArgument, match="heads"):
+        replace(cfg, heads=("forest+ssl",)).validate()

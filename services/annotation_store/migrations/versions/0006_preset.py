@@ -1,4 +1,5 @@
-"""Projects get a ``preset`` loop setting ('' = the evidence defaults; ``activevisium`` = the paper's).
+"""Projects get ``preset`` ('' = the evidence defaults; ``activevisium`` = the paper's) and
+``semi_supervised`` (pseudo-label threshold of label spreading; 0 = off) loop settings.
 
 Revision ID: 0006
 Revises: 0002
@@ -22,9 +23,11 @@ def upgrade() -> None:
     """Apply this revision."""
     with op.batch_alter_table("projects") as batch:
         batch.add_column(sa.Column("preset", sa.String(32), nullable=False, server_default=""))
+        batch.add_column(sa.Column("semi_supervised", sa.Float(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
     """Revert this revision."""
     with op.batch_alter_table("projects") as batch:
+        batch.drop_column("semi_supervised")
         batch.drop_column("preset")
