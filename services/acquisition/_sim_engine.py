@@ -282,7 +282,7 @@ class _Semi:
         y = np.zeros(len(self.pool), np.int64)
         y[where] = problem.y[labelled_rows]
         spread = label_spreading(self.graph, labelled, y, len(problem.classes), alpha=s.alpha,
-                                 iterations=s.iterations)
+                                 iterations=s.iterations, balanced=s.balanced)
         rows, cls = pseudo_labels(spread, labelled, s.threshold, max_count=int(s.max_share * len(labelled_rows)))
         return self.pool[rows], cls
 

@@ -49,7 +49,7 @@ def test_a_small_class_is_not_swamped_by_a_large_one() -> None:
     graph = combined_graph(np.zeros((len(y), 1)), positions, feature_neighbours=0, spatial_neighbours=3)
     labelled = np.zeros(len(y), bool)
     labelled[[0, 10, 20, 30, 40, 59]] = True  # five labels of the big class, one of the small
-    spread = label_spreading(graph, labelled, y, 2, alpha=0.99, iterations=200)
+    spread = label_spreading(graph, labelled, y, 2, alpha=0.99, iterations=200, balanced=True)
     assert (spread.argmax(axis=1)[y == 1] == 1).mean() >= 0.8
 
 
