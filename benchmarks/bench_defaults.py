@@ -81,11 +81,11 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
         out[f"{data}.ssl"] = (data, SimulationConfig(
             neighbours=6, heads=("logreg", "logreg+ssl"), strategies=("random", "entropy", "bandit"), **base))
         # rare classes: the initial set drawn by each cold start instead of one label per class
-        if data == "her2st_a1":
-            for cold in ("random", "coldstart_kmeans", "typiclust", "coverage"):
-                out[f"{data}.cold-{cold}"] = (data, SimulationConfig(
-                    neighbours=6, heads=("logreg",), strategies=("random", "entropy", "bandit"),
-                    **{**base, "initial": cold}))
+        for cold in ("random", "coldstart_kmeans", "typiclust", "coverage") if data == "her2st_a1" else (
+                "coldstart_kmeans", "coverage"):
+            out[f"{data}.cold-{cold}"] = (data, SimulationConfig(
+                neighbours=6, heads=("logreg",), strategies=("random", "entropy", "bandit"),
+                **{**base, "initial": cold}))
     return out
 
 
@@ -121,6 +121,8 @@ def main() -> int:
     parser.add_argument("--case", action="append", help="run only these cases (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 6 rounds")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--summarise", action="store_true",
+                        help="only rebuild summary.md from the finished case folders in --out")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_simulation import _machine
@@ -138,6 +140,11 @@ def main() -> int:
     ranked = sorted(cases(args.quick).items(), key=lambda kv: cost(kv[0]))
     for name, (data, cfg) in ranked:
         if args.case and name not in args.case:
+            continue
+        if args.summarise:
+            path = out / name / "comparison.json"
+            if path.exists():
+                table += summary(name, json.loads(path.read_text()))
             continue
         started = time.perf_counter()
         result = run_campaign(_load(data), cfg, out / name, workers=args.workers, resume=(out / name).exists())

@@ -243,7 +243,7 @@ class Bandit(Strategy):
         st["next_eval"] = {"rows": nxt.tolist(), "old": P[nxt].astype(np.float64).round(6).tolist()} \
             if len(nxt) else None
         return Selection(indices=rows, scores=np.concatenate([scores, np.zeros(len(random_rows))]),
-                         strategy=f"{self.name}:{self.arms[arm]}")
+                         strategy=self.name)  # the arm played is in the state ("last")
 
 
 def _json_copy(state: dict[str, Any]) -> dict[str, Any]:

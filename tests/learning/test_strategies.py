@@ -276,6 +276,7 @@ def test_list_strategies_reports_cold_start_ability() -> None:
         "random",
         "coldstart_kmeans",
         "typiclust",
+        "coverage",
     }
     assert info["activevisium"].parameters["top_fraction"] == 0.05
     assert all(s.description for s in info.values())
