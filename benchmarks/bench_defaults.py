@@ -86,12 +86,24 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
             out[f"{data}.cold-{cold}"] = (data, SimulationConfig(
                 neighbours=6, heads=("logreg",), strategies=("random", "entropy", "bandit"),
                 **{**base, "initial": cold}))
+    # the live loop's expression features (log-normalised genes, no PCA: what the embedding step
+    # stores) rather than 30 PCs: does the head choice hold on them?
+    out["dlpfc151510.genes"] = ("dlpfc151510_genes", SimulationConfig(
+        label_column="layer", obsm=("X_expr",), neighbours=6, heads=("logreg", "mlp"),
+        strategies=("random", "entropy", "activevisium@mlp"), seeds=min(seeds, 3), rounds=rounds,
+        initial="per_class"))
     return out
 
 
 def _load(name: str) -> Any:
     import anndata as ad
 
+    from histoloop.training.scaling import log1p_normalise
+
+    if name == "dlpfc151510_genes":
+        adata = ad.read_h5ad(DLPFC)
+        adata.obsm["X_expr"] = log1p_normalise(adata.X)  # as the embedding step's expression features
+        return adata
     return ad.read_h5ad(DLPFC) if name == "dlpfc151510" else a1_anndata()
 
 
@@ -136,6 +148,7 @@ def main() -> int:
     def cost(name: str) -> tuple[int, int, str]:  # cheap campaigns first
         kind = name.rsplit(".", 1)[1]
         return (0 if name.startswith("her2st") else 1, 0 if kind.startswith("cold") or kind == "ssl" else 1, name)
+
 
     ranked = sorted(cases(args.quick).items(), key=lambda kv: cost(kv[0]))
     for name, (data, cfg) in ranked:

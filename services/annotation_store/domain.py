@@ -131,12 +131,15 @@ class ClassSpec:
 class LoopSettings:
     """A project's loop configuration (the ``LoopConfig`` proto), with the store's defaults.
 
-    Defaults follow ActiveVisium: the ``activevisium`` strategy (top 5 % uncertain, then
-    k-means diversity), k-means cold start, 20 spots per round, the MLP head on image
-    embeddings (``morphology``: works for every dataset, with or without an expression
-    matrix), no neighbour features, no resampling, and ``latest_expert`` consensus (one
-    pathologist: the latest label wins, so corrections take effect; with several, an
-    expert's or admin's latest label wins over annotators').
+    Strategy, cold start, query size, head and spatial neighbours default to
+    :data:`histoloop.presets.DEFAULTS` (chosen by evidence: entropy, k-means cold start, 20
+    spots per round, logistic regression, the 6 nearest spots' mean features), or to the
+    values of ``preset`` (``activevisium``: the paper's two-stage query, MLP head trained
+    as in the paper, no neighbour features). Features default to image embeddings
+    (``morphology``: works for every dataset, with or without an expression matrix); no
+    resampling, no pseudo-labels, and ``latest_expert`` consensus (one pathologist: the
+    latest label wins, so corrections take effect; with several, an expert's or admin's
+    latest label wins over annotators').
     """
 
     strategy: str = DEFAULTS["strategy"]

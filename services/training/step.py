@@ -24,7 +24,7 @@ from histoloop.labelsets import read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
 from histoloop.presets import head_hyperparameters
-from histoloop.spatial import visium_array_positions
+from histoloop.spatial import unit_positions
 from histoloop.training.export import export_torchscript
 from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.scaling import FeatureScaling
@@ -58,8 +58,7 @@ def _pseudo_labels(adata, blocks: dict[str, np.ndarray], rows: np.ndarray, names
     """Confident pseudo-labels of one dataset by label spreading (``LoopConfig.semi_supervised``)."""
     x = np.hstack([blocks[k] for k in blocks])
     z = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
-    positions = visium_array_positions(adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()) \
-        if {"array_row", "array_col"} <= set(adata.obs.columns) else None
+    positions = unit_positions(adata)
     extra, extra_names = pseudo_label_rows(z, positions, rows, np.asarray(names, dtype=object), tuple(classes),
                                            SemiSupervised(threshold=threshold))
     log.info("semi-supervised: %d pseudo-labels beside %d labels (threshold %.2f)", len(extra), len(rows), threshold)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from histoloop.config import load_settings
 from histoloop.errors import HistoloopError
 from histoloop.logs import setup_logging
+from histoloop.presets import DEFAULTS
 from histoloop.runtime import SERVICE_NAMES
 
 __all__ = ["main"]
@@ -217,10 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/")
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--rounds", type=int, default=10)
-    demo.add_argument("--query-size", type=int, default=20)
-    demo.add_argument("--strategy", default="activevisium")
-    demo.add_argument("--head", default="mlp")
-    demo.add_argument("--neighbours", type=int, default=6, help="spatial neighbour features (0 = off)")
+    demo.add_argument("--query-size", type=int, default=DEFAULTS["query_size"])
+    demo.add_argument("--strategy", default=DEFAULTS["strategy"], help="default: the project default")
+    demo.add_argument("--head", default=DEFAULTS["head"], help="default: the project default")
+    demo.add_argument("--neighbours", type=int, default=DEFAULTS["spatial_neighbours"],
+                      help="spatial neighbour features (0 = off; default: the project default)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
