@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from histoloop.acquisition.simulation import SimulationConfig, run_campaign
+from histoloop.presets import head_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -92,6 +93,12 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
         label_column="layer", obsm=("X_expr",), neighbours=6, heads=("logreg", "mlp"),
         strategies=("random", "entropy", "activevisium@mlp"), seeds=min(seeds, 3), rounds=rounds,
         initial="per_class"))
+    # the same MLP arms with the paper's training settings (the activevisium preset), warm-started
+    # round by round as in the live loop: is the new training better inside the loop too?
+    out["dlpfc151510.genes-paper"] = ("dlpfc151510_genes", SimulationConfig(
+        label_column="layer", obsm=("X_expr",), neighbours=6, heads=("mlp",), strategies=("random", "activevisium"),
+        seeds=min(seeds, 3), rounds=rounds, initial="per_class",
+        hyperparameters={"mlp": head_hyperparameters("activevisium", "mlp")}))
     return out
 
 

@@ -132,10 +132,11 @@ class LoopSettings:
     """A project's loop configuration (the ``LoopConfig`` proto), with the store's defaults.
 
     Strategy, cold start, query size, head and spatial neighbours default to
-    :data:`histoloop.presets.DEFAULTS` (chosen by evidence: entropy, k-means cold start, 20
-    spots per round, logistic regression, the 6 nearest spots' mean features), or to the
-    values of ``preset`` (``activevisium``: the paper's two-stage query, MLP head trained
-    as in the paper, no neighbour features). Features default to image embeddings
+    :data:`histoloop.presets.DEFAULTS` (chosen by evidence: the activevisium two-stage
+    query, k-means cold start, 20 spots per round, the MLP head with its new training
+    settings, the 6 nearest spots' mean features), or to the values of ``preset``
+    (``activevisium``: the paper's loop, MLP trained as in the paper, no neighbour
+    features). Features default to image embeddings
     (``morphology``: works for every dataset, with or without an expression matrix); no
     resampling, no pseudo-labels, and ``latest_expert`` consensus (one pathologist: the
     latest label wins, so corrections take effect; with several, an expert's or admin's

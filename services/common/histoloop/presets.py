@@ -25,21 +25,23 @@ from histoloop.errors import InvalidArgument
 __all__ = ["DEFAULTS", "PRESETS", "head_hyperparameters", "loop_defaults"]
 
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
-    "strategy": "entropy",
+    "strategy": "activevisium",
     "cold_start_strategy": "coldstart_kmeans",
     "query_size": 20,
-    "head": "logreg",
+    "head": "mlp",
     "spatial_neighbours": 6,
 })
 """Project defaults (no preset): the loop fields a ``CreateProject`` without them gets.
 
 Chosen on 5-seed campaigns on DLPFC 151510 and HER2+ A1 (benchmarks/README.md, "Defaults
 by evidence"): the 6 nearest spots' mean features raised full-supervision macro-F1 from
-0.659 to 0.822 (DLPFC) and 0.458 to 0.612 (A1) and the curves' AULC by 0.12–0.17 with
-every head; with them, logistic regression and the MLP have the same AULC (within 0.015,
-either way) while logistic regression trains 10–20× faster; entropy was the best or tied
-best strategy on both sections (0.31× and ≤ 0.29× random's labels to 95 % of full
-supervision); the bandit beat random but not entropy; k-means and coverage cold starts
+0.659 to 0.822 (DLPFC) and 0.458 to 0.612 (A1) and the curves' AULC by 0.12–0.19 with
+either head. On 30 PCs logistic regression and the (now properly trained) MLP tie; on the
+live loop's own expression features (log-normalised genes, no PCA) logistic regression
+with entropy collapsed on one seed of three (AULC 0.699 ± 0.159) while the MLP held (0.775
+± 0.030 with activevisium, 0.773 with entropy), so the MLP stays. With the MLP the
+two-stage activevisium query was at least as good as entropy in all three comparisons.
+The bandit beat random but not the best fixed strategy; k-means and coverage cold starts
 were split (one section each), so k-means stays; query size was not varied."""
 
 _PAPER_MLP: Mapping[str, Any] = MappingProxyType({
