@@ -38,7 +38,8 @@ def _records(folder: Path) -> list[dict]:
 def test_reference_is_never_below_an_arm_at_the_whole_pool(tiny, tmp_path: Path) -> None:
     """MLP arms trained round by round up to 100 % of the pool never beat the reference."""
     cfg = SimulationConfig(label_column="layer", pca=10, heads=("mlp",), strategies=("random", "entropy"),
-                           seeds=1, query_size=60, rounds=1, schedule=(1.0,))
+                           seeds=1, query_size=60, rounds=1, schedule=(1.0,),
+                           hyperparameters={"mlp": {"hidden": 32, "batch_size": 32}})  # a smaller MLP: fast
     result = run_campaign(tiny, cfg, tmp_path / "c", workers=1, progress=False)
     records = _records(result.folder)
     yardstick = result.comparison["full_supervision"]["mlp"]
@@ -133,11 +134,12 @@ def test_project_default_config_is_what_create_project_gives() -> None:
     assert loop_defaults("activevisium")["head"] == LoopSettings.with_defaults(preset="activevisium").head
 
 
-def test_cli_default_mode_prints_the_default_against_random_last(small_h5ad: Path, tmp_path: Path,
+def test_cli_default_mode_prints_the_default_against_random_last(tiny, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "default"
-    code = main(["simulate", "--data", str(small_h5ad), "--label-column", "layer", "--pca", "10", "--seeds", "2",
-                 "--rounds", "3", "--query-size", "20", "--out", str(out), "--workers", "1"])
+    data, out = tmp_path / "tiny.h5ad", tmp_path / "default"
+    tiny.write_h5ad(data)
+    code = main(["simulate", "--data", str(data), "--label-column", "layer", "--pca", "10", "--seeds", "1",
+                 "--rounds", "2", "--query-size", "20", "--out", str(out), "--workers", "1"])
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     d = loop_defaults()
