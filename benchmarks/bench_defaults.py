@@ -75,6 +75,10 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
             neighbours=6, heads=("logreg", "mlp"),
             strategies=(*[f"{s}@logreg" for s in STRATEGIES], "random@mlp", "entropy@mlp", "activevisium@mlp"),
             **base))
+        # the nb6 MLP arms again with the paper's training settings, warm-started round by round
+        out[f"{data}.nb6-paper"] = (data, SimulationConfig(
+            neighbours=6, heads=("mlp",), strategies=("random", "activevisium"),
+            hyperparameters={"mlp": head_hyperparameters("activevisium", "mlp")}, **base))
         out[f"{data}.nb0"] = (data, SimulationConfig(
             neighbours=0, heads=("logreg", "mlp"),
             strategies=(*[f"{s}@logreg" for s in STRATEGIES], "random@mlp", "activevisium@mlp"), **base))
