@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoloop.acquisition.simulation import SimulationConfig, prepare_data
+from histoloop.simulation import SimulationConfig, prepare_data
 from histoloop.spatial import neighbour_indices, visium_array_positions
 from histoloop.training.evaluate import classification_metrics
 from histoloop.training.pipeline import train_model

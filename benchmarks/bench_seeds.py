@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoloop.acquisition.simulation import SimulationConfig, run_campaign
+from histoloop.simulation import SimulationConfig, run_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))

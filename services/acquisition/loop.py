@@ -61,6 +61,8 @@ class QueryRecord:
     stopping: dict | None = None
     config: dict = field(default_factory=dict)
     """The project's ``LoopConfig`` (proto JSON) the set was chosen with."""
+    strategy_state: dict | None = None
+    """What a stateful strategy (``bandit``) learnt up to this query set; the next round starts from it."""
 
 
 class Acquisition:
@@ -146,13 +148,21 @@ class Acquisition:
         ])
         previous = self.records(project) if previous is None else previous
         round_ = (previous[-1].round + 1) if previous else 1
+        class_index = {str(c): i for i, c in enumerate(predictions.classes)}
+        labels = np.array([
+            class_index.get(str(snapshot.labels.get(d, {}).get(b)), -1)
+            for d, b in zip(predictions.datasets, predictions.barcodes, strict=True)
+        ], dtype=np.int64)
         ctx = QueryContext(
             features=predictions.hidden, labelled=labelled, probabilities=predictions.probabilities,
             member_probabilities=predictions.member_probabilities, positions=predictions.positions,
-            disagreement=disagreement if disagreement.any() else None, round=round_,
+            disagreement=disagreement if disagreement.any() else None, round=round_, labels=labels,
         )
         name = strategy or config.strategy or DEFAULT_STRATEGY
-        selection = self._select(name, config, ctx, query_size=query_size, seed=seed)
+        # a stateful strategy continues from the state stored with the last query set of the same strategy
+        state = next((r.strategy_state for r in reversed(previous) if r.strategy == name and r.strategy_state),
+                     None)
+        selection = self._select(name, config, ctx, query_size=query_size, seed=seed, state=state)
         keep = max(_HISTORY, int(stopping_options(config)["patience"]) + 1)  # rounds the rule looks at
         history = tuple(previous[-1].history[-(keep - 1):] if previous else ()) + (predictions_uri,)
         spots = [
@@ -165,6 +175,7 @@ class Acquisition:
             model_version=predictions.model_version, label_version=label_version, spots=spots,
             predictions_uri=predictions_uri, labels_uri=labels_uri, history=history,
             stopping=self._stopping(history, predictions, config), config=_config_json(config),
+            strategy_state=selection.state,
         )
 
     def what_if(self, project: str, *, strategy: str = "", query_size: int = 0,
@@ -187,11 +198,12 @@ class Acquisition:
             label_version=latest.label_version, strategy=strategy, query_size=query_size, seed=seed)
 
     def _select(self, name: str, config: common_pb2.LoopConfig, ctx: QueryContext, *,
-                query_size: int = 0, seed: int | None = None) -> Selection:
+                query_size: int = 0, seed: int | None = None,
+                state: dict | None = None) -> Selection:
         return select_query(ctx, strategy=name, query_size=int(query_size or config.query_size or DEFAULT_QUERY_SIZE),
                             seed=int(config.seed if seed is None else seed),
                             adjudication_share=config.adjudication_share, compactness=config.compactness,
-                            options=strategy_options(name, config))
+                            options=strategy_options(name, config), state=state)
 
     def _stopping(self, history: Sequence[str], current: Predictions,
                   config: common_pb2.LoopConfig | None = None) -> dict:

@@ -9,6 +9,7 @@ project's seed and the round (:func:`query_rng`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ def select_query(
     adjudication_share: float = 0.0,
     compactness: float = 0.0,
     options: Mapping[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> Selection:
     """Choose ``query_size`` unlabelled spots.
 
@@ -46,6 +48,8 @@ def select_query(
         compactness: Spatial compactness (ignored without positions).
         options: The strategy's own settings from the project's config
             (:func:`histoloop.acquisition.settings.strategy_options`).
+        state: A stateful strategy's state after the previous round (``Selection.state``
+            of that round), None to start afresh.
 
     Raises:
         UnknownStrategy: no such strategy.
@@ -57,4 +61,6 @@ def select_query(
         compactness=compactness if ctx.positions is not None else 0.0,
         **(options or {}),
     )
-    return chosen.select(ctx, int(query_size), query_rng(seed, ctx.round))
+    chosen.set_state(state)
+    selection = chosen.select(ctx, int(query_size), query_rng(seed, ctx.round))
+    return dataclasses.replace(selection, state=chosen.get_state())

@@ -84,6 +84,9 @@ class QueryContext:
         positions: ``(n, 2)`` spot coordinates (array or pixel), or None.
         disagreement: ``(n,)`` annotator disagreement per spot (0 = consensus), or None.
         round: Active-learning round number (0 = first), used by decaying pools.
+        labels: ``(n,)`` int class index of each labelled spot (−1 where unlabelled), in
+            the order of ``probabilities``' columns, or None. Only strategies that
+            learn from their own past queries (``bandit``) read it.
     """
 
     features: np.ndarray
@@ -93,6 +96,7 @@ class QueryContext:
     positions: np.ndarray | None = None
     disagreement: np.ndarray | None = None
     round: int = 0
+    labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         features = np.asarray(self.features)
@@ -128,6 +132,11 @@ class QueryContext:
             object.__setattr__(self, "disagreement", dis)
         if int(self.round) < 0:
             raise InvalidArgument(f"round must be ≥ 0, got {self.round}")
+        if self.labels is not None:
+            lab = np.asarray(self.labels, dtype=np.int64)
+            if lab.shape != (n,):
+                raise InvalidArgument(f"labels must be ({n},), got {lab.shape}")
+            object.__setattr__(self, "labels", lab)
 
     @property
     def n(self) -> int:
@@ -151,12 +160,15 @@ class Selection:
             distance, typicality… depending on the strategy).
         strategy: Name of the strategy that produced it.
         adjudication: ``(k,)`` bool, True for disputed labelled spots.
+        state: What a stateful strategy learnt up to this set (:meth:`Strategy.get_state`),
+            for the next round; None for a stateless one.
     """
 
     indices: np.ndarray
     scores: np.ndarray
     strategy: str
     adjudication: np.ndarray | None = None
+    state: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         idx = np.asarray(self.indices, dtype=np.int64)
@@ -348,6 +360,18 @@ class Strategy(abc.ABC):
             The :class:`Selection`, best first where the strategy has an order.
         """
 
+    def get_state(self) -> dict[str, Any] | None:
+        """What a stateful strategy learnt so far (plain JSON), or None (stateless).
+
+        The live loop stores it with each query set and the simulation with each round,
+        and hands it back through :meth:`set_state` before the next :meth:`select`.
+        """
+        return None
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`get_state` output (None: start afresh). Stateless: a no-op."""
+        del state  # nothing to restore
+
 
 class _ScoringStrategy(Strategy):
     """A strategy that scores every spot and takes the top ``k``."""
@@ -491,6 +515,19 @@ class CoreSet(Strategy):
             X, k, rng, centres=np.flatnonzero(ctx.labelled), eligible=~ctx.labelled
         )
         return _finish(ctx, self.name, k, rows, np.sqrt(d), rng)
+
+
+class Coverage(CoreSet):
+    """Greedy k-center on the input features: a cold start that covers the feature space.
+
+    Farthest-first picks reach the outskirts of the feature space, where a class of a few
+    spots lives, before they fill in the dense middle (k-means and TypiClust cold starts
+    pick typical spots of the big clusters instead).
+    """
+
+    name = "coverage"
+    description = "k-center greedy on the embeddings (cold start that covers the feature space; finds rare classes)"
+    needs_model = False
 
 
 class ActiveVisium(Strategy):
@@ -718,6 +755,12 @@ class ProbCover(Strategy):
 class _Adjudicating(Strategy):
     """Puts the most disputed labelled spots first, up to ``share`` of the query."""
 
+    def get_state(self) -> dict[str, Any] | None:
+        return self.inner.get_state()
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        self.inner.set_state(state)
+
     def __init__(self, inner: Strategy, share: float, min_disagreement: float = 0.0) -> None:
         self.inner = inner
         self.share = share
@@ -759,6 +802,12 @@ class _Compact(Strategy):
     in [0, 1] (1 = most informative) and the extent is the diagonal of the candidates'
     bounding box.
     """
+
+    def get_state(self) -> dict[str, Any] | None:
+        return self.inner.get_state()
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        self.inner.set_state(state)
 
     def __init__(self, inner: Strategy, compactness: float, candidate_factor: int = 10) -> None:
         self.inner = inner
@@ -813,6 +862,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         KMeansDiversity,
         KMeansFarFromCentre,
         CoreSet,
+        Coverage,
         ActiveVisium,
         Hybrid,
         ColdStartKMeans,
@@ -900,3 +950,6 @@ def get_strategy(
     if adjudication_share > 0:
         strategy = _Adjudicating(strategy, float(adjudication_share))
     return strategy
+
+
+from . import bandit as _bandit  # noqa: E402, F401  (registers "bandit"; it builds on the above)

@@ -61,6 +61,8 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         stop_max_uncertainty=config.stop_max_uncertainty,
         resampling_every=config.resampling_every,
         harmony=config.harmony,
+        preset=config.preset,
+        semi_supervised=config.semi_supervised,
     )
 
 
@@ -88,6 +90,8 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         stop_max_uncertainty=settings.stop_max_uncertainty,
         resampling_every=settings.resampling_every,
         harmony=settings.harmony,
+        preset=settings.preset,
+        semi_supervised=settings.semi_supervised,
     )
 
 

@@ -23,6 +23,7 @@ from histoloop.formats.vocab import (
     DEFAULT_HEAD,
     DEFAULT_QUERY_SIZE,
     DEFAULT_RESAMPLING,
+    DEFAULT_SPATIAL_NEIGHBOURS,
     DEFAULT_STRATEGY,
     FEATURE_SETS,
     HEADS,
@@ -31,6 +32,7 @@ from histoloop.formats.vocab import (
     STRATEGIES,
     ConsensusRule,
 )
+from histoloop.presets import loop_defaults
 
 __all__ = [
     "CONSENSUS_RULES",
@@ -144,12 +146,16 @@ class ClassSpec:
 class LoopSettings:
     """A project's loop configuration (the ``LoopConfig`` proto), with the store's defaults.
 
-    Defaults follow ActiveVisium: the ``activevisium`` strategy (top 5 % uncertain, then
-    k-means diversity), k-means cold start, 20 spots per round, the MLP head on image
-    embeddings (``morphology``: works for every dataset, with or without an expression
-    matrix), no neighbour features, no resampling, and ``latest_expert`` consensus (one
-    pathologist: the latest label wins, so corrections take effect; with several, an
-    expert's or admin's latest label wins over annotators').
+    Strategy, cold start, query size, head and spatial neighbours default to
+    :data:`histoloop.presets.DEFAULTS` (chosen by evidence: the activevisium two-stage
+    query, k-means cold start, 20 spots per round, the MLP head with its new training
+    settings, the 6 nearest spots' mean features), or to the values of ``preset``
+    (``activevisium``: the paper's loop, MLP trained as in the paper, no neighbour
+    features). Features default to image embeddings
+    (``morphology``: works for every dataset, with or without an expression matrix); no
+    resampling, no pseudo-labels, and ``latest_expert`` consensus (one pathologist: the
+    latest label wins, so corrections take effect; with several, an expert's or admin's
+    latest label wins over annotators').
     """
 
     strategy: str = DEFAULT_STRATEGY
@@ -158,12 +164,14 @@ class LoopSettings:
     seed: int = 0
     head: str = DEFAULT_HEAD
     features: str = DEFAULT_FEATURES
-    spatial_neighbours: int = 0
+    spatial_neighbours: int = DEFAULT_SPATIAL_NEIGHBOURS
     resampling: str = DEFAULT_RESAMPLING
     consensus: str = DEFAULT_CONSENSUS
     adjudication_share: float = 0.0
     compactness: float = 0.0
     smoothing: float = 0.0
+    preset: str = ""
+    semi_supervised: float = 0.0
     hybrid_share: float = 0.7
     kmeans_pick: str = "closest_to_centroid"
     mc_dropout_samples: int = 0
@@ -176,8 +184,11 @@ class LoopSettings:
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
-        """Settings from possibly-unset values (``""``/``0``/None take the default), validated."""
-        base = cls()
+        """Settings from possibly-unset values (``""``/``0``/None take the default), validated.
+
+        The defaults are those of ``given["preset"]`` (:func:`histoloop.presets.loop_defaults`).
+        """
+        base = cls(**loop_defaults(str(given.get("preset") or "")))  # type: ignore[arg-type]
         values = {k: v for k, v in given.items() if v not in (None, "", 0, 0.0)}
         merged = cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
         return merged.validate()
@@ -220,6 +231,9 @@ class LoopSettings:
         if not 0.0 <= self.smoothing <= 1.0:
             raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
         _check_issue17_settings(self)
+        loop_defaults(self.preset)  # raises naming config.preset
+        if not 0.0 <= self.semi_supervised < 1.0:
+            raise InvalidArgument(f"config.semi_supervised: {self.semi_supervised} is not in [0, 1)")
         return self
 
 

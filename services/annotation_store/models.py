@@ -99,6 +99,8 @@ class Project(Base):
     stop_max_uncertainty: Mapped[float] = mapped_column(Float, server_default="0")
     resampling_every: Mapped[int] = mapped_column(Integer, server_default="5")
     harmony: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())
+    preset: Mapped[str] = mapped_column(String(32), server_default="")
+    semi_supervised: Mapped[float] = mapped_column(Float, server_default="0")
 
 
 class ProjectClass(Base):

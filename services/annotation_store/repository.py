@@ -1849,6 +1849,8 @@ def _settings(project: m.Project) -> LoopSettings:
         stop_max_uncertainty=project.stop_max_uncertainty,
         resampling_every=project.resampling_every,
         harmony=project.harmony,
+        preset=project.preset,
+        semi_supervised=project.semi_supervised,
     )
 
 

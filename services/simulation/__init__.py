@@ -19,6 +19,7 @@ from histoloop.simulation.campaign import (
     load_anndata,
     parse_schedule,
     prepare_data,
+    project_default_config,
     run_campaign,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "load_anndata",
     "parse_schedule",
     "prepare_data",
+    "project_default_config",
     "run_campaign",
 ]

@@ -8,15 +8,19 @@ beside it (``….r<round>.model``, written *before* the line), so the warm start
 next round is the same as in an uninterrupted run; predictions are recomputed from it.
 
 Everything random is derived from ``(seed, round)``, never from process state, so a run
-gives the same numbers in any process, in any order, before or after a restart.
+gives the same numbers in any process, in any order, before or after a restart. A
+stateful strategy (``bandit``) stores its state in each line and gets it back on restart.
 
 A round is the live loop's round: the model comes from
 :func:`histoloop.training.round.fit_round` and the picks from
-:func:`histoloop.acquisition.round.select_query`, with the same seed rules.
+:func:`histoloop.acquisition.round.select_query`, with the same seed rules. Each line also
+holds the new model's predicted class of every pool spot (compact) and the live loop's
+stopping signal computed from the last three rounds' predictions.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -30,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from histoloop.acquisition.round import select_query
-from histoloop.acquisition.strategies import QueryContext
+from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
+from histoloop.acquisition.strategies import STRATEGIES, QueryContext
 from histoloop.training.evaluate import classification_metrics
 from histoloop.training.pipeline import TrainedModel
 from histoloop.training.predict import predict
@@ -45,6 +50,15 @@ FULL = "full"
 """Pseudo-strategy name of the full-supervision reference."""
 
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "kappa")
+REFERENCE_MAX_EPOCHS = 400
+"""Epoch cap of the full-supervision reference (early stopping ends it long before)."""
+REFERENCE_MIN_PATIENCE = 20
+"""Smallest early-stopping patience of the reference."""
+REFERENCE_MAX_ITER = 2000
+"""L-BFGS iterations of a logistic-regression reference."""
+REFERENCE_LR_DROPS = 2
+"""Times the reference goes back to its best weights and divides the learning rate by 10."""
+_STOP_HISTORY = 3  # rounds of pool predictions the stopping signal looks at (as the live loop)
 _INITIAL_SALT = 0x5EED  # keeps the initial draw apart from the per-round streams
 
 
@@ -59,7 +73,7 @@ class Problem:
         splits: Per seed: ``(pool_rows, test_rows)`` sorted int64.
         scaling: Standardisation fitted on every spot (no labels used).
         positions: ``(n, 2)`` array row/column of each spot (spatially compact query
-            sets), or None.
+            sets, the spatial graph of ``+ssl`` heads), or None.
     """
 
     X: np.ndarray
@@ -224,17 +238,83 @@ class _Constant:
         self.n_classes, self.label = n_classes, label
 
 
+def reference_hyperparameters(head: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The arms' hyper-parameters with training run to convergence (the reference's).
+
+    Same head, learning rate, width, decay…; only the stopping rule changes: an epoch cap
+    of :data:`REFERENCE_MAX_EPOCHS` with early stopping (patience ≥
+    :data:`REFERENCE_MIN_PATIENCE`) on the validation split, annealed
+    :data:`REFERENCE_LR_DROPS` times (best weights, learning rate / 10) before it stops;
+    or ≥ :data:`REFERENCE_MAX_ITER` L-BFGS iterations for logistic regression.
+    """
+    from histoloop.training.heads import make_head
+
+    resolved = make_head(head, n_classes=2, **hyperparameters).hyperparameters
+    out = dict(hyperparameters)
+    if "max_epochs" in resolved:
+        out["max_epochs"] = max(int(resolved["max_epochs"]), REFERENCE_MAX_EPOCHS)
+        out["patience"] = max(int(resolved["patience"]), REFERENCE_MIN_PATIENCE)
+        out["lr_drops"] = max(int(resolved.get("lr_drops", 0)), REFERENCE_LR_DROPS)
+    if "max_iter" in resolved:
+        out["max_iter"] = max(int(resolved["max_iter"]), REFERENCE_MAX_ITER)
+    return out
+
+
+SEMI_SUFFIX = "+ssl"
+"""A head name with this suffix trains with pseudo-labels from label spreading (``logreg+ssl``)."""
+
+
+def split_head(name: str) -> tuple[str, bool]:
+    """``(training head, semi-supervised?)`` of a simulated head name."""
+    return (name[: -len(SEMI_SUFFIX)], True) if name.endswith(SEMI_SUFFIX) else (name, False)
+
+
+class _Semi:
+    """Pseudo-labels for one run: the pool's graph, built once, and the spreading settings."""
+
+    def __init__(self, problem: Problem, pool: np.ndarray, scaled_pool: np.ndarray) -> None:
+        from histoloop.training.semi import SemiSupervised, combined_graph
+
+        self.settings = SemiSupervised()
+        positions = None if problem.positions is None else problem.positions[pool]
+        self.graph = combined_graph(scaled_pool, positions, feature_neighbours=self.settings.feature_neighbours,
+                                    spatial_neighbours=self.settings.spatial_neighbours)
+        self.pool = pool
+
+    def rows(self, problem: Problem, labelled_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pool rows, class indices)`` of the confident pseudo-labels."""
+        from histoloop.training.semi import label_spreading, pseudo_labels
+
+        s = self.settings
+        where = np.searchsorted(self.pool, labelled_rows)
+        labelled = np.zeros(len(self.pool), bool)
+        labelled[where] = True
+        y = np.zeros(len(self.pool), np.int64)
+        y[where] = problem.y[labelled_rows]
+        spread = label_spreading(self.graph, labelled, y, len(problem.classes), alpha=s.alpha,
+                                 iterations=s.iterations, balanced=s.balanced)
+        rows, cls = pseudo_labels(spread, labelled, s.threshold, max_count=int(s.max_share * len(labelled_rows)))
+        return self.pool[rows], cls
+
+
 def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedModel | None,
-           round_: int) -> tuple[TrainedModel | _Constant, float]:
+           round_: int, semi: _Semi | None = None) -> tuple[TrainedModel | _Constant, float]:
     t0 = time.perf_counter()
     y = problem.y[rows]
     if len(np.unique(y)) < 2:
         return _Constant(len(problem.classes), int(y[0])), time.perf_counter() - t0
+    if semi is not None:  # pseudo-labelled pool spots join the labelled ones
+        extra, extra_y = semi.rows(problem, rows)
+        rows, y = np.concatenate([rows, extra]), np.concatenate([y, extra_y])
     names = np.asarray(problem.classes, dtype=object)[y]
+    head, _ = split_head(spec.head)
+    hyperparameters = dict(spec.hyperparameters)
+    if spec.strategy == FULL:
+        hyperparameters = reference_hyperparameters(head, hyperparameters)
     model = fit_round(
-        {"features": problem.X}, rows, names, head=spec.head, seed=spec.seed, classes=problem.classes,
+        {"features": problem.X}, rows, names, head=head, seed=spec.seed, classes=problem.classes,
         resampling=spec.resampling, scaling={"features": problem.scaling},
-        previous=previous if spec.warm_start else None, hyperparameters=dict(spec.hyperparameters),
+        previous=previous if spec.warm_start else None, hyperparameters=hyperparameters,
         validation_fraction=spec.validation_fraction,
     )
     return model, time.perf_counter() - t0
@@ -275,9 +355,11 @@ def _pool_positions(problem: Problem, pool: np.ndarray) -> np.ndarray | None:
 
 def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: dict[str, Any],
             picked: Sequence[int] | np.ndarray, query_s: float, train_s: float,
-            predict_s: float = 0.0, validation: dict[str, Any] | None = None) -> dict[str, Any]:
+            predict_s: float = 0.0, validation: dict[str, Any] | None = None,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One round: test metrics, the model's own validation metrics (what the live loop
-    reports), timings (selection, training, pool prediction) and picks."""
+    reports), timings (selection, training, pool prediction), picks and ``extra`` (the
+    stopping signal, classes labelled, a stateful strategy's state)."""
     return {
         "head": spec.head, "strategy": spec.strategy, "seed": spec.seed, "round": round_,
         "labels": int(labels), "fraction": labels / pool_size,
@@ -286,7 +368,27 @@ def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: di
         "predict_seconds": round(predict_s, 6),
         "picked": [int(i) for i in picked],
         "validation": {m: (validation or {}).get(m) for m in METRICS},
+        **(extra or {}),
     }
+
+
+def _pack(predicted: np.ndarray) -> str:
+    """Predicted classes of the pool, compact (base64 of uint16)."""
+    return base64.b64encode(np.asarray(predicted, dtype="<u2").tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<u2").astype(np.int64)
+
+
+def _stopping(done: list[dict[str, Any]], P: np.ndarray) -> dict[str, Any]:
+    """The live loop's stopping signal over the last rounds' pool predictions."""
+    history = [RoundPredictions(predicted=_unpack(r["pool_predicted"]))
+               for r in done[-(_STOP_HISTORY - 1):] if r.get("pool_predicted")]
+    history.append(RoundPredictions(predicted=P.argmax(axis=1), probabilities=P))
+    signal = recommend_stop(history)
+    return {"stop": bool(signal.stop), "changed_fraction": signal.changed_share,
+            "pool_predicted": _pack(P.argmax(axis=1))}
 
 
 def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | None = None,
@@ -334,11 +436,16 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             stale.unlink()  # left by a kill between two steps of a round
     position = {int(r): i for i, r in enumerate(pool)}
     positions = _pool_positions(problem, pool)
+    state = done[-1].get("strategy_state") if done else None
+    uses_model = STRATEGIES[spec.strategy].needs_model
     X_pool = problem.X[pool]
     scaled_pool = problem.scaling.transform(X_pool)
+    y_pool = problem.y[pool]
+    semi = _Semi(problem, pool, scaled_pool) if split_head(spec.head)[1] else None
+    history = list(done[-(_STOP_HISTORY - 1):])
+    cached = None  # the pool predictions of the last model, made at the end of its round
     finished = 0
     for round_ in range(len(done), len(done) + budget):
-        predict_s = 0.0
         if round_ == 0:
             t0 = time.perf_counter()
             picked = _initial(problem, spec, pool)
@@ -346,25 +453,34 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             labelled = np.zeros(len(pool), dtype=bool)
             labelled[[position[i] for i in labelled_rows]] = True
             assert previous is not None
-            t0 = time.perf_counter()
-            P, hidden, members = _predict(previous, X_pool, scaled_pool)
-            predict_s = time.perf_counter() - t0
-            ctx = QueryContext(features=hidden, labelled=labelled, probabilities=P, member_probabilities=members,
-                               positions=positions, round=round_)
+            P, hidden, members = cached if cached is not None else _predict(previous, X_pool, scaled_pool)
+            ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
+                               probabilities=P, member_probabilities=members, positions=positions,
+                               round=round_, labels=np.where(labelled, y_pool, -1))
             k = spec.targets[round_] - spec.targets[round_ - 1]
             t0 = time.perf_counter()
-            picked = pool[select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
-                                       compactness=spec.compactness).indices]
+            selection = select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
+                                     compactness=spec.compactness, state=state)
+            picked, state = pool[selection.indices], selection.state
         query_s = time.perf_counter() - t0
         labelled_rows.extend(int(i) for i in picked)
         rows = np.asarray(labelled_rows, dtype=np.int64)
         model, train_s = _train(problem, spec, rows,
-                                previous if isinstance(previous, TrainedModel) else None, round_)
+                                previous if isinstance(previous, TrainedModel) else None, round_, semi)
         metrics = _evaluate(problem, model, test)
+        t0 = time.perf_counter()
+        cached = _predict(model, X_pool, scaled_pool)
+        predict_s = time.perf_counter() - t0
+        extra = _stopping(history, cached[0])
+        extra["classes_labelled"] = int(len(np.unique(problem.y[rows])))
+        if state is not None:
+            extra["strategy_state"] = state
         if isinstance(model, TrainedModel):
             _write_atomic(_model_path(path, round_), model.to_bytes())
-        _append(path, _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s,
-                              predict_s, model.validation if isinstance(model, TrainedModel) else None))
+        record = _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s, predict_s,
+                         model.validation if isinstance(model, TrainedModel) else None, extra)
+        _append(path, record)
+        history = [*history, record][-(_STOP_HISTORY - 1):]
         stale = _model_path(path, round_ - 1)
         if stale.exists():
             stale.unlink()

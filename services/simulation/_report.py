@@ -2,6 +2,12 @@
 
 How the numbers are made (also written into ``comparison.json`` and the Markdown):
 
+* **Full supervision** of a head and seed: the reference model trained to convergence on
+  every pool label; where an arm's own round reaches the whole pool with a better
+  metric, that model is full supervision too and the better of the two is the yardstick
+  (``full_supervision.<head>.from_arms`` counts the seeds where that happened), so the
+  yardstick is never below a model of the same head trained on every pool label.
+
 * **Learning curve** of one run: the metric on the test split after each round against
   the labelled fraction of the training pool.
 * **Metric at x % labelled**: linear interpolation on each seed's curve between the two
@@ -14,6 +20,15 @@ How the numbers are made (also written into ``comparison.json`` and the Markdown
   marked as a lower bound (``≥``).
 * **Ratio to random**: mean labels-to-target of the arm / that of ``random`` with the
   same head (``≤``/``≥`` when one side is a bound).
+* **Censored seeds**: for each seed that never reaches the target, the table lists its
+  best metric, the target it missed and the labels it had at the end, so a ``≥`` is
+  explained rather than hidden.
+* **Stopping signal**: the first round where the live loop's stopping signal (pool
+  predictions stable for two round pairs) recommends stopping; the table gives its
+  labels and the metric there as a share of full supervision ("how far from full
+  supervision when told to stop"), over the seeds where it fired.
+* **Every class labelled**: the first round after which every class has at least one
+  label (0 = the initial set), mean ± sd over the seeds where it happened.
 * **Gain over random**: per-seed paired differences (AULC; labels saved), with the
   Wilcoxon signed-rank test (exact, two-sided) and the paired t-test. With 5 seeds the
   Wilcoxon test cannot go below p = 0.0625 and neither test has much power: read the
@@ -48,7 +63,17 @@ METHOD = {
     "labels_to_target": "labels of the first round whose metric reaches target × the full-supervision "
                         "metric of the same head and seed; a seed that never reaches it counts as the last "
                         "label count and the mean is a lower bound (censored)",
+    "full_supervision": "the reference trained to convergence on every pool label (same head, features, "
+                        "scaling; early stopping on a validation split, learning rate annealed), or an arm's round "
+                        "at 100 % of the pool where that scored higher (counted in from_arms)",
     "ratio_to_random": "mean labels-to-target of the arm / mean labels-to-target of random with the same head",
+    "stop": "first round whose stopping signal (the live loop's: ≤ 1 % of pool predictions changed and "
+            "kappa ≥ 0.95 between consecutive rounds, twice in a row) recommends stopping; its labels and "
+            "its metric as a share of the same seed's full-supervision metric, mean ± sd over the seeds where "
+            "it fired",
+    "all_classes": "first round (0 = the initial set) after which every class has a label, mean ± sd over "
+                   "the seeds where that happened",
+    "censored": "seeds that never reach the target: their best metric, the target and the labels at the end",
     "test": "paired across seeds: Wilcoxon signed-rank (exact, two-sided) and paired t-test (scipy); with "
             "5 seeds the smallest possible Wilcoxon p is 0.0625 and both tests have little power",
 }
@@ -105,6 +130,13 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
         else:
             runs[(rec["head"], rec["strategy"])][rec["seed"]].append(rec)
     seeds = sorted({s for _, s in full})
+    from_arms: dict[str, int] = defaultdict(int)
+    for key in list(full):  # an arm's model on the whole pool is full supervision too
+        at_pool = [r[metric] for by_seed in (v for (h, _), v in runs.items() if h == key[0])
+                   for r in by_seed.get(key[1], []) if r["labels"] >= meta["pool_size"]]
+        if at_pool and max(at_pool) > full[key]:
+            full[key] = max(at_pool)
+            from_arms[key[0]] += 1
     heads = list(dict.fromkeys(h for h, _ in meta["arms"]))
     last_labels = meta["targets"][-1]
     pool = meta["pool_size"]
@@ -113,6 +145,7 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
     for (head, strategy), by_seed in runs.items():
         aulc, ltt, reached, at = [], [], [], defaultdict(list)
         qs, ts, ps = [], [], []
+        censored, stop_labels, stop_share, all_classes = [], [], [], []
         for seed in seeds:
             recs = sorted(by_seed[seed], key=lambda r: r["round"])
             f = np.array([r["fraction"] for r in recs])
@@ -124,11 +157,23 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
             hit = next((r["labels"] for r in recs if r[metric] >= goal - 1e-12), None)
             reached.append(hit is not None)
             ltt.append(float(hit if hit is not None else last_labels))
+            if hit is None:
+                censored.append({"seed": seed, "best": float(v.max()), "target": float(goal),
+                                 "labels": int(recs[-1]["labels"])})
+            covered = next((r["round"] for r in recs if r.get("classes_labelled", 0) >= len(meta["classes"])), None)
+            if covered is not None:
+                all_classes.append(float(covered))
+            stop = next((r for r in recs if r.get("stop")), None)
+            if stop is not None:
+                stop_labels.append(float(stop["labels"]))
+                stop_share.append(float(stop[metric]) / full[(head, seed)] if full[(head, seed)] else float("nan"))
             qs += [r["query_seconds"] for r in recs[1:]]
             ts += [r["train_seconds"] for r in recs]
             ps += [r.get("predict_seconds", 0.0) for r in recs[1:]]
         per_arm[(head, strategy)] = {"aulc": aulc, "ltt": ltt, "reached": reached, "at": at,
-                                     "query_s": qs, "train_s": ts, "predict_s": ps}
+                                     "query_s": qs, "train_s": ts, "predict_s": ps, "censored": censored,
+                                     "stop_labels": stop_labels, "stop_share": stop_share,
+                                     "all_classes": all_classes}
 
     rows = []
     for head, strategy in [tuple(a) for a in meta["arms"]]:
@@ -144,6 +189,10 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
                                  "censored": censored, "per_seed": arm["ltt"],
                                  "fraction_of_pool": None if stat["mean"] is None else stat["mean"] / pool},
             "ratio_to_random": None, "ratio_bound": None, "aulc_gain": None, "labels_saved": None,
+            "censored_seeds": arm["censored"],
+            "all_classes_round": {**_mean_sd(arm["all_classes"]), "seeds": len(arm["all_classes"])},
+            "stop": {"seeds": len(arm["stop_labels"]), "labels": _mean_sd(arm["stop_labels"]),
+                     "share_of_full": _mean_sd(arm["stop_share"])},
             "query_seconds_mean": float(np.mean(arm["query_s"])) if arm["query_s"] else 0.0,
             "train_seconds_mean": float(np.mean(arm["train_s"])) if arm["train_s"] else 0.0,
             "predict_seconds_mean": float(np.mean(arm["predict_s"])) if arm["predict_s"] else 0.0,
@@ -165,7 +214,8 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
         "n_rounds": len(meta["targets"]), "last_labels": last_labels, "seeds": seeds,
         "heads": heads, "fractions": list(FRACTIONS), "method": METHOD,
         "full_supervision": {h: {**_mean_sd([full[(h, s)] for s in seeds]),
-                                 "per_seed": [full[(h, s)] for s in seeds]} for h in heads},
+                                 "per_seed": [full[(h, s)] for s in seeds], "from_arms": from_arms[h]}
+                             for h in heads},
         "rows": rows,
     }
 
@@ -211,8 +261,18 @@ def _cells(row: dict[str, Any], comparison: dict[str, Any]) -> list[str]:
         "—" if ratio is None else f"{rb}{ratio:.2f}×",
         _pm(row["aulc"]), gain_s, saved_s,
         *[_num(row["metric_at"][f"{x:g}"]["mean"]) for x in comparison["fractions"]],
+        _stop_cell(row, comparison),
         f"{row['query_seconds_mean']:.3f} / {row['train_seconds_mean']:.3f}",
     ]
+
+
+def _stop_cell(row: dict[str, Any], comparison: dict[str, Any]) -> str:
+    stop = row.get("stop") or {"seeds": 0}
+    n = len(comparison["seeds"])
+    if not stop["seeds"]:
+        return f"never (0/{n})"
+    return (f"{stop['labels']['mean']:.0f} labels, {100 * stop['share_of_full']['mean']:.1f} % of full "
+            f"({stop['seeds']}/{n})")
 
 
 def _header(comparison: dict[str, Any]) -> list[str]:
@@ -220,7 +280,8 @@ def _header(comparison: dict[str, Any]) -> list[str]:
     share = f"{100 * comparison['target_share']:g} %"
     return ["strategy", "head", f"labels to {share} of full {m} (mean ± sd)", "% of pool", "× random",
             f"AULC ({m})", "AULC gain vs random (p Wilcoxon / t)", "labels saved vs random (p W / t)",
-            *[f"{m} @ {100 * x:g} %" for x in comparison["fractions"]], "query / train s per round"]
+            *[f"{m} @ {100 * x:g} %" for x in comparison["fractions"]], "stop signal: labels, % of full (seeds)",
+            "query / train s per round"]
 
 
 def to_markdown(comparison: dict[str, Any]) -> str:
@@ -231,7 +292,7 @@ def to_markdown(comparison: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_cells(row, comparison)) + " |")
     for h, fs in comparison["full_supervision"].items():
         vals = ["full supervision", h, f"{comparison['pool_size']}", "100 %", "", _pm(fs), "", "",
-                *(["—"] * len(comparison["fractions"])), ""]
+                *(["—"] * len(comparison["fractions"])), "", ""]
         lines.append("| " + " | ".join(vals) + " |")
     m = _METRIC_NAMES.get(comparison["metric"], comparison["metric"])
     notes = [
@@ -242,8 +303,22 @@ def to_markdown(comparison: dict[str, Any]) -> str:
         f"its test {m} is in the AULC column (the height of a flat curve).",
         "",
         *[f"- **{k.replace('_', ' ')}**: {v}" for k, v in comparison["method"].items()],
+        *_censored_notes(comparison),
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _censored_notes(comparison: dict[str, Any]) -> list[str]:
+    """One line per arm with seeds that never reached the target (why its mean is a bound)."""
+    lines = []
+    for row in _sorted_rows(comparison):
+        seeds = row.get("censored_seeds") or []
+        if seeds:
+            parts = "; ".join(f"seed {c['seed']}: best {c['best']:.3f} < target {c['target']:.3f} after "
+                              f"{c['labels']} labels" for c in seeds)
+            lines.append(f"- censored, {row['strategy']} / {row['head']}: {parts}")
+    return ["", "Seeds that never reached the target (their labels-to-target counts as the last label count):",
+            *lines] if lines else []
 
 
 def _tex(s: str) -> str:
@@ -268,7 +343,7 @@ def to_latex(comparison: dict[str, Any]) -> str:
     out.append("\\midrule")
     for h, fs in comparison["full_supervision"].items():
         cells = ["full supervision", h, str(comparison["pool_size"]), "100 %", "", _pm(fs), "", "",
-                 *(["—"] * len(comparison["fractions"])), ""]
+                 *(["—"] * len(comparison["fractions"])), "", ""]
         out.append(" & ".join(_tex(c) for c in cells) + " \\\\")
     out += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(out) + "\n"
@@ -412,7 +487,8 @@ def write_outputs(folder: Path, records: list[dict[str, Any]], meta: dict[str, A
     comparison = compare(records, meta, config.metric, config.target)
     files = {name: folder / name for name in ("rounds.jsonl", "comparison.json", "comparison.md",
                                               "comparison.tex", "learning_curves.png", "efficiency.png")}
-    _write(files["rounds.jsonl"], "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+    slim = ({k: v for k, v in r.items() if k != "pool_predicted"} for r in records)  # kept in runs/ only
+    _write(files["rounds.jsonl"], "".join(json.dumps(r, sort_keys=True) + "\n" for r in slim).encode())
     _write(files["comparison.json"], json.dumps(comparison, indent=1, sort_keys=True).encode())
     _write(files["comparison.md"], to_markdown(comparison).encode())
     _write(files["comparison.tex"], to_latex(comparison).encode())

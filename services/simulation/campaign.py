@@ -8,7 +8,8 @@ A campaign runs every *arm* (strategy × head) for every seed:
 
 * **Data.** Vectors from ``obsm`` (one key or several side by side), or the
   library-size-normalised ``log1p`` of the counts in ``X`` reduced by PCA (also possible
-  on ``obsm`` vectors); optionally ``[x, mean of the k nearest spots' x]`` (spatial
+  on ``obsm`` vectors). ``X`` that already holds normalised values (not whole numbers)
+  is used as it is, and the campaign says so (``x_values``); optionally ``[x, mean of the k nearest spots' x]`` (spatial
   neighbour means, as in the live loop). Spots without a label are dropped after the
   neighbour means are taken. The features are standardised with a scaling fitted on
   every spot, with or without a label (no labels used), as the live training step does.
@@ -16,14 +17,21 @@ A campaign runs every *arm* (strategy × head) for every seed:
   queried; the rest is the *training pool*. Every arm of a seed gets the same split and
   the same initial labelled set (one random spot per class by default, or a cold-start
   strategy's picks).
-* **Rounds.** The labelled-set sizes come from ``query_size`` and ``rounds`` or a label
-  ``budget``, and/or a ``schedule`` of labelled fractions of the pool ("0.1:1.0:0.1").
+* **Rounds.** The labelled-set sizes come from ``query_size`` (by default
+  ``query_fraction`` of the pool) and ``rounds`` or a label ``budget``, and/or a
+  ``schedule`` of labelled fractions of the pool ("0.1:1.0:0.1").
   Each round the arm's strategy picks from the pool with the previous round's model,
   the oracle labels the picks, the head is retrained (warm start, as in the live loop)
   and scored on the test split: macro-F1, balanced accuracy, accuracy, Cohen's kappa,
   per-class F1, plus query and training seconds.
 * **Reference.** Per head and seed, a model trained on every pool label ("full
-  supervision"), so the target "95 % of full supervision" is measured, not assumed.
+  supervision") with the arms' head, features, scaling and hyper-parameters, but trained
+  to convergence: from scratch, early stopping on a validation split with a generous
+  epoch cap (:data:`REFERENCE_MAX_EPOCHS`), so the target "95 % of full supervision" is
+  measured, not assumed, and is not an under-trained model.
+* **Stopping.** Every round records the live loop's stopping signal (predictions of the
+  pool stable between rounds); the table reports where it first recommends stopping and
+  how far the model then is from full supervision.
 
 A round is the live loop's round (:func:`histoloop.training.round.fit_round`, then
 :func:`histoloop.acquisition.round.select_query`): the same seed rules, validation split,
@@ -69,6 +77,7 @@ from histoloop.simulation import _report as report
 
 __all__ = [
     "DEFAULT_PCA",
+    "DEFAULT_QUERY_FRACTION",
     "METRICS",
     "RPC_MAX_ROUNDS",
     "CampaignResult",
@@ -80,6 +89,8 @@ __all__ = [
     "load_anndata",
     "parse_schedule",
     "prepare_data",
+    "project_default_config",
+    "query_size_for",
     "run_campaign",
 ]
 
@@ -89,14 +100,20 @@ METRICS = engine.METRICS
 """Metrics recorded per round (and usable as the campaign's ``metric``)."""
 DEFAULT_PCA = 30
 """PCA components when neither ``obsm`` nor ``pca`` is given."""
+DEFAULT_QUERY_FRACTION = 0.02
+"""Query size as a share of the training pool when ``query_size`` is 0 (at least 1 spot)."""
 RPC_MAX_ROUNDS = 5000
 """Largest campaign (rounds of all runs together) a SimulationService job accepts."""
 SIMULATION_HEADS = ("mlp", "logreg", "ensemble")
-"""Heads a simulation can train (the multimodal head needs two inputs; not simulated)."""
+"""Heads a simulation can train (the multimodal head needs two inputs; not simulated). Each
+also as ``<head>+ssl``: the same head trained with pseudo-labels from label spreading over the
+spatial and feature graphs (:mod:`histoloop.training.semi`), to measure it against the head."""
 _HEAD_COST = {"ensemble": 0, "mlp": 1, "logreg": 2}  # start the slow runs first
 _FORMAT = "histoloop.simulation.v1"
 
 Metric = Literal["macro_f1", "balanced_accuracy", "accuracy", "kappa"]
+XValues = Literal["auto", "counts", "normalised"]
+_X_VALUES = ("auto", "counts", "normalised")
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,8 @@ class SimulationConfig:
     """What a campaign runs. Everything here is part of the campaign's identity.
 
     Attributes:
-        label_column: ``obs`` column with the ground truth (missing values are dropped).
+        label_column: ``obs`` column with the ground truth (missing values are dropped);
+            required (no dataset's column name is assumed).
         obsm: ``obsm`` keys of the feature vectors (side by side); empty: counts in ``X``.
         pca: PCA components (on ``log1p`` counts, or on the ``obsm`` vectors); 0 = none,
             except that with neither ``obsm`` nor ``pca`` :data:`DEFAULT_PCA` is used.
@@ -119,8 +137,10 @@ class SimulationConfig:
         test_fraction: Stratified held-out test share.
         initial: ``"per_class"`` (one random pool spot per class) or a cold-start
             strategy name (``random``, ``coldstart_kmeans``, ``typiclust``).
-        initial_size: Initial set size with a cold-start strategy (0 = ``query_size``).
-        query_size: Spots per round with ``rounds`` or ``budget``.
+        initial_size: Initial set size with a cold-start strategy (0 = the query size).
+        query_size: Spots per round with ``rounds`` or ``budget``; 0 = ``query_fraction``
+            of the training pool (at least 1).
+        query_fraction: Query size as a share of the pool when ``query_size`` is 0.
         rounds: Rounds of ``query_size`` after the initial set.
         budget: Label budget: rounds of ``query_size`` until this many labels.
         schedule: Labelled fractions of the pool to reach after the rounds above (or
@@ -134,9 +154,14 @@ class SimulationConfig:
             (needs ``obs["array_row"/"array_col"]``).
         hyperparameters: Per head name, head hyper-parameters
             (``{"ensemble": {"members": 3}}``).
+        x_values: Without ``obsm``: what ``X`` holds. ``"counts"`` (whole numbers;
+            library-size normalised and ``log1p``-transformed here), ``"normalised"``
+            (used as it is), or ``"auto"``: counts when every value is a whole number,
+            otherwise normalised — never normalised twice; the choice is recorded in
+            ``campaign.json`` and logged.
     """
 
-    label_column: str = "layer"
+    label_column: str = ""
     obsm: tuple[str, ...] = ()
     pca: int = 0
     neighbours: int = 0
@@ -146,7 +171,8 @@ class SimulationConfig:
     test_fraction: float = 0.3
     initial: str = "per_class"
     initial_size: int = 0
-    query_size: int = 46
+    query_size: int = 0
+    query_fraction: float = DEFAULT_QUERY_FRACTION
     rounds: int = 0
     budget: int = 0
     schedule: tuple[float, ...] = ()
@@ -156,6 +182,7 @@ class SimulationConfig:
     hyperparameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     resampling: str = "off"
     compactness: float = 0.0
+    x_values: XValues = "auto"
 
     def __post_init__(self) -> None:
         for name in ("obsm", "strategies", "heads"):
@@ -181,11 +208,13 @@ class SimulationConfig:
             InvalidArgument: The message starts with the offending field's name.
         """
         if not self.label_column:
-            raise InvalidArgument("label_column is required")
+            raise InvalidArgument("label_column is required: name the obs column with the ground truth")
         if self.resampling not in RESAMPLING_MODES:
             raise InvalidArgument(f"resampling: {self.resampling!r} is not one of {', '.join(RESAMPLING_MODES)}")
         if not self.compactness >= 0.0:
             raise InvalidArgument(f"compactness must be ≥ 0, got {self.compactness}")
+        if self.x_values not in _X_VALUES:
+            raise InvalidArgument(f"x_values must be one of {', '.join(_X_VALUES)}, got {self.x_values!r}")
         if self.pca < 0:
             raise InvalidArgument(f"pca must be ≥ 0, got {self.pca}")
         if self.neighbours < 0:
@@ -194,8 +223,10 @@ class SimulationConfig:
             raise InvalidArgument(f"seeds must be between 1 and 1000, got {self.seeds}")
         if not 0.0 < self.test_fraction < 1.0:
             raise InvalidArgument(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.query_size < 1:
-            raise InvalidArgument(f"query_size must be ≥ 1, got {self.query_size}")
+        if self.query_size < 0:
+            raise InvalidArgument(f"query_size must be ≥ 1 (or 0 = query_fraction of the pool), got {self.query_size}")
+        if not 0.0 < self.query_fraction <= 1.0:
+            raise InvalidArgument(f"query_fraction must be in (0, 1], got {self.query_fraction}")
         if self.rounds < 0 or self.budget < 0:
             raise InvalidArgument("rounds and budget must be ≥ 0")
         if self.rounds and self.budget:
@@ -208,9 +239,10 @@ class SimulationConfig:
         if not self.heads:
             raise InvalidArgument("heads: give at least one head")
         for head in self.heads:
-            if head not in SIMULATION_HEADS:
+            if engine.split_head(head)[0] not in SIMULATION_HEADS:
                 raise InvalidArgument(
-                    f"heads: {head!r} cannot be simulated; choose from {', '.join(SIMULATION_HEADS)}")
+                    f"heads: {head!r} cannot be simulated; choose from {', '.join(SIMULATION_HEADS)} "
+                    f"(each also with {engine.SEMI_SUFFIX})")
         if len(set(self.heads)) != len(self.heads):
             raise InvalidArgument("heads: a head is listed twice")
         unknown_hp = sorted(set(self.hyperparameters) - set(self.heads))
@@ -247,7 +279,7 @@ class SimulationConfig:
 
         for head, params in self.hyperparameters.items():
             try:
-                make_head(head, n_classes=2, **dict(params))
+                make_head(engine.split_head(head)[0], n_classes=2, **dict(params))
             except InvalidArgument as exc:
                 raise InvalidArgument(f"hyperparameters[{head!r}]: {exc}") from None
 
@@ -277,6 +309,36 @@ def default_strategies(head: str) -> tuple[str, ...]:
         Sorted strategy names.
     """
     return tuple(sorted(n for n in STRATEGIES if n != "bald" or head == "ensemble"))
+
+
+def project_default_config(label_column: str, *, preset: str = "", **overrides: Any) -> SimulationConfig:
+    """The campaign that answers "does the project default beat random on my data?".
+
+    Two arms with the head a ``CreateProject`` without settings gets (or ``preset``'s):
+    its default strategy and ``random``, its spatial neighbour features and its
+    cold start (the initial set drawn by the default cold-start strategy, one query's
+    worth). Everything else keeps the :class:`SimulationConfig` defaults unless overridden.
+
+    Args:
+        label_column: ``obs`` column with the ground truth.
+        preset: ``""`` (the evidence defaults) or a preset name (:mod:`histoloop.presets`).
+        **overrides: Other :class:`SimulationConfig` fields (seeds, rounds, obsm, …).
+
+    Returns:
+        The campaign.
+    """
+    from histoloop.presets import head_hyperparameters, loop_defaults
+
+    d = loop_defaults(preset)
+    strategies = tuple(dict.fromkeys((d["strategy"], "random")))
+    hp = head_hyperparameters(preset, d["head"])
+    values: dict[str, Any] = {
+        "label_column": label_column, "heads": (d["head"],), "strategies": strategies,
+        "neighbours": d["spatial_neighbours"], "initial": d["cold_start_strategy"],
+        "hyperparameters": {d["head"]: hp} if hp else {},
+    }
+    values.update(overrides)
+    return SimulationConfig(**values)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -332,12 +394,27 @@ def _check_schedule(schedule: Sequence[float]) -> None:
         raise InvalidArgument(f"schedule: fractions must increase, got {list(schedule)}")
 
 
+def query_size_for(config: SimulationConfig, pool_size: int) -> int:
+    """Spots per round: ``query_size``, or ``query_fraction`` of the pool when it is 0.
+
+    Args:
+        config: The campaign.
+        pool_size: Training-pool size.
+
+    Returns:
+        At least 1.
+    """
+    if config.query_size:
+        return int(config.query_size)
+    return max(1, int(round(config.query_fraction * pool_size)))
+
+
 def label_schedule(config: SimulationConfig, pool_size: int, initial_size: int) -> tuple[int, ...]:
     """Labelled-set size after each round (round 0 = the initial set).
 
-    Rounds of ``query_size`` (``rounds`` of them, or until ``budget``; the budget is
-    capped at the pool), then one round per ``schedule`` fraction beyond that point
-    (``ceil(f·pool)``). With none of the three: 20 rounds of ``query_size``.
+    Rounds of the query size (:func:`query_size_for`; ``rounds`` of them, or until
+    ``budget``; the budget is capped at the pool), then one round per ``schedule``
+    fraction beyond that point (``ceil(f·pool)``). With none of the three: 20 rounds.
 
     Args:
         config: The campaign.
@@ -352,19 +429,20 @@ def label_schedule(config: SimulationConfig, pool_size: int, initial_size: int) 
     """
     targets = [initial_size]
     rounds, budget = config.rounds, config.budget
+    step = query_size_for(config, pool_size)
     if not (rounds or budget or config.schedule):
         rounds = 20
     if rounds:
         for _ in range(rounds):
             if targets[-1] >= pool_size:
                 break
-            targets.append(min(targets[-1] + config.query_size, pool_size))
+            targets.append(min(targets[-1] + step, pool_size))
     if budget:
         if budget <= initial_size:
             raise InvalidArgument(f"budget ({budget}) must exceed the initial set ({initial_size} labels)")
         cap = min(budget, pool_size)
         while targets[-1] < cap:
-            targets.append(min(targets[-1] + config.query_size, cap))
+            targets.append(min(targets[-1] + step, cap))
     for f in config.schedule:
         n = min(pool_size, math.ceil(f * pool_size - 1e-9))  # at least the fraction asked for
         if n > targets[-1]:
@@ -391,6 +469,9 @@ class SimulationData:
         targets: Labelled-set size after each round.
         fingerprint: SHA-256 of the prepared features, labels and splits.
         dropped: Spots dropped for a missing label.
+        x_values: What the features came from: ``"obsm"``, ``"counts"`` (normalised
+            here) or ``"normalised"`` (``X`` used as it is).
+        query_size: Spots per round (:func:`query_size_for`).
     """
 
     problem: engine.Problem
@@ -401,9 +482,27 @@ class SimulationData:
     targets: tuple[int, ...]
     fingerprint: str
     dropped: int
+    x_values: str = "obsm"
+    query_size: int = 0
 
 
-def _features(adata: Any, config: SimulationConfig) -> np.ndarray:
+def _x_values(X: Any, config: SimulationConfig) -> str:
+    """What ``X`` holds: ``"counts"`` or ``"normalised"`` (see ``SimulationConfig.x_values``)."""
+    data = X.data if hasattr(X, "tocsr") else np.asarray(X)
+    whole = bool(np.all(np.asarray(data) >= 0) and np.all(np.mod(np.asarray(data), 1.0) == 0.0))
+    if config.x_values == "counts" and not whole:
+        raise InvalidArgument("x_values: 'counts' but X holds values that are not whole numbers ≥ 0 "
+                              "(already normalised?); use x_values 'normalised' or 'auto'")
+    if config.x_values != "auto":
+        return config.x_values
+    kind = "counts" if whole else "normalised"
+    if kind == "normalised":
+        log.warning("X holds values that are not whole numbers: treated as already normalised and used as "
+                    "it is (no second log1p); give x_values='counts' to force normalisation")
+    return kind
+
+
+def _features(adata: Any, config: SimulationConfig) -> tuple[np.ndarray, str]:
     from sklearn.decomposition import PCA
 
     if config.obsm:
@@ -413,12 +512,18 @@ def _features(adata: Any, config: SimulationConfig) -> np.ndarray:
                 f"obsm: key(s) {missing} not in the data; it has {sorted(adata.obsm.keys()) or 'none'}")
         blocks = [np.asarray(adata.obsm[k], dtype=np.float32).reshape(adata.n_obs, -1) for k in config.obsm]
         X = np.hstack(blocks)
+        kind = "obsm"
     else:
         if adata.X is None or adata.n_vars == 0:
             raise InvalidArgument("pca: the data has no matrix in X to reduce; give obsm keys instead")
         from histoloop.training.scaling import log1p_normalise
 
-        X = log1p_normalise(adata.X)
+        kind = _x_values(adata.X, config)
+        if kind == "counts":
+            X = log1p_normalise(adata.X)
+        else:
+            raw = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+            X = np.asarray(raw, dtype=np.float32)
     if not np.isfinite(X).all():
         raise InvalidArgument("obsm: the feature vectors contain NaN or infinite values")
     n_pca = config.feature_pca
@@ -426,7 +531,7 @@ def _features(adata: Any, config: SimulationConfig) -> np.ndarray:
         if n_pca > min(X.shape):
             raise InvalidArgument(f"pca: {n_pca} components but the data is {X.shape[0]} × {X.shape[1]}")
         X = PCA(n_components=n_pca, svd_solver="full").fit_transform(X)
-    return np.ascontiguousarray(X, dtype=np.float32)
+    return np.ascontiguousarray(X, dtype=np.float32), kind
 
 
 def _positions(adata: Any) -> np.ndarray:
@@ -491,7 +596,7 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
             f"label_column: {config.label_column!r} is not an obs column; the data has "
             f"{list(adata.obs.columns)}")
     with engine.single_threaded():  # BLAS thread count changes the last bits of a PCA
-        X = _features(adata, config)
+        X, x_kind = _features(adata, config)
         if config.neighbours:
             if config.neighbours >= adata.n_obs:
                 raise InvalidArgument(f"neighbours: {config.neighbours} but only {adata.n_obs} spots")
@@ -526,7 +631,7 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     if config.initial == "per_class":
         initial_size = len(classes)
     else:
-        initial_size = min(config.initial_size or config.query_size, pool_size)
+        initial_size = min(config.initial_size or query_size_for(config, pool_size), pool_size)
     targets = label_schedule(config, pool_size, initial_size)
     digest = hashlib.sha256()
     for part in (X, y, *[a for s in sorted(splits) for a in splits[s]]):
@@ -536,7 +641,7 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     return SimulationData(
         problem=problem, barcodes=np.asarray(adata.obs_names[keep]).astype(str), pool_size=pool_size,
         test_size=test_size, initial_size=initial_size, targets=targets, fingerprint=digest.hexdigest(),
-        dropped=int((~keep).sum()))
+        dropped=int((~keep).sum()), x_values=x_kind, query_size=query_size_for(config, pool_size))
 
 
 def campaign_id(config: SimulationConfig, fingerprint: str) -> str:
@@ -583,7 +688,7 @@ class CampaignResult:
 
 def _specs(config: SimulationConfig, prepared: SimulationData) -> list[engine.RunSpec]:
     specs = []
-    heads_first = sorted(config.heads, key=lambda h: _HEAD_COST.get(h, 9))
+    heads_first = sorted(config.heads, key=lambda h: _HEAD_COST.get(engine.split_head(h)[0], 9))
     arms = config.arms()
     for head in heads_first:
         params = tuple(sorted(dict(config.hyperparameters.get(head, {})).items()))
@@ -602,16 +707,19 @@ def _claim_folder(folder: Path, meta: dict[str, Any], resume: bool) -> None:
     """Create the campaign folder, or check it holds this campaign when resuming."""
     path = folder / "campaign.json"
     if path.exists():
-        if not resume:
-            raise InvalidArgument(
-                f"out: {folder} holds a campaign already; resume it (resume/--resume) or choose another folder")
+        # settings first: resume is suggested only where it would be accepted
         stored = json.loads(path.read_text())
         if stored.get("fingerprint") != meta["fingerprint"]:
             raise InvalidArgument(f"out: {folder} holds a campaign on other data; choose another folder")
         if stored.get("config") != meta["config"]:
-            diff = sorted(k for k in meta["config"] if stored.get("config", {}).get(k) != meta["config"][k])
+            keys = set(meta["config"]) | set(stored.get("config", {}))
+            diff = sorted(k for k in keys if stored.get("config", {}).get(k) != meta["config"].get(k))
             raise InvalidArgument(f"out: {folder} holds a campaign with other settings ({', '.join(diff)}); "
-                                  "choose another folder")
+                                  "choose another folder (resume continues only the same settings)")
+        if not resume:
+            raise InvalidArgument(
+                f"out: {folder} holds this campaign already (same settings and data); resume it "
+                "(resume/--resume) or choose another folder")
         return
     if folder.exists() and any(folder.iterdir()):
         raise InvalidArgument(f"out: {folder} exists and is not a campaign folder; choose an empty or new folder")
@@ -695,6 +803,7 @@ def run_campaign(
         "n_features": int(prepared.problem.X.shape[1]), "dropped_unlabelled": prepared.dropped,
         "pool_size": prepared.pool_size, "test_size": prepared.test_size,
         "initial_size": prepared.initial_size, "targets": list(prepared.targets),
+        "x_values": prepared.x_values, "query_size": prepared.query_size,
         "arms": [list(a) for a in config.arms()],
     }
     with _folder_lock(folder):

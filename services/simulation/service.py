@@ -35,7 +35,7 @@ def spec_from_request(request: simulation_pb2.SimulateRequest) -> SimulationSpec
         test_fraction=request.test_fraction or 0.3,
         initial=request.initial or "per_class",
         initial_size=request.initial_size,
-        query_size=request.query_size or 46,
+        query_size=request.query_size,
         rounds=request.rounds,
         budget=request.label_budget,
         schedule=tuple(request.schedule),

@@ -27,9 +27,12 @@ from histoloop.integration import project_feature_blocks
 from histoloop.labelsets import LabelSnapshot, read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
+from histoloop.presets import head_hyperparameters
+from histoloop.spatial import unit_positions
 from histoloop.training.export import export_torchscript
 from histoloop.training.pipeline import TrainedModel
 from histoloop.training.round import VIEW_HEADS, fit_round
+from histoloop.training.semi import SemiSupervised, pseudo_label_rows
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = ["MC_DROPOUT_RATE", "TrainingStep", "dataset_of", "head_settings", "trained_batches"]
@@ -80,6 +83,18 @@ def trained_batches(snapshot: LabelSnapshot, msg: events_pb2.LabelsCommitted) ->
     the event's own batch.
     """
     return [batch for _, batch in snapshot.batches] or [msg.batch_id]
+
+
+def _pseudo_labels(adata, blocks: dict[str, np.ndarray], rows: np.ndarray, names: list[str], classes: list[str],
+                   threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Confident pseudo-labels of one dataset by label spreading (``LoopConfig.semi_supervised``)."""
+    x = np.hstack([blocks[k] for k in blocks])
+    z = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
+    positions = unit_positions(adata)
+    extra, extra_names = pseudo_label_rows(z, positions, rows, np.asarray(names, dtype=object), tuple(classes),
+                                           SemiSupervised(threshold=threshold))
+    log.info("semi-supervised: %d pseudo-labels beside %d labels (threshold %.2f)", len(extra), len(rows), threshold)
+    return extra, extra_names
 
 
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
@@ -156,11 +171,15 @@ class TrainingStep:
             blocks = integrated[i] if integrated else feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
+            names = [given[adata.obs_names[i]] for i in rows]
+            if config.semi_supervised > 0 and len(rows):
+                extra, extra_names = _pseudo_labels(adata, blocks, rows, names, classes, config.semi_supervised)
+                rows, names = np.concatenate([rows, extra]), names + [str(v) for v in extra_names]
             blocks_all.append(blocks)
             labelled.append(rows + offset)
             offset += adata.n_obs
             views_lab.append(_augmented_views(adata, config, head, rows))
-            labels += [given[adata.obs_names[i]] for i in rows]
+            labels += names
         if len(set(labels)) < 2:
             log.warning("project %s: %d labels in %d class(es); a model needs two classes — waiting for more",
                         project, len(labels), len(set(labels)))
@@ -177,7 +196,8 @@ class TrainingStep:
         try:
             trained = fit_round(all_x, np.concatenate(labelled), labels, head=head, seed=seed, classes=classes,
                                 resampling=config.resampling or DEFAULT_RESAMPLING, views=views, previous=previous,
-                                hyperparameters=head_settings(config, head),
+                                hyperparameters={**head_hyperparameters(config.preset, head),
+                                                 **head_settings(config, head)},
                                 resampling_every=int(config.resampling_every))
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()

@@ -21,6 +21,7 @@ from histoloop.annotation_store.domain import (
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.artifacts.local import LocalArtifactStore
 from histoloop.errors import AlreadyExists, InvalidArgument, NotFound
+from histoloop.presets import DEFAULTS
 from tests.annotation_store.conftest import LAYERS, barcode, new_project_id, write_spatial
 
 
@@ -57,8 +58,10 @@ def test_create_project_defaults_and_class_schema(repo: AnnotationRepository) ->
         cfg.seed,
         cfg.head,
         cfg.features,
-    ) == ("activevisium", "coldstart_kmeans", 20, 0, "mlp", "morphology")
-    assert (cfg.spatial_neighbours, cfg.resampling, cfg.consensus) == (0, "off", "latest_expert")
+    ) == (DEFAULTS["strategy"], DEFAULTS["cold_start_strategy"], DEFAULTS["query_size"], 0, DEFAULTS["head"],
+          "morphology")
+    assert (cfg.spatial_neighbours, cfg.resampling, cfg.consensus) == (
+        DEFAULTS["spatial_neighbours"], "off", "latest_expert")
     assert repo.get_project(pid) == info
     with pytest.raises(AlreadyExists):
         repo.create_project(pid, "again", [], LoopSettings())

@@ -40,8 +40,8 @@ def test_mlp_architecture_matches_activevisium() -> None:
     assert layers[1].negative_slope == pytest.approx(0.02)
     assert (layers[2].in_features, layers[2].out_features) == (128, 4)
     cfg = head.hyperparameters
-    assert (cfg["lr"], cfg["batch_size"], cfg["max_epochs"]) == (1e-4, 16, 1)
-    assert make_head("mlp", n_classes=4).hyperparameters["max_epochs"] == 50
+    assert (cfg["lr"], cfg["batch_size"], cfg["max_epochs"]) == (1e-3, 16, 1)
+    assert make_head("mlp", n_classes=4).hyperparameters["max_epochs"] == 200
     assert head.hidden(X).shape == (len(X), 128)
 
 

@@ -281,6 +281,7 @@ def test_list_strategies_reports_cold_start_ability() -> None:
         "coldstart_kmeans",
         "typiclust",
         "probcover",
+        "coverage",
     }
     assert info["activevisium"].parameters["top_fraction"] == 0.05
     assert all(s.description for s in info.values())

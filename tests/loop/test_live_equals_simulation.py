@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoloop.datasets import read_anndata, read_predictions
+from histoloop.datasets import feature_matrix, read_anndata, read_predictions
 from histoloop.formats.embeddings import OBSM_EXPR, embeddings_prefix
+from histoloop.formats.vocab import DEFAULT_SPATIAL_NEIGHBOURS
 from histoloop.models import list_cards
 from histoloop.simulation import _engine as engine
 from histoloop.training.evaluate import classification_metrics
@@ -101,7 +102,8 @@ def test_a_campaign_arm_picks_what_the_live_loop_picks(
     assert embedded.dim == adata.obsm[OBSM_EXPR].shape[1] > 0
 
     # the same campaign arm, simulated: the live pool, the oracle answering from the same truth
-    X = np.asarray(adata.obsm[OBSM_EXPR], dtype=np.float32)
+    # the project's features (the default 6 nearest spots' mean beside each spot's own)
+    X = feature_matrix(adata, common_pb2.FEATURE_SET_EXPRESSION, DEFAULT_SPATIAL_NEIGHBOURS).astype(np.float32)
     barcodes = np.asarray(adata.obs_names, dtype=str)
     y = np.searchsorted(np.asarray(LAYERS), truth[barcodes].to_numpy()).astype(np.int64)
     every = np.arange(len(y), dtype=np.int64)

@@ -179,7 +179,7 @@ def test_cli_rejects_bad_arguments(small_h5ad: Path, tmp_path: Path, capsys: pyt
                                    extra: list[str], field: str) -> None:
     out = tmp_path / "never"
     code = main(["simulate", "--data", str(small_h5ad), "--out", str(out), "--head", "logreg", "--seeds", "1",
-                 "--rounds", "1", *extra])
+                 "--rounds", "1", "--label-column", "layer", *extra])
     assert code == 2
     assert field in capsys.readouterr().err
     assert not out.exists()

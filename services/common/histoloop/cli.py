@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from histoloop.config import load_settings
 from histoloop.errors import HistoloopError
 from histoloop.logs import setup_logging
+from histoloop.presets import DEFAULTS
 from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES
 
 __all__ = ["main"]
@@ -158,16 +159,28 @@ def _tile(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import os
 
-    from histoloop.simulation import SimulationConfig, parse_schedule, run_campaign
+    from histoloop.simulation import (
+        SimulationConfig,
+        parse_schedule,
+        project_default_config,
+        run_campaign,
+    )
 
     if "HISTOLOOP_LOG_LEVEL" not in os.environ:
         logging.getLogger().setLevel(logging.WARNING)  # the bar and the table are the output
-    config = SimulationConfig(
-        label_column=args.label_column, obsm=args.obsm or (), pca=args.pca, neighbours=args.neighbours,
-        strategies=args.strategies or (), heads=args.head, seeds=args.seeds, test_fraction=args.test_fraction,
-        initial=args.initial, initial_size=args.initial_size, query_size=args.query_size, rounds=args.rounds,
-        budget=args.budget, schedule=parse_schedule(args.schedule) if args.schedule else (),
-        metric=args.metric, target=args.target)
+    common = dict(
+        obsm=args.obsm or (), pca=args.pca, seeds=args.seeds, test_fraction=args.test_fraction,
+        initial_size=args.initial_size, query_size=args.query_size, rounds=args.rounds, budget=args.budget,
+        schedule=parse_schedule(args.schedule) if args.schedule else (), metric=args.metric, target=args.target,
+        x_values=args.x_values)
+    default_mode = args.head is None and args.strategies is None
+    if default_mode:  # "does the project default beat random on my data?"
+        extra = {k: v for k, v in (("neighbours", args.neighbours), ("initial", args.initial)) if v is not None}
+        config = project_default_config(args.label_column, preset=args.preset or "", **common, **extra)
+    else:
+        config = SimulationConfig(
+            label_column=args.label_column, neighbours=args.neighbours or 0, strategies=args.strategies or (),
+            heads=args.head or "mlp", initial=args.initial or "per_class", **common)
     store = None
     if args.store:
         from histoloop.artifacts import make_store
@@ -180,7 +193,26 @@ def _simulate(args: argparse.Namespace) -> int:
           f"outputs in {result.folder}/")
     for name, uri in result.uris.items():
         print(f"stored {name}: {uri}")
+    if default_mode and result.comparison is not None:
+        print(_default_verdict(result.comparison, config))
     return 0
+
+
+def _default_verdict(comparison: dict, config: object) -> str:
+    """The last line of a default-mode campaign: the project default against random."""
+    head = comparison["heads"][0]
+    rows = {r["strategy"]: r for r in comparison["rows"] if r["head"] == head}
+    strategy = next(s for s in rows if s != "random") if len(rows) > 1 else "random"
+    row = rows[strategy]
+    ratio, bound = row["ratio_to_random"], row["ratio_bound"]
+    share = f"{100 * comparison['target_share']:g} %"
+    if ratio is None:
+        return (f"project default ({strategy} / {head}): neither it nor random reached {share} of full "
+                "supervision within the campaign; run more rounds")
+    verdict = "fewer" if ratio < 1 else "more"
+    return (f"project default ({strategy} / {head}, {getattr(config, 'neighbours', 0)} neighbours) needs "
+            f"{'' if bound in (None, '=') else bound + ' '}{ratio:.2f}× the labels random needs to reach {share} "
+            f"of full supervision ({verdict} than random)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -222,10 +254,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/")
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--rounds", type=int, default=10)
-    demo.add_argument("--query-size", type=int, default=20)
-    demo.add_argument("--strategy", default="activevisium")
-    demo.add_argument("--head", default="mlp")
-    demo.add_argument("--neighbours", type=int, default=6, help="spatial neighbour features (0 = off)")
+    demo.add_argument("--query-size", type=int, default=DEFAULTS["query_size"])
+    demo.add_argument("--strategy", default=DEFAULTS["strategy"], help="default: the project default")
+    demo.add_argument("--head", default=DEFAULTS["head"], help="default: the project default")
+    demo.add_argument("--neighbours", type=int, default=DEFAULTS["spatial_neighbours"],
+                      help="spatial neighbour features (0 = off; default: the project default)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--serve", action="store_true", help="keep the browser workspace open after the rounds")
     demo.set_defaults(func=_demo)
@@ -244,20 +277,28 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="compare strategies on pre-annotated data (simulated campaigns)")
     sim.add_argument("--data", required=True, help="an .h5ad with vectors in obsm or counts in X")
-    sim.add_argument("--label-column", default="layer", help="obs column with the ground truth")
+    sim.add_argument("--label-column", required=True, help="obs column with the ground truth")
     sim.add_argument("--obsm", help="obsm key(s) of the feature vectors, comma-separated (default: counts in X)")
     sim.add_argument("--pca", type=int, default=0, help="PCA components (default 30 without --obsm)")
-    sim.add_argument("--strategies", help="comma-separated (default: every strategy that works with the heads)")
+    sim.add_argument("--strategies", help="comma-separated (with --head and no --strategies: every strategy that "
+                     "works with the heads; with neither: the project default against random)")
     sim.add_argument("--seeds", type=int, default=5)
-    sim.add_argument("--head", default="mlp", help="mlp | logreg | ensemble, or several comma-separated")
-    sim.add_argument("--query-size", type=int, default=46)
+    sim.add_argument("--head", help="mlp | logreg | ensemble, or several comma-separated (default: the project "
+                     "default's head, compared with random)")
+    sim.add_argument("--preset", help="with neither --head nor --strategies: the preset whose defaults to test "
+                     "(e.g. activevisium)")
+    sim.add_argument("--query-size", type=int, default=0, help="spots per round (default 2 %% of the pool)")
+    sim.add_argument("--x-values", default="auto", choices=("auto", "counts", "normalised"),
+                     help="what X holds without --obsm (auto: counts if whole numbers, else used as is)")
     size = sim.add_mutually_exclusive_group()
     size.add_argument("--rounds", type=int, default=0, help="rounds of --query-size")
     size.add_argument("--budget", type=int, default=0, help="rounds of --query-size up to this many labels")
     sim.add_argument("--schedule", help="labelled fractions of the pool, e.g. 0.1:1.0:0.1 (after --rounds/--budget)")
-    sim.add_argument("--neighbours", type=int, default=0, help="spatial neighbour-mean features (0 = off)")
+    sim.add_argument("--neighbours", type=int, default=None, help="spatial neighbour-mean features (0 = off; "
+                     "default: 0, or the project default's in default mode)")
     sim.add_argument("--test-fraction", type=float, default=0.3)
-    sim.add_argument("--initial", default="per_class", help="per_class or a cold-start strategy")
+    sim.add_argument("--initial", default=None, help="per_class or a cold-start strategy (default: per_class, or "
+                     "the project default's cold start in default mode)")
     sim.add_argument("--initial-size", type=int, default=0, help="with a cold-start strategy (default --query-size)")
     sim.add_argument("--metric", default="macro_f1", help="macro_f1 | balanced_accuracy | accuracy | kappa")
     sim.add_argument("--target", type=float, default=0.95, help="target as a share of full supervision")

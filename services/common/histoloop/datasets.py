@@ -23,7 +23,7 @@ import numpy as np
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition
 from histoloop.formats.embeddings import OBSM_EXPR, OBSM_MORPH, embedding_dim
-from histoloop.spatial import neighbour_indices, neighbour_mean_features, visium_array_positions
+from histoloop.spatial import neighbour_indices, neighbour_mean_features, unit_positions
 from histoloop.v1 import common_pb2
 
 __all__ = [
@@ -74,8 +74,11 @@ def feature_blocks(adata: ad.AnnData, features: int, spatial_neighbours: int = 0
         want_morph, want_expr = OBSM_MORPH in adata.obsm, OBSM_EXPR in adata.obsm
     neighbours = None
     if spatial_neighbours:
-        positions = visium_array_positions(adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy())
-        neighbours = neighbour_indices(positions, spatial_neighbours)
+        positions = unit_positions(adata)
+        if positions is None:
+            raise FailedPrecondition("spatial_neighbours: the dataset's units have no positions "
+                                     "(array_row/array_col, grid_row/grid_col or obsm['spatial']); set it to 0")
+        neighbours = neighbour_indices(positions, min(spatial_neighbours, max(len(positions) - 1, 1)))
     blocks: dict[str, np.ndarray] = {}
     for key, name, wanted in (("image", OBSM_MORPH, want_morph), ("genes", OBSM_EXPR, want_expr)):
         if not wanted:

@@ -21,8 +21,33 @@ __all__ = [
     "neighbour_indices",
     "neighbour_mean_features",
     "smooth_probabilities",
+    "unit_positions",
     "visium_array_positions",
 ]
+
+
+def unit_positions(adata: object) -> np.ndarray | None:
+    """Isotropic positions of a dataset's units, whatever their kind, or None.
+
+    Visium/ST spots: ``obs["array_row"/"array_col"]`` (:func:`visium_array_positions`);
+    WSI grid tiles: ``obs["grid_row"/"grid_col"]`` (a square grid); otherwise
+    ``obsm["spatial"]`` pixels; None when the dataset has none of them.
+
+    Args:
+        adata: An AnnData (anything with ``obs`` and ``obsm``).
+
+    Returns:
+        ``(n, 2)`` float64, or None.
+    """
+    obs = adata.obs  # type: ignore[attr-defined]
+    if {"array_row", "array_col"} <= set(obs.columns):
+        return visium_array_positions(obs["array_row"].to_numpy(), obs["array_col"].to_numpy())
+    if {"grid_row", "grid_col"} <= set(obs.columns):
+        return np.stack([obs["grid_col"].to_numpy(np.float64), obs["grid_row"].to_numpy(np.float64)], axis=1)
+    obsm = adata.obsm  # type: ignore[attr-defined]
+    if "spatial" in obsm:
+        return np.asarray(obsm["spatial"], dtype=np.float64)[:, :2]
+    return None
 
 
 def visium_array_positions(array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:

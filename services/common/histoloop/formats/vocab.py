@@ -7,8 +7,10 @@ Services never import each other, so the names live here; contract tests
 (``tests/loop/test_contracts.py``) check that each service's registry implements exactly
 these names, so the door can never accept a name that fails later.
 
-Defaults follow ActiveVisium: the ``activevisium`` strategy, k-means cold start, 20 spots
-per round, the MLP head on image embeddings, no resampling, ``latest_expert`` consensus.
+Defaults are chosen by evidence (``histoloop.presets`` says which campaigns): the
+``activevisium`` strategy, k-means cold start, 20 spots per round, the MLP head on image
+embeddings with the 6 nearest units' mean features, no resampling, ``latest_expert``
+consensus. The paper's settings are the ``activevisium`` preset.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "DEFAULT_HEAD",
     "DEFAULT_QUERY_SIZE",
     "DEFAULT_RESAMPLING",
+    "DEFAULT_SPATIAL_NEIGHBOURS",
     "DEFAULT_STRATEGY",
     "FEATURE_SETS",
     "HEADS",
@@ -53,7 +56,9 @@ FEATURE_SETS: tuple[str, ...] = ("morphology", "expression", "multimodal")
 STRATEGY_NEEDS_MODEL: Mapping[str, bool] = {
     "activevisium": True,
     "bald": True,
+    "bandit": True,
     "coldstart_kmeans": False,
+    "coverage": False,
     "coreset": True,
     "entropy": True,
     "hybrid": True,
@@ -77,6 +82,8 @@ DEFAULT_STRATEGY = "activevisium"
 DEFAULT_COLD_START = "coldstart_kmeans"
 DEFAULT_QUERY_SIZE = 20
 DEFAULT_HEAD = "mlp"
+DEFAULT_SPATIAL_NEIGHBOURS = 6
+"""Neighbour-mean features of the 6 nearest units (chosen by evidence: ``histoloop.presets``)."""
 DEFAULT_FEATURES = "morphology"
 DEFAULT_RESAMPLING = "off"
 DEFAULT_CONSENSUS = "latest_expert"
