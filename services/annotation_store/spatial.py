@@ -14,18 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histoloop.errors import InvalidArgument, NotFound
+from histoloop.legacy_st import POSITION_COLUMNS
 
 __all__ = ["POSITION_FILES", "SpotRow", "find_positions_file", "parse_positions"]
 
 POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
-_HEADER = [
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-]
+_HEADER = list(POSITION_COLUMNS)
 _MAX_POSITIONS_BYTES = 512 * 1024 * 1024
 
 

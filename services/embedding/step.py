@@ -42,13 +42,16 @@ PRODUCER = "embedding"
 
 
 def embedder_from_settings(settings: Settings) -> Embedder:
-    """The embedder the settings choose (Triton, in-process ONNX, or handcrafted features)."""
+    """The embedder the settings choose (Triton, in-process ONNX, EfficientNet-Lite0, or
+    handcrafted features, the last only when named)."""
     kind = settings.embedder_backend
     if kind == "triton":
         return make_embedder("triton", url=settings.triton_url, model_name=settings.triton_model,
                              model_version=settings.triton_model_version)
     if kind == "onnx":
         return make_embedder("onnx", model_path=settings.model_path)
+    if kind == "efficientnet":
+        return make_embedder("efficientnet")
     return make_embedder("handcrafted")
 
 
@@ -62,6 +65,7 @@ class EmbeddingStep:
         self.progress = ProgressBoard()
         self._embedder: Embedder | None = None
         self._lock = threading.Lock()
+        log.info("embedder: %s (HISTOLOOP_EMBEDDER=%s)", settings.embedder_backend, settings.embedder)
 
     @property
     def embedder(self) -> Embedder:

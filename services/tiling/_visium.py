@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histoloop.errors import InvalidArgument
+from histoloop.legacy_st import POSITION_COLUMNS, find_selection_file, read_selection, spot_diameter
 from histoloop.tiling._errors import BadPositionsFile, BadScaleFactors, SpatialFileMissing
 
 __all__ = [
@@ -27,14 +29,6 @@ __all__ = [
     "read_spatial",
 ]
 
-POSITION_COLUMNS = (
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-)
 _INT_COLUMNS = ("in_tissue", "array_row", "array_col")
 _PIXEL_COLUMNS = ("pxl_row_in_fullres", "pxl_col_in_fullres")
 _POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
@@ -193,12 +187,23 @@ def read_scalefactors(path: str | Path) -> ScaleFactors:
 def read_spatial(spatial_dir: str | Path) -> SpatialData:
     """Read a Space Ranger ``spatial/`` folder (``tissue_positions.csv`` preferred).
 
+    A legacy Spatial Transcriptomics spot file (``*_selection.tsv``, or a folder holding one
+    and no Space Ranger positions) is read as the same table, with the spot diameter
+    estimated from the spot pitch (:mod:`histoloop.legacy_st`).
+
     Raises:
         SpatialFileMissing: the folder, the positions CSV or ``scalefactors_json.json`` is absent.
         BadPositionsFile: see :func:`read_positions`.
         BadScaleFactors: see :func:`read_scalefactors`.
     """
     spatial_dir = Path(spatial_dir)
+    try:
+        selection = find_selection_file(spatial_dir)
+        if selection is not None:
+            positions = read_selection(selection)
+            return SpatialData(positions, ScaleFactors(spot_diameter(positions), None, None), selection)
+    except InvalidArgument as exc:
+        raise BadPositionsFile(str(exc)) from exc
     if not spatial_dir.is_dir():
         raise SpatialFileMissing(f"spatial folder {spatial_dir} does not exist")
     for name in _POSITION_FILES:

