@@ -49,6 +49,7 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         adjudication_share=config.adjudication_share,
         compactness=config.compactness,
         smoothing=config.smoothing,
+        augment_views=config.augment_views if config.HasField("augment_views") else None,
     )
 
 
@@ -67,6 +68,7 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         adjudication_share=settings.adjudication_share,
         compactness=settings.compactness,
         smoothing=settings.smoothing,
+        augment_views=settings.augment_views,
     )
 
 

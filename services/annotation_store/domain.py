@@ -17,10 +17,12 @@ from histoloop.errors import InvalidArgument
 
 __all__ = [
     "CONSENSUS_RULES",
+    "DEFAULT_AUGMENT_VIEWS",
     "DEFAULT_COLORS",
     "FEATURE_SETS",
     "HEADS",
     "HELP_LABEL",
+    "MAX_AUGMENT_VIEWS",
     "RESAMPLING",
     "AgreementReport",
     "BatchResult",
@@ -126,6 +128,12 @@ class ClassSpec:
         return ClassSpec(name=name, color=color.lower())
 
 
+DEFAULT_AUGMENT_VIEWS = 10
+"""ActiveVisium's repetitions: 10 augmented views beside the clean one (11 embedding passes)."""
+MAX_AUGMENT_VIEWS = 32
+_ZERO_IS_A_VALUE = frozenset({"augment_views"})  # 0 = off, None = unset
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """A project's loop configuration (the ``LoopConfig`` proto), with the store's defaults.
@@ -135,7 +143,9 @@ class LoopSettings:
     embeddings (``morphology``: works for every dataset, with or without an expression
     matrix), no neighbour features, no resampling, and ``latest_expert`` consensus (one
     pathologist: the latest label wins, so corrections take effect; with several, an
-    expert's or admin's latest label wins over annotators').
+    expert's or admin's latest label wins over annotators'), and ActiveVisium's
+    augmentation repetitions (``augment_views`` = 10 augmented views per spot beside the
+    clean one; 0 turns them off; they cost 11 embedding passes instead of 1).
     """
 
     strategy: str = "activevisium"
@@ -150,12 +160,14 @@ class LoopSettings:
     adjudication_share: float = 0.0
     compactness: float = 0.0
     smoothing: float = 0.0
+    augment_views: int = DEFAULT_AUGMENT_VIEWS
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
         """Settings from possibly-unset values (``""``/``0``/None take the default), validated."""
         base = cls()
-        values = {k: v for k, v in given.items() if v not in (None, "", 0, 0.0)}
+        values = {k: v for k, v in given.items()
+                  if v not in (None, "", 0, 0.0) or (k in _ZERO_IS_A_VALUE and v is not None)}
         merged = cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
         return merged.validate()
 
@@ -183,6 +195,10 @@ class LoopSettings:
             raise InvalidArgument(f"config.compactness: {self.compactness} must be >= 0")
         if not 0.0 <= self.smoothing <= 1.0:
             raise InvalidArgument(f"config.smoothing: {self.smoothing} is not in [0, 1]")
+        if not 0 <= self.augment_views <= MAX_AUGMENT_VIEWS:
+            raise InvalidArgument(
+                f"config.augment_views: {self.augment_views} is not in 0..{MAX_AUGMENT_VIEWS}"
+            )
         return self
 
 
@@ -241,6 +257,9 @@ class DatasetInfo:
     expression_uri: str
     embeddings_uri: str
     registered_at: datetime
+    embedding_model: str = ""
+    embedding_model_version: str = ""
+    embedding_dim: int = 0
 
 
 @dataclass(frozen=True)

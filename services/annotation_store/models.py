@@ -88,6 +88,7 @@ class Project(Base):
     adjudication_share: Mapped[float] = mapped_column(Float)
     compactness: Mapped[float] = mapped_column(Float)
     smoothing: Mapped[float] = mapped_column(Float, server_default="0")
+    augment_views: Mapped[int] = mapped_column(Integer, server_default="10")
 
 
 class ProjectClass(Base):
@@ -130,6 +131,9 @@ class Dataset(Base):
     n_in_tissue: Mapped[int] = mapped_column(Integer, default=0)
     embeddings_uri: Mapped[str] = mapped_column(Text, default="")
     embeddings_event_id: Mapped[str] = mapped_column(String(64), default="")
+    embedding_model: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    embedding_model_version: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    embedding_dim: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -34,6 +34,7 @@ from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.annotation_store.watch import QuerySetHub
 from histoloop.auth import Identity, current_identity, require_project
 from histoloop.errors import InvalidArgument, PermissionDenied
+from histoloop.legacy_st import spaceranger_folder
 from histoloop.v1 import annotation_store_pb2 as pb
 from histoloop.v1 import annotation_store_pb2_grpc as pb_grpc
 from histoloop.v1 import common_pb2
@@ -144,20 +145,21 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             kind = "visium" if request.spatial_dir or not request.slide_path else "wsi"
         else:
             raise InvalidArgument(f"kind: unknown value {request.kind}")
-        info = self._repo.register_dataset(
-            DatasetSpec(
-                project_id=request.project_id,
-                dataset_id=request.dataset_id,
-                kind=kind,
-                slide_path=request.slide_path,
-                spatial_dir=request.spatial_dir,
-                expression_path=request.expression_path,
-                slide_scale=request.slide_scale,
-                context=request.context,
-                mpp=request.mpp,
-                tile_size=request.tile_size,
+        with spaceranger_folder(request.spatial_dir, request.positions_format) as spatial_dir:
+            info = self._repo.register_dataset(
+                DatasetSpec(
+                    project_id=request.project_id,
+                    dataset_id=request.dataset_id,
+                    kind=kind,
+                    slide_path=request.slide_path,
+                    spatial_dir=spatial_dir,
+                    expression_path=request.expression_path,
+                    slide_scale=request.slide_scale,
+                    context=request.context,
+                    mpp=request.mpp,
+                    tile_size=request.tile_size,
+                )
             )
-        )
         return _dataset(info)
 
     def RegisterAnnotator(
@@ -368,6 +370,9 @@ def _dataset(info: DatasetInfo) -> pb.Dataset:
         spatial_uri_prefix=info.spatial_uri_prefix,
         expression_uri=info.expression_uri,
         embeddings_uri=info.embeddings_uri,
+        embedding_model=info.embedding_model,
+        embedding_model_version=info.embedding_model_version,
+        embedding_dim=info.embedding_dim,
     )
 
 

@@ -33,12 +33,31 @@ from histoloop.embedding._pipeline import embed_dataset
 from histoloop.errors import FailedPrecondition
 from histoloop.metrics import EMBEDDED_PATCHES
 from histoloop.progress import ProgressBoard
-from histoloop.v1 import events_pb2
+from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["EmbeddingStep", "embedder_from_settings"]
+__all__ = ["DEFAULT_AUGMENT_VIEWS", "EPOCH_HEADS", "EmbeddingStep", "augment_views", "embedder_from_settings"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "embedding"
+
+
+DEFAULT_AUGMENT_VIEWS = 10
+"""``LoopConfig.augment_views`` when unset: ActiveVisium's 10 repetitions."""
+EPOCH_HEADS = ("mlp", "ensemble", "multimodal")
+"""Heads that train by epochs and so draw one augmented view per spot per epoch."""
+
+
+def augment_views(config: common_pb2.LoopConfig, settings: Settings) -> int:
+    """Augmented views to embed for a project: ``HISTOLOOP_AUGMENT_VIEWS`` if set, else the
+    project's ``augment_views`` (unset: 10); 0 when its head does not train by epochs or its
+    features use no image (the views would never be drawn)."""
+    if settings.augment_views is not None:
+        return settings.augment_views
+    if config.head and config.head not in EPOCH_HEADS:
+        return 0
+    if config.features == common_pb2.FEATURE_SET_EXPRESSION:
+        return 0
+    return int(config.augment_views) if config.HasField("augment_views") else DEFAULT_AUGMENT_VIEWS
 
 
 def embedder_from_settings(settings: Settings) -> Embedder:
@@ -134,9 +153,13 @@ class EmbeddingStep:
             def on_progress(done: int, total: int) -> None:
                 self.progress.update(project, dataset, done, total)
 
+            views = augment_views(msg.config, self.settings)
+            if views:
+                log.info("embedding %s/%s with %d augmented views per spot: %d× the embedding cost "
+                         "of clean patches alone", project, dataset, views, views + 1)
             result = embed_dataset(self.store, self.store.key_from_uri(msg.patches_uri), self.embedder, key,
                                    expression=expression, expression_params=reference,
-                                   n_augment=self.settings.augment_views, seed=int(msg.config.seed),
+                                   n_augment=views, seed=int(msg.config.seed),
                                    on_progress=on_progress)
             EMBEDDED_PATCHES.labels(embedder=result.model).inc(result.n)
             return

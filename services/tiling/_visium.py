@@ -21,11 +21,13 @@ from histoloop.legacy_st import POSITION_COLUMNS, find_selection_file, read_sele
 from histoloop.tiling._errors import BadPositionsFile, BadScaleFactors, SpatialFileMissing
 
 __all__ = [
+    "HIRES_IMAGE",
     "POSITION_COLUMNS",
     "ScaleFactors",
     "SpatialData",
     "read_positions",
     "read_scalefactors",
+    "hires_scale",
     "read_spatial",
 ]
 
@@ -33,6 +35,8 @@ _INT_COLUMNS = ("in_tissue", "array_row", "array_col")
 _PIXEL_COLUMNS = ("pxl_row_in_fullres", "pxl_col_in_fullres")
 _POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
 SCALEFACTORS_FILE = "scalefactors_json.json"
+HIRES_IMAGE = "tissue_hires_image.png"
+"""Space Ranger's high-resolution image: a plain PNG, usable as the slide."""
 
 
 @dataclass(frozen=True)
@@ -216,3 +220,20 @@ def read_spatial(spatial_dir: str | Path) -> SpatialData:
         )
     scalefactors = read_scalefactors(spatial_dir / SCALEFACTORS_FILE)
     return SpatialData(read_positions(positions_file), scalefactors, positions_file)
+
+
+def hires_scale(spatial_dir: str | Path) -> float:
+    """``tissue_hires_scalef``: the slide scale of ``spatial/tissue_hires_image.png``.
+
+    Raises:
+        SpatialFileMissing: no ``scalefactors_json.json``.
+        BadScaleFactors: it has no ``tissue_hires_scalef``.
+    """
+    path = Path(spatial_dir) / SCALEFACTORS_FILE
+    factors = read_scalefactors(path)
+    if factors.tissue_hires_scalef is None:
+        raise BadScaleFactors(
+            f"{path}: field 'tissue_hires_scalef' is missing; it is needed to use "
+            f"{HIRES_IMAGE} as the slide (or register the dataset with its slide_scale)"
+        )
+    return factors.tissue_hires_scalef

@@ -53,11 +53,13 @@ def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float)
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
     """The labelled spots' augmented image views ``(views, n, d)``, where they apply, else empty.
 
-    They apply to the image-only features without neighbour means (the views are of the
-    spot's own patch) and to the heads that train by epochs (``mlp``, ``ensemble``).
+    They apply to the image features without neighbour means (the views are of the spot's
+    own patch) and to the heads that train by epochs: ``mlp`` and ``ensemble`` on image-only
+    features, ``multimodal`` on its image branch.
     """
-    if ("X_morph_aug" not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
-            or config.spatial_neighbours or head not in ("mlp", "ensemble")):
+    image_only = config.features == common_pb2.FEATURE_SET_MORPHOLOGY and head in ("mlp", "ensemble")
+    image_branch = config.features == common_pb2.FEATURE_SET_MULTIMODAL and head == "multimodal"
+    if "X_morph_aug" not in adata.obsm or config.spatial_neighbours or not (image_only or image_branch):
         return np.empty((0,))
     return np.ascontiguousarray(np.asarray(adata.obsm["X_morph_aug"], dtype=np.float32)[rows].transpose(1, 0, 2))
 
@@ -114,9 +116,12 @@ class TrainingStep:
         blocks_all: list[dict[str, np.ndarray]] = []
         blocks_lab: list[dict[str, np.ndarray]] = []
         views_lab: list[np.ndarray] = []
+        embedding_models: set[str] = set()
         labels: list[str] = []
         for uri in msg.embeddings_uris:
             adata = read_anndata(self.store, uri)
+            meta = dict(adata.uns.get("embedding", {}))
+            embedding_models.add(f"{meta.get('model', '')}@{meta.get('version', '')}")
             blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
@@ -133,6 +138,9 @@ class TrainingStep:
         all_x = {k: np.concatenate([b[k] for b in blocks_all]) for k in keys}
         lab_x = {k: np.concatenate([b[k] for b in blocks_lab]) for k in keys}
         multimodal = head == "multimodal"
+        if multimodal and "image" in lab_x and all(v.size for v in views_lab) \
+                and len({v.shape[0] for v in views_lab}) == 1:
+            lab_x["image"] = np.concatenate(views_lab, axis=1)  # image branch: one view per spot per epoch
         if not multimodal:
             all_x = {"features": np.hstack([all_x[k] for k in keys])}
             lab_x = {"features": np.hstack([lab_x[k] for k in keys])}
@@ -163,7 +171,9 @@ class TrainingStep:
             created_ms=int(time.time() * 1000), parent_event_id=parent,
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
                    "resampling": trained.resampling, "n_labels": len(labels),
-                   "views": int(lab_x["features"].shape[0]) if not multimodal and lab_x["features"].ndim == 3 else 1})
+                   "views": int(next(iter(lab_x.values())).shape[0])
+                   if next(iter(lab_x.values())).ndim == 3 else 1,
+                   "embedding_models": sorted(embedding_models)})
         uri = save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
         for name in ("macro_f1", "balanced_accuracy", "kappa"):

@@ -79,8 +79,9 @@ class Settings(BaseSettings):
     triton_model: str = "uni"
     triton_model_version: str = ""
     model_path: Path | None = None
-    augment_views: int = Field(0, ge=0, le=32)
-    """Augmented views per spot stored beside the clean one (ActiveVisium repetitions; 0 = none)."""
+    augment_views: int | None = Field(None, ge=0, le=32)
+    """Override every project's ``LoopConfig.augment_views`` (augmented views per spot stored
+    beside the clean one; 0 = none); unset: each project's own setting (default 10)."""
     """Exported model (ONNX) for the in-process embedder."""
 
     # auth

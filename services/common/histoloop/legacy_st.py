@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +32,13 @@ from histoloop.errors import InvalidArgument, NotFound
 
 __all__ = [
     "LEGACY_ST_COLUMNS",
+    "POSITIONS_FORMATS",
     "POSITION_COLUMNS",
     "SELECTION_SUFFIX",
     "find_selection_file",
     "is_selection_file",
     "read_selection",
+    "spaceranger_folder",
     "spot_diameter",
     "write_spaceranger",
 ]
@@ -49,6 +54,8 @@ POSITION_COLUMNS = (
 LEGACY_ST_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 """The columns a selection file must have (``new_x``, ``new_y``, ``selected`` are optional)."""
 SELECTION_SUFFIX = "_selection.tsv"
+POSITIONS_FORMATS = ("", "spaceranger", "legacy-st")
+"""Values of ``RegisterDatasetRequest.positions_format`` ("" = detect)."""
 DIAMETER_PER_PITCH = 0.5
 """ST spot diameter / centre-to-centre pitch (100 µm / 200 µm)."""
 
@@ -214,3 +221,39 @@ def write_spaceranger(selection: str | Path, out_dir: str | Path) -> Path:
         "legacy_st_source": Path(selection).name,
     }))
     return out
+
+
+@contextmanager
+def spaceranger_folder(spatial: str, positions_format: str = "") -> Iterator[str]:
+    """``spatial`` as a Space Ranger ``spatial/`` folder, converted while the block runs.
+
+    Args:
+        spatial: a Space Ranger folder, a legacy ST spot file, or a folder holding one.
+        positions_format: see :data:`POSITIONS_FORMATS`; "" detects legacy ST files.
+
+    Yields:
+        ``spatial`` itself for Space Ranger input (or ""), else a temporary folder with the
+        converted ``tissue_positions.csv`` and ``scalefactors_json.json``.
+
+    Raises:
+        InvalidArgument: an unknown format, or ``legacy-st`` without a spot file; and the
+            errors of :func:`write_spaceranger`.
+    """
+    if positions_format not in POSITIONS_FORMATS:
+        raise InvalidArgument(
+            f"positions_format: {positions_format!r} is not one of "
+            f"{', '.join(repr(f) for f in POSITIONS_FORMATS)}"
+        )
+    selection = None
+    if spatial and positions_format != "spaceranger":
+        selection = find_selection_file(spatial)
+        if selection is None and positions_format == "legacy-st":
+            raise InvalidArgument(
+                f"spatial_dir: {spatial!r} is not a legacy ST spot file (*{SELECTION_SUFFIX} with "
+                f"columns {', '.join(LEGACY_ST_COLUMNS)}) nor a folder holding one"
+            )
+    if selection is None:
+        yield spatial
+        return
+    with tempfile.TemporaryDirectory(prefix="histoloop-legacy-st-") as tmp:
+        yield str(write_spaceranger(selection, Path(tmp) / "spatial"))
