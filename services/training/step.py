@@ -121,7 +121,8 @@ class TrainingStep:
         for uri in msg.embeddings_uris:
             adata = read_anndata(self.store, uri)
             meta = dict(adata.uns.get("embedding", {}))
-            embedding_models.add(f"{meta.get('model', '')}@{meta.get('version', '')}")
+            if meta.get("model"):
+                embedding_models.add(f"{meta['model']}@{meta.get('version', '')}")
             blocks = feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)

@@ -21,7 +21,14 @@ import pandas as pd
 from histoloop.errors import InvalidArgument, NotFound
 from histoloop.legacy_st import read_selection
 
-__all__ = ["A1_SLIDE_SCALE", "A1_THUMBNAIL_BOX", "HER2ST_CLASSES", "A1Sample", "load_a1"]
+__all__ = [
+    "A1_SLIDE_SCALE",
+    "A1_THUMBNAIL_BOX",
+    "HER2ST_CLASSES",
+    "A1Sample",
+    "load_a1",
+    "write_counts_h5ad",
+]
 
 A1_SLIDE_SCALE = 2000 / 6954
 """PNG px per selection-file px."""
@@ -88,3 +95,35 @@ def load_a1(folder: str | Path) -> A1Sample:
 
 def _coordinate_key(x: pd.Series, y: pd.Series) -> list[tuple[float, float]]:
     return list(zip(np.round(x.astype(float), 2), np.round(y.astype(float), 2), strict=True))
+
+
+def write_counts_h5ad(sample: A1Sample, path: str | Path, *, pad_missing: bool = False) -> Path:
+    """Write A1's raw counts (``A1.tsv.gz``: spots × gene symbols) as an ``.h5ad`` that the
+    embedding service reads (``X`` = counts as CSR float32, obs = ``<x>x<y>`` barcodes).
+
+    Args:
+        sample: from :func:`load_a1`.
+        path: the ``.h5ad`` to write.
+        pad_missing: add an all-zero row for each labelled spot without a counts row (2 of
+            348), so that every spot of the section can be registered with its counts.
+
+    Returns:
+        ``path``.
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    table = pd.read_csv(sample.counts, sep="\t", index_col=0)
+    table.index = table.index.astype(str)
+    if pad_missing:
+        missing = [b for b in sample.labels.index if b not in table.index]
+        table = pd.concat([table, pd.DataFrame(0, index=missing, columns=table.columns)])
+    genes = pd.Index(table.columns.astype(str))
+    keep = ~genes.duplicated()
+    adata = ad.AnnData(X=sp.csr_matrix(table.to_numpy(dtype=np.float32)[:, keep]),
+                       obs=pd.DataFrame(index=table.index.rename("barcode")),
+                       var=pd.DataFrame(index=genes[keep].rename("gene")))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(path)
+    return path
