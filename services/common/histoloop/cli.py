@@ -72,6 +72,8 @@ def _demo(args: argparse.Namespace) -> int:
     if "HISTOLOOP_LOG_LEVEL" not in os.environ:
         logging.getLogger().setLevel(logging.WARNING)  # the table is the output; services stay quiet
     shared = Path(os.environ.get("HISTOLOOP_SHARED_DATA", "../shared/data"))
+    if args.sample == "her2st-a1":
+        return _demo_a1(args, Path(args.data) if args.data else shared / "her2st" / "A1")
     data = Path(args.data) if args.data else shared / "dlpfc" / "151510"
     out = Path(args.out)
     header = f"{'round':>5} {'labels':>6} {'macro-F1':>8} {'bal.acc':>7} {'labels→next query':>18}"
@@ -89,6 +91,29 @@ def _demo(args: argparse.Namespace) -> int:
     latencies = sorted(r.seconds_to_next_query for r in rows)
     print(f"median labels→next query set: {latencies[len(latencies) // 2]:.2f}s")
     print(f"wrote {out}/learning_curve.png, {out}/prediction_map.png, {out}/loupe_*.csv, {out}/rounds.csv")
+    return 0
+
+
+def _demo_a1(args: argparse.Namespace, data: object) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from histoloop.demo_a1 import A1Round, run_a1_demo
+
+    rounds = args.rounds
+    bar = tqdm(total=2 * rounds, desc="rounds (image, then image + counts)", unit="round")
+    bar.write(f"{'mode':>12} {'round':>5} {'labels':>6} {'macro-F1':>8} {'bal.acc':>7} {'labels→next query':>18}")
+
+    def on_round(row: A1Round) -> None:
+        bar.write(f"{row.mode:>12} {row.round:>5} {row.labels:>6} {row.macro_f1:>8.3f} "
+                  f"{row.balanced_accuracy:>7.3f} {row.seconds_to_next_query:>17.2f}s")
+        bar.update(1)
+
+    run_a1_demo(Path(str(data)), Path(args.out), rounds=rounds, query_size=args.query_size,
+                strategy=args.strategy, augment_views=args.views, seed=args.seed, on_round=on_round)
+    bar.close()
+    print(f"wrote {args.out}/a1_learning_curves.png and {args.out}/a1_rounds.csv")
     return 0
 
 
@@ -183,7 +208,11 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(func=_health)
 
     demo = sub.add_parser("demo", help="the whole loop on DLPFC 151510 with a simulated pathologist")
-    demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/")
+    demo.add_argument("--sample", choices=("dlpfc-151510", "her2st-a1"), default="dlpfc-151510",
+                      help="her2st-a1: real H&E with pathologist labels, image alone and image + counts")
+    demo.add_argument("--views", type=int, default=0,
+                      help="her2st-a1: augmented views per spot (project augment_views; cost × (1 + views))")
+    demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/ (or her2st/A1)")
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--rounds", type=int, default=10)
     demo.add_argument("--query-size", type=int, default=20)
