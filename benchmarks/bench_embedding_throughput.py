@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = importlib.util.spec_from_file_location("export_model", REPO / "tools" / "export_model.py")
     assert spec is not None and spec.loader is not None
     export_model = importlib.util.module_from_spec(spec)
+    sys.modules["export_model"] = export_model  # dataclasses look their module up
     spec.loader.exec_module(export_model)
 
     patches = _patches(args.patches)
