@@ -446,7 +446,8 @@ def _extract_and_store(
     log.info(
         "tiling %s: %d patches from level %d (downsample %.4g, region %d px → %d px) via %s, "
         "%d worker(s)", reader.path, n, level, reader.level_downsamples[level], side, patch_size,
-        "direct JPEG" if direct else "OpenSlide", workers,
+        "direct JPEG" if direct else ("a plain image" if reader.vendor.startswith("plain-") else "OpenSlide"),
+        workers,
     )
     run_extraction(reader, plans, on_chunk, workers=workers, backend=backend,
                    cache_tiles=cache_tiles, on_progress=on_progress)

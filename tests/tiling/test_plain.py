@@ -120,3 +120,31 @@ def test_visium_hires_png_is_the_slide_with_its_scale_factor(shared_data: Path, 
     patches = PatchSet.open(store, result.prefix)
     assert result.n_patches == 3639 and patches.patch_size == 32
     assert patches.index["on_tissue_mask"].mean() > 0.9
+
+
+def test_tiling_step_uses_the_hires_png_when_no_slide_is_registered(shared_data: Path, tmp_path: Path) -> None:
+    from histoloop import events
+    from histoloop.bus.embedded import EmbeddedBus
+    from histoloop.tiling.step import TilingStep
+    from histoloop.v1 import common_pb2, events_pb2
+
+    source = shared_data / "dlpfc" / "151673" / "spatial"
+    factors = json.loads((source / "scalefactors_json.json").read_text())
+    positions = pd.read_csv(source / "tissue_positions_list.csv", header=None)
+    positions = positions[positions[1] == 1].iloc[::40]  # 91 in-tissue spots
+    lowres = Image.open(source / "tissue_lowres_image.png").convert("RGB")
+    ratio = factors["tissue_hires_scalef"] / factors["tissue_lowres_scalef"]
+    hires = lowres.resize((round(lowres.width * ratio), round(lowres.height * ratio)))
+    store = LocalArtifactStore(tmp_path / "store")
+    buffer = tmp_path / "hires.png"
+    hires.save(buffer)
+    store.put("in/spatial/tissue_hires_image.png", buffer.read_bytes())
+    store.put("in/spatial/tissue_positions_list.csv", positions.to_csv(header=False, index=False).encode())
+    store.put("in/spatial/scalefactors_json.json", json.dumps(factors).encode())
+    bus = EmbeddedBus(tmp_path / "events.sqlite")
+    TilingStep(store, bus, workers=1).on_registered(events_pb2.DatasetRegistered(
+        meta=events.new_meta(project="p", dataset="d", producer="test"), kind=common_pb2.DATASET_KIND_VISIUM,
+        spatial_uri_prefix=store.uri("in/spatial")))
+    (record,) = bus.consumer("t", [events.TILES_READY]).poll(1.0)
+    ready = events.decode(record)
+    assert ready.n_tiles == len(positions) and ready.patches_uri  # patches cut from the hires PNG
