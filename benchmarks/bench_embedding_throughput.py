@@ -4,15 +4,17 @@
 
 The same real H&E patches (her2st A1 spots, 224 px, tiled from the plain PNG) go through:
 
-- ``torch``: :class:`histoloop.embedding.EfficientNetEmbedder` (the embedded default);
-- ``onnx``: :class:`histoloop.embedding.OnnxEmbedder` on the exported ``model.onnx``;
+- in process, eager torch: ``EfficientNetEmbedder(runtime="torch")``;
+- in process, ONNX Runtime: ``EfficientNetEmbedder()`` (the embedded default: the network is
+  exported in memory at start and run by onnxruntime);
 - ``triton``: :class:`histoloop.embedding.TritonEmbedder` against a real ``tritonserver``
   (pytriton's bundled build, CPU; the model runs with onnxruntime in pytriton's Python
   backend, dynamic batching from ``config.pbtxt``), one client and ``--clients`` clients.
 
 Each figure is the best of ``--repeat`` passes over every patch (warm: one pass first).
-Peak memory is the maximum resident set (``ru_maxrss``) of this process for the in-process
-paths, and of the Triton server processes (sampled from /proc) for Triton. A GPU figure
+Memory: the peak resident set (``ru_maxrss``, cumulative) of this process after each
+in-process path; for Triton, the resident set of the server processes (tritonserver and its
+Python backend stubs, from /proc) right after the measurement. A GPU figure
 needs a device; when none is lent the note says so and nothing is made up.
 """
 
@@ -98,12 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib.util
 
-    from histoloop.embedding import (
-        EfficientNetEmbedder,
-        OnnxEmbedder,
-        TritonEmbedder,
-        efficientnet_features,
-    )
+    from histoloop.embedding import EfficientNetEmbedder, TritonEmbedder, efficientnet_features
     from tests.fixtures.triton import onnx_model_spec, serve_models
 
     spec = importlib.util.spec_from_file_location("export_model", REPO / "tools" / "export_model.py")
@@ -114,21 +111,22 @@ def main(argv: list[str] | None = None) -> int:
 
     patches = _patches(args.patches)
     rows: dict[str, dict[str, float]] = {}
-    torch_emb = EfficientNetEmbedder(batch_size=32, threads=args.threads)
-    rows["in-process torch"] = {"patches_per_s": _best(torch_emb.embed, patches, args.repeat),
-                                "peak_rss_mb": _rss_mb()}
+    eager = EfficientNetEmbedder(batch_size=32, threads=args.threads, runtime="torch")
+    rows["in-process, eager torch (runtime='torch')"] = {
+        "patches_per_s": _best(eager.embed, patches, args.repeat), "peak_rss_mb": _rss_mb()}
+    default = EfficientNetEmbedder(batch_size=32, threads=args.threads)
+    rows["in-process, ONNX Runtime (the default)"] = {
+        "patches_per_s": _best(default.embed, patches, args.repeat), "peak_rss_mb": _rss_mb()}
+    reference = eager.embed(patches[:16])
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
         export_model.export_module(efficientnet_features(), tmp, "efficientnet-lite0", max_batch_size=32,
                                    instance_kind="KIND_CPU", expected_dim=1280)
         onnx_path = Path(tmp) / "efficientnet-lite0" / "1" / "model.onnx"
-        onnx = OnnxEmbedder(onnx_path, batch_size=32, threads=args.threads)
-        rows["in-process ONNX Runtime"] = {"patches_per_s": _best(onnx.embed, patches, args.repeat),
-                                           "peak_rss_mb": _rss_mb()}
-        reference = torch_emb.embed(patches[:16])
         with serve_models([onnx_model_spec("efficientnet-lite0", onnx_path)]) as server:
             with TritonEmbedder(server.grpc_url, "efficientnet-lite0") as remote:
                 diff = float(np.abs(remote.embed(patches[:16]) - reference).max())
-                rows["Triton, 1 client"] = {"patches_per_s": _best(remote.embed, patches, args.repeat)}
+                rows["Triton, 1 client"] = {"patches_per_s": _best(remote.embed, patches, args.repeat),
+                                            "server_rss_mb": _tree_rss_mb(os.getpid())}
 
                 def concurrent(batch: np.ndarray) -> None:
                     parts = np.array_split(batch, args.clients)
@@ -142,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                     "patches_per_s": _best(concurrent, patches, args.repeat),
                     "server_rss_mb": _tree_rss_mb(os.getpid()),
                 }
-    base = rows["in-process torch"]["patches_per_s"]
+    base = rows["in-process, ONNX Runtime (the default)"]["patches_per_s"]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{len(patches)} A1 patches (224 px), best of {args.repeat}; {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, load average {load}; max |Triton − torch| = {diff:.2e}\n")
-    print("| path | patches/s | × in-process torch | peak memory (MB) |")
+    print("| path | patches/s | × in-process default | memory (MB) |")
     print("|---|---:|---:|---:|")
     for name, row in rows.items():
         mem = row.get("peak_rss_mb") or row.get("server_rss_mb") or 0

@@ -7,6 +7,11 @@ vector is the global average of the last feature map: 1,280 values.
 
 Patches are uint8 RGB (n, 224, 224, 3); they are scaled to [0, 1] and normalised with
 ImageNet's mean and std, the statistics the weights were trained with.
+
+By default the network runs with onnxruntime: at start it is exported (in memory, the same
+graph ``tools/export_model.py`` writes for Triton, normalisation included) and run by an
+ONNX Runtime session — about 6× the patches/s of eager torch on this CPU
+(``benchmarks/bench_embedding_throughput.py``); ``runtime="torch"`` runs it eagerly.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from importlib import metadata
+from typing import Literal
 
 import numpy as np
 
@@ -114,8 +121,10 @@ class EfficientNetEmbedder(Embedder):
 
     Args:
         batch_size: patches per forward pass.
-        threads: torch intra-op threads while embedding (default: the CPU count, at most 4,
-            so several services on one machine do not oversubscribe it).
+        threads: intra-op threads while embedding (default: the CPU count, at most 4, so
+            several services on one machine do not oversubscribe it).
+        runtime: ``onnxruntime`` (default; exported in memory at start, ≈ 6× faster on CPU)
+            or ``torch`` (eager, the reference).
 
     Raises:
         FailedPrecondition: the network or weights packages are missing.
@@ -124,9 +133,12 @@ class EfficientNetEmbedder(Embedder):
 
     name = EFFICIENTNET_NAME
 
-    def __init__(self, *, batch_size: int = 32, threads: int | None = None) -> None:
+    def __init__(self, *, batch_size: int = 32, threads: int | None = None,
+                 runtime: Literal["onnxruntime", "torch"] = "onnxruntime") -> None:
         import torch
 
+        if runtime not in ("onnxruntime", "torch"):
+            raise InvalidArgument(f"runtime must be 'onnxruntime' or 'torch', got {runtime!r}")
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be ≥ 1, got {batch_size}")
         if threads is not None and threads < 1:
@@ -137,8 +149,37 @@ class EfficientNetEmbedder(Embedder):
         self._model = efficientnet_features()
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-        log.info("EfficientNet-Lite0 embedder (version %s): %d-d, batch %d, %d torch thread(s)",
-                 self.version, EFFICIENTNET_DIM, self.batch_size, self.threads)
+        self.runtime = runtime
+        self._session = self._onnx_session() if runtime == "onnxruntime" else None
+        log.info("EfficientNet-Lite0 embedder (version %s): %d-d, batch %d, %d thread(s), %s",
+                 self.version, EFFICIENTNET_DIM, self.batch_size, self.threads, runtime)
+
+    def _onnx_session(self):  # type: ignore[no-untyped-def]
+        """Export the network with its normalisation (uint8 NHWC ``pixels`` in) and open it."""
+        import onnxruntime as ort
+        import torch
+
+        class Pixels(torch.nn.Module):
+            def __init__(self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+                super().__init__()
+                self.network = network
+                self.register_buffer("mean", mean)
+                self.register_buffer("std", std)
+
+            def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+                x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+                return self.network((x - self.mean) / self.std)
+
+        buffer = io.BytesIO()
+        sample = torch.zeros((1, *EFFICIENTNET_SIZE, 3), dtype=torch.uint8)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's notices
+            torch.onnx.export(Pixels(self._model, self._mean, self._std).eval(), (sample,), buffer, dynamo=False, opset_version=17,
+                              input_names=["pixels"], output_names=["embedding"],
+                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     @property
     def dim(self) -> int:
@@ -153,6 +194,12 @@ class EfficientNetEmbedder(Embedder):
 
         check_patches(patches, size=EFFICIENTNET_SIZE)
         out = np.empty((len(patches), EFFICIENTNET_DIM), dtype=np.float32)
+        if self._session is not None:
+            for start in range(0, len(patches), self.batch_size):
+                batch = np.ascontiguousarray(patches[start:start + self.batch_size])
+                (vectors,) = self._session.run(["embedding"], {"pixels": batch})
+                out[start:start + len(batch)] = vectors
+            return out
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:

@@ -42,6 +42,9 @@ def test_weights_come_from_the_wheel_and_the_vectors_are_deterministic(embedder)
     first, again = embedder.embed(patches), embedder.embed(patches[::-1])
     assert first.shape == (3, EFFICIENTNET_DIM) and first.dtype == np.float32
     np.testing.assert_allclose(first, again[::-1], rtol=1e-5, atol=1e-5)  # batching does not matter
+    assert embedder.runtime == "onnxruntime"
+    eager = EfficientNetEmbedder(runtime="torch", threads=2).embed(patches)  # the reference network
+    np.testing.assert_allclose(first, eager, rtol=1e-4, atol=1e-4)
     assert embedder.name == "efficientnet-lite0" and embedder.version.startswith("0.1.0+efficientnet-lite0-")
     with pytest.raises(InvalidArgument, match="224"):
         embedder.embed(patches[:, :112, :112])
