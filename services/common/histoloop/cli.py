@@ -223,14 +223,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     tile = sub.add_parser("tile", help="cut a slide into patches (Visium spots or a WSI grid) with a progress bar")
-    tile.add_argument("slide", help="a slide OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, …)")
-    tile.add_argument("--spatial", help="Space Ranger spatial/ folder (Visium); omit for grid tiling")
+    tile.add_argument("slide", help="a slide OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, …) or a plain PNG/JPEG/TIFF")
+    tile.add_argument("--spatial", help="Space Ranger spatial/ folder (Visium) or a legacy ST *_selection.tsv; "
+                      "omit for grid tiling")
     tile.add_argument("--out", default="tiles-output", help="local artifact folder to write into")
     tile.add_argument("--prefix", default="tiles", help="key prefix of the patch set")
     tile.add_argument("--tile-size", type=int, default=224, help="patch side in pixels")
     tile.add_argument("--mpp", type=float, default=0.5, help="grid tiling resolution, µm/px")
     tile.add_argument("--context", type=float, default=1.0, help="patch side = spot diameter × context")
-    tile.add_argument("--scale", type=float, default=1.0, help="slide px per Space Ranger full-res px")
+    tile.add_argument("--scale", "--slide-scale", dest="scale", type=float, default=1.0,
+                      help="slide px per positions px (Space Ranger full-res, or the legacy ST image)")
     tile.add_argument("--workers", type=int, default=None)
     tile.set_defaults(func=_tile)
 
