@@ -109,7 +109,12 @@ def main() -> int:
                         help="a tiny campaign in a temporary folder that checks the script works (not the reference)")
     parser.add_argument("--check", action="store_true",
                         help="afterwards rerun the logreg arms in a second folder and compare the numbers")
+    parser.add_argument("--sample", choices=("dlpfc151510", "her2st-a1"), default="dlpfc151510",
+                        help="her2st-a1: the morphology campaign on real labelled H&E (see her2st_a1.py)")
+    parser.add_argument("--views", type=int, default=10, help="her2st-a1: augmented views per spot")
     args = parser.parse_args()
+    if args.sample == "her2st-a1":
+        return _her2st_a1(args)
     campaign = config(args.seeds)
     if args.quick:
         args.out, args.fresh, args.results, args.check = tempfile.mkdtemp(prefix="bench-sim-quick-"), True, "", False
@@ -149,6 +154,35 @@ def main() -> int:
         print(f"check: logreg records of a second run {'identical' if same else 'DIFFER'}")
         return 0 if same else 1
     return 0
+
+
+def _her2st_a1(args: argparse.Namespace) -> int:
+    """The A1 campaign: features × strategies × seeds, and the views experiment."""
+    from her2st_a1 import run_a1
+
+    out = Path(args.out if args.out != parser_default_out() else "/tmp/histoloop-sim-her2st-a1")
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    print(f"machine: {_machine()}", flush=True)
+    started = time.perf_counter()
+    text = run_a1(SHARED / "her2st" / "A1", out, seeds=args.seeds, views=args.views, workers=args.workers,
+                  resume=args.resume)
+    print(text)
+    print(f"A1 campaign in {time.perf_counter() - started:.0f} s wall ({args.workers} workers); "
+          f"machine after: {_machine()}")
+    if args.results:
+        target = REPO / "benchmarks" / "results" / "her2st_a1"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "a1_summary.md", target / "a1_summary.md")
+        for name in ("efficientnet", "multimodal"):
+            shutil.copyfile(out / name / "learning_curves.png", target / f"learning_curves_{name}.png")
+        print(f"copied the summary and curves to {target}")
+    return 0
+
+
+def parser_default_out() -> str:
+    """The DLPFC campaign folder (the default of --out)."""
+    return "/tmp/histoloop-sim-dlpfc151510"
 
 
 if __name__ == "__main__":

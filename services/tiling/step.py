@@ -24,7 +24,7 @@ from histoloop.bus.base import EventBus
 from histoloop.errors import FailedPrecondition, HistoloopError, InvalidArgument, NotFound
 from histoloop.progress import ProgressBoard
 from histoloop.tiling._tiling import tile_visium, tile_wsi
-from histoloop.tiling._visium import read_spatial
+from histoloop.tiling._visium import HIRES_IMAGE, hires_scale, read_spatial
 from histoloop.v1 import common_pb2, events_pb2
 
 __all__ = ["TilingStep"]
@@ -91,13 +91,20 @@ class TilingStep:
                 self.store.put(spots_key, buffer.getvalue().encode(), content_type="text/csv")
             result: dict = {"spots_uri": self.store.uri(spots_key) if spatial_dir is not None else "",
                             "patches_uri": "", "index_uri": "", "overlay_uri": "", "n_tiles": 0}
-            if not msg.slide_uri:
+            hires = spatial_dir / HIRES_IMAGE if spatial_dir is not None else None
+            scale = msg.slide_scale or 1.0
+            if msg.slide_uri:
+                slide = self.store.get_file(self.store.key_from_uri(msg.slide_uri),
+                                            Path(tmp) / ("slide-" + msg.slide_uri.rsplit("/", 1)[-1]))
+            elif hires is not None and hires.is_file() and msg.kind != common_pb2.DATASET_KIND_WSI:
+                slide, scale = hires, msg.slide_scale or hires_scale(spatial_dir)
+                log.info("tiling %s/%s: no slide registered; using spatial/%s with slide_scale %.6g",
+                         project, dataset, HIRES_IMAGE, scale)
+            else:
                 if spatial_dir is None:
                     raise FailedPrecondition(f"dataset {dataset} has neither a slide nor Space Ranger files")
                 result["n_tiles"] = int((positions["in_tissue"] == 1).sum())
                 return result
-            slide = self.store.get_file(self.store.key_from_uri(msg.slide_uri),
-                                        Path(tmp) / ("slide-" + msg.slide_uri.rsplit("/", 1)[-1]))
 
             def on_progress(done: int, total: int) -> None:
                 self.progress.update(project, dataset, done, total)
@@ -109,7 +116,7 @@ class TilingStep:
                                      on_progress=on_progress)
                 else:
                     tiled = tile_visium(slide, spatial_dir, self.store, prefix + "/visium",
-                                        context=msg.context or 1.0, scale=msg.slide_scale or 1.0,
+                                        context=msg.context or 1.0, scale=scale,
                                         workers=self.workers, on_progress=on_progress)
             for warning in tiled.warnings:
                 log.warning("tiling %s/%s: %s", project, dataset, warning)

@@ -71,8 +71,8 @@ def fit_round(
         scaling: Scaling per model input (see :func:`round_inputs`); default: fitted here
             on every spot of ``features``.
         views: ``(views, len(labelled), d)`` augmented image views (in the order of
-            ``labelled``), used only by
-            :data:`VIEW_HEADS` on a single feature block; None or empty: none.
+            ``labelled``), used by :data:`VIEW_HEADS` on a single feature block and by the
+            multimodal head's image branch; None or empty: none.
         previous: The previous round's model (warm start, online resampling).
         hyperparameters: Head hyper-parameters.
         validation_fraction: Stratified validation share.
@@ -103,6 +103,8 @@ def fit_round(
         train_x = train_x["features"]
         if views is not None and views.size and head in VIEW_HEADS and len(features) == 1:
             train_x = views  # ActiveVisium repetitions: one view per spot per epoch
+    elif views is not None and views.size and "image" in train_x:
+        train_x["image"] = views  # the multimodal head's image branch: one view per spot per epoch
     return train_model(
         train_x,
         labels,

@@ -100,11 +100,13 @@ def _pseudo_labels(adata, blocks: dict[str, np.ndarray], rows: np.ndarray, names
 def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.ndarray) -> np.ndarray:
     """The labelled spots' augmented image views ``(views, n, d)``, where they apply, else empty.
 
-    They apply to the image-only features without neighbour means (the views are of the
-    spot's own patch) and to the heads that train by epochs (``mlp``, ``ensemble``).
+    They apply to the image features without neighbour means (the views are of the spot's
+    own patch) and to the heads that train by epochs: ``mlp`` and ``ensemble`` on image-only
+    features, ``multimodal`` on its image branch.
     """
-    if (OBSM_MORPH_VIEWS not in adata.obsm or config.features != common_pb2.FEATURE_SET_MORPHOLOGY
-            or config.spatial_neighbours or head not in ("mlp", "ensemble")):
+    image_only = config.features == common_pb2.FEATURE_SET_MORPHOLOGY and head in VIEW_HEADS
+    image_branch = config.features == common_pb2.FEATURE_SET_MULTIMODAL and head == "multimodal"
+    if OBSM_MORPH_VIEWS not in adata.obsm or config.spatial_neighbours or not (image_only or image_branch):
         return np.empty((0,))
     return np.ascontiguousarray(np.asarray(adata.obsm[OBSM_MORPH_VIEWS], dtype=np.float32)[rows].transpose(1, 0, 2))
 
@@ -161,6 +163,7 @@ class TrainingStep:
         blocks_all: list[dict[str, np.ndarray]] = []
         labelled: list[np.ndarray] = []
         views_lab: list[np.ndarray] = []
+        embedding_models: set[str] = set()
         labels: list[str] = []
         offset = 0
         integrated = project_feature_blocks(self.store, list(msg.embeddings_uris), config.features,
@@ -168,6 +171,9 @@ class TrainingStep:
             if config.harmony and len(msg.embeddings_uris) > 1 else None
         for i, uri in enumerate(msg.embeddings_uris):
             adata = read_anndata(self.store, uri)
+            meta = dict(adata.uns.get("embedding", {}))
+            if meta.get("model"):
+                embedding_models.add(f"{meta['model']}@{meta.get('version', '')}")
             blocks = integrated[i] if integrated else feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
@@ -190,7 +196,7 @@ class TrainingStep:
         views = None
         if all(v.size for v in views_lab) and len({v.shape[0] for v in views_lab}) == 1:
             views = np.concatenate(views_lab, axis=1)  # (views, n, d), view 0 clean
-        n_views = views.shape[0] if views is not None and head in VIEW_HEADS and len(keys) == 1 else 1
+        n_views = views.shape[0] if views is not None and (head == "multimodal" or len(keys) == 1) else 1
         previous = self._previous(project, head)
         started = time.perf_counter()
         try:
@@ -217,7 +223,7 @@ class TrainingStep:
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
                    "resampling": trained.resampling, "n_labels": len(labels), "harmony": bool(integrated),
                    "new_label_batch_ids": self._new_batches(project, snapshot, msg),
-                   "views": int(n_views)})
+                   "views": int(n_views), "embedding_models": sorted(embedding_models)})
         uri = save_model(self.store, card, module)
         TRAINING_RUNS.labels(outcome="success").inc()
         for name in ("macro_f1", "balanced_accuracy", "kappa"):

@@ -91,7 +91,8 @@ class ProjectLoop:
             classes=[common_pb2.ClassDef(name=n, color=c) for n, c in zip(BANDS, _COLOURS, strict=True)],
             config=common_pb2.LoopConfig(strategy="activevisium", cold_start_strategy="coldstart_kmeans",
                                          query_size=self.query_size, seed=0, head=self.head,
-                                         features=common_pb2.FEATURE_SET_MORPHOLOGY)), timeout=30)
+                                         features=common_pb2.FEATURE_SET_MORPHOLOGY,
+                                         augment_views=0)), timeout=30)  # no views: fault tests, not 11× embedding
 
     def register(self, dataset_id: str = "cmu") -> pb.Dataset:
         """RegisterDataset: the spot grid on the real slide (the store copies both to S3)."""

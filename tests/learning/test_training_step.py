@@ -63,3 +63,17 @@ def test_labels_of_one_class_wait_for_more(tmp_path: Path) -> None:
     step.on_labels(msg)
     assert list_cards(step.store, "p") == []
     assert bus.consumer("t", [events.MODEL_TRAINED]).poll(0.2) == []
+
+
+def test_the_multimodal_head_draws_views_on_its_image_branch(tmp_path: Path) -> None:
+    step, bus, msg = _setup(tmp_path, ["neg", "pos"])
+    adata = ad.read_h5ad(step.store.get_file("embeddings/p/d1/e.h5ad", tmp_path / "e.h5ad"))
+    adata.obsm["X_expr"] = np.random.default_rng(1).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    adata.uns["embedding"] = {"model": "efficientnet-lite0", "version": "0.1.0+efficientnet-lite0-57934424"}
+    uri = write_anndata(step.store, "embeddings/p/d1/e2.h5ad", adata)
+    msg.embeddings_uris[:] = [uri]
+    msg.config.CopyFrom(common_pb2.LoopConfig(head="multimodal", features=common_pb2.FEATURE_SET_MULTIMODAL))
+    step.on_labels(msg)
+    (_, card), = list_cards(step.store, "p")
+    assert card.head == "multimodal" and card.extra["views"] == 3
+    assert card.extra["embedding_models"] == ["efficientnet-lite0@0.1.0+efficientnet-lite0-57934424"]

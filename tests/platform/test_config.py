@@ -21,7 +21,7 @@ def test_embedded_needs_no_settings(tmp_path) -> None:
     settings = load_settings(data_dir=tmp_path)
     settings.validate_for_start()
     assert (settings.bus_backend, settings.artifact_backend, settings.auth_mode) == ("embedded", "local", "off")
-    assert settings.embedder_backend == "handcrafted"
+    assert settings.embedder_backend == "efficientnet"  # pretrained, offline; never handcrafted
     assert settings.sqlalchemy_url.startswith("sqlite:///")
 
 

@@ -118,8 +118,8 @@ Call with (dict "root" $ "image" .Values.image "override" .Values.tiling.image).
 {{- .Values.config.tritonUrl }}
 {{- else if .Values.triton.enabled }}
 {{- printf "%s:8001" (include "histoloop.componentName" (dict "root" . "component" "triton")) }}
-{{- else if and .Values.embedding.enabled (not (has (toString (default "" .Values.embedding.env.HISTOLOOP_EMBEDDER)) (list "onnx" "handcrafted"))) }}
-{{- fail "config.tritonUrl is required when triton.enabled=false (or set embedding.env.HISTOLOOP_EMBEDDER=onnx with HISTOLOOP_MODEL_PATH)" }}
+{{- else if and .Values.embedding.enabled (not (has (toString (default "" .Values.embedding.env.HISTOLOOP_EMBEDDER)) (list "onnx" "efficientnet" "handcrafted"))) }}
+{{- fail "config.tritonUrl is required when triton.enabled=false (or set embedding.env.HISTOLOOP_EMBEDDER=efficientnet, or onnx with HISTOLOOP_MODEL_PATH)" }}
 {{- end }}
 {{- end }}
 

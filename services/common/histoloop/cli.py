@@ -89,6 +89,8 @@ def _demo(args: argparse.Namespace) -> int:
     if "HISTOLOOP_LOG_LEVEL" not in os.environ:
         logging.getLogger().setLevel(logging.WARNING)  # the table is the output; services stay quiet
     shared = Path(os.environ.get("HISTOLOOP_SHARED_DATA", "../shared/data"))
+    if args.sample == "her2st-a1":
+        return _demo_a1(args, Path(args.data) if args.data else shared / "her2st" / "A1")
     data = Path(args.data) if args.data else shared / "dlpfc" / "151510"
     out = Path(args.out)
     header = f"{'round':>5} {'labels':>6} {'macro-F1':>8} {'bal.acc':>7} {'labels→next query':>18}"
@@ -121,6 +123,29 @@ def _demo(args: argparse.Namespace) -> int:
     latencies = sorted(r.seconds_to_next_query for r in rows)
     print(f"median labels→next query set: {latencies[len(latencies) // 2]:.2f}s")
     print(f"wrote {out}/learning_curve.png, {out}/prediction_map.png, {out}/loupe_*.csv, {out}/rounds.csv")
+    return 0
+
+
+def _demo_a1(args: argparse.Namespace, data: object) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from histoloop.demo_a1 import A1Round, run_a1_demo
+
+    rounds = args.rounds
+    bar = tqdm(total=2 * rounds, desc="rounds (image, then image + counts)", unit="round")
+    bar.write(f"{'mode':>12} {'round':>5} {'labels':>6} {'macro-F1':>8} {'bal.acc':>7} {'labels→next query':>18}")
+
+    def on_round(row: A1Round) -> None:
+        bar.write(f"{row.mode:>12} {row.round:>5} {row.labels:>6} {row.macro_f1:>8.3f} "
+                  f"{row.balanced_accuracy:>7.3f} {row.seconds_to_next_query:>17.2f}s")
+        bar.update(1)
+
+    run_a1_demo(Path(str(data)), Path(args.out), rounds=rounds, query_size=args.query_size,
+                strategy=args.strategy, augment_views=args.views, seed=args.seed, on_round=on_round)
+    bar.close()
+    print(f"wrote {args.out}/a1_learning_curves.png and {args.out}/a1_rounds.csv")
     return 0
 
 
@@ -251,7 +276,11 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(func=_health)
 
     demo = sub.add_parser("demo", help="the whole loop on DLPFC 151510 with a simulated pathologist")
-    demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/")
+    demo.add_argument("--sample", choices=("dlpfc-151510", "her2st-a1"), default="dlpfc-151510",
+                      help="her2st-a1: real H&E with pathologist labels, image alone and image + counts")
+    demo.add_argument("--views", type=int, default=0,
+                      help="her2st-a1: augmented views per spot (project augment_views; cost × (1 + views))")
+    demo.add_argument("--data", help="folder with dlpfc151510_500genes.h5ad and spatial/ (or her2st/A1)")
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--rounds", type=int, default=10)
     demo.add_argument("--query-size", type=int, default=DEFAULTS["query_size"])
@@ -264,14 +293,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     tile = sub.add_parser("tile", help="cut a slide into patches (Visium spots or a WSI grid) with a progress bar")
-    tile.add_argument("slide", help="a slide OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, …)")
-    tile.add_argument("--spatial", help="Space Ranger spatial/ folder (Visium); omit for grid tiling")
+    tile.add_argument("slide", help="a slide OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, …) or a plain PNG/JPEG/TIFF")
+    tile.add_argument("--spatial", help="Space Ranger spatial/ folder (Visium) or a legacy ST *_selection.tsv; "
+                      "omit for grid tiling")
     tile.add_argument("--out", default="tiles-output", help="local artifact folder to write into")
     tile.add_argument("--prefix", default="tiles", help="key prefix of the patch set")
     tile.add_argument("--tile-size", type=int, default=224, help="patch side in pixels")
     tile.add_argument("--mpp", type=float, default=0.5, help="grid tiling resolution, µm/px")
     tile.add_argument("--context", type=float, default=1.0, help="patch side = spot diameter × context")
-    tile.add_argument("--scale", type=float, default=1.0, help="slide px per Space Ranger full-res px")
+    tile.add_argument("--scale", "--slide-scale", dest="scale", type=float, default=1.0,
+                      help="slide px per positions px (Space Ranger full-res, or the legacy ST image)")
     tile.add_argument("--workers", type=int, default=None)
     tile.set_defaults(func=_tile)
 

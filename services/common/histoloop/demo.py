@@ -64,10 +64,11 @@ class DemoRound:
     model_version: str
 
 
-def _watch(stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub) -> tuple[queue.Queue, Callable[[], None]]:
+def _watch(stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub, project: str = PROJECT
+           ) -> tuple[queue.Queue, Callable[[], None]]:
     """Query sets as they arrive, from the server-streaming WatchQuerySets."""
     arrivals: queue.Queue = queue.Queue()
-    stream = stub.WatchQuerySets(pb.WatchQuerySetsRequest(project_id=PROJECT, include_latest=True))
+    stream = stub.WatchQuerySets(pb.WatchQuerySetsRequest(project_id=project, include_latest=True))
 
     def pump() -> None:
         try:
@@ -94,12 +95,12 @@ def _next_query_set(arrivals: queue.Queue, after_round: int, timeout: float) -> 
             return item
 
 
-def _predictions(channel: grpc.Channel) -> pd.Series:
+def _predictions(channel: grpc.Channel, project: str = PROJECT, dataset: str = DATASET) -> pd.Series:
     """The latest model's predicted class of every spot, via the Embedding and Prediction services."""
     embeddings = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedDataset(
-        embedding_pb2.EmbedDatasetRequest(project_id=PROJECT, dataset_id=DATASET))
+        embedding_pb2.EmbedDatasetRequest(project_id=project, dataset_id=dataset))
     reply = prediction_pb2_grpc.PredictionServiceStub(channel).Predict(
-        prediction_pb2.PredictRequest(project_id=PROJECT, embeddings_uri=embeddings.embeddings_uri))
+        prediction_pb2.PredictRequest(project_id=project, embeddings_uri=embeddings.embeddings_uri))
     return pd.Series(list(reply.predicted), index=list(reply.barcodes))
 
 

@@ -7,7 +7,8 @@ preset, and the preset's head hyper-parameters are used by training:
   development data (``benchmarks/README.md``, "Defaults by evidence"): :data:`DEFAULTS`.
 * ``"activevisium"``: the ActiveVisium paper (ECML-PKDD 2025): the two-stage
   ``activevisium`` strategy, k-means cold start, the MLP head trained with Adam 1e-4 for at
-  most 50 epochs (patience 10), no spatial neighbour features, 20 spots per round.
+  most 50 epochs (patience 10), no spatial neighbour features, 20 spots per round, 10
+  augmented views per spot beside the clean one (11 embedding passes).
 
 The annotation store (what ``CreateProject`` fills in), training (head hyper-parameters)
 and ``histoloop simulate`` (the default configuration it compares with random) all read
@@ -22,6 +23,7 @@ from typing import Any
 
 from histoloop.errors import InvalidArgument
 from histoloop.formats.vocab import (
+    DEFAULT_AUGMENT_VIEWS,
     DEFAULT_COLD_START,
     DEFAULT_HEAD,
     DEFAULT_QUERY_SIZE,
@@ -37,6 +39,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "query_size": DEFAULT_QUERY_SIZE,
     "head": DEFAULT_HEAD,
     "spatial_neighbours": DEFAULT_SPATIAL_NEIGHBOURS,
+    "augment_views": DEFAULT_AUGMENT_VIEWS,
 })
 """Project defaults (no preset): the loop fields a ``CreateProject`` without them gets.
 
@@ -60,7 +63,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "activevisium": MappingProxyType({
         "loop": MappingProxyType({
             "strategy": "activevisium", "cold_start_strategy": "coldstart_kmeans", "query_size": 20,
-            "head": "mlp", "spatial_neighbours": 0,
+            "head": "mlp", "spatial_neighbours": 0, "augment_views": 10,
         }),
         "hyperparameters": MappingProxyType({"mlp": _PAPER_MLP, "multimodal": _PAPER_MLP, "ensemble": _PAPER_MLP}),
     }),
@@ -82,7 +85,8 @@ def loop_defaults(preset: str = "") -> dict[str, Any]:
         preset: ``""`` (the evidence defaults) or a name in :data:`PRESETS`.
 
     Returns:
-        Field name → value (strategy, cold_start_strategy, query_size, head, spatial_neighbours).
+        Field name → value (strategy, cold_start_strategy, query_size, head, spatial_neighbours,
+        augment_views).
 
     Raises:
         InvalidArgument: Unknown preset (names ``config.preset``).

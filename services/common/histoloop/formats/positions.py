@@ -29,6 +29,7 @@ from histoloop.errors import InvalidArgument, NotFound
 __all__ = [
     "POSITION_COLUMNS",
     "POSITION_FILES",
+    "HIRES_IMAGE",
     "SCALEFACTORS_FILE",
     "BadPositionsFile",
     "BadScaleFactors",
@@ -43,6 +44,8 @@ __all__ = [
     "read_scalefactors",
 ]
 
+HIRES_IMAGE = "tissue_hires_image.png"
+"""Space Ranger's high-resolution image: a plain PNG, usable as the slide (``tissue_hires_scalef``)."""
 POSITION_COLUMNS = (
     "barcode",
     "in_tissue",

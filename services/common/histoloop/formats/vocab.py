@@ -20,6 +20,8 @@ from typing import Literal
 
 __all__ = [
     "COLD_START_STRATEGIES",
+    "DEFAULT_AUGMENT_VIEWS",
+    "MAX_AUGMENT_VIEWS",
     "CONSENSUS_RULES",
     "DEFAULT_COLD_START",
     "DEFAULT_CONSENSUS",
@@ -82,6 +84,11 @@ DEFAULT_STRATEGY = "activevisium"
 DEFAULT_COLD_START = "coldstart_kmeans"
 DEFAULT_QUERY_SIZE = 20
 DEFAULT_HEAD = "mlp"
+DEFAULT_AUGMENT_VIEWS = 0
+"""Augmented views per spot beside the clean one. Off by evidence: on HER2+ A1 the seed's
+views (with pixel noise) cost 0.15–0.18 macro-F1 on every seed and noise-free ones were
+neutral (``benchmarks/README.md``); the ``activevisium`` preset keeps the paper's 10."""
+MAX_AUGMENT_VIEWS = 32
 DEFAULT_SPATIAL_NEIGHBOURS = 6
 """Neighbour-mean features of the 6 nearest units (chosen by evidence: ``histoloop.presets``)."""
 DEFAULT_FEATURES = "morphology"
