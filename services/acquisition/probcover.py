@@ -161,13 +161,13 @@ def probcover_select(
     for _ in range(min(k, int(candidate.sum()))):
         counts = A @ (~covered).astype(np.float32)
         counts[~candidate] = -1.0
-        best = int(np.argmax(counts))  # ties: lowest row
-        if counts[best] <= 0:
+        top = int(np.argmax(counts))  # ties: lowest row
+        if counts[top] <= 0:
             break
-        picks.append(best)
-        gains.append(int(counts[best]))
-        candidate[best] = False
-        covered[A.indices[A.indptr[best] : A.indptr[best + 1]]] = True
+        picks.append(top)
+        gains.append(int(counts[top]))
+        candidate[top] = False
+        covered[A.indices[A.indptr[top] : A.indptr[top + 1]]] = True
     return CoverPlan(
         rows=considered[np.asarray(picks, dtype=np.int64)],
         gains=np.asarray(gains, dtype=np.int64),

@@ -160,6 +160,9 @@ class EfficientNetEmbedder(Embedder):
         import torch
 
         class Pixels(torch.nn.Module):
+            mean: torch.Tensor
+            std: torch.Tensor
+
             def __init__(self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
                 super().__init__()
                 self.network = network
@@ -205,13 +208,13 @@ class EfficientNetEmbedder(Embedder):
         try:
             with torch.inference_mode():
                 for start in range(0, len(patches), self.batch_size):
-                    batch = torch.from_numpy(
+                    pixels = torch.from_numpy(
                         np.ascontiguousarray(patches[start:start + self.batch_size])
                     )
-                    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+                    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
                     x = (x - self._mean) / self._std
                     features = self._model(x)
-                    out[start:start + len(batch)] = features.numpy()
+                    out[start:start + len(pixels)] = features.numpy()
         finally:
             torch.set_num_threads(previous)
         return out

@@ -180,13 +180,13 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
         arm = per_arm[(head, strategy)]
         base = per_arm.get((head, "random"))
         stat = _mean_sd(arm["ltt"])
-        censored = not all(arm["reached"])
+        is_censored = not all(arm["reached"])
         row: dict[str, Any] = {
             "strategy": strategy, "head": head,
             "metric_at": {f"{x:g}": _mean_sd([a for a in arm["at"][x] if a is not None]) for x in FRACTIONS},
             "aulc": _mean_sd(arm["aulc"]),
             "labels_to_target": {**stat, "reached": int(sum(arm["reached"])), "seeds": len(seeds),
-                                 "censored": censored, "per_seed": arm["ltt"],
+                                 "censored": is_censored, "per_seed": arm["ltt"],
                                  "fraction_of_pool": None if stat["mean"] is None else stat["mean"] / pool},
             "ratio_to_random": None, "ratio_bound": None, "aulc_gain": None, "labels_saved": None,
             "censored_seeds": arm["censored"],
@@ -200,10 +200,10 @@ def compare(records: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str
         if base is not None:
             base_mean = float(np.mean(base["ltt"]))
             base_censored = not all(base["reached"])
-            if stat["mean"] is not None and base_mean > 0 and not (censored and base_censored):
+            if stat["mean"] is not None and base_mean > 0 and not (is_censored and base_censored):
                 row["ratio_to_random"] = stat["mean"] / base_mean
                 row["ratio_bound"] = {(False, False): "=", (True, False): "≥",
-                                      (False, True): "≤"}[(censored, base_censored)]
+                                      (False, True): "≤"}[(is_censored, base_censored)]
             if strategy != "random":
                 row["aulc_gain"] = _paired(arm["aulc"], base["aulc"])
                 row["labels_saved"] = _paired(base["ltt"], arm["ltt"])

@@ -88,8 +88,9 @@ class PlainImageReader(BaseSlide):
 
         try:
             with tifffile.TiffFile(self.path) as tif:
-                page = tif.pages[0]
+                page = tif.pages.first
                 mpp = _tiff_mpp(page)
+                pixels: np.ndarray
                 if page.is_contiguous and page.compression == 1 and not page.is_tiled:
                     pixels = tifffile.memmap(self.path, page=0, mode="r")
                     fmt = "tiff-memmap"

@@ -103,7 +103,9 @@ def test_a_campaign_arm_picks_what_the_live_loop_picks(
 
     # the same campaign arm, simulated: the live pool, the oracle answering from the same truth
     # the project's features (the default 6 nearest spots' mean beside each spot's own)
-    X = feature_matrix(adata, common_pb2.FEATURE_SET_EXPRESSION, DEFAULT_SPATIAL_NEIGHBOURS).astype(np.float32)
+    X = feature_matrix(adata, common_pb2.FEATURE_SET_EXPRESSION, DEFAULT_SPATIAL_NEIGHBOURS).astype(
+        np.float32
+    )
     barcodes = np.asarray(adata.obs_names, dtype=str)
     y = np.searchsorted(np.asarray(LAYERS), truth[barcodes].to_numpy()).astype(np.int64)
     every = np.arange(len(y), dtype=np.int64)

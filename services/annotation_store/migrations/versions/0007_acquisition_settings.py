@@ -13,6 +13,7 @@ Create Date: 2026-11-30
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -22,7 +23,7 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_COLUMNS: tuple[tuple[str, sa.types.TypeEngine, object], ...] = (
+_COLUMNS: tuple[tuple[str, sa.types.TypeEngine, str | sa.sql.ColumnElement[Any]], ...] = (
     ("hybrid_share", sa.Float(), "0.7"),
     ("kmeans_pick", sa.String(32), "closest_to_centroid"),
     ("mc_dropout_samples", sa.Integer(), "0"),
