@@ -1,6 +1,10 @@
 """EfficientNet-Lite0 throughput: in-process torch vs in-process ONNX vs through Triton, same run.
 
     .venv/bin/python benchmarks/bench_embedding_throughput.py --patches 256 --repeat 3
+    .venv/bin/python benchmarks/bench_embedding_throughput.py --quick   # checks the script works
+
+``--quick``: 16 patches, one pass, 2 Triton clients, 1 thread: every path runs (the server
+too), but the figures are not a measurement.
 
 The same real H&E patches (her2st A1 spots, 224 px, tiled from the plain PNG) go through:
 
@@ -96,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent Triton clients")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime intra-op threads")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.patches, args.repeat, args.clients, args.threads = 16, 1, 2, 1
 
     import importlib.util
 

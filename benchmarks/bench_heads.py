@@ -5,6 +5,7 @@ Trains each head on random labelled subsets of the DLPFC 151510 training pool (3
 test split, 3 draws per size (one at the whole pool)::
 
     nice .venv/bin/python benchmarks/bench_heads.py
+    .venv/bin/python benchmarks/bench_heads.py --quick   # 30 labels, one draw: checks the script works
 
 ``mlp`` uses the head's defaults (Adam 1e-3, ≤ 200 epochs, patience 20, weight decay
 3/max(n, 60)); ``mlp (activevisium preset)`` the paper's (Adam 1e-4, ≤ 50 epochs,
@@ -36,7 +37,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="30,100,400,0", help="labelled-set sizes (0 = the whole pool)")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.draws = "30", 1
     import torch
 
     torch.set_num_threads(1)

@@ -14,7 +14,9 @@ predictions.ready → queryset.ready — three times in one process:
 It prints the median and 95th percentile of ``good``'s round latency per run and the
 ratios poisoned/clean and clean/no-records.
 
-Usage: ``.venv/bin/python benchmarks/bench_isolation.py --rounds 300``
+Usage: ``.venv/bin/python benchmarks/bench_isolation.py --rounds 300`` (``--quick``: 10 rounds
+per run, which checks that the script works; the poison is still being retried, so the
+ratios are not a measurement)
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=300,
                         help="rounds per run (300 outlast the poison's 5 attempts, ~8 s)")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 10
     logging.getLogger("histoloop").setLevel(logging.CRITICAL)  # the poison's retries log loudly
     results = {"clean": run(args.rounds, poison=False), "poisoned": run(args.rounds, poison=True)}
     real_write = stages.write_state

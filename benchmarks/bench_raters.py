@@ -18,13 +18,16 @@ early stopping; the pipeline's MLP at lr 1e-4 with early stopping) — the rater
 fit on one rater's labels only::
 
     nice .venv/bin/python benchmarks/bench_raters.py
+    .venv/bin/python benchmarks/bench_raters.py --quick   # 2 seeds of 100 spots; a temporary folder
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,13 +66,20 @@ def _score(truth: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -
     return float(m["accuracy"]), float(m["macro_f1"])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write ``benchmarks/results/seeds/raters.md``."""
     import anndata as ad
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; "
+                        "not a measurement): 2 seeds of 100 spots, written to a temporary folder")
+    args = parser.parse_args(argv)
+    seeds, n_labelled, results = SEEDS, N_LABELLED, RESULTS
+    if args.quick:
+        seeds, n_labelled, results = 2, 100, Path(tempfile.mkdtemp(prefix="bench-raters-quick-"))
     t0 = time.perf_counter()
     adata = ad.read_h5ad(SHARED / "dlpfc" / "151510" / "dlpfc151510_500genes.h5ad")
-    prep = prepare_data(adata, SimulationConfig(label_column="layer", pca=30, neighbours=6, seeds=SEEDS))
+    prep = prepare_data(adata, SimulationConfig(label_column="layer", pca=30, neighbours=6, seeds=seeds))
     P = prep.problem
     obs = adata.obs.loc[prep.barcodes]
     positions = visium_array_positions(obs["array_row"].to_numpy(), obs["array_col"].to_numpy())
@@ -77,11 +87,11 @@ def main() -> int:
     scores: dict[str, dict[str, list[tuple[float, float]]]] = {
         m: {r: [] for r in RATERS}
         for m in ("rater head", "consensus MLP", "one MLP per rater", "same fit, one rater's labels only")}
-    for seed in range(SEEDS):
+    for seed in range(seeds):
         rng = np.random.default_rng([seed, 17])
         labels = simulated_raters(P.y, P.classes, neighbours, rng)
         pool, test = P.splits[seed]
-        chosen = rng.choice(pool, size=N_LABELLED, replace=False)
+        chosen = rng.choice(pool, size=n_labelled, replace=False)
         X = P.scaling.transform(P.X)
         stacked = np.stack([labels[r][chosen] for r in RATERS])
         majority = np.array([np.bincount(col, minlength=len(P.classes)).argmax() for col in stacked.T])
@@ -115,13 +125,15 @@ def main() -> int:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text = ("### Per-annotator models, DLPFC 151510 (simulated raters)\n\n" + "\n".join(lines)
-            + f"\n\n{SEEDS} seeds, {N_LABELLED} spots × 3 raters each; each rater's own test labels "
+            + f"\n\n{seeds} seeds, {n_labelled} spots × 3 raters each; each rater's own test labels "
             f"({len(P.splits[0][1])} spots). {wall:.0f} s wall on {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, load average {load}.\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "raters.md").write_text(text)
-    (RESULTS / "raters.json").write_text(json.dumps(scores))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "raters.md").write_text(text)
+    (results / "raters.json").write_text(json.dumps(scores))
     print(text)
+    if args.quick:
+        print(f"(quick: written to {results}, not to {RESULTS})")
     return 0
 
 

@@ -5,6 +5,11 @@ ST section A1 (15,045-gene counts, pathologist labels), both from ``../shared/da
 
     nice .venv/bin/python benchmarks/bench_seeds.py            # everything, ~15 min on 2 busy cores
     nice .venv/bin/python benchmarks/bench_seeds.py --only ar  # one experiment
+    .venv/bin/python benchmarks/bench_seeds.py --quick         # checks the script works (not a measurement)
+
+``--quick`` runs every experiment on A1 (the small dataset, unless ``--data`` says otherwise)
+with one seed, the first two campaigns of each experiment and a budget of two queries, into
+a temporary folder (the tables in ``benchmarks/results/seeds`` are left alone).
 
 Experiments (MLP head, warm start, 3 seeds, 30 PCs of log1p counts + 6-neighbour means):
 
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,11 +84,11 @@ DATASETS = {
 }
 
 
-def experiments(name: str) -> dict[str, tuple[SimulationConfig, ...]]:
-    """The campaigns of one dataset, by experiment."""
+def experiments(name: str, *, seeds: int = SEEDS, budget: int = 0) -> dict[str, tuple[SimulationConfig, ...]]:
+    """The campaigns of one dataset, by experiment (``budget``: 0 = the dataset's)."""
     d = DATASETS[name]
-    base = dict(label_column=d["label_column"], pca=30, neighbours=6, heads=("mlp",), seeds=SEEDS,
-                test_fraction=0.3, query_size=d["query_size"], budget=d["budget"], metric="macro_f1")
+    base = dict(label_column=d["label_column"], pca=30, neighbours=6, heads=("mlp",), seeds=seeds,
+                test_fraction=0.3, query_size=d["query_size"], budget=budget or d["budget"], metric="macro_f1")
     ar = tuple(SimulationConfig(**base, strategies=("entropy",),
                                 hyperparameters={"mlp": {"resampling": mode, "class_weighting": weighted}})
                for mode, weighted in AR_ARMS)
@@ -147,17 +153,29 @@ def main() -> int:
     """Run the chosen experiments on the chosen datasets and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="ar,strategies,coldstart", help="experiments (comma-separated)")
-    parser.add_argument("--data", default=",".join(DATASETS), help="datasets (comma-separated)")
+    parser.add_argument("--data", default=None, help="datasets (comma-separated; default: all, her2st_a1 with --quick)")
     parser.add_argument("--out", default="/tmp/histoloop-bench-seeds", help="campaign folders")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; "
+                        "not a measurement): A1, 1 seed, 2 campaigns per experiment, 2 queries, a temporary folder")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    seeds, results = SEEDS, RESULTS
+    if args.quick:
+        seeds, results = 1, Path(tempfile.mkdtemp(prefix="bench-seeds-quick-"))
+        args.out, args.workers = str(results / "campaigns"), 1
+        args.data = args.data or "her2st_a1"
+    args.data = args.data or ",".join(DATASETS)
+    results.mkdir(parents=True, exist_ok=True)
     for data_name in args.data.split(","):
         data = DATASETS[data_name]["load"]()
         for exp_name in args.only.split(","):
             t0 = time.perf_counter()
             rows: list[dict] = []
-            for config in experiments(data_name)[exp_name]:
+            if args.quick:
+                configs = experiments(data_name, seeds=1, budget=2 * DATASETS[data_name]["query_size"])[exp_name][:2]
+            else:
+                configs = experiments(data_name)[exp_name]
+            for config in configs:
                 label = ""
                 if exp_name == "ar":
                     hp = config.hyperparameters["mlp"]
@@ -170,10 +188,12 @@ def main() -> int:
                 rows += _summary(result.folder, result.comparison, label)
             wall = time.perf_counter() - t0
             text = (f"### {data_name}: {exp_name}\n\n{_table(rows)}\n\n"
-                    f"{SEEDS} seeds; {wall:.0f} s wall on {_machine()}.\n")
-            (RESULTS / f"{data_name}_{exp_name}.md").write_text(text)
-            (RESULTS / f"{data_name}_{exp_name}.json").write_text(json.dumps(rows, indent=1))
+                    f"{seeds} seeds; {wall:.0f} s wall on {_machine()}.\n")
+            (results / f"{data_name}_{exp_name}.md").write_text(text)
+            (results / f"{data_name}_{exp_name}.json").write_text(json.dumps(rows, indent=1))
             print(text, flush=True)
+    if args.quick:
+        print(f"(quick: written to {results}, not to {RESULTS})")
     return 0
 
 

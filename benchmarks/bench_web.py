@@ -21,6 +21,11 @@ driven by Playwright):
    set drawn on the page (``--rounds`` rounds, median).
 
     nice .venv/bin/python benchmarks/bench_web.py
+    .venv/bin/python benchmarks/bench_web.py --quick   # checks the script works (not a measurement)
+
+``--quick``: part 1 on a 40 × 30 grid (1,200 units) with one page load and a 0.5 s pan/zoom,
+part 2 on the top 2 levels with 2 clients, part 3 skipped (``--quick --rounds 1`` runs one
+DLPFC round too); nothing is written unless ``--json`` is given.
 """
 
 from __future__ import annotations
@@ -110,17 +115,18 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
         server, web = _stack(Path(tmp), ["annotation_store"])  # no training: nothing competes
         try:
             store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-            store.CreateProject(pb.CreateProjectRequest(project_id="big", name="100,000 units", classes=[
+            cols, rows = args.cols, args.rows
+            store.CreateProject(pb.CreateProjectRequest(project_id="big", name=f"{cols * rows:,} units", classes=[
                 common_pb2.ClassDef(name=n) for n in ("tumour", "stroma", "immune", "other")]))
-            spatial = _grid_dataset(Path(tmp), 290, 345, 7.6)
+            spatial = _grid_dataset(Path(tmp), cols, rows, 7.6)
             t = time.perf_counter()
             store.RegisterDataset(pb.RegisterDatasetRequest(project_id="big", dataset_id="grid", spatial_dir=str(spatial),
                                                             slide_path=str(SLIDE), kind=common_pb2.DATASET_KIND_VISIUM))
             out["register_s"] = time.perf_counter() - t
-            # every unit labelled (random classes): the overlay then fills all 100,050 units
+            # every unit labelled (random classes): the overlay then fills every unit (100,050 by default)
             rng = random.Random(0)
             labels = [pb.SpotLabel(barcode=f"r{r}_c{c}", label=rng.choice(("tumour", "stroma", "immune", "other")))
-                      for r in range(345) for c in range(290)]
+                      for r in range(rows) for c in range(cols)]
             store.SubmitLabels(pb.SubmitLabelsRequest(project_id="big", dataset_id="grid", batch_id="all",
                                                       labels=labels), timeout=600)
             base = web.url.rstrip("/")
@@ -265,8 +271,15 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients for tiles")
     parser.add_argument("--rounds", type=int, default=5, help="DLPFC rounds labelled in the page")
     parser.add_argument("--skip-dlpfc", action="store_true")
+    parser.add_argument("--cols", type=int, default=290, help="grid columns of part 1 (290 × 345 = 100,050 units)")
+    parser.add_argument("--rows", type=int, default=345, help="grid rows of part 1")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
     args = parser.parse_args()
+    if args.quick:
+        args.cols, args.rows, args.repeat, args.seconds, args.levels, args.clients = 40, 30, 1, 0.5, 2, 2
+        quick_rounds = "--rounds" in sys.argv[1:] or any(a.startswith("--rounds=") for a in sys.argv[1:])
+        args.skip_dlpfc = args.skip_dlpfc or not quick_rounds
     from playwright.sync_api import sync_playwright
 
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
