@@ -102,6 +102,7 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
         for i in range(clients)]
     result = LoadResult(clients=clients, duration_s=duration, interval_s=interval, batch_size=batch_size)
     acknowledged: list[str] = []
+    sent: dict[str, list[str]] = {}  # batch id → its spots, to send the same batch again
     lock = threading.Lock()
     start = time.monotonic() + 1.0  # every client starts on the same clock
 
@@ -134,6 +135,7 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
                         result.batches += 1
                         result.labels += reply.n_labels
                         acknowledged.append(batch_id)
+                        sent[batch_id] = spots
                 n += 1
                 scheduled += interval
         finally:
@@ -160,14 +162,14 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
     result.duplicate_rows = int(stack.sql(
         f"SELECT count(*) FROM (SELECT e.batch_pk, e.spot_id {mine} "
         "GROUP BY e.batch_pk, e.spot_id HAVING count(*) > 1) d", project)[0][0])
-    # the same batches again are recognised, not stored twice
+    # the same batches again (a client's retry) are recognised, not stored twice
     sample = random.Random(seed).sample(acknowledged, min(20, len(acknowledged)))
     for batch_id in sample:
         owner = int(batch_id.split("-")[1][1:])
         stub = pb_grpc.AnnotationStoreServiceStub(stack.channel("annotation_store", tokens[owner]))
         reply = stub.SubmitLabels(pb.SubmitLabelsRequest(
             project_id=project, dataset_id=dataset, batch_id=batch_id,
-            labels=[pb.SpotLabel(barcode=in_tissue[0], label=loop.truth[in_tissue[0]])]), timeout=30)
+            labels=[pb.SpotLabel(barcode=b, label=loop.truth[b]) for b in sent[batch_id]]), timeout=30)
         result.resubmitted += 1
         result.resubmitted_duplicate += int(reply.duplicate)
 

@@ -39,7 +39,8 @@ def test_views_are_a_project_setting_and_only_made_where_a_head_draws_them(share
 
     settings = load_settings(data_dir=tmp_path, embedder="handcrafted")
     morph = common_pb2.FEATURE_SET_MORPHOLOGY
-    assert augment_views(common_pb2.LoopConfig(head="mlp", features=morph), settings) == 10  # the seed's
+    assert augment_views(common_pb2.LoopConfig(head="mlp", features=morph), settings) == 0  # off by evidence
+    assert augment_views(common_pb2.LoopConfig(head="mlp", features=morph, augment_views=10), settings) == 10
     assert augment_views(common_pb2.LoopConfig(head="mlp", features=morph, augment_views=0), settings) == 0
     assert augment_views(common_pb2.LoopConfig(head="logreg", features=morph, augment_views=4), settings) == 0
     assert augment_views(common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION), settings) == 0

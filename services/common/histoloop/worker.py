@@ -221,16 +221,22 @@ class EventWorker:
         recorded as done without running the handler. An old event delivered again behind a
         new one (a redelivery, a duplicate) is in the ledger already, so it cannot hide the
         new one. Ledger reads: one per project and topic, unless the newest are duplicates.
+        An event that does not parse is never superseded: it is handled, i.e. parked where
+        operators see it, instead of vanishing behind a newer event of its key.
         """
         groups: dict[tuple[str, str], list[int]] = {}
+        created: dict[int, int] = {}
         for i, rec in enumerate(records):
             if rec.topic in self._coalesce:
-                groups.setdefault((rec.topic, rec.key), []).append(i)
+                when = _created_ms(rec)
+                if when is not None:
+                    created[i] = when
+                    groups.setdefault((rec.topic, rec.key), []).append(i)
         superseded: set[int] = set()
         for members in groups.values():
             if len(members) < 2:
                 continue
-            ranked = sorted(members, key=lambda i: (_created_ms(records[i]), i), reverse=True)
+            ranked = sorted(members, key=lambda i: (created[i], i), reverse=True)
             chosen = next((i for i in ranked if not self._already_done(records[i])), None)
             # copies of the chosen event (a producer retry, a redelivery) are not superseded:
             # recording them as done would record the chosen one as done before it runs
@@ -401,9 +407,13 @@ class EventWorker:
         if record.topic not in self._coalesce:
             return
         created = _created_ms(record)
+        if created is None:
+            return
         for item in list(self._deferred.values()):
             old = item.record
-            if (old.topic, old.key) == (record.topic, record.key) and _created_ms(old) <= created:
+            old_created = _created_ms(old)
+            if (old.topic, old.key) == (record.topic, record.key) and old_created is not None \
+                    and old_created <= created:
                 done, _ = self._retrying(f"record superseded event {old.event_id}",
                                          partial(self._mark_done, old))
                 if done:
@@ -468,12 +478,13 @@ class EventWorker:
             log.debug("worker %s cannot read lag: %s", self.group, exc)
 
 
-def _created_ms(record: Record) -> int:
-    """When the event was created (its header's ``created_at``), 0 if it does not parse."""
+def _created_ms(record: Record) -> int | None:
+    """When the event was created (its header's ``created_at``; 0 without one), None if it
+    does not parse."""
     try:
         message = events.decode(record)
     except InvalidArgument:
-        return 0
+        return None
     meta = getattr(message, "meta", None)
     return int(meta.created_at.ToMilliseconds()) if meta is not None else 0
 
