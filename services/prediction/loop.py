@@ -23,6 +23,7 @@ from histoloop.errors import InvalidArgument
 from histoloop.formats.embeddings import parse_embeddings_key
 from histoloop.integration import project_feature_blocks
 from histoloop.models import LoadedModel, latest_card, load_model
+from histoloop.prediction.proposals import predictions_key
 from histoloop.spatial import neighbour_indices, smooth_probabilities, visium_array_positions
 from histoloop.v1 import events_pb2
 
@@ -117,7 +118,7 @@ class PredictionStep:
     def on_model(self, msg: events_pb2.ModelTrained, _record: object = None) -> None:
         """Handle ``model.trained``: predict, store, announce ``predictions.ready``."""
         project = msg.meta.project
-        key = f"predictions/{project}/{msg.model_version}.npz"
+        key = predictions_key(project, msg.model_version)
         map_key = f"predictions/{project}/{msg.model_version}-map.png"
         if self.store.exists(key):
             predictions = read_predictions(self.store, self.store.uri(key))

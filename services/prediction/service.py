@@ -9,6 +9,7 @@ from histoloop import events
 from histoloop.auth import require_project
 from histoloop.errors import InvalidArgument
 from histoloop.prediction.loop import PredictionStep
+from histoloop.prediction.proposals import propose_clicked_region
 from histoloop.runtime import Runtime, ServiceParts
 from histoloop.v1 import prediction_pb2, prediction_pb2_grpc
 
@@ -48,6 +49,17 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             classes=classes, probabilities=result.probabilities.ravel().tolist(),
             predicted=[classes[i] for i in result.probabilities.argmax(axis=1)], barcodes=list(result.barcodes),
             model_version=result.model_version, missing_genes=list(result.missing_genes))
+
+    def ProposeRegion(self, request: prediction_pb2.ProposeRegionRequest,
+                      context: grpc.ServicerContext) -> prediction_pb2.ProposeRegionResponse:
+        for field in ("project_id", "dataset_id", "unit"):
+            if not getattr(request, field):
+                raise InvalidArgument(f"{field} is required")
+        require_project(request.project_id)
+        region = propose_clicked_region(self.step.store, request.project_id, request.dataset_id, request.unit,
+                                        model_version=request.model_version, max_units=request.max_units)
+        return prediction_pb2.ProposeRegionResponse(units=list(region.units), class_name=region.class_name,
+                                                    model_version=region.model_version)
 
 
 def build(runtime: Runtime) -> ServiceParts:

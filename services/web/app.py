@@ -1,7 +1,7 @@
 """The browser workspace as an ASGI (Starlette) app: pages, Deep Zoom tiles, overlay, labelling, live updates.
 
-Every endpoint is a thin adapter over one RPC of the annotation store or the training
-service (see :mod:`histoloop.web.backends`), made with the signed-in annotator's token.
+Every endpoint is a thin adapter over one RPC of the annotation store, the training or the
+prediction service (see :mod:`histoloop.web.backends`), made with the signed-in annotator's token.
 Bad input gets a 4xx with ``{"error": "<what, naming the field>"}`` and changes nothing.
 
 Endpoints (``{p}`` a project id, ``{d}`` one of its dataset ids):
@@ -23,6 +23,7 @@ Endpoints (``{p}`` a project id, ``{d}`` one of its dataset ids):
 ``GET /api/projects/{p}/datasets/{d}/slide_files/L/C_R.jpeg``  a Deep Zoom tile (cached, ETag)
 ``POST /api/projects/{p}/datasets/{d}/labels``            one ``SubmitLabels`` batch
 ``GET /api/projects/{p}/datasets/{d}/export?kind=``       Loupe CSV: labels, queryset, predictions
+``GET /api/projects/{p}/datasets/{d}/region?unit=``       ``ProposeRegion``: click-to-region units
 ========================================================  ===========================================
 """
 
@@ -59,7 +60,7 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.config import Settings
 from histoloop.errors import HistoloopError
 from histoloop.v1 import annotation_store_pb2 as pb
-from histoloop.v1 import training_pb2
+from histoloop.v1 import prediction_pb2, training_pb2
 from histoloop.web.backends import Backends, WebError, http_status
 from histoloop.web.layer import encode_layer
 from histoloop.web.metrics import EVENT_STREAMS, TILES, RequestMetrics, metrics_endpoint
@@ -294,6 +295,18 @@ class WebApp:
             headers["Content-Encoding"] = "gzip"
         return Response(data, media_type="application/octet-stream", headers=headers)
 
+    async def region(self, request: Request) -> JSONResponse:
+        """``ProposeRegion``: the units the model gives the clicked unit's class, connected to it."""
+        p, d = self._ids(request)
+        unit = request.query_params.get("unit", "")
+        if not unit:
+            raise WebError(400, "unit: give the clicked unit's id (?unit=)")
+        await self.session(request, p)  # the store confirms membership; then the service token asks
+        reply = await run_in_threadpool(self.backends.call, self.backends.prediction.ProposeRegion,
+                                        prediction_pb2.ProposeRegionRequest(project_id=p, dataset_id=d, unit=unit),
+                                        "")
+        return JSONResponse(_message(reply))
+
     async def _slide(self, request: Request) -> Slide:
         p, d = self._ids(request)
         session = await self.session(request, p)
@@ -491,6 +504,7 @@ def create_app(settings: Settings, store: ArtifactStore, backends: Backends) -> 
         Route(ds + "/slide_files/{level}/{tile}", _guard(web.slide_tile), name="slide_tile"),
         Route(ds + "/labels", _guard(web.submit), methods=["POST"]),
         Route(ds + "/export", _guard(web.export)),
+        Route(ds + "/region", _guard(web.region)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(RequestMetrics), Middleware(_SecurityHeaders)])

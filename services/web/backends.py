@@ -1,4 +1,4 @@
-"""The workspace's gRPC clients: the annotation store and the training service.
+"""The workspace's gRPC clients: the annotation store, the training and the prediction service.
 
 The workspace has no business logic: every read and write is one RPC, made with the
 signed-in annotator's token (token mode) or as the single local admin (embedded). RPC
@@ -14,7 +14,7 @@ import grpc
 from histoloop.channels import make_channel
 from histoloop.config import Settings
 from histoloop.errors import HistoloopError
-from histoloop.v1 import annotation_store_pb2_grpc, training_pb2_grpc
+from histoloop.v1 import annotation_store_pb2_grpc, prediction_pb2_grpc, training_pb2_grpc
 
 __all__ = ["HTTP_STATUS", "Backends", "WebError", "http_status"]
 
@@ -57,17 +57,20 @@ class Backends:
     """Channels and stubs to the services the workspace calls."""
 
     def __init__(self, settings: Settings, *, store_address: str | None = None,
-                 training_address: str | None = None) -> None:
+                 training_address: str | None = None, prediction_address: str | None = None) -> None:
         """Open the channels (lazily connected).
 
         Args:
-            settings: TLS and token settings; ``web_store_address``/``web_training_address``.
+            settings: TLS and token settings; ``web_store_address``/``web_training_address``/
+                ``web_prediction_address``.
             store_address: overrides the store's address (``histoloop serve`` passes its own port).
             training_address: overrides the training service's address.
+            prediction_address: overrides the prediction service's address.
         """
         self.auth = settings.auth_mode == "token"
         store = store_address or settings.web_store_address or _local_address(settings)
         training = training_address or settings.web_training_address or store
+        prediction = prediction_address or settings.web_prediction_address or store
         token = "" if self.auth else None  # token mode: each call carries the annotator's token
         self._channels = [make_channel(store, settings, token=token)]
         self.store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(self._channels[0])
@@ -76,6 +79,8 @@ class Backends:
         # confirmed the annotator's membership of the project.
         self._channels.append(make_channel(training, settings))
         self.training = training_pb2_grpc.TrainingServiceStub(self._channels[-1])
+        self._channels.append(make_channel(prediction, settings))  # service token too, like training
+        self.prediction = prediction_pb2_grpc.PredictionServiceStub(self._channels[-1])
         self.store_channel = self._channels[0]
         self.store_address = store
 

@@ -2,7 +2,7 @@
 
 ``histoloop serve`` attaches one beside the gRPC server (same process, embedded backends);
 ``histoloop run web`` runs it alone as a client of the services named by
-``HISTOLOOP_WEB_STORE_ADDRESS``/``HISTOLOOP_WEB_TRAINING_ADDRESS``.
+``HISTOLOOP_WEB_STORE_ADDRESS``/``HISTOLOOP_WEB_TRAINING_ADDRESS``/``HISTOLOOP_WEB_PREDICTION_ADDRESS``.
 """
 
 from __future__ import annotations

@@ -446,6 +446,7 @@ def test_the_browser_workspace_is_deployed_with_http_probes_and_an_ingress(
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["HISTOLOOP_WEB_STORE_ADDRESS"] == "rel-histoloop-annotation-store:50051"
     assert env["HISTOLOOP_WEB_TRAINING_ADDRESS"] == "rel-histoloop-training:50051"
+    assert env["HISTOLOOP_WEB_PREDICTION_ADDRESS"] == "rel-histoloop-prediction:50051"
     assert not _kind(rendered_sets["defaults"], "Ingress")
     ingress = _kind(rendered_sets["production"], "Ingress")
     assert [i["spec"]["rules"][0]["host"] for i in ingress] == ["histoloop.facility.example.org"]

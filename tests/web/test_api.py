@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from histoloop.v1 import annotation_store_pb2 as pb
-from tests.web.conftest import DATASET, OTHER, PROJECT, WSI_PROJECT, Stack
+from tests.web.conftest import DATASET, LAYERS, OTHER, PROJECT, WSI_PROJECT, Stack
 
 
 def _client(stack: Stack, who: str | None = "ann-a", project: str = PROJECT, **extra: object) -> httpx.Client:
@@ -210,3 +210,28 @@ def test_events_stream_sends_the_next_query_set(stack: Stack) -> None:
                 assert f'"round": {query_set.round + 1}' in line or '"round"' in line
                 break
     assert event is not None
+
+
+def test_region_proposal_of_a_clicked_unit(stack: Stack) -> None:
+    client = _client(stack, "ann-a")
+    url = f"/api/projects/{PROJECT}/datasets/{DATASET}/region"
+    query_set = stack.store.GetQuerySet(pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin)
+    unit = query_set.spots[0].barcode
+    reply = client.get(url, params={"unit": unit})
+    if reply.status_code == 409:  # alone, this test runs before the project's first model
+        assert "no predictions yet" in reply.json()["error"]
+        labels = [{"unit": s.barcode, "label": stack.truth[s.barcode]} for s in query_set.spots
+                  if s.barcode in stack.truth.index]
+        assert client.post(f"/api/projects/{PROJECT}/datasets/{DATASET}/labels",
+                           json={"labels": labels, "queryset_id": query_set.queryset_id}).status_code == 200
+        stack.wait_round(PROJECT, query_set.round)
+        reply = client.get(url, params={"unit": unit})
+    assert reply.status_code == 200, reply.text
+    region = reply.json()
+    assert region["units"][0] == unit and len(set(region["units"])) == len(region["units"])
+    assert region["class_name"] in LAYERS and region["model_version"]
+    missing = client.get(url, params={"unit": "no-such-spot"})
+    assert missing.status_code == 404 and "unit" in missing.json()["error"]
+    assert client.get(url).status_code == 400
+    assert client.get(f"/api/projects/{PROJECT}/datasets/nope/region", params={"unit": unit}).status_code == 404
+    assert _client(stack, "other", project=OTHER).get(url, params={"unit": unit}).status_code == 403

@@ -210,3 +210,29 @@ def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
     assert page.evaluate(OVERLAY_SIGNATURE) != before, "the overlay did not change after the next round"
     page.screenshot(path=str(shots / "web-wsi-next-round.png"))
     context.close()
+
+
+def test_key_r_adds_the_proposed_region_as_one_undo_step(browser, stack: Stack) -> None:
+    status = stack.store.GetStatus(pb.GetStatusRequest(project_id=PROJECT), metadata=stack.admin)
+    if not status.latest_model_version:  # alone, this test runs before the project's first model
+        query_set = stack.store.GetQuerySet(pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin)
+        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
+            project_id=PROJECT, dataset_id=DATASET, batch_id="region-key",
+            labels=[pb.SpotLabel(barcode=s.barcode, label=stack.truth[s.barcode]) for s in query_set.spots
+                    if s.barcode in stack.truth.index]), metadata=stack.admin)
+        stack.wait_round(PROJECT, query_set.round)
+    context, page = _open(browser, stack, "ann-a")
+    page.click(".class-button[data-cls='2']")
+    page.evaluate("window.__histoloop.focus = window.__histoloop.query[0]")
+    unit = page.evaluate("window.__histoloop.layer.ids[window.__histoloop.focus]")
+    page.keyboard.press("r")
+    page.wait_for_function("() => window.__histoloop.pending.size > 0", timeout=30_000)
+    region = page.evaluate(f"""async () => (await (await fetch(
+        '/api/projects/{PROJECT}/datasets/{DATASET}/region?unit={unit}')).json()).units""")
+    pending = page.evaluate("[...window.__histoloop.pending].map(([i, c]) => [window.__histoloop.layer.ids[i], c])")
+    assert sorted(u for u, _ in pending) == sorted(region) and region[0] == unit
+    assert {c for _, c in pending} == {2}
+    assert "region of" in page.text_content("#status-line")
+    page.keyboard.press("u")
+    assert page.evaluate("window.__histoloop.pending.size") == 0
+    context.close()

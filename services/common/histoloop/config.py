@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     """host:port of the annotation store's gRPC server; default: this process's gRPC port."""
     web_training_address: str | None = None
     """host:port of the training service (model cards); default: the store's address."""
+    web_prediction_address: str | None = None
+    """host:port of the prediction service (click-to-region proposals); default: the store's address."""
     web_session_hours: float = Field(12.0, gt=0)
     """How long a sign-in lasts."""
     web_viewers: str = ""

@@ -21,6 +21,7 @@ const state = {
   undo: [],                // [[unit, previous class or undefined], ...] per action
   query: [],               // unit indices in query order
   cursor: -1,
+  focus: -1,               // the last clicked unit (r proposes its region)
   grid: null,
   sentAt: 0,
   round: 0,
@@ -125,6 +126,7 @@ async function loadLayer(pending = null) {
   for (let i = 0; i < layer.n; i++) if (layer.query_rank[i]) state.query.push(i);
   state.query.sort((a, b) => layer.query_rank[a] - layer.query_rank[b]);
   state.cursor = -1;
+  state.focus = -1;
   buildGrid();
   renderClasses();
   renderAdjudication();
@@ -352,6 +354,23 @@ function undo() {
   afterEdit();
 }
 
+// The model's connected same-class region around the clicked (else the current query) unit, as one
+// undo step, in the current class: the annotator accepts it by sending, or trims it.
+async function proposeRegion() {
+  const L = state.layer;
+  const i = state.focus >= 0 ? state.focus : state.query[state.cursor];
+  if (state.readOnly || !L || i === undefined || i < 0) return;
+  try {
+    const region = await getJSON(`${dsBase()}/region?unit=${encodeURIComponent(L.ids[i])}`);
+    if (!L.index) L.index = new Map(L.ids.map((id, k) => [id, k]));
+    const units = region.units.map((id) => L.index.get(id)).filter((k) => k !== undefined);
+    assign(units);
+    say(`region of ${units.length} units (model ${region.model_version}: ${region.class_name}) → ${L.classes[state.cls]}`);
+  } catch (error) {
+    say(`region: ${error.message}`, true);
+  }
+}
+
 function afterEdit() {
   $('pending-count').textContent = String(state.pending.size);
   draw();
@@ -363,6 +382,7 @@ function onCanvasClick(event) {
   const [ux, uy] = toUnits(event.position.x, event.position.y);
   const i = unitAt(ux, uy);
   if (i >= 0) {
+    state.focus = i;
     assign([i]);
     const k = state.query.indexOf(i);
     if (k >= 0) state.cursor = k;
@@ -638,6 +658,7 @@ document.addEventListener('keydown', (event) => {
   else if (event.key === 'p') fly(state.cursor - 1);
   else if (event.key === 'u' || (event.key === 'z' && (event.ctrlKey || event.metaKey))) undo();
   else if (event.key === 's') send();
+  else if (event.key === 'r') proposeRegion();
   else if (event.key === 'c') setTool('click');
   else if (event.key === 'b') setTool('brush');
   else if (event.key === 'l') setTool('lasso');
@@ -647,6 +668,7 @@ async function main() {
   $('colour-mode').onchange = (event) => { state.mode = event.target.value; draw(); };
   document.querySelectorAll('.tool').forEach((b) => { b.onclick = () => setTool(b.dataset.tool); });
   $('undo').onclick = undo;
+  $('region').onclick = proposeRegion;
   $('send').onclick = send;
   $('next').onclick = () => fly(state.cursor + 1);
   $('prev').onclick = () => fly(state.cursor - 1);
