@@ -674,7 +674,6 @@ def _fit_module(
     y_val: np.ndarray | None,
     cfg: MLPConfig,
     seed: int,
-    warm: bool,
 ) -> tuple[int, int, float, float | None, float | None, bool]:
     """The shared training loop; returns (epochs, best_epoch, train_loss, val_loss,
     val_f1, early_stopped)."""
@@ -704,9 +703,10 @@ def _fit_module(
         with torch.no_grad():
             return float(loss_fn(module(*vt), yv).item())
 
+    # a warm start is where training starts, not a candidate: the previous model has seen
+    # most of this round's validation spots, so its validation loss would be biased low and
+    # keep it unchanged, the new labels unlearnt
     best_loss, best_epoch, best_state, bad, drops = float("inf"), 0, None, 0, 0
-    if has_val and warm:
-        best_loss, best_state = val_loss(), copy.deepcopy(module.state_dict())
     epoch, train_loss, early = 0, float("nan"), False
     arange = torch.arange(n)
     for epoch in range(1, cfg.max_epochs + 1):
@@ -833,7 +833,6 @@ class _TorchHead(Head):
                 y_val=yv,
                 cfg=self.config,
                 seed=self.seed,
-                warm=warm,
             )
         self.module, self.input_dims = module, dims
         return FitReport(
