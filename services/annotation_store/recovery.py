@@ -67,7 +67,7 @@ class Recovery:
     def stages(self, project_id: str) -> list[StageRecord]:
         """The latest state per stage and dataset of a project (NotFound if no project)."""
         self._repo.get_project(project_id)
-        return latest_states(read_states(self._repo.artifacts, project_id))
+        return latest_states(read_states(self._repo.artifacts, project_id, latest_only=True))
 
     def parked(self, project_id: str) -> list[DeadLetter]:
         """The project's parked events not yet retried, oldest first."""

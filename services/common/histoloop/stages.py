@@ -121,13 +121,25 @@ def write_state(store: ArtifactStore, record: StageRecord) -> None:
         pass
 
 
-def read_states(store: ArtifactStore, project: str) -> Iterator[StageRecord]:
-    """Every stage record of ``project``, oldest first per stage and dataset."""
-    for info in store.list(f"_stages/{key_part(project)}/"):
+def read_states(store: ArtifactStore, project: str, *, latest_only: bool = False) -> Iterator[StageRecord]:
+    """The stage records of ``project`` (oldest first per stage and dataset).
+
+    With ``latest_only``, only the newest record of each (stage, dataset) is read: keys sort
+    by time, so one listing finds them and only those objects are fetched (GetStatus).
+    """
+    keys = [info.key for info in store.list(f"_stages/{key_part(project)}/")]
+    if latest_only:
+        newest: dict[str, str] = {}
+        for key in keys:
+            folder = key.rsplit("/", 1)[0]
+            if key > newest.get(folder, ""):
+                newest[folder] = key
+        keys = sorted(newest.values())
+    for key in keys:
         try:
-            yield StageRecord(**json.loads(store.get(info.key)))
+            yield StageRecord(**json.loads(store.get(key)))
         except (ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable stage record %s: %s", info.key, exc)
+            log.warning("ignoring unreadable stage record %s: %s", key, exc)
 
 
 def latest_states(records: Iterable[StageRecord]) -> list[StageRecord]:
