@@ -151,10 +151,15 @@ def _run(handler: Callable[[argparse.Namespace, _Client], int]) -> Callable[[arg
 
 
 # projects -------------------------------------------------------------------------------
+def _enum_prefix(field: FieldDescriptor) -> str:
+    """``FEATURE_SET_`` for a ``FeatureSet`` field: what its value names start with."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", field.enum_type.name).upper() + "_"
+
+
 def _config_value(field: FieldDescriptor, key: str, raw: str) -> Any:
     if field.type == FieldDescriptor.TYPE_ENUM:
         names = {v.name: v.number for v in field.enum_type.values}
-        prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", field.enum_type.name).upper() + "_"
+        prefix = _enum_prefix(field)
         value = names.get(prefix + raw.upper()) or names.get(raw.upper())
         if value is None:
             choices = ", ".join(n[len(prefix):].lower() for n in names if not n.endswith("UNSPECIFIED"))
@@ -191,8 +196,18 @@ def _loop_config(pairs: Sequence[str]) -> tuple[Message, list[str]]:
     return config, mask
 
 
+def _plain_config(config: Message) -> dict[str, Any]:
+    """A LoopConfig as ``name → value`` with enum values in the words ``--set`` takes."""
+    plain = _as_dict(config)
+    for field in config.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_ENUM and field.name in plain:
+            prefix = _enum_prefix(field)
+            plain[field.name] = str(plain[field.name]).removeprefix(prefix).lower()
+    return plain
+
+
 def _project_text(project: Message) -> str:
-    config = _as_dict(project.config)
+    config = _plain_config(project.config)
     lines = [f"project {project.project_id} ({project.name})",
              "classes: " + ", ".join(f"{c.name} {c.color}" for c in project.classes),
              "datasets: " + (", ".join(project.datasets) or "none yet"),
@@ -237,7 +252,7 @@ def _project_config(args: argparse.Namespace, client: _Client) -> int:
     pb = _pb()
     if not args.set:
         project = client.call("GetProject", pb.GetProjectRequest(project_id=args.project))
-        config = _as_dict(project.config)
+        config = _plain_config(project.config)
         client.emit(config, "\n".join(f"{k}={v}" for k, v in sorted(config.items())))
         return EXIT_OK
     config, mask = _loop_config(args.set)
