@@ -53,9 +53,9 @@ def test_parked_per_project_and_stage_across_processes(stack: Stack, visium: Pat
                                    m.SerializeToString()) for m in messages])
 
         healthy.register()
-        query_set = healthy.next_query_set(-1, timeout=180)
+        query_set = healthy.next_query_set(-1, timeout=300)
         healthy.answer(query_set)
-        assert healthy.next_query_set(0, timeout=180).round == 1
+        assert healthy.next_query_set(0, timeout=300).round == 1
 
         errors = wait_for("the broken slide parked in tiling", lambda: _parked(stack, broken.project_id), 120)
         assert unreadable.name in errors["tiling"] and "histoloop-tiling-" not in errors["tiling"]
