@@ -33,6 +33,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from histoloop.errors import HistoloopError
+from histoloop.stages import STAGE_OF_GROUP
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "add_commands", "default_filename"]
 
@@ -650,7 +651,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("project")
     p = leaf(sub, "retry", _retry, "re-run a stage's parked events once their cause is fixed")
     p.add_argument("project")
-    p.add_argument("stage", choices=("tiling", "embedding", "training", "prediction", "acquisition", "recording"))
+    p.add_argument("stage", choices=tuple(STAGE_OF_GROUP.values()))
     p.add_argument("--dataset", help="only this dataset's events")
     p = leaf(sub, "watch", _watch, "wait for each new query set and write its files")
     p.add_argument("project")
