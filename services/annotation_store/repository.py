@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -77,7 +76,12 @@ from histoloop.errors import (
     InvalidArgument,
     NotFound,
 )
-from histoloop.formats.positions import find_positions_file, parse_positions
+from histoloop.formats.positions import (
+    SCALEFACTORS_FILE,
+    find_positions_file,
+    parse_positions,
+    parse_scalefactors,
+)
 from histoloop.metrics import LABELS_COMMITTED
 from histoloop.v1 import common_pb2, events_pb2
 
@@ -638,14 +642,13 @@ class AnnotationRepository:
 
     def _spot_diameter(self, spatial_uri_prefix: str) -> float:
         """``spot_diameter_fullres`` from the copied ``scalefactors_json.json``."""
-        key = self.artifacts.key_from_uri(spatial_uri_prefix.rstrip("/")) + "/scalefactors_json.json"
+        key = self.artifacts.key_from_uri(spatial_uri_prefix.rstrip("/")) + "/" + SCALEFACTORS_FILE
         try:
-            value = float(json.loads(self.artifacts.get(key))["spot_diameter_fullres"])
-        except (KeyError, TypeError, ValueError) as exc:
+            return parse_scalefactors(self.artifacts.get(key), source=key).spot_diameter_fullres
+        except InvalidArgument as exc:
             raise FailedPrecondition(
                 f"{self.artifacts.uri(key)}: no usable spot_diameter_fullres ({exc})"
             ) from None
-        return value
 
     # annotators --------------------------------------------------------------------------
     def register_annotator(

@@ -9,7 +9,6 @@ predictions artifact, so that 100,000 tiles cost a few array columns, not 100,00
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -24,12 +23,12 @@ from histoloop.annotation_store.domain import QuerySetRecord
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import HistoloopError, NotFound
+from histoloop.formats.positions import SCALEFACTORS_FILE, parse_scalefactors
 
 __all__ = ["UnitLayerData", "unit_layer"]
 
 log = logging.getLogger(__name__)
 
-_SCALEFACTORS = "scalefactors_json.json"
 _VISIUM_SPOT_TO_PITCH = 55.0 / 100.0
 """Visium spots are 55 µm across on a 100 µm centre-to-centre grid."""
 _CACHE = 8
@@ -105,11 +104,9 @@ def _spot_diameter(store: ArtifactStore, spatial_uri_prefix: str, pxl: np.ndarra
     """``spot_diameter_fullres`` from the copied scale factors, else 55/100 of the spot pitch."""
     if spatial_uri_prefix:
         try:
-            key = store.key_from_uri(spatial_uri_prefix).rstrip("/") + "/" + _SCALEFACTORS
-            value = float(json.loads(store.get(key))["spot_diameter_fullres"])
-            if value > 0:
-                return value
-        except (HistoloopError, OSError, KeyError, TypeError, ValueError) as exc:
+            key = store.key_from_uri(spatial_uri_prefix).rstrip("/") + "/" + SCALEFACTORS_FILE
+            return parse_scalefactors(store.get(key), source=key).spot_diameter_fullres
+        except (HistoloopError, OSError) as exc:
             log.info("no spot diameter in %s (%s); estimating it from the spot pitch", spatial_uri_prefix, exc)
     if len(pxl) < 2:
         return 1.0
