@@ -672,7 +672,8 @@ class AnnotationRepository:
         check_id(annotator_id, "annotator_id")
         if role is not None and role not in ROLES:
             raise InvalidArgument(f"role: {role!r} is not one of {', '.join(ROLES)}")
-        token = secrets.token_urlsafe(32)
+        # The prefix keeps a token from starting with "-", which a command line would read as a flag.
+        token = "hl_" + secrets.token_urlsafe(32)
         now = _now()
         with self.db.write() as s:
             for i, project_id in enumerate(projects):

@@ -455,6 +455,7 @@ def test_annotators_and_tokens(repo: AnnotationRepository, db: Database, project
     with db.read() as s:
         stored = s.scalars(select(models.AnnotatorToken.token_hash)).all()
     assert token not in stored and len(stored[0]) == 64  # only the hash is stored
+    assert token.startswith("hl_")  # never "-…", which `histoloop --token` would take for a flag
     second = repo.register_annotator("bob", role="expert")
     assert (
         repo.resolve_token(token).role == "expert" and repo.resolve_token(second).subject == "bob"
