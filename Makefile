@@ -17,9 +17,13 @@ FORMATTED := services/common/histoloop/formats/__init__.py services/common/histo
 	services/common/histoloop/formats/labels.py services/common/histoloop/formats/models.py \
 	services/common/histoloop/formats/positions.py services/common/histoloop/formats/querysets.py \
 	services/common/histoloop/formats/vocab.py services/common/histoloop/kappa.py \
-	services/simulation/__init__.py services/simulation/jobs.py services/simulation/service.py \
-	services/training/round.py services/acquisition/round.py tests/platform/test_formats.py \
-	tests/platform/test_imports.py tests/loop/test_live_equals_simulation.py tests/platform/test_benchmarks.py
+	services/simulation/histoloop/simulation/__init__.py \
+	services/simulation/histoloop/simulation/jobs.py \
+	services/simulation/histoloop/simulation/service.py \
+	services/training/histoloop/training/round.py \
+	services/acquisition/histoloop/acquisition/round.py tests/platform/test_formats.py \
+	tests/platform/test_imports.py tests/loop/test_live_equals_simulation.py \
+	tests/platform/test_benchmarks.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -212,8 +212,9 @@ def test_the_image_install_ships_the_migrations(tmp_path: Path) -> None:
 
     wheel = next((tmp_path / "dist").glob("histoloop-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    migrations = sorted(p.relative_to(REPO / "services").as_posix()
-                        for p in (REPO / "services" / "annotation_store" / "migrations").rglob("*")
+    package = REPO / "services" / "annotation_store" / "histoloop"
+    migrations = sorted(p.relative_to(package).as_posix()
+                        for p in (package / "annotation_store" / "migrations").rglob("*")
                         if p.is_file() and "__pycache__" not in p.parts)
     assert migrations, "no migrations found"
     missing = [m for m in migrations if f"histoloop/{m}" not in names]

@@ -1,6 +1,6 @@
 """Services never import each other: they talk through gRPC and events only.
 
-Walks every module under ``services/<a>/`` and fails on an import of ``histoloop.<b>``
+Walks every module under ``services/<a>/histoloop/<a>/`` and fails on an import of ``histoloop.<b>``
 for another service ``<b>``. The one exception is simulation, which replays the round of
 training and acquisition and so may import both. The shared library is
 ``services/common`` (``import histoloop``), open to every service.
@@ -19,7 +19,7 @@ SERVICES = Path(__file__).resolve().parents[2] / "services"
 SERVICE_NAMES = sorted(
     p.name
     for p in SERVICES.iterdir()
-    if p.is_dir() and p.name != "common" and (p / "__init__.py").exists()
+    if p.is_dir() and p.name != "common" and (p / "histoloop" / p.name / "__init__.py").exists()
 )
 ALLOWED = {"simulation": {"training", "acquisition"}}
 
@@ -53,7 +53,7 @@ def test_the_walk_sees_every_service() -> None:
 def test_no_service_imports_another(service: str) -> None:
     others = set(SERVICE_NAMES) - {service} - ALLOWED.get(service, set())
     found = []
-    for path in sorted((SERVICES / service).rglob("*.py")):
+    for path in sorted((SERVICES / service / "histoloop" / service).rglob("*.py")):
         for line, module in _imported(path):
             parts = module.split(".")
             if len(parts) >= 2 and parts[0] == "histoloop" and parts[1] in others:
