@@ -63,10 +63,10 @@ def test_bad_values_and_files_name_the_variable(monkeypatch: pytest.MonkeyPatch,
         load_settings()
     monkeypatch.delenv("HISTOLOOP_GRPC_PORT")
     with pytest.raises(ConfigError, match="HISTOLOOP_CONFIG_FILE"):
-        load_settings(env_file=tmp_path / "missing.env")
+        load_settings(tmp_path / "missing.env")
     env = tmp_path / "histoloop.env"
     env.write_text("HISTOLOOP_GRPC_PORT=6000\nHISTOLOOP_BUS=kafka\nHISTOLOOP_KAFKA_BOOTSTRAP=k:1\n")
-    settings = load_settings(env_file=env)
+    settings = load_settings(env)
     assert (settings.grpc_port, settings.bus_backend, settings.kafka_bootstrap) == (6000, "kafka", "k:1")
 
 
@@ -74,4 +74,4 @@ def test_unknown_setting_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path) 
     env = tmp_path / "histoloop.env"
     env.write_text("HISTOLOOP_GRPC_PROT=6000\n")
     with pytest.raises(ConfigError, match="GRPC_PROT"):
-        load_settings(env_file=env)
+        load_settings(env)

@@ -205,7 +205,7 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         config = SimulationConfig(
             label_column=args.label_column, neighbours=args.neighbours or 0, strategies=args.strategies or (),
-            heads=args.head or "mlp", initial=args.initial or "per_class", **common)
+            heads=args.head or ("mlp",), initial=args.initial or "per_class", **common)
     store = None
     if args.store:
         from histoloop.artifacts import make_store

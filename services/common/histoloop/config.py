@@ -210,7 +210,7 @@ def _secret_problem(name: str, value: SecretStr | None) -> list[str]:
     return []
 
 
-def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
+def load_settings(env_file: str | os.PathLike[str] | None = None, /, **overrides: object) -> Settings:
     """Read settings from the environment, ``HISTOLOOP_CONFIG_FILE`` (dotenv format) or ``env_file``.
 
     Raises:

@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -159,7 +159,7 @@ class Selection:
         scores: ``(k,)`` float64 per selected spot; higher = wanted more (uncertainty,
             distance, typicality… depending on the strategy).
         strategy: Name of the strategy that produced it.
-        adjudication: ``(k,)`` bool, True for disputed labelled spots.
+        adjudication: ``(k,)`` bool, True for disputed labelled spots (none given: all False).
         state: What a stateful strategy learnt up to this set (:meth:`Strategy.get_state`),
             for the next round; None for a stateless one.
     """
@@ -167,7 +167,7 @@ class Selection:
     indices: np.ndarray
     scores: np.ndarray
     strategy: str
-    adjudication: np.ndarray | None = None
+    adjudication: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     state: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -177,11 +177,9 @@ class Selection:
             raise ValueError("indices and scores must be 1-D of the same length")
         if len(np.unique(idx)) != len(idx):
             raise ValueError("a selection must not contain duplicates")
-        adj = (
-            np.zeros(len(idx), dtype=bool)
-            if self.adjudication is None
-            else np.asarray(self.adjudication, dtype=bool)
-        )
+        adj = np.asarray(self.adjudication, dtype=bool)
+        if adj.size == 0:
+            adj = np.zeros(len(idx), dtype=bool)
         object.__setattr__(self, "indices", idx)
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "adjudication", adj)

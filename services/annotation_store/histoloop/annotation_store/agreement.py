@@ -8,17 +8,17 @@ we return 1.0 then (perfect, if uninformative, agreement) instead of NaN.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from itertools import combinations
 
-from histoloop.annotation_store.consensus import Vote
+from histoloop.annotation_store.consensus import Item, Vote
 from histoloop.annotation_store.domain import PairKappa
 from histoloop.kappa import cohen_kappa as kappa
 
 __all__ = ["cohen_kappa", "fleiss_kappa", "pairwise_cohen"]
 
 
-def cohen_kappa(a: Mapping[Hashable, str], b: Mapping[Hashable, str]) -> tuple[float, int]:
+def cohen_kappa(a: Mapping[Item, str], b: Mapping[Item, str]) -> tuple[float, int]:
     """Cohen's kappa of two raters over the items both rated; returns ``(kappa, n_common)``.
 
     ``kappa = (p_o - p_e) / (1 - p_e)`` with ``p_o`` the observed agreement and ``p_e``
@@ -32,7 +32,7 @@ def cohen_kappa(a: Mapping[Hashable, str], b: Mapping[Hashable, str]) -> tuple[f
     return kappa([a[item] for item in common], [b[item] for item in common]), n
 
 
-def fleiss_kappa(per_item: Mapping[Hashable, Mapping[str, Vote]]) -> tuple[float, int]:
+def fleiss_kappa(per_item: Mapping[Item, Mapping[str, Vote]]) -> tuple[float, int]:
     """Fleiss' kappa over items rated by at least two annotators; ``(kappa, n_items)``.
 
     With a varying number of raters per item the per-item agreement is
@@ -58,9 +58,9 @@ def fleiss_kappa(per_item: Mapping[Hashable, Mapping[str, Vote]]) -> tuple[float
     return (p_bar - p_e) / (1.0 - p_e), len(rated)
 
 
-def pairwise_cohen(per_item: Mapping[Hashable, Mapping[str, Vote]]) -> list[PairKappa]:
+def pairwise_cohen(per_item: Mapping[Item, Mapping[str, Vote]]) -> list[PairKappa]:
     """Cohen's kappa for every pair of annotators with at least one common item."""
-    by_annotator: dict[str, dict[Hashable, str]] = {}
+    by_annotator: dict[str, dict[Item, str]] = {}
     for item, votes in per_item.items():
         for annotator, vote in votes.items():
             by_annotator.setdefault(annotator, {})[item] = vote.label

@@ -22,7 +22,7 @@ a spot is *disputed* when its annotators gave more than one distinct label.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,19 +33,23 @@ __all__ = [
     "ConsensusLabel",
     "ConsensusResult",
     "IncrementalConsensus",
+    "Item",
     "Vote",
     "compute_consensus",
     "dawid_skene",
     "latest_votes",
 ]
 
+Item = tuple[str, str]
+"""A labelled unit: ``(dataset, barcode)``."""
+
 
 @dataclass(frozen=True)
 class Vote:
     """One label event as consensus sees it."""
 
-    item: Hashable
-    """The spot (e.g. ``(dataset, barcode)``)."""
+    item: Item
+    """The unit, ``(dataset, barcode)``."""
     annotator: str
     label: str
     seq: int
@@ -67,13 +71,13 @@ class ConsensusLabel:
 class ConsensusResult:
     """Consensus labels per spot, and (Dawid–Skene only) annotator reliabilities."""
 
-    labels: dict[Hashable, ConsensusLabel]
+    labels: dict[Item, ConsensusLabel]
     reliability: dict[str, float]
 
 
-def latest_votes(votes: Iterable[Vote]) -> dict[Hashable, dict[str, Vote]]:
+def latest_votes(votes: Iterable[Vote]) -> dict[Item, dict[str, Vote]]:
     """Each annotator's latest vote per item: ``item → annotator → vote``."""
-    latest: dict[Hashable, dict[str, Vote]] = defaultdict(dict)
+    latest: dict[Item, dict[str, Vote]] = defaultdict(dict)
     for vote in votes:
         mine = latest[vote.item]
         held = mine.get(vote.annotator)
@@ -112,10 +116,10 @@ class IncrementalConsensus:
                 f"unknown consensus rule {rule!r} (latest_expert, majority, dawid_skene)"
             )
         self.rule = rule
-        self._latest: dict[Hashable, dict[str, Vote]] = {}
-        self._labels: dict[Hashable, ConsensusLabel] = {}
+        self._latest: dict[Item, dict[str, Vote]] = {}
+        self._labels: dict[Item, ConsensusLabel] = {}
         self._reliability: dict[str, float] = {}
-        self._dirty: set[Hashable] = set()
+        self._dirty: set[Item] = set()
 
     def add(self, votes: Iterable[Vote]) -> None:
         """Take more votes (a later vote of the same annotator replaces the earlier one)."""
@@ -126,7 +130,7 @@ class IncrementalConsensus:
                 mine[vote.annotator] = vote
                 self._dirty.add(vote.item)
 
-    def refresh(self) -> dict[Hashable, ConsensusLabel]:
+    def refresh(self) -> dict[Item, ConsensusLabel]:
         """Recompute what the new votes touched; return those items' consensus."""
         if not self._dirty:
             return {}
@@ -176,13 +180,13 @@ def _majority(votes: Mapping[str, Vote]) -> str:
 
 
 def dawid_skene(
-    per_item: Mapping[Hashable, Mapping[str, Vote]],
+    per_item: Mapping[Item, Mapping[str, Vote]],
     *,
     max_iter: int = 100,
     tol: float = 1e-6,
     smoothing: float = 0.01,
     diagonal_prior: float = 1.0,
-) -> tuple[dict[Hashable, str], dict[str, float]]:
+) -> tuple[dict[Item, str], dict[str, float]]:
     """Dawid–Skene EM over each annotator's latest label per item.
 
     Args:
@@ -242,7 +246,7 @@ def dawid_skene(
         if delta < tol:
             break
 
-    result: dict[Hashable, str] = {}
+    result: dict[Item, str] = {}
     for i, item in enumerate(items):
         best = post[i].max()
         tied = [classes[k] for k in np.flatnonzero(np.isclose(post[i], best, rtol=0, atol=1e-9))]

@@ -12,6 +12,7 @@ change they announce and are marked published by the relay.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -65,6 +67,7 @@ class Base(DeclarativeBase):
     """Declarative base with a naming convention (stable constraint names for migrations)."""
 
     metadata = MetaData(naming_convention=NAMING)
+    __table__: ClassVar[Table]  # every model here maps one table (SQLAlchemy types it as any FromClause)
 
 
 class Project(Base):

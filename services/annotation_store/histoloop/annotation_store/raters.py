@@ -8,12 +8,12 @@ label (row) against the project's consensus label (column).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from histoloop.annotation_store.consensus import ConsensusLabel, Vote
+from histoloop.annotation_store.consensus import ConsensusLabel, Item, Vote
 
 __all__ = ["RaterConfusion", "rater_confusions"]
 
@@ -37,8 +37,8 @@ class RaterConfusion:
 
 
 def rater_confusions(
-    per_item: Mapping[Hashable, Mapping[str, Vote]],
-    consensus: Mapping[Hashable, ConsensusLabel],
+    per_item: Mapping[Item, Mapping[str, Vote]],
+    consensus: Mapping[Item, ConsensusLabel],
     classes: Sequence[str],
 ) -> list[RaterConfusion]:
     """Per-annotator confusion against the consensus, annotators sorted by id.

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, DateTime, and_, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -722,7 +722,7 @@ class AnnotationRepository:
             ).first()
             if row is None:
                 return None
-            annotator_id, role = row
+            annotator_id, role = row[0], cast(Role, row[1])  # the column holds only ROLES
             if role in ("admin", "service"):
                 return Identity(subject=annotator_id, role=role, projects=None)
             projects = s.scalars(

@@ -31,6 +31,7 @@ from histoloop.annotation_store.domain import (
     ClassSpec,
     ConfigChange,
     DatasetInfo,
+    DatasetKind,
     DatasetSpec,
     ProjectInfo,
     QuerySetRecord,
@@ -44,7 +45,7 @@ from histoloop.annotation_store.recovery import Recovery, merge_config
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.annotation_store.unit_layer import unit_layer
 from histoloop.annotation_store.watch import QuerySetHub
-from histoloop.auth import Identity, current_identity, require_project
+from histoloop.auth import Identity, Role, current_identity, require_project
 from histoloop.errors import InvalidArgument, PermissionDenied
 from histoloop.formats.legacy_st import spaceranger_folder
 from histoloop.formats.positions import HIRES_IMAGE
@@ -56,7 +57,7 @@ from histoloop.v1 import common_pb2
 __all__ = ["AnnotationStoreServicer"]
 
 
-_ROLE_FROM_PROTO = {
+_ROLE_FROM_PROTO: dict[int, Role | None] = {
     pb.ANNOTATOR_ROLE_UNSPECIFIED: None,
     pb.ANNOTATOR_ROLE_ANNOTATOR: "annotator",
     pb.ANNOTATOR_ROLE_EXPERT: "expert",
@@ -163,6 +164,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         """Register a Visium sample or WSI (admin or service; reads server-side paths)."""
         identity = require_project(request.project_id)
         _require_role(identity, ("admin", "service"), "register datasets")
+        kind: DatasetKind
         if request.kind == common_pb2.DATASET_KIND_VISIUM:
             kind = "visium"
         elif request.kind == common_pb2.DATASET_KIND_WSI:
@@ -204,7 +206,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             request.annotator_id,
             display_name=request.display_name,
             role=_ROLE_FROM_PROTO[request.role],
-            projects=list(request.projects),  # type: ignore[arg-type]
+            projects=list(request.projects),
         )
         self._on_annotators_changed()
         return pb.RegisterAnnotatorResponse(annotator_id=request.annotator_id, token=token)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from histoloop.annotation_store.consensus import (
     ConsensusLabel,
     ConsensusResult,
     IncrementalConsensus,
+    Item,
     Vote,
 )
 from histoloop.formats.labels import snapshot_key
@@ -161,7 +162,7 @@ class _Project:
         self.n_labelled = 0
         self.batches: list[tuple[int, str]] = []
 
-    def apply(self, changed: Mapping[Hashable, ConsensusLabel]) -> None:
+    def apply(self, changed: Mapping[Item, ConsensusLabel]) -> None:
         for item, label in changed.items():
             dataset, barcode = cast(tuple[str, str], item)
             self.datasets.setdefault(dataset, _Dataset()).put(barcode, label)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO
+from typing import Protocol
 
 from histoloop.artifacts.base import ChecksumMismatch
 from histoloop.metrics import ARTIFACT_BYTES
@@ -11,10 +11,16 @@ from histoloop.metrics import ARTIFACT_BYTES
 __all__ = ["VerifyingReader"]
 
 
+class Readable(Protocol):
+    """What the reader needs of the stream below it: ``read``."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class VerifyingReader:
     """Read-only stream over an artifact; raises :class:`ChecksumMismatch` at its end if corrupt."""
 
-    def __init__(self, raw: BinaryIO, *, key: str, expected_sha256: str, expected_size: int) -> None:
+    def __init__(self, raw: Readable, *, key: str, expected_sha256: str, expected_size: int) -> None:
         self._raw = raw
         self._key = key
         self._expected = expected_sha256

@@ -147,11 +147,11 @@ class EmbeddingStep:
         if not infos:
             raise NotFound(f"dataset {project}/{dataset} has no embeddings yet")
         latest = max(infos, key=lambda i: i.created)
-        n_spots, dim = latest.metadata.get("n_obs"), latest.metadata.get("dim")
-        if n_spots is None or dim is None:  # written before the metadata carried them
+        n_obs, dim = latest.metadata.get("n_obs"), latest.metadata.get("dim")
+        if n_obs is None or dim is None:  # written before the metadata carried them
             adata = read_anndata(self.store, self.store.uri(latest.key))
-            n_spots, dim = adata.n_obs, embedding_dim(adata.obsm)
-        return self.store.uri(latest.key), int(n_spots), int(dim)
+            return self.store.uri(latest.key), adata.n_obs, embedding_dim(adata.obsm)
+        return self.store.uri(latest.key), int(n_obs), int(dim)
 
     def reference_expression(self, project: str, dataset: str) -> ExpressionParams | None:
         """The expression transform of the project's first embedded dataset (transfer).

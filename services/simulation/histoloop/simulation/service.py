@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import grpc
 
 from histoloop.runtime import Runtime, ServiceParts
-from histoloop.simulation.campaign import SimulationConfig
+from histoloop.simulation.campaign import Metric, SimulationConfig
 from histoloop.simulation.jobs import JobStatus, SimulationJobs, SimulationSpec
 from histoloop.v1 import simulation_pb2, simulation_pb2_grpc
 
@@ -39,7 +40,7 @@ def spec_from_request(request: simulation_pb2.SimulateRequest) -> SimulationSpec
         rounds=request.rounds,
         budget=request.label_budget,
         schedule=tuple(request.schedule),
-        metric=request.metric or "macro_f1",
+        metric=cast(Metric, request.metric or "macro_f1"),  # SimulationConfig checks it
         target=request.target or 0.95,
     )
     return SimulationSpec(

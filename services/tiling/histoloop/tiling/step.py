@@ -97,7 +97,7 @@ class TilingStep:
                 slide = self.store.get_file(self.store.key_from_uri(msg.slide_uri),
                                             Path(tmp) / ("slide-" + msg.slide_uri.rsplit("/", 1)[-1]))
             elif hires is not None and hires.is_file() and msg.kind != common_pb2.DATASET_KIND_WSI:
-                slide, scale = hires, msg.slide_scale or hires_scale(spatial_dir)
+                slide, scale = hires, msg.slide_scale or hires_scale(hires.parent)
                 log.info("tiling %s/%s: no slide registered; using spatial/%s with slide_scale %.6g",
                          project, dataset, HIRES_IMAGE, scale)
             else:

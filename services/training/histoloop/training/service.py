@@ -21,8 +21,7 @@ def _info(uri: str, card: ModelCard) -> training_pb2.ModelInfo:
         project_id=card.project, model_version=card.version, model_uri=uri, head=card.head, seed=card.seed,
         label_version=card.label_version, label_batch_ids=list(card.label_batch_ids),
         embeddings_uris=list(card.embeddings_uris), hyperparameters=dict(card.hyperparameters),
-        metrics=metrics_proto(dict(card.metrics), n_train=int(card.extra.get("n_train", 0)),
-                              n_val=int(card.extra.get("n_validation", 0)), seconds=card.train_seconds),
+        metrics=metrics_proto(card),
         classes=list(card.classes))
 
 

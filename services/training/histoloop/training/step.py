@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -46,14 +47,16 @@ def dataset_of(embeddings_uri: str) -> str:
     return parse_embeddings_key(embeddings_uri).dataset
 
 
-def metrics_proto(validation: dict, *, n_train: int, n_val: int, seconds: float) -> common_pb2.ModelMetrics:
-    """Validation metrics as the proto the events and status RPCs carry."""
+def metrics_proto(card: ModelCard) -> common_pb2.ModelMetrics:
+    """A model card's validation metrics as the proto the events and status RPCs carry."""
+    validation: dict[str, Any] = dict(card.metrics)  # floats, and per_class_f1: class → float | None
+    counts = {k: v for k, v in card.extra.items() if isinstance(v, int)}
     return common_pb2.ModelMetrics(
         balanced_accuracy=validation.get("balanced_accuracy") or 0.0,
         macro_f1=validation.get("macro_f1") or 0.0,
         per_class_f1={k: v for k, v in (validation.get("per_class_f1") or {}).items() if v is not None},
         cohen_kappa=validation.get("kappa") or 0.0, accuracy=validation.get("accuracy") or 0.0,
-        n_train=n_train, n_val=n_val, train_seconds=seconds)
+        n_train=counts.get("n_train", 0), n_val=counts.get("n_validation", 0), train_seconds=card.train_seconds)
 
 
 MC_DROPOUT_RATE = 0.25
@@ -141,8 +144,7 @@ class TrainingStep:
             if trained is None:
                 return None
             uri, card = trained
-        metrics = metrics_proto(dict(card.metrics), n_train=int(card.extra.get("n_train", 0)),
-                                n_val=int(card.extra.get("n_validation", 0)), seconds=card.train_seconds)
+        metrics = metrics_proto(card)
         source = {**msg.meta.source_versions, "labels": str(msg.label_version),
                   "labels_committed_ms": str(msg.meta.created_at.ToMilliseconds())}
         events.publish(self.bus, events_pb2.ModelTrained(
