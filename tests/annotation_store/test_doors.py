@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from histoloop.acquisition.loop import check_query_args
+from histoloop.acquisition.step import check_query_args
 from histoloop.annotation_store.domain import ClassSpec, DatasetSpec, LoopSettings, SpotLabelInput
 from histoloop.annotation_store.doors import check_feeds_features
 from histoloop.annotation_store.repository import AnnotationRepository

@@ -15,7 +15,7 @@ from histoloop.bus.embedded import EmbeddedBus
 from histoloop.datasets import write_anndata
 from histoloop.integration import harmonize, project_feature_blocks
 from histoloop.models import list_cards, load_model
-from histoloop.prediction.loop import PredictionStep
+from histoloop.prediction.step import PredictionStep
 from histoloop.training.pipeline import train_model
 from histoloop.training.predict import predict
 from histoloop.training.step import TrainingStep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from histoloop import events
-from histoloop.acquisition.loop import Acquisition, check_query_args
+from histoloop.acquisition.step import AcquisitionStep, check_query_args
 from histoloop.acquisition.strategies import list_strategies
 from histoloop.auth import require_project
 from histoloop.runtime import Runtime, ServiceParts
@@ -17,7 +17,7 @@ __all__ = ["AcquisitionServicer", "build"]
 class AcquisitionServicer(acquisition_pb2_grpc.AcquisitionServiceServicer):
     """Thin proto ↔ domain layer."""
 
-    def __init__(self, acquisition: Acquisition) -> None:
+    def __init__(self, acquisition: AcquisitionStep) -> None:
         self.acquisition = acquisition
 
     def ListStrategies(self, request: acquisition_pb2.ListStrategiesRequest,
@@ -41,7 +41,7 @@ class AcquisitionServicer(acquisition_pb2_grpc.AcquisitionServiceServicer):
 
 def build(runtime: Runtime) -> ServiceParts:
     """The acquisition service's parts."""
-    acquisition = Acquisition(runtime.store, runtime.bus)
+    acquisition = AcquisitionStep(runtime.store, runtime.bus)
     servicer = AcquisitionServicer(acquisition)
     return ServiceParts(
         name="acquisition",

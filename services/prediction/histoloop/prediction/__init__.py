@@ -1,5 +1,5 @@
 """histoloop prediction service: every spot through the latest model (TorchScript artifact)."""
 
-from histoloop.prediction.loop import OnDemandPredictions, PredictionStep, prediction_map_png
+from histoloop.prediction.step import OnDemandPredictions, PredictionStep, prediction_map_png
 
 __all__ = ["OnDemandPredictions", "PredictionStep", "prediction_map_png"]

@@ -8,8 +8,8 @@ import numpy as np
 from histoloop import events
 from histoloop.auth import require_project
 from histoloop.errors import InvalidArgument
-from histoloop.prediction.loop import PredictionStep
 from histoloop.prediction.proposals import propose_clicked_region
+from histoloop.prediction.step import PredictionStep
 from histoloop.runtime import Runtime, ServiceParts
 from histoloop.v1 import prediction_pb2, prediction_pb2_grpc
 

@@ -36,7 +36,7 @@ from histoloop.labelsets import read_snapshot
 from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
 from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["Acquisition", "QueryRecord"]
+__all__ = ["AcquisitionStep", "QueryRecord"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "acquisition"
@@ -65,7 +65,7 @@ class QueryRecord:
     """What a stateful strategy (``bandit``) learnt up to this query set; the next round starts from it."""
 
 
-class Acquisition:
+class AcquisitionStep:
     """Chooses query sets and announces them with ``queryset.ready``."""
 
     def __init__(self, store: ArtifactStore, bus: EventBus) -> None:
