@@ -31,6 +31,25 @@ def test_augment_views_off_by_default_ten_in_the_paper_preset(grpc_env: GrpcEnv)
     assert "config.augment_views" in err.value.details()
 
 
+def test_zero_spatial_neighbours_is_a_value_not_unset(grpc_env: GrpcEnv) -> None:
+    """Unset takes the default (6, by evidence); an explicit 0 turns the features off, at
+    creation and in UpdateProject."""
+    assert _create(grpc_env).config.spatial_neighbours == 6
+    assert _create(grpc_env, preset="activevisium").config.spatial_neighbours == 0
+    off = _create(grpc_env, spatial_neighbours=0)
+    assert off.config.spatial_neighbours == 0
+    md = grpc_env.md(grpc_env.admin_token)
+    on = grpc_env.stub.UpdateProject(pb.UpdateProjectRequest(
+        project_id=off.project_id, config=common_pb2.LoopConfig(spatial_neighbours=4)), metadata=md)
+    assert on.config.spatial_neighbours == 4
+    kept = grpc_env.stub.UpdateProject(pb.UpdateProjectRequest(
+        project_id=off.project_id, config=common_pb2.LoopConfig(query_size=7)), metadata=md)
+    assert (kept.config.spatial_neighbours, kept.config.query_size) == (4, 7)
+    again = grpc_env.stub.UpdateProject(pb.UpdateProjectRequest(
+        project_id=off.project_id, config=common_pb2.LoopConfig(spatial_neighbours=0)), metadata=md)
+    assert again.config.spatial_neighbours == 0
+
+
 def test_legacy_st_spots_register_and_the_embedding_model_shows(grpc_env: GrpcEnv, shared_data: Path,
                                                                 tmp_path: Path) -> None:
     project = _create(grpc_env).project_id

@@ -46,7 +46,7 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         seed=config.seed,
         head=config.head,
         features=FEATURES_FROM_PROTO.get(config.features, ""),
-        spatial_neighbours=config.spatial_neighbours,
+        spatial_neighbours=config.spatial_neighbours if config.HasField("spatial_neighbours") else None,
         resampling=config.resampling,
         consensus=config.consensus,
         adjudication_share=config.adjudication_share,

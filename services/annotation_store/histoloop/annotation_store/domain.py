@@ -146,7 +146,7 @@ class ClassSpec:
         return ClassSpec(name=name, color=color.lower())
 
 
-_ZERO_IS_A_VALUE = frozenset({"augment_views"})  # 0 = off, None = unset
+_ZERO_IS_A_VALUE = frozenset({"augment_views", "spatial_neighbours"})  # 0 = off, None = unset
 
 
 @dataclass(frozen=True)
