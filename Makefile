@@ -18,6 +18,10 @@ FORMATTED := services/common/histoloop/formats/__init__.py services/common/histo
 	services/common/histoloop/formats/positions.py services/common/histoloop/formats/querysets.py \
 	services/common/histoloop/formats/vocab.py services/common/histoloop/kappa.py \
 	services/simulation/__init__.py services/simulation/jobs.py services/simulation/service.py \
+	services/annotation_store/repository.py services/annotation_store/repo_base.py \
+	services/annotation_store/repo_projects.py services/annotation_store/repo_datasets.py \
+	services/annotation_store/repo_labels.py services/annotation_store/repo_querysets.py \
+	services/annotation_store/repo_outbox.py \
 	services/training/round.py services/acquisition/round.py tests/platform/test_formats.py \
 	tests/platform/test_imports.py tests/loop/test_live_equals_simulation.py tests/platform/test_benchmarks.py
 
