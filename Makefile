@@ -22,6 +22,9 @@ FORMATTED := services/common/histoloop/formats/__init__.py services/common/histo
 	services/annotation_store/repo_projects.py services/annotation_store/repo_datasets.py \
 	services/annotation_store/repo_labels.py services/annotation_store/repo_querysets.py \
 	services/annotation_store/repo_outbox.py \
+	services/training/heads/__init__.py services/training/heads/base.py \
+	services/training/heads/torch_nets.py services/training/heads/logreg.py \
+	services/training/heads/ensemble.py \
 	services/training/round.py services/acquisition/round.py tests/platform/test_formats.py \
 	tests/platform/test_imports.py tests/loop/test_live_equals_simulation.py tests/platform/test_benchmarks.py
 
