@@ -7,6 +7,7 @@ import pytest
 
 from histoloop.errors import InvalidArgument
 from histoloop.training import heads
+from histoloop.training.heads import torch_nets
 from histoloop.training.pipeline import train_model
 
 
@@ -21,14 +22,14 @@ def _imbalanced(seed: int = 0):
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, np.ndarray]]:
     """Records every (latent, weights) the fit computes (the real function runs)."""
     calls: list[tuple[np.ndarray, np.ndarray]] = []
-    real = heads.adaptive_resampling_weights
+    real = torch_nets.adaptive_resampling_weights
 
     def recording(latent: np.ndarray, **kw: object) -> np.ndarray:
         w = real(latent, **kw)
         calls.append((np.array(latent), w))
         return w
 
-    monkeypatch.setattr(heads, "adaptive_resampling_weights", recording)
+    monkeypatch.setattr(torch_nets, "adaptive_resampling_weights", recording)
     return calls
 
 

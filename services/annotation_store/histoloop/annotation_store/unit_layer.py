@@ -15,11 +15,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import select
 
-from histoloop.annotation_store import models as m
 from histoloop.annotation_store.consensus import compute_consensus, latest_votes
 from histoloop.annotation_store.domain import QuerySetRecord
+from histoloop.annotation_store.repo_datasets import unit_rows
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import HistoloopError, NotFound
@@ -234,11 +233,7 @@ def unit_layer(
         units_key = (repo.db, dataset.id, dataset.registered_at, dataset.n_spots)
         units = _UNITS.get(units_key)
         if units is None:
-            spots = s.execute(
-                select(m.Spot.barcode, m.Spot.pxl_col, m.Spot.pxl_row, m.Spot.extent, m.Spot.in_tissue)
-                .where(m.Spot.dataset_pk == dataset.id)
-                .order_by(m.Spot.id)
-            ).all()
+            spots = unit_rows(s, dataset.id)
             ids = [b for b, *_rest in spots]
             units = _Units(
                 ids=ids,

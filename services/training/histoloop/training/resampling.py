@@ -13,7 +13,7 @@ Modes:
 * ``"online"`` — as the AR paper describes it, concurrently with training: the torch
   heads (``mlp``, ``multimodal``, ``ensemble``) re-cluster the *current* hidden layer of
   every labelled spot every ``resampling_every`` epochs and re-weight the sampler
-  (``MLPConfig.resampling``; see ``heads._fit_module``). The logistic regression,
+  (``MLPConfig.resampling``; see ``heads.torch_nets._fit_module``). The logistic regression,
   which has no epochs, clusters the previous model's hidden layer once per round
   (:func:`resampling_weights`; falls back to ``"offline"`` without a previous model).
 """
