@@ -41,6 +41,7 @@ def spec_from_request(request: simulation_pb2.SimulateRequest) -> SimulationSpec
         schedule=tuple(request.schedule),
         metric=request.metric or "macro_f1",
         target=request.target or 0.95,
+        raters=tuple(request.raters),
     )
     return SimulationSpec(
         config=config,

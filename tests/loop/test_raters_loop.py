@@ -1,6 +1,6 @@
 """Per-annotator models through the embedded loop: two annotators label the same DLPFC spots
 differently (bob folds Layer6 into Layer5); the next model predicts, proposes regions and
-exports "as annotator X" in each one's style."""
+exports "as annotator X" in each one's style, and rater_disagreement queries where they differ."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from histoloop.datasets import read_predictions
 from histoloop.models import latest_card
 from histoloop.prediction.proposals import predictions_key
+from histoloop.v1 import acquisition_pb2, acquisition_pb2_grpc, prediction_pb2, prediction_pb2_grpc
 from histoloop.v1 import annotation_store_pb2 as pb
-from histoloop.v1 import prediction_pb2, prediction_pb2_grpc
 from tests.loop.conftest import answer, start_project
 
 PROJECT = "raters-a"
@@ -101,3 +101,11 @@ def test_predict_as_each_annotator(server, store, channel, dlpfc) -> None:
         error = _error(store.ExportLabels, pb.ExportLabelsRequest(project_id=PROJECT, dataset_id=DATASET, kind=kind,
                                                                   annotator_id=name))
         assert error.code() == code and "annotator_id" in error.details(), error.details()
+
+    # disagreement-aware querying from the stored per-annotator predictions
+    acquisition = acquisition_pb2_grpc.AcquisitionServiceStub(channel)
+    picked = acquisition.Query(acquisition_pb2.QueryRequest(project_id=PROJECT, strategy="rater_disagreement",
+                                                            query_size=10))
+    disagreement = dict(zip(stored.barcodes.astype(str), stored.rater_disagreement, strict=True))
+    assert picked.strategy == "rater_disagreement" and len(picked.spots) == 10
+    assert all(disagreement[s.barcode] == 1.0 for s in picked.spots)
