@@ -23,7 +23,7 @@ def _info(uri: str, card: ModelCard) -> training_pb2.ModelInfo:
         embeddings_uris=list(card.embeddings_uris), hyperparameters=dict(card.hyperparameters),
         metrics=metrics_proto(dict(card.metrics), n_train=int(card.extra.get("n_train", 0)),
                               n_val=int(card.extra.get("n_validation", 0)), seconds=card.train_seconds),
-        classes=list(card.classes))
+        classes=list(card.classes), raters=list(card.raters))
 
 
 def _project(project_id: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from histoloop.artifacts.local import LocalArtifactStore
 from histoloop.datasets import Predictions, write_anndata, write_predictions
-from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 from histoloop.formats.embeddings import embeddings_key
 from histoloop.models import ModelCard, latest_card, save_model
 from histoloop.prediction.proposals import predictions_key, propose_clicked_region
@@ -99,3 +99,13 @@ def test_the_region_as_an_annotator_would_draw_it(store) -> None:
     assert list(as_bob.units) == ["r0_c0", "r1_c1", "r2_c2", "r3_c3"] and as_bob.model_version == "v2"
     with pytest.raises(NotFound, match="annotator_id"):
         propose_clicked_region(store, "p", "slide", "r0_c0", annotator="eve")
+
+
+def test_a_card_lists_raters_exactly_when_a_per_annotator_module_is_saved(tmp_path) -> None:
+    store = LocalArtifactStore(tmp_path / "registry")
+    module = torch.jit.script(torch.nn.Identity())
+    with pytest.raises(InvalidArgument, match="raters"):
+        save_model(store, _card(raters=["ann", "bob"]), module)
+    with pytest.raises(InvalidArgument, match="raters"):
+        save_model(store, _card(), module, module)
+    assert list(store.list("models/")) == []

@@ -14,7 +14,14 @@ import pytest
 from histoloop.datasets import read_predictions
 from histoloop.models import latest_card
 from histoloop.prediction.proposals import predictions_key
-from histoloop.v1 import acquisition_pb2, acquisition_pb2_grpc, prediction_pb2, prediction_pb2_grpc
+from histoloop.v1 import (
+    acquisition_pb2,
+    acquisition_pb2_grpc,
+    prediction_pb2,
+    prediction_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 from histoloop.v1 import annotation_store_pb2 as pb
 from tests.loop.conftest import answer, start_project
 
@@ -56,6 +63,8 @@ def test_predict_as_each_annotator(server, store, channel, dlpfc) -> None:
     watch.close()
     _, card = latest_card(server.runtime.store, PROJECT, second.model_version)
     assert list(card.raters) == ["ann", "bob"]
+    info = training_pb2_grpc.TrainingServiceStub(channel).GetModel(training_pb2.GetModelRequest(project_id=PROJECT))
+    assert info.model_version == second.model_version and list(info.raters) == ["ann", "bob"]
 
     views = {}
     for who in ("ann", "bob"):
