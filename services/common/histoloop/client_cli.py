@@ -10,7 +10,8 @@ unreadable, the server is down), 2 usage. ``--json`` prints machine-readable res
 Export file names follow ActiveVisium: ``TrainingAnnotations<strategy>.csv`` for the
 cold-start query set (later rounds add ``_round<N>``), ``Predictions_with_help__<time>.csv``
 for predictions with the query spots marked ``help``, ``ActiveVisium_annotations.csv``
-for the labels; GeoJSON and PNG exports take the same stem.
+for the labels; GeoJSON and PNG exports take the same stem. ``export … predictions --as X``
+writes the predictions as annotator X's own model gives them, the stem ending ``__as_X``.
 """
 
 from __future__ import annotations
