@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import grpc
 import numpy as np
@@ -17,6 +18,7 @@ from histoloop.prediction.proposals import predictions_key
 from histoloop.v1 import (
     acquisition_pb2,
     acquisition_pb2_grpc,
+    annotation_store_pb2_grpc,
     prediction_pb2,
     prediction_pb2_grpc,
     training_pb2,
@@ -103,6 +105,15 @@ def test_predict_as_each_annotator(server, store, channel, dlpfc) -> None:
     as_bob_stored = dict(zip(stored.barcodes.astype(str), stored.predicted_as("bob"), strict=True))
     assert all(label == ("help" if b in query else as_bob_stored[b]) for b, label in rows.items() if b != "Barcode")
     assert len(rows) - 1 == exported.n_rows == len(stored.barcodes)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                               options=[("grpc.max_receive_message_length", 64 << 20)]) as big:  # ~9 MB of GeoJSON
+        geojson = annotation_store_pb2_grpc.AnnotationStoreServiceStub(big).ExportLabels(pb.ExportLabelsRequest(
+            project_id=PROJECT, dataset_id=DATASET, annotator_id="ann", kind=pb.EXPORT_KIND_PREDICTIONS,
+            format=pb.EXPORT_FORMAT_GEOJSON))
+    as_ann_stored = dict(zip(stored.barcodes.astype(str), stored.predicted_as("ann"), strict=True))
+    features = json.loads(geojson.content)["features"]
+    assert len(features) == len(stored.barcodes)
+    assert all(f["properties"]["classification"]["name"] == as_ann_stored[f["properties"]["name"]] for f in features)
     for kind, name, code in [
         (pb.EXPORT_KIND_PREDICTIONS, "eve", grpc.StatusCode.NOT_FOUND),
         (pb.EXPORT_KIND_LABELS, "bob", grpc.StatusCode.INVALID_ARGUMENT),

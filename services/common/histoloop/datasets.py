@@ -23,8 +23,9 @@ import anndata as ad
 import numpy as np
 
 from histoloop.artifacts.base import ArtifactStore
-from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.errors import FailedPrecondition
 from histoloop.formats.embeddings import OBSM_EXPR, OBSM_MORPH, embedding_dim
+from histoloop.formats.models import rater_index
 from histoloop.spatial import neighbour_indices, neighbour_mean_features, unit_positions
 from histoloop.v1 import common_pb2
 
@@ -138,14 +139,9 @@ class Predictions:
             FailedPrecondition: the model has no per-annotator model.
             NotFound: the model knows no such annotator (the message names ``annotator_id``).
         """
-        if self.rater_predicted is None or not len(self.raters):
-            raise FailedPrecondition(
-                f"model {self.model_version} has no per-annotator model: it was trained on labels "
-                "of fewer than two annotators; ask without annotator_id for the consensus model")
-        if annotator not in self.raters:
-            raise NotFound(f"annotator_id: model {self.model_version} knows no annotator {annotator!r}; "
-                           f"it knows {list(self.raters)}")
-        return np.asarray(self.classes)[self.rater_predicted[list(self.raters).index(annotator)]]
+        index = rater_index(self.raters if self.rater_predicted is not None else (), annotator, self.model_version)
+        assert self.rater_predicted is not None
+        return np.asarray(self.classes)[self.rater_predicted[index]]
 
     @property
     def rater_disagreement(self) -> np.ndarray | None:

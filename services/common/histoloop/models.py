@@ -32,6 +32,7 @@ from histoloop.formats.models import (
     card_key,
     models_prefix,
     module_key,
+    rater_index,
     raters_key,
     sibling_key,
 )
@@ -90,14 +91,10 @@ class LoadedModel:
             NotFound: the model knows no such annotator (the message names ``annotator_id``).
             InvalidArgument: ``x`` has the wrong number of columns.
         """
-        if self.raters_module is None or not self.card.raters:
-            raise FailedPrecondition(
-                f"model {self.card.version} has no per-annotator model: it was trained on labels of fewer "
-                "than two annotators; ask without annotator_id for the consensus model")
-        if annotator not in self.card.raters:
-            raise NotFound(f"annotator_id: model {self.card.version} knows no annotator {annotator!r}; "
-                           f"it knows {list(self.card.raters)}")
-        return self._rater(self.raters_module, self._check(x), list(self.card.raters).index(annotator))
+        index = rater_index(self.card.raters if self.raters_module is not None else (), annotator,
+                            self.card.version)
+        assert self.raters_module is not None
+        return self._rater(self.raters_module, self._check(x), index)
 
     def predict_raters(self, x: np.ndarray) -> np.ndarray:
         """``(R, n, C)`` probabilities of every annotator in ``card.raters`` for the rows of ``x``.

@@ -12,8 +12,10 @@ Every model of a project lives under ``models/<project>/<version>/``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from histoloop.artifacts import validate_key
-from histoloop.errors import InvalidArgument
+from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = [
     "CARD_FILE",
@@ -25,6 +27,7 @@ __all__ = [
     "model_prefix",
     "models_prefix",
     "module_key",
+    "rater_index",
     "raters_key",
     "sibling_key",
     "state_key",
@@ -77,3 +80,22 @@ def sibling_key(card: str, name: str) -> str:
     if file != CARD_FILE or not folder:
         raise InvalidArgument(f"{card!r} is not a model card key (…/{CARD_FILE})")
     return f"{folder}/{name}"
+
+
+def rater_index(raters: Sequence[str], annotator: str, version: str) -> int:
+    """Index of ``annotator`` in a model's ``raters`` (its per-annotator module's rater index).
+
+    Raises:
+        FailedPrecondition: the model has no per-annotator module (``raters`` is empty).
+        NotFound: the model knows no such annotator (the message names ``annotator_id``).
+    """
+    if not raters:
+        raise FailedPrecondition(
+            f"model {version} has no per-annotator model: it was trained on labels of fewer than "
+            "two annotators; ask without annotator_id for the consensus model"
+        )
+    if annotator not in raters:
+        raise NotFound(
+            f"annotator_id: model {version} knows no annotator {annotator!r}; it knows {list(raters)}"
+        )
+    return list(raters).index(annotator)
