@@ -1,4 +1,4 @@
-"""Issue 17 in simulation: adaptive-resampling modes, the new strategies, ProbCover cold start.
+"""Issue 17 in simulation: adaptive-resampling modes, the new strategies, ProbCover cold start, rater_disagreement.
 
 Small campaigns (CPU is scarce) on DLPFC 151510 (500-gene counts, layer labels) and HER2+
 ST section A1 (15,045-gene counts, pathologist labels), both from ``../shared/data``::
@@ -21,6 +21,11 @@ Experiments (MLP head, warm start, 3 seeds, 30 PCs of log1p counts + 6-neighbour
   campaign trains the MLP with dropout 0.25 so BALD has something to sample.
 * ``coldstart``: the initial set (one query of ``query_size``) by random, coldstart_kmeans,
   typiclust or probcover, then entropy.
+* ``raters``: random, entropy and rater_disagreement with three simulated raters built from
+  the real labels (``exact``; ``border``: half of the border spots get a neighbour's class;
+  ``merge``: Layer6 → Layer5 on DLPFC, cancer in situ → invasive cancer on A1); the model
+  still learns the real labels. Beside the learning curve: the share of each arm's picks
+  where the simulated raters' labels differ (what rater_disagreement looks for).
 
 A1 drops the labels ``undetermined`` (5 spots, not a class) and ``immune infiltrate``
 (2 spots: too few to split into pool and test). Writes ``benchmarks/results/seeds/*.md``
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoloop.simulation import SimulationConfig, run_campaign
+from histoloop.simulation import SimulationConfig, prepare_data, run_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -79,8 +84,10 @@ def her2st_a1():
 
 
 DATASETS = {
-    "dlpfc151510": dict(load=dlpfc, label_column="layer", query_size=46, budget=460),
-    "her2st_a1": dict(load=her2st_a1, label_column="label", query_size=10, budget=100),
+    "dlpfc151510": dict(load=dlpfc, label_column="layer", query_size=46, budget=460,
+                        raters=("exact", "border", "merge:Layer6:Layer5")),
+    "her2st_a1": dict(load=her2st_a1, label_column="label", query_size=10, budget=100,
+                      raters=("exact", "border", "merge:cancer in situ:invasive cancer")),
 }
 
 
@@ -98,7 +105,8 @@ def experiments(name: str, *, seeds: int = SEEDS, budget: int = 0) -> dict[str, 
     cold = tuple(SimulationConfig(**{**base, "budget": 3 * d["query_size"]}, strategies=("entropy",),
                                   initial=initial, initial_size=d["query_size"])
                  for initial in ("random", "coldstart_kmeans", "typiclust", "probcover"))
-    return {"ar": ar, "strategies": strategies, "coldstart": cold}
+    raters = (SimulationConfig(**base, strategies=("random", "entropy", "rater_disagreement"), raters=d["raters"]),)
+    return {"ar": ar, "strategies": strategies, "coldstart": cold, "raters": raters}
 
 
 def _records(folder: Path) -> list[dict]:
@@ -138,6 +146,20 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _disputed(folder: Path, data, config: SimulationConfig) -> str:
+    """Per arm, the share of its picks (after the initial set) where the simulated raters differ."""
+    labels = np.stack([given for _, given in prepare_data(data, config).problem.raters])
+    differ = (labels != labels[0]).any(axis=0)
+    records = [r for r in _records(folder) if r.get("strategy") not in (None, "full") and r.get("round", 0) > 0]
+    lines = ["| arm | picks where the raters differ (mean ± sd over seeds) | all spots |", "|---|---:|---:|"]
+    for strategy in config.strategies:
+        shares = [float(differ[[i for r in records if r["strategy"] == strategy and r["seed"] == seed
+                                for i in r["picked"]]].mean()) for seed in range(config.seeds)]
+        sd = float(np.std(shares, ddof=1)) if len(shares) > 1 else 0.0
+        lines.append(f"| {strategy} | {np.mean(shares):.3f} ± {sd:.3f} | {differ.mean():.3f} |")
+    return "\n".join(lines)
+
+
 def _machine() -> str:
     model = "unknown CPU"
     try:
@@ -152,7 +174,7 @@ def _machine() -> str:
 def main() -> int:
     """Run the chosen experiments on the chosen datasets and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="ar,strategies,coldstart", help="experiments (comma-separated)")
+    parser.add_argument("--only", default="ar,strategies,coldstart,raters", help="experiments (comma-separated)")
     parser.add_argument("--data", default=None, help="datasets (comma-separated; default: all, her2st_a1 with --quick)")
     parser.add_argument("--out", default="/tmp/histoloop-bench-seeds", help="campaign folders")
     parser.add_argument("--workers", type=int, default=1)
@@ -171,6 +193,7 @@ def main() -> int:
         for exp_name in args.only.split(","):
             t0 = time.perf_counter()
             rows: list[dict] = []
+            extra = ""
             if args.quick:
                 configs = experiments(data_name, seeds=1, budget=2 * DATASETS[data_name]["query_size"])[exp_name][:2]
             else:
@@ -186,8 +209,10 @@ def main() -> int:
                                       workers=args.workers, resume=True, progress=False)
                 assert result.comparison is not None
                 rows += _summary(result.folder, result.comparison, label)
+                if exp_name == "raters":
+                    extra += f"Simulated raters {', '.join(config.raters)}:\n\n{_disputed(result.folder, data, config)}\n\n"
             wall = time.perf_counter() - t0
-            text = (f"### {data_name}: {exp_name}\n\n{_table(rows)}\n\n"
+            text = (f"### {data_name}: {exp_name}\n\n{_table(rows)}\n\n{extra}"
                     f"{seeds} seeds; {wall:.0f} s wall on {_machine()}.\n")
             (results / f"{data_name}_{exp_name}.md").write_text(text)
             (results / f"{data_name}_{exp_name}.json").write_text(json.dumps(rows, indent=1))

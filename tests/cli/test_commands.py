@@ -200,6 +200,7 @@ def test_bad_input_is_named_and_changes_nothing(cli: Cli, cli_inproc: Cli, visiu
         (["export", "dl", "nope", "queryset"], 1, "dataset 'nope' not found"),
         (["export", "dl", "151510", "labels", "--format", "png"], 1, "a PNG picture is of a query set"),
         (["export", "dl", "151510", "queryset", "--queryset", "nope"], 1, "query set 'nope' not found"),
+        (["export", "dl", "151510", "labels", "--as", "path-b"], 1, "annotator_id: only predictions"),
         (["status", "nope"], 1, "not found"),
         (["agreement", "dl", "--dataset", "nope"], 1, "not found"),
         (["watch", "nope", "--rounds", "1"], 1, "not found"),

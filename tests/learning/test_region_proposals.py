@@ -1,4 +1,5 @@
-"""propose_clicked_region on a WSI tile grid: 8-neighbour regions, units matched by id, errors."""
+"""propose_clicked_region on a WSI tile grid: 8-neighbour regions, units matched by id, errors, and the
+region as one annotator's model draws it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 
 from histoloop.artifacts.local import LocalArtifactStore
 from histoloop.datasets import Predictions, write_anndata, write_predictions
-from histoloop.errors import FailedPrecondition, NotFound
+from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 from histoloop.formats.embeddings import embeddings_key
-from histoloop.models import ModelCard, save_model
+from histoloop.models import ModelCard, latest_card, save_model
 from histoloop.prediction.proposals import predictions_key, propose_clicked_region
 
 CLASSES = ["stroma", "tumour"]
@@ -75,3 +76,36 @@ def test_before_predictions_is_a_failed_precondition(store) -> None:
     with pytest.raises(FailedPrecondition, match="no predictions yet"):
         propose_clicked_region(store, "p", "slide", "r0_c0")
     assert propose_clicked_region(store, "p", "slide", "r0_c0", model_version="v1").model_version == "v1"
+
+
+def test_the_region_as_an_annotator_would_draw_it(store) -> None:
+    with pytest.raises(FailedPrecondition, match="per-annotator"):  # v1 has no per-annotator model
+        propose_clicked_region(store, "p", "slide", "r0_c0", annotator="ann")
+    cells = [(r, c) for r in range(5) for c in range(5)]
+    bob = TUMOUR | {(3, 3)}  # bob's model carries the chain one tile further
+    rater_predicted = np.array([[int(cell in TUMOUR) for cell in cells], [int(cell in bob) for cell in cells]])
+    uris = list(latest_card(store, "p")[1].embeddings_uris)
+    save_model(store, _card(version="v2", created_ms=2, embeddings_uris=uris, raters=["ann", "bob"]),
+               torch.jit.script(torch.nn.Identity()), torch.jit.script(torch.nn.Identity()))
+    write_predictions(store, predictions_key("p", "v2"), Predictions(
+        model_version="v2", classes=CLASSES, datasets=np.full(len(cells), "slide"),
+        barcodes=np.array([f"r{r}_c{c}" for r, c in cells]), probabilities=np.tile([0.8, 0.2], (len(cells), 1)),
+        hidden=np.zeros((len(cells), 1), np.float32), raters=["ann", "bob"], rater_predicted=rater_predicted))
+    consensus = propose_clicked_region(store, "p", "slide", "r0_c0")
+    assert consensus.class_name == "stroma" and len(consensus.units) > 1  # the consensus model: all stroma
+    ann = propose_clicked_region(store, "p", "slide", "r0_c0", annotator="ann")
+    as_bob = propose_clicked_region(store, "p", "slide", "r0_c0", annotator="bob")
+    assert list(ann.units) == ["r0_c0", "r1_c1", "r2_c2"] and ann.class_name == "tumour"
+    assert list(as_bob.units) == ["r0_c0", "r1_c1", "r2_c2", "r3_c3"] and as_bob.model_version == "v2"
+    with pytest.raises(NotFound, match="annotator_id"):
+        propose_clicked_region(store, "p", "slide", "r0_c0", annotator="eve")
+
+
+def test_a_card_lists_raters_exactly_when_a_per_annotator_module_is_saved(tmp_path) -> None:
+    store = LocalArtifactStore(tmp_path / "registry")
+    module = torch.jit.script(torch.nn.Identity())
+    with pytest.raises(InvalidArgument, match="raters"):
+        save_model(store, _card(raters=["ann", "bob"]), module)
+    with pytest.raises(InvalidArgument, match="raters"):
+        save_model(store, _card(), module, module)
+    assert list(store.list("models/")) == []

@@ -214,3 +214,48 @@ def test_list_strategies_has_the_new_ones() -> None:
     assert info["kmeans_far"].parameters["pick"] == "far_from_centre"
     assert info["activevisium"].parameters["pick"] == "closest_to_centroid"
     assert "MC-dropout" in info["bald"].description
+
+
+def test_rater_disagreement_ranks_by_the_raters_models_then_entropy() -> None:
+    n = 40
+    probs = np.tile(np.float32([0.9, 0.1]), (n, 1))
+    probs[:, 0] -= np.linspace(0.0, 0.35, n, dtype=np.float32)  # later rows are more uncertain
+    probs[:, 1] = 1.0 - probs[:, 0]
+    dis = np.zeros(n)
+    dis[[3, 5, 7]] = 1.0  # every pair of raters differs
+    dis[[10, 20]] = 0.5
+    labelled = np.zeros(n, bool)
+    labelled[5] = True
+    ctx = QueryContext(features=np.zeros((n, 2), np.float32), labelled=labelled, probabilities=probs,
+                       rater_disagreement=dis)
+    sel = get_strategy("rater_disagreement").select(ctx, 5, np.random.default_rng(0))
+    assert sel.indices.tolist() == [7, 3, 20, 10, 39] and sel.note == ""  # ties: the more uncertain first
+    without = QueryContext(features=ctx.features, labelled=labelled, probabilities=probs)
+    fallback = get_strategy("rater_disagreement").select(without, 5, np.random.default_rng(0))
+    entropy = get_strategy("entropy").select(without, 5, np.random.default_rng(0))
+    assert fallback.indices.tolist() == entropy.indices.tolist() == [39, 38, 37, 36, 35]
+    assert "fewer than two annotators" in fallback.note
+    compact = QueryContext(features=ctx.features, labelled=labelled, probabilities=probs,
+                           positions=np.c_[np.arange(n), np.zeros(n)])
+    assert "entropy instead" in get_strategy("rater_disagreement", compactness=0.5).select(
+        compact, 3, np.random.default_rng(0)).note
+    with pytest.raises(InvalidArgument, match="rater_disagreement"):
+        QueryContext(features=ctx.features, labelled=labelled, rater_disagreement=np.zeros(3))
+
+
+def test_rater_disagreement_finds_where_two_raters_styles_differ() -> None:
+    from histoloop.training.raters import fit_rater_model
+
+    r = np.random.default_rng(4)
+    X = r.uniform(-1, 1, (600, 2)).astype(np.float32)
+    by_x, by_y = (X[:, 0] > 0).astype(int), (X[:, 1] > 0).astype(int)  # two raters, two borders
+    train = np.arange(300)
+    model = fit_rater_model(np.r_[X[train], X[train]], ["x"] * 300 + ["y"] * 300, np.r_[by_x[train], by_y[train]],
+                            n_classes=2, seed=0)
+    labelled = np.zeros(len(X), bool)
+    labelled[train] = True
+    ctx = QueryContext(features=X, labelled=labelled, probabilities=np.full((len(X), 2), 0.5, np.float32),
+                       rater_disagreement=model.disagreement(X))
+    sel = get_strategy("rater_disagreement").select(ctx, 40, np.random.default_rng(0))
+    # the raters differ in the quadrants where exactly one coordinate is positive
+    assert (by_x[sel.indices] != by_y[sel.indices]).mean() >= 0.95

@@ -31,3 +31,20 @@ def test_the_shared_vocabulary_is_exactly_what_the_services_implement() -> None:
     assert set(vocab.RESAMPLING) == set(RESAMPLING_MODES)
     for rule in vocab.CONSENSUS_RULES:
         IncrementalConsensus(rule)  # raises for a rule the store does not implement
+
+
+def test_every_strategy_is_listed_with_whether_it_needs_a_model() -> None:
+    """The vocabulary, ListStrategies and simulation offer exactly these strategies."""
+    from histoloop.acquisition.strategies import list_strategies
+    from histoloop.formats import vocab
+    from histoloop.simulation.campaign import default_strategies
+
+    expected = {
+        "activevisium": True, "bald": True, "bandit": True, "coldstart_kmeans": False, "coverage": False,
+        "coreset": True, "entropy": True, "hybrid": True, "kmeans": True, "kmeans_far": True,
+        "least_confidence": True, "margin": True, "probcover": False, "random": False,
+        "rater_disagreement": True, "typiclust": False,
+    }
+    assert dict(vocab.STRATEGY_NEEDS_MODEL) == expected
+    assert {s.name: s.needs_model for s in list_strategies()} == expected
+    assert "rater_disagreement" in default_strategies("mlp")

@@ -146,6 +146,9 @@ def test_outputs_go_to_the_artifact_store(small_adata, config: SimulationConfig,
     ({"pca": 5000}, "pca"),
     ({"metric": "auc"}, "metric"),
     ({"test_fraction": 1.5}, "test_fraction"),
+    ({"raters": ("exact",)}, "raters"),
+    ({"raters": ("exact", "sloppy")}, "raters"),
+    ({"raters": ("exact", "merge:Layer9:Layer5")}, "raters"),
 ])
 def test_bad_arguments_are_rejected_naming_the_field(small_adata, config: SimulationConfig, tmp_path: Path,
                                                      change: dict, field: str) -> None:
@@ -180,3 +183,24 @@ def test_schedules() -> None:
     assert label_schedule(SimulationConfig(query_size=10, rounds=3), 1000, 7) == (7, 17, 27, 37)
     assert label_schedule(SimulationConfig(schedule=(0.1, 1.0)), 1000, 7) == (7, 100, 1000)
     assert label_schedule(SimulationConfig(query_size=400, rounds=5), 1000, 7)[-1] == 1000
+
+
+def test_rater_disagreement_queries_where_simulated_raters_differ(small_adata, config: SimulationConfig,
+                                                                   tmp_path: Path) -> None:
+    from histoloop.simulation import prepare_data
+
+    def picks(cfg: SimulationConfig, folder: str) -> dict[str, list[int]]:
+        result = run_campaign(small_adata, cfg, tmp_path / folder, workers=1, progress=False)
+        return {s: [i for r in _numbers(result.folder) if r["strategy"] == s and r["round"] > 0 for i in r["picked"]]
+                for s in cfg.strategies}
+
+    plain = replace(config, strategies=("entropy", "rater_disagreement"), seeds=1, rounds=3, initial="random",
+                    initial_size=80)
+    cfg = replace(plain, raters=("exact", "merge:Layer6:Layer5"))  # one rater folds Layer6 into Layer5
+    with_raters, without = picks(cfg, "raters"), picks(plain, "plain")
+    raters = prepare_data(small_adata, cfg).problem.raters
+    assert [name for name, _ in raters] == ["exact", "merge:Layer6:Layer5"]
+    differ = raters[0][1] != raters[1][1]  # the Layer6 spots
+    assert differ[with_raters["rater_disagreement"]].mean() > 3 * differ.mean()
+    assert with_raters["rater_disagreement"] != with_raters["entropy"]
+    assert without["rater_disagreement"] == without["entropy"]  # no raters: the entropy fallback

@@ -232,6 +232,9 @@ def test_region_proposal_of_a_clicked_unit(stack: Stack) -> None:
     assert region["class_name"] in LAYERS and region["model_version"]
     missing = client.get(url, params={"unit": "no-such-spot"})
     assert missing.status_code == 404 and "unit" in missing.json()["error"]
+    stranger = client.get(url, params={"unit": unit, "as": "no-such-annotator"})  # ?as=: that annotator's model
+    expected = "annotator_id" if stranger.status_code == 404 else "per-annotator"  # 409: one annotator so far
+    assert stranger.status_code in (404, 409) and expected in stranger.json()["error"], stranger.text
     assert client.get(url).status_code == 400
     assert client.get(f"/api/projects/{PROJECT}/datasets/nope/region", params={"unit": unit}).status_code == 404
     assert _client(stack, "other", project=OTHER).get(url, params={"unit": unit}).status_code == 403

@@ -197,7 +197,7 @@ def _simulate(args: argparse.Namespace) -> int:
         obsm=args.obsm or (), pca=args.pca, seeds=args.seeds, test_fraction=args.test_fraction,
         initial_size=args.initial_size, query_size=args.query_size, rounds=args.rounds, budget=args.budget,
         schedule=parse_schedule(args.schedule) if args.schedule else (), metric=args.metric, target=args.target,
-        x_values=args.x_values)
+        x_values=args.x_values, raters=args.raters or ())
     default_mode = args.head is None and args.strategies is None
     if default_mode:  # "does the project default beat random on my data?"
         extra = {k: v for k, v in (("neighbours", args.neighbours), ("initial", args.initial)) if v is not None}
@@ -321,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--query-size", type=int, default=0, help="spots per round (default 2 %% of the pool)")
     sim.add_argument("--x-values", default="auto", choices=("auto", "counts", "normalised"),
                      help="what X holds without --obsm (auto: counts if whole numbers, else used as is)")
+    sim.add_argument("--raters", help="simulated raters for rater_disagreement, comma-separated: exact, border, "
+                     "merge:<class>:<into> (e.g. exact,border,merge:Layer6:Layer5)")
     size = sim.add_mutually_exclusive_group()
     size.add_argument("--rounds", type=int, default=0, help="rounds of --query-size")
     size.add_argument("--budget", type=int, default=0, help="rounds of --query-size up to this many labels")

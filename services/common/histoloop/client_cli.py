@@ -10,7 +10,8 @@ unreadable, the server is down), 2 usage. ``--json`` prints machine-readable res
 Export file names follow ActiveVisium: ``TrainingAnnotations<strategy>.csv`` for the
 cold-start query set (later rounds add ``_round<N>``), ``Predictions_with_help__<time>.csv``
 for predictions with the query spots marked ``help``, ``ActiveVisium_annotations.csv``
-for the labels; GeoJSON and PNG exports take the same stem.
+for the labels; GeoJSON and PNG exports take the same stem. ``export … predictions --as X``
+writes the predictions as annotator X's own model gives them, the stem ending ``__as_X``.
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ def default_filename(kind: str, fmt: str, query_set: Message | None) -> str:
 
 
 def _export_one(client: _Client, project: str, dataset: str, kind: str, fmt: str, queryset_id: str,
-                out: Path | None, folder: Path | None = None) -> tuple[Path, int]:
+                out: Path | None, folder: Path | None = None, annotator: str = "") -> tuple[Path, int]:
     pb = _pb()
     query_set = None
     if kind != "labels":
@@ -420,8 +421,12 @@ def _export_one(client: _Client, project: str, dataset: str, kind: str, fmt: str
         queryset_id = query_set.queryset_id
     reply = client.call("ExportLabels", pb.ExportLabelsRequest(
         project_id=project, dataset_id=dataset, kind=getattr(pb, _KINDS[kind]), queryset_id=queryset_id,
-        format=getattr(pb, _FORMATS[fmt])))
-    target = out or (folder or Path.cwd()) / default_filename(kind, fmt, query_set)
+        format=getattr(pb, _FORMATS[fmt]), annotator_id=annotator))
+    name = default_filename(kind, fmt, query_set)
+    if annotator:  # one file per annotator's view
+        stem, _, extension = name.rpartition(".")
+        name = f"{stem}__as_{re.sub(r'[^A-Za-z0-9_-]', '_', annotator)}.{extension}"
+    target = out or (folder or Path.cwd()) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
     tmp.write_bytes(reply.content or reply.csv)
@@ -436,7 +441,7 @@ def _export(args: argparse.Namespace, client: _Client) -> int:
     else:
         folder = None
     target, n = _export_one(client, args.project, args.dataset, args.kind, args.format, args.queryset or "",
-                            out, folder)
+                            out, folder, args.as_annotator or "")
     client.emit({"file": str(target), "rows": n, "kind": args.kind, "format": args.format},
                 f"wrote {target} ({n} {'units' if args.format != 'loupe' else 'rows'})")
     return EXIT_OK
@@ -646,6 +651,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--format", choices=list(_FORMATS), default="loupe")
     p.add_argument("-o", "--output", help="file or folder (default: ActiveVisium's file name here)")
     p.add_argument("--queryset", help="query set id (default: the latest)")
+    p.add_argument("--as", dest="as_annotator", metavar="ANNOTATOR",
+                   help="predictions: each unit's class as this annotator would label it (their own model)")
 
     p = leaf(sub, "status", _status, "round, labels per class, model metrics, stopping signal, stages")
     p.add_argument("project")

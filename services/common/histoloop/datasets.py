@@ -6,7 +6,9 @@ Every service reads these through this module, so the formats have one definitio
   barcode with ``array_row``/``array_col`` (and pixel positions); ``obsm["X_morph"]`` holds
   image vectors, ``obsm["X_expr"]`` gene-expression features (either may be absent).
 - **Predictions**: an ``.npz`` with barcodes, dataset ids, classes, probabilities and the
-  model's hidden features for every spot of a project.
+  model's hidden features for every spot of a project; when the model has a per-annotator
+  model, also each annotator's predicted class of every spot (``raters``,
+  ``rater_predicted``), from which their disagreement (:func:`rater_disagreement`) follows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition
 from histoloop.formats.embeddings import OBSM_EXPR, OBSM_MORPH, embedding_dim
+from histoloop.formats.models import rater_index
 from histoloop.spatial import neighbour_indices, neighbour_mean_features, unit_positions
 from histoloop.v1 import common_pb2
 
@@ -31,6 +34,8 @@ __all__ = [
     "feature_blocks",
     "feature_matrix",
     "read_anndata",
+    "predicted_classes",
+    "rater_disagreement",
     "read_predictions",
     "write_anndata",
     "write_predictions",
@@ -117,11 +122,58 @@ class Predictions:
     """(M, n, C) for ensembles (BALD), else None."""
     positions: np.ndarray | None = None
     """(n, 2) array row/column of each spot (spatially compact query sets), else None."""
+    raters: Sequence[str] = ()
+    """Annotators the model's per-annotator model knows (empty: it has none)."""
+    rater_predicted: np.ndarray | None = None
+    """(R, n) int class index each of ``raters`` would give each spot, else None."""
 
     @property
     def predicted(self) -> np.ndarray:
         """(n,) predicted class names."""
         return np.asarray(self.classes)[self.probabilities.argmax(axis=1)]
+
+    def predicted_as(self, annotator: str) -> np.ndarray:
+        """(n,) class names as ``annotator`` would label the spots (their per-annotator model).
+
+        Raises:
+            FailedPrecondition: the model has no per-annotator model.
+            NotFound: the model knows no such annotator (the message names ``annotator_id``).
+        """
+        index = rater_index(self.raters if self.rater_predicted is not None else (), annotator, self.model_version)
+        assert self.rater_predicted is not None
+        return np.asarray(self.classes)[self.rater_predicted[index]]
+
+    @property
+    def rater_disagreement(self) -> np.ndarray | None:
+        """(n,) :func:`rater_disagreement` of the per-annotator predictions, else None."""
+        return None if self.rater_predicted is None else rater_disagreement(self.rater_predicted)
+
+
+def rater_disagreement(predicted: np.ndarray) -> np.ndarray:
+    """``(n,)`` share of annotator pairs whose predicted classes differ, per spot (0 = all agree).
+
+    Args:
+        predicted: ``(R, n)`` class index each of ``R`` annotators gives each spot.
+    """
+    predicted = np.asarray(predicted)
+    m = predicted.shape[0]
+    if m < 2:
+        return np.zeros(predicted.shape[1])
+    differ = sum((predicted[i] != predicted[j]).astype(np.float64) for i in range(m) for j in range(i + 1, m))
+    return differ / (m * (m - 1) / 2)
+
+
+def predicted_classes(predictions: Predictions, dataset_id: str, annotator: str = "") -> dict[str, str]:
+    """Barcode → predicted class of one dataset's spots, by the consensus model or as ``annotator``.
+
+    Raises:
+        FailedPrecondition: ``annotator`` given and the model has no per-annotator model.
+        NotFound: ``annotator`` unknown to the model.
+    """
+    predicted = predictions.predicted_as(annotator) if annotator else predictions.predicted
+    return {str(barcode): str(label)
+            for dataset, barcode, label in zip(predictions.datasets, predictions.barcodes, predicted, strict=True)
+            if str(dataset) == dataset_id}
 
 
 def write_predictions(store: ArtifactStore, key: str, predictions: Predictions) -> str:
@@ -139,6 +191,9 @@ def write_predictions(store: ArtifactStore, key: str, predictions: Predictions) 
         arrays["member_probabilities"] = predictions.member_probabilities.astype(np.float32)
     if predictions.positions is not None:
         arrays["positions"] = predictions.positions.astype(np.float64)
+    if predictions.rater_predicted is not None:
+        arrays["raters"] = np.array(list(predictions.raters), dtype=str)
+        arrays["rater_predicted"] = predictions.rater_predicted.astype(np.int16)
     np.savez_compressed(buffer, **arrays)
     store.put(key, buffer.getvalue(), content_type="application/x-npz")
     return store.uri(key)
@@ -156,4 +211,6 @@ def read_predictions(store: ArtifactStore, uri: str) -> Predictions:
             hidden=npz["hidden"],
             member_probabilities=npz["member_probabilities"] if "member_probabilities" in npz else None,
             positions=npz["positions"] if "positions" in npz else None,
+            raters=[str(r) for r in npz["raters"]] if "raters" in npz else [],
+            rater_predicted=npz["rater_predicted"].astype(np.int64) if "rater_predicted" in npz else None,
         )

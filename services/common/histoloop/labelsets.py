@@ -6,9 +6,12 @@ it with :func:`read_snapshot`. The document (canonical JSON)::
 
     {"project": …, "label_version": N, "consensus": rule, "n_labelled_spots": n,
      "classes": [{"name": …, "color": …}, …],
-     "datasets": {dataset: {"labels": {barcode: class}, "disagreement": {barcode: 0..1}}},
+     "datasets": {dataset: {"labels": {barcode: class}, "disagreement": {barcode: 0..1},
+                            "votes": {barcode: {annotator: class}}}},
      "batches": [{"batch_id": …, "label_version": v}, …]}
 
+``votes`` holds each annotator's latest label of every labelled spot (what the
+per-annotator models train on); snapshots written before it was recorded load with no votes.
 A snapshot holds exactly the labels with a version ≤ ``label_version``, so replaying a
 round reads the same bytes.
 """
@@ -27,7 +30,7 @@ __all__ = ["LabelSnapshot", "read_snapshot"]
 
 @dataclass(frozen=True)
 class LabelSnapshot:
-    """Consensus labels per dataset and barcode, with per-spot annotator disagreement."""
+    """Consensus labels per dataset and barcode, with per-spot annotator disagreement and votes."""
 
     project: str
     label_version: int
@@ -40,6 +43,9 @@ class LabelSnapshot:
     batches: tuple[tuple[int, str], ...] = ()
     """``(label_version, batch_id)`` of every label batch up to ``label_version``, in commit
     order (empty in snapshots written before batches were recorded)."""
+    votes: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict)
+    """dataset → barcode → annotator → that annotator's latest class (empty in snapshots
+    written before votes were recorded)."""
 
     @classmethod
     def from_json(cls, data: bytes) -> LabelSnapshot:
@@ -58,13 +64,21 @@ class LabelSnapshot:
             raise InvalidArgument(f"not a label snapshot: {exc}") from exc
         known = set(classes)
         labels = {d: dict(v.get("labels", {})) for d, v in datasets.items()}
+        votes = {d: {b: dict(by) for b, by in v.get("votes", {}).items()} for d, v in datasets.items()}
         for dataset, given in labels.items():
-            bad = sorted({c for c in given.values() if c not in known})
+            used = set(given.values()) | {c for by in votes[dataset].values() for c in by.values()}
+            bad = sorted(used - known)
             if bad:
                 raise InvalidArgument(f"snapshot labels of dataset {dataset!r} use unknown classes {bad}")
         return cls(project=project, label_version=version, classes=classes, labels=labels,
                    disagreement={d: dict(v.get("disagreement", {})) for d, v in datasets.items()},
-                   consensus=str(raw.get("consensus", "")), batches=batches)
+                   consensus=str(raw.get("consensus", "")), batches=batches,
+                   votes={d: v for d, v in votes.items() if v})
+
+    @property
+    def annotators(self) -> tuple[str, ...]:
+        """Every annotator with a vote in the snapshot, sorted."""
+        return tuple(sorted({a for by_spot in self.votes.values() for by in by_spot.values() for a in by}))
 
     @property
     def n_labelled(self) -> int:

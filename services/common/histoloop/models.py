@@ -6,6 +6,11 @@ A model is an immutable pair of artifacts under ``models/<project>/<version>/``:
 ``card.json`` — what it is: classes, head, features, seed, hyper-parameters, the label
 batches and embeddings it was trained on, validation metrics and training time. TorchScript
 loads without the training code and without pickle, so prediction never imports training.
+
+When the labels came from two or more annotators the model also has a per-annotator module
+``raters.pt`` whose ``forward(x, rater)`` returns the probabilities ``(n, C)`` that rater
+``rater[i]`` (an index into ``card.raters``) would give spot ``x[i]``; the card's ``raters``
+lists the annotators it knows (empty: no such module).
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 from histoloop.formats.models import (
     CARD_FILE,
     MODULE_FILE,
+    RATERS_FILE,
     card_key,
     models_prefix,
     module_key,
+    rater_index,
+    raters_key,
     sibling_key,
 )
 
@@ -54,6 +62,8 @@ class ModelCard:
     created_ms: int
     parent_event_id: str = ""
     extra: Mapping[str, object] = field(default_factory=dict)
+    raters: Sequence[str] = ()
+    """Annotators the per-annotator module knows, by its rater index (empty: no such module)."""
 
 
 @dataclass
@@ -62,6 +72,49 @@ class LoadedModel:
 
     card: ModelCard
     module: torch.jit.ScriptModule
+    raters_module: torch.jit.ScriptModule | None = None
+    """The per-annotator module (``raters.pt``) when the card lists raters."""
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.card.input_dim:
+            raise InvalidArgument(
+                f"model {self.card.version} expects (n, {self.card.input_dim}) features, got {x.shape}"
+            )
+        return x
+
+    def predict_as(self, x: np.ndarray, annotator: str) -> np.ndarray:
+        """``(n, C)`` probabilities as ``annotator`` would label the rows of ``x``.
+
+        Raises:
+            FailedPrecondition: the model has no per-annotator module.
+            NotFound: the model knows no such annotator (the message names ``annotator_id``).
+            InvalidArgument: ``x`` has the wrong number of columns.
+        """
+        index = rater_index(self.card.raters if self.raters_module is not None else (), annotator,
+                            self.card.version)
+        assert self.raters_module is not None
+        return self._rater(self.raters_module, self._check(x), index)
+
+    def predict_raters(self, x: np.ndarray) -> np.ndarray:
+        """``(R, n, C)`` probabilities of every annotator in ``card.raters`` for the rows of ``x``.
+
+        Raises:
+            FailedPrecondition: the model has no per-annotator module.
+        """
+        if self.raters_module is None:
+            raise FailedPrecondition(f"model {self.card.version} has no per-annotator model")
+        x = self._check(x)
+        return np.stack([self._rater(self.raters_module, x, r) for r in range(len(self.card.raters))])
+
+    @staticmethod
+    def _rater(module: torch.jit.ScriptModule, x: np.ndarray, rater: int, batch: int = 65536) -> np.ndarray:
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, max(len(x), 1), batch):
+                chunk = torch.from_numpy(x[start:start + batch])
+                parts.append(module(chunk, torch.full((len(chunk),), rater, dtype=torch.int64)).numpy())
+        return np.concatenate(parts)
 
     def predict(self, x: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(probabilities, hidden, member_probabilities)`` for rows of ``x``.
@@ -69,11 +122,7 @@ class LoadedModel:
         Raises:
             InvalidArgument: ``x`` has the wrong number of columns.
         """
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.card.input_dim:
-            raise InvalidArgument(
-                f"model {self.card.version} expects (n, {self.card.input_dim}) features, got {x.shape}"
-            )
+        x = self._check(x)
         outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         with torch.inference_mode():
             for start in range(0, max(len(x), 1), batch):
@@ -83,16 +132,29 @@ class LoadedModel:
                 np.concatenate([o[2] for o in outs], axis=1))
 
 
-def save_model(store: ArtifactStore, card: ModelCard, module: torch.jit.ScriptModule) -> str:
-    """Store a model (module first, card last: a card always points at a complete model).
+def _put_module(store: ArtifactStore, key: str, module: torch.jit.ScriptModule) -> None:
+    if not store.exists(key):
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        store.put(key, buffer.getvalue())
 
+
+def save_model(store: ArtifactStore, card: ModelCard, module: torch.jit.ScriptModule,
+               raters_module: torch.jit.ScriptModule | None = None) -> str:
+    """Store a model (modules first, card last: a card always points at a complete model).
+
+    ``raters_module`` is the per-annotator module, required when ``card.raters`` is set.
     Returns the URI of the card, which names the model in events.
+
+    Raises:
+        InvalidArgument: ``card.raters`` and ``raters_module`` do not come together.
     """
-    module_at, card_at = module_key(card.project, card.version), card_key(card.project, card.version)
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    if not store.exists(module_at):
-        store.put(module_at, buffer.getvalue())
+    if bool(card.raters) != (raters_module is not None):
+        raise InvalidArgument("raters: a card lists raters exactly when a per-annotator module is saved with it")
+    card_at = card_key(card.project, card.version)
+    _put_module(store, module_key(card.project, card.version), module)
+    if raters_module is not None:
+        _put_module(store, raters_key(card.project, card.version), raters_module)
     if not store.exists(card_at):
         store.put(card_at, json.dumps(asdict(card), sort_keys=True).encode(),
                   content_type="application/json")
@@ -109,7 +171,11 @@ def load_model(store: ArtifactStore, card_uri: str) -> LoadedModel:
     card = _card(store.get(key))
     module = torch.jit.load(io.BytesIO(store.get(sibling_key(key, MODULE_FILE))), map_location="cpu")
     module.eval()
-    return LoadedModel(card=card, module=module)
+    raters = None
+    if card.raters:
+        raters = torch.jit.load(io.BytesIO(store.get(sibling_key(key, RATERS_FILE))), map_location="cpu")
+        raters.eval()
+    return LoadedModel(card=card, module=module, raters_module=raters)
 
 
 def list_cards(store: ArtifactStore, project: str) -> list[tuple[str, ModelCard]]:

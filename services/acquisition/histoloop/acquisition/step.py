@@ -63,6 +63,8 @@ class QueryRecord:
     """The project's ``LoopConfig`` (proto JSON) the set was chosen with."""
     strategy_state: dict | None = None
     """What a stateful strategy (``bandit``) learnt up to this query set; the next round starts from it."""
+    note: str = ""
+    """Why the strategy chose otherwise than its name says (``Selection.note``), or empty."""
 
 
 class AcquisitionStep:
@@ -157,12 +159,15 @@ class AcquisitionStep:
             features=predictions.hidden, labelled=labelled, probabilities=predictions.probabilities,
             member_probabilities=predictions.member_probabilities, positions=predictions.positions,
             disagreement=disagreement if disagreement.any() else None, round=round_, labels=labels,
+            rater_disagreement=predictions.rater_disagreement,
         )
         name = strategy or config.strategy or DEFAULT_STRATEGY
         # a stateful strategy continues from the state stored with the last query set of the same strategy
         state = next((r.strategy_state for r in reversed(previous) if r.strategy == name and r.strategy_state),
                      None)
         selection = self._select(name, config, ctx, query_size=query_size, seed=seed, state=state)
+        if selection.note:
+            log.warning("project %s round %d: %s", project, round_, selection.note)
         keep = max(_HISTORY, int(stopping_options(config)["patience"]) + 1)  # rounds the rule looks at
         history = tuple(previous[-1].history[-(keep - 1):] if previous else ()) + (predictions_uri,)
         spots = [
@@ -175,7 +180,7 @@ class AcquisitionStep:
             model_version=predictions.model_version, label_version=label_version, spots=spots,
             predictions_uri=predictions_uri, labels_uri=labels_uri, history=history,
             stopping=self._stopping(history, predictions, config), config=_config_json(config),
-            strategy_state=selection.state,
+            strategy_state=selection.state, note=selection.note,
         )
 
     def what_if(self, project: str, *, strategy: str = "", query_size: int = 0,

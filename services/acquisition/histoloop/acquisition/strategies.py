@@ -87,6 +87,9 @@ class QueryContext:
         labels: ``(n,)`` int class index of each labelled spot (−1 where unlabelled), in
             the order of ``probabilities``' columns, or None. Only strategies that
             learn from their own past queries (``bandit``) read it.
+        rater_disagreement: ``(n,)`` share of annotator pairs whose per-annotator models
+            predict different classes for the spot (0 = all agree), or None when the model
+            has no per-annotator model. Unlike ``disagreement`` it covers unlabelled spots.
     """
 
     features: np.ndarray
@@ -97,6 +100,7 @@ class QueryContext:
     disagreement: np.ndarray | None = None
     round: int = 0
     labels: np.ndarray | None = None
+    rater_disagreement: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         features = np.asarray(self.features)
@@ -125,11 +129,12 @@ class QueryContext:
             if pos.shape != (n, 2):
                 raise InvalidArgument(f"positions must be ({n}, 2), got {pos.shape}")
             object.__setattr__(self, "positions", pos)
-        if self.disagreement is not None:
-            dis = np.asarray(self.disagreement, dtype=np.float64)
-            if dis.shape != (n,):
-                raise InvalidArgument(f"disagreement must be ({n},), got {dis.shape}")
-            object.__setattr__(self, "disagreement", dis)
+        for name in ("disagreement", "rater_disagreement"):
+            if getattr(self, name) is not None:
+                dis = np.asarray(getattr(self, name), dtype=np.float64)
+                if dis.shape != (n,):
+                    raise InvalidArgument(f"{name} must be ({n},), got {dis.shape}")
+                object.__setattr__(self, name, dis)
         if int(self.round) < 0:
             raise InvalidArgument(f"round must be ≥ 0, got {self.round}")
         if self.labels is not None:
@@ -162,6 +167,7 @@ class Selection:
         adjudication: ``(k,)`` bool, True for disputed labelled spots (none given: all False).
         state: What a stateful strategy learnt up to this set (:meth:`Strategy.get_state`),
             for the next round; None for a stateless one.
+        note: Why the strategy chose otherwise than its name says (a fallback), or empty.
     """
 
     indices: np.ndarray
@@ -169,6 +175,7 @@ class Selection:
     strategy: str
     adjudication: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     state: dict[str, Any] | None = None
+    note: str = ""
 
     def __post_init__(self) -> None:
         idx = np.asarray(self.indices, dtype=np.int64)
@@ -288,6 +295,7 @@ def _finish(
     rows: np.ndarray,
     scores: np.ndarray,
     rng: np.random.Generator,
+    note: str = "",
 ) -> Selection:
     """Check the invariants and top up with random unlabelled spots if short."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -301,7 +309,7 @@ def _finish(
         log.debug("strategy %s: topped up %d spots at random", name, len(extra))
         rows = np.concatenate([rows, extra])
         scores = np.concatenate([scores, np.zeros(len(extra))])
-    return Selection(indices=rows[:want], scores=scores[:want], strategy=name)
+    return Selection(indices=rows[:want], scores=scores[:want], strategy=name, note=note)
 
 
 def _representatives(
@@ -378,11 +386,16 @@ class _ScoringStrategy(Strategy):
     def score(self, ctx: QueryContext, rng: np.random.Generator) -> np.ndarray:
         """``(n,)`` informativeness of every spot (higher = query first)."""
 
+    def note(self, ctx: QueryContext) -> str:
+        """Why :meth:`score` falls back on ``ctx`` (empty: it does not)."""
+        del ctx  # most strategies never fall back
+        return ""
+
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         k = _check_k(k)
         s = self.score(ctx, rng)
         rows = _top(s, ctx.unlabelled, k)
-        return _finish(ctx, self.name, k, rows, s[rows], rng)
+        return _finish(ctx, self.name, k, rows, s[rows], rng, self.note(ctx))
 
 
 # --------------------------------------------------------------------------- strategies
@@ -457,6 +470,37 @@ class BALD(_ScoringStrategy):
         mean = mp.mean(axis=0)
         mi = _entropy_nats(mean) - _entropy_nats(mp).mean(axis=0)
         return np.clip(mi / math.log(mp.shape[2]), 0.0, 1.0)
+
+
+class RaterDisagreement(_ScoringStrategy):
+    """Where the annotators' own models disagree most (AESPA's per-annotator models).
+
+    Ranks the unlabelled spots by ``ctx.rater_disagreement`` — the share of annotator pairs
+    whose per-annotator models predict different classes — ties broken by the consensus
+    model's normalised entropy (weighted by ``1e-3``, so it never outranks one more
+    disagreeing pair). Without a per-annotator model (labels from fewer than two
+    annotators) it falls back to entropy and says so in :attr:`Selection.note`.
+    """
+
+    name = "rater_disagreement"
+    description = (
+        "where the annotators' per-annotator models disagree most (ties: entropy); "
+        "entropy until two annotators have labelled"
+    )
+    needs_model = True
+    _TIE_BREAK = 1e-3
+
+    def note(self, ctx: QueryContext) -> str:
+        if ctx.rater_disagreement is not None:
+            return ""
+        return ("rater_disagreement: the model has no per-annotator model (labels from fewer than two "
+                "annotators); ranked by entropy instead")
+
+    def score(self, ctx: QueryContext, rng: np.random.Generator) -> np.ndarray:
+        u = uncertainty(_need_probabilities(ctx, self.name), "entropy").astype(np.float64)
+        if ctx.rater_disagreement is None:
+            return u
+        return ctx.rater_disagreement + self._TIE_BREAK * u
 
 
 class KMeansDiversity(Strategy):
@@ -787,6 +831,7 @@ class _Adjudicating(Strategy):
             scores=np.concatenate([disputed_scores, rest.scores]),
             strategy=self.name,
             adjudication=np.r_[np.ones(len(disputed), bool), rest.adjudication],
+            note=rest.note,
         )
 
 
@@ -822,13 +867,13 @@ class _Compact(Strategy):
         if isinstance(self.inner, _ScoringStrategy):
             s = self.inner.score(ctx, rng)
             cand = _top(s, ctx.unlabelled, m)
-            cand_scores = s[cand]
+            cand_scores, note = s[cand], self.inner.note(ctx)
         else:
             sel = self.inner.select(ctx, m, rng)
             order = np.lexsort((sel.indices, -sel.scores))
-            cand, cand_scores = sel.indices[order], sel.scores[order]
+            cand, cand_scores, note = sel.indices[order], sel.scores[order], sel.note
         if len(cand) <= k:
-            return _finish(ctx, self.name, k, cand, cand_scores, rng)
+            return _finish(ctx, self.name, k, cand, cand_scores, rng, note)
         rank = 1.0 - np.arange(len(cand)) / (len(cand) - 1.0)
         pos = ctx.positions[cand]
         extent = float(np.linalg.norm(pos.max(axis=0) - pos.min(axis=0))) or 1.0
@@ -844,7 +889,7 @@ class _Compact(Strategy):
             open_[j] = False
             np.minimum(dmin, np.linalg.norm(pos - pos[j], axis=1) / extent, out=dmin)
         idx = np.asarray(chosen)
-        return _finish(ctx, self.name, k, cand[idx], cand_scores[idx], rng)
+        return _finish(ctx, self.name, k, cand[idx], cand_scores[idx], rng, note)
 
 
 # --------------------------------------------------------------------------- registry
@@ -857,6 +902,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Margin,
         Entropy,
         BALD,
+        RaterDisagreement,
         KMeansDiversity,
         KMeansFarFromCentre,
         CoreSet,

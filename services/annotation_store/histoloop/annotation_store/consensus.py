@@ -65,6 +65,9 @@ class ConsensusLabel:
     disagreement: float
     n_annotators: int
     disputed: bool
+    votes: tuple[tuple[str, str], ...] = ()
+    """Each annotator's latest label of the spot, ``(annotator, label)`` sorted by annotator
+    (what the per-annotator models train on)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,11 @@ def _describe(label: str, votes: Mapping[str, Vote]) -> ConsensusLabel:
     agree = sum(1 for v in votes.values() if v.label == label)
     distinct = len({v.label for v in votes.values()})
     return ConsensusLabel(
-        label=label, disagreement=1.0 - agree / n, n_annotators=n, disputed=distinct > 1
+        label=label,
+        disagreement=1.0 - agree / n,
+        n_annotators=n,
+        disputed=distinct > 1,
+        votes=tuple(sorted((a, v.label) for a, v in votes.items())),
     )
 
 

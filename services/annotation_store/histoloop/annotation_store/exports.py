@@ -1,7 +1,9 @@
 """Exports beyond the Loupe CSV (QuPath GeoJSON, a picture of the query) and GeoJSON labels.
 
 Built on the repository's public operations; the servicer calls these for
-``ExportLabels(format=…)`` and ``ImportGeoJson`` (which commits the labels like any batch).
+``ExportLabels(format=…)``, for predictions "as annotator X" (``annotator_id``: each
+unit's class by that annotator's model, which the prediction service stores with the
+predictions) and ``ImportGeoJson`` (which commits the labels like any batch).
 """
 
 from __future__ import annotations
@@ -9,19 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from histoloop.annotation_store.domain import HELP_LABEL
+from histoloop.annotation_store.domain import HELP_LABEL, QuerySetRecord
 from histoloop.annotation_store.geojson import (
     GeoFeature,
     GeoJsonImport,
     feature_collection,
     parse_geojson,
 )
+from histoloop.annotation_store.loupe import DEFAULT_PREDICTIONS_GROUP, predictions_csv
 from histoloop.annotation_store.picture import query_png, slide_view
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.annotation_store.units import Unit
 from histoloop.errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["ExportFile", "ExportKind", "export_geojson", "export_png", "geojson_labels"]
+__all__ = [
+    "ExportFile",
+    "ExportKind",
+    "export_geojson",
+    "export_png",
+    "geojson_labels",
+    "predictions_csv_as",
+]
 
 ExportKind = Literal["labels", "queryset", "predictions"]
 
@@ -54,6 +64,49 @@ def _query_units(
     return chosen, title
 
 
+def _predicted(
+    repo: AnnotationRepository, record: QuerySetRecord, dataset_id: str, annotator_id: str
+) -> dict[str, str]:
+    """Barcode → predicted class of the query set's predictions, or as ``annotator_id``."""
+    if not record.predictions_uri:
+        raise FailedPrecondition(
+            f"query set {record.queryset_id!r} carries no predictions (cold start?)"
+        )
+    if annotator_id:
+        from histoloop.datasets import predicted_classes, read_predictions  # numpy: only here
+
+        predictions = read_predictions(repo.artifacts, record.predictions_uri)
+        return predicted_classes(predictions, dataset_id, annotator_id)
+    if repo.predictions_loader is None:
+        raise FailedPrecondition("the predictions export is not wired to a predictions reader")
+    return dict(repo.predictions_loader(record.predictions_uri, dataset_id))
+
+
+def predictions_csv_as(
+    repo: AnnotationRepository,
+    project_id: str,
+    dataset_id: str,
+    annotator_id: str,
+    *,
+    group: str = "",
+    queryset_id: str = "",
+) -> tuple[bytes, int]:
+    """A dataset's predicted classes as ``annotator_id`` would label them, query spots ``help``.
+
+    The Loupe CSV of :meth:`AnnotationRepository.export_predictions`, from the annotator's
+    model instead of the consensus model.
+
+    Raises:
+        NotFound: the project, dataset, query set, or an annotator the model does not know.
+        FailedPrecondition: no predictions yet, or a model without a per-annotator model.
+    """
+    record = repo.get_query_set(project_id, queryset_id)
+    predicted = _predicted(repo, record, dataset_id, annotator_id)
+    order = [u.barcode for u in repo.unit_layout(project_id, dataset_id).units]
+    query = [q.barcode for q in record.spots if q.dataset in ("", dataset_id)]
+    return predictions_csv(predicted, query, group=group or DEFAULT_PREDICTIONS_GROUP, order=order)
+
+
 def export_geojson(
     repo: AnnotationRepository,
     project_id: str,
@@ -61,12 +114,15 @@ def export_geojson(
     kind: ExportKind,
     *,
     queryset_id: str = "",
+    annotator_id: str = "",
 ) -> ExportFile:
     """Labels, the query set or predictions of a dataset as a QuPath FeatureCollection.
 
+    ``annotator_id`` (predictions only): the classes as that annotator would label the units.
+
     Raises:
-        NotFound: the project, dataset or query set.
-        FailedPrecondition: no predictions yet; tiles not known yet.
+        NotFound: the project, dataset, query set or annotator.
+        FailedPrecondition: no predictions yet; tiles not known yet; no per-annotator model.
     """
     colors = {c.name: c.color for c in repo.get_project(project_id).classes}
     layout = repo.unit_layout(project_id, dataset_id)
@@ -90,13 +146,7 @@ def export_geojson(
         object_type = "annotation"
     else:
         record = repo.get_query_set(project_id, queryset_id)
-        if not record.predictions_uri:
-            raise FailedPrecondition(
-                f"query set {record.queryset_id!r} carries no predictions (cold start?)"
-            )
-        if repo.predictions_loader is None:
-            raise FailedPrecondition("the predictions export is not wired to a predictions reader")
-        predicted = repo.predictions_loader(record.predictions_uri, dataset_id)
+        predicted = _predicted(repo, record, dataset_id, annotator_id)
         ranks = {
             q.barcode: i
             for i, q in enumerate(

@@ -113,16 +113,10 @@ def predictions_from_artifacts(store: ArtifactStore) -> PredictionsLoader:
     """
 
     def load(uri: str, dataset_id: str) -> dict[str, str]:
-        from histoloop.datasets import read_predictions  # numpy/anndata: only when exporting
+        # numpy/anndata: only when exporting
+        from histoloop.datasets import predicted_classes, read_predictions
 
-        predictions = read_predictions(store, uri)
-        return {
-            str(barcode): str(label)
-            for dataset, barcode, label in zip(
-                predictions.datasets, predictions.barcodes, predictions.predicted, strict=True
-            )
-            if str(dataset) == dataset_id
-        }
+        return predicted_classes(read_predictions(store, uri), dataset_id)
 
     return load
 

@@ -38,7 +38,12 @@ from histoloop.annotation_store.domain import (
     SpotLabelInput,
 )
 from histoloop.annotation_store.doors import check_feeds_features
-from histoloop.annotation_store.exports import export_geojson, export_png, geojson_labels
+from histoloop.annotation_store.exports import (
+    export_geojson,
+    export_png,
+    geojson_labels,
+    predictions_csv_as,
+)
 from histoloop.annotation_store.history import list_label_events
 from histoloop.annotation_store.loupe import check_upload_size
 from histoloop.annotation_store.recovery import Recovery, merge_config
@@ -292,6 +297,8 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             raise InvalidArgument(f"kind: unknown value {request.kind}")
         if request.format not in _EXPORT_FORMATS:
             raise InvalidArgument(f"format: unknown value {request.format}")
+        if request.annotator_id and kind != "predictions":
+            raise InvalidArgument(f"annotator_id: only predictions are exported as an annotator, not {kind}")
         if request.format in (pb.EXPORT_FORMAT_GEOJSON, pb.EXPORT_FORMAT_PNG):
             if request.format == pb.EXPORT_FORMAT_GEOJSON:
                 exported = export_geojson(
@@ -300,6 +307,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
                     request.dataset_id,
                     kind,  # type: ignore[arg-type]
                     queryset_id=request.queryset_id,
+                    annotator_id=request.annotator_id,
                 )
             elif kind != "queryset":
                 raise InvalidArgument(f"format: a PNG picture is of a query set, not of {kind}")
@@ -324,6 +332,15 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             data, n = self._repo.export_query_set(
                 request.project_id,
                 request.dataset_id,
+                group=request.group_name,
+                queryset_id=request.queryset_id,
+            )
+        elif request.annotator_id:
+            data, n = predictions_csv_as(
+                self._repo,
+                request.project_id,
+                request.dataset_id,
+                request.annotator_id,
                 group=request.group_name,
                 queryset_id=request.queryset_id,
             )

@@ -1,5 +1,8 @@
 """Consensus label snapshots: the training labels of a project as of one label version.
 
+Beside each spot's consensus label a snapshot carries every annotator's own latest label of
+it (``votes``), which the per-annotator models train on.
+
 A snapshot is what ``labels.committed`` points training at (``labels_uri``): canonical
 JSON (sorted keys, compact, UTF-8) that is a pure function of the label events up to its
 version, so writing it again after a crash gives the same bytes.
@@ -66,15 +69,17 @@ def snapshot_document(
 
     Keys: ``project``, ``label_version``, ``consensus`` (the rule), ``classes`` (name and
     colour, in schema order), ``n_labelled_spots``, ``datasets``: per dataset
-    ``labels`` (barcode → class) and ``disagreement`` (barcode → 0..1, 6 decimals), and
-    ``batches``: every label batch up to the version (``batch_id``, ``label_version``),
-    in commit order — what a model trained on the snapshot was trained on.
+    ``labels`` (barcode → class), ``disagreement`` (barcode → 0..1, 6 decimals) and
+    ``votes`` (barcode → annotator → that annotator's latest class), and ``batches``: every
+    label batch up to the version (``batch_id``, ``label_version``), in commit order — what
+    a model trained on the snapshot was trained on.
     """
     datasets: dict[str, dict[str, dict[str, object]]] = {}
     for (dataset, barcode), label in sorted(result.labels.items()):
-        entry = datasets.setdefault(dataset, {"labels": {}, "disagreement": {}})
+        entry = datasets.setdefault(dataset, {"labels": {}, "disagreement": {}, "votes": {}})
         entry["labels"][barcode] = label.label
         entry["disagreement"][barcode] = _disagreement(label)
+        entry["votes"][barcode] = dict(label.votes)
     return {
         "batches": _batch_entries(batches),
         "project": project_id,
@@ -91,21 +96,22 @@ def render_snapshot(
     label_version: int,
     rule: str,
     classes: Sequence[tuple[str, str]],
-    datasets: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    datasets: Mapping[str, tuple[Sequence[str], Sequence[str], Sequence[str]]],
     n_labelled: int,
     batches: Sequence[tuple[int, str]] = (),
 ) -> bytes:
     """Canonical bytes of a snapshot from pre-rendered, barcode-sorted per-spot JSON members.
 
-    ``datasets`` maps each dataset to its ``"barcode":label`` and ``"barcode":disagreement``
-    members; the result equals :func:`snapshot_bytes` of :func:`snapshot_document`.
+    ``datasets`` maps each dataset to its ``"barcode":label``, ``"barcode":disagreement``
+    and ``"barcode":{annotator: label}`` members; the result equals :func:`snapshot_bytes`
+    of :func:`snapshot_document`.
     """
     parts = []
     for dataset in sorted(datasets):
-        labels, disagreement = datasets[dataset]
+        labels, disagreement, votes = datasets[dataset]
         parts.append(
             f'{_dumps(dataset)}:{{"disagreement":{{{",".join(disagreement)}}},'
-            f'"labels":{{{",".join(labels)}}}}}'
+            f'"labels":{{{",".join(labels)}}},"votes":{{{",".join(votes)}}}}}'
         )
     text = (
         f'{{"batches":{_dumps(_batch_entries(batches))},'
@@ -141,17 +147,23 @@ class _Dataset:
         self.order: list[str] = []
         self.labels: list[str] = []
         self.disagreement: list[str] = []
+        self.votes: list[str] = []
 
     def put(self, barcode: str, label: ConsensusLabel) -> None:
         key = _dumps(barcode)
-        members = (f"{key}:{_dumps(label.label)}", f"{key}:{_dumps(_disagreement(label))}")
+        members = (
+            f"{key}:{_dumps(label.label)}",
+            f"{key}:{_dumps(_disagreement(label))}",
+            f"{key}:{_dumps(dict(label.votes))}",
+        )
         i = bisect.bisect_left(self.order, barcode)
         if i < len(self.order) and self.order[i] == barcode:
-            self.labels[i], self.disagreement[i] = members
+            self.labels[i], self.disagreement[i], self.votes[i] = members
         else:
             self.order.insert(i, barcode)
             self.labels.insert(i, members[0])
             self.disagreement.insert(i, members[1])
+            self.votes.insert(i, members[2])
 
 
 class _Project:
@@ -196,7 +208,9 @@ class SnapshotBuilder:
                 state.consensus.add(votes)
                 state.apply(state.consensus.refresh())
                 state.version = label_version
-            datasets = {name: (d.labels, d.disagreement) for name, d in state.datasets.items()}
+            datasets = {
+                name: (d.labels, d.disagreement, d.votes) for name, d in state.datasets.items()
+            }
             data = render_snapshot(
                 project_id, label_version, state.consensus.rule, classes, datasets, state.n_labelled,
                 [b for b in state.batches if b[0] <= label_version],

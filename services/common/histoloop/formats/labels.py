@@ -2,6 +2,7 @@
 
 The annotation store writes one per committed label batch; training and acquisition read
 it (:class:`LabelSnapshot`, :func:`read_snapshot`, defined in :mod:`histoloop.labelsets`).
+Beside the consensus it carries each annotator's own label of every spot (``votes``).
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ STRATEGY_NEEDS_MODEL: Mapping[str, bool] = {
     "margin": True,
     "probcover": False,
     "random": False,
+    "rater_disagreement": True,
     "typiclust": False,
 }
 """Acquisition strategy name → whether it needs model predictions (``ListStrategies``)."""

@@ -51,8 +51,11 @@ def _has_artifacts(store: ArtifactStore, prefix: str) -> bool:
 
 
 def propose_clicked_region(store: ArtifactStore, project: str, dataset: str, unit: str, *,
-                           model_version: str = "", max_units: int = 0) -> RegionProposal:
+                           model_version: str = "", max_units: int = 0, annotator: str = "") -> RegionProposal:
     """The connected region of units the model gives the clicked unit's class.
+
+    With ``annotator`` the classes are that annotator's, as the model's per-annotator
+    module predicted them (stored with the predictions).
 
     Args:
         store: The artifact store holding models, predictions and embeddings.
@@ -61,13 +64,16 @@ def propose_clicked_region(store: ArtifactStore, project: str, dataset: str, uni
         unit: The clicked unit's id (barcode or tile id).
         model_version: The model whose predictions to use; empty: the newest.
         max_units: Largest region; 0: :data:`DEFAULT_MAX_UNITS`.
+        annotator: Whose view; empty: the consensus model's.
 
     Returns:
         The region's unit ids (clicked first, then breadth first), its class and the model.
 
     Raises:
-        NotFound: unknown project, model version, dataset or unit (the message names the field).
-        FailedPrecondition: no predictions of the dataset yet, or units without positions.
+        NotFound: unknown project, model version, dataset, unit or annotator (the message
+            names the field).
+        FailedPrecondition: no predictions of the dataset yet, units without positions, or
+            ``annotator`` given and the model has no per-annotator module.
     """
     try:
         _, card = latest_card(store, project, model_version)
@@ -83,6 +89,7 @@ def propose_clicked_region(store: ArtifactStore, project: str, dataset: str, uni
         raise FailedPrecondition(f"model {card.version} of project {project!r} has no predictions yet; "
                                  "try again when predictions.ready is announced")
     predictions = read_predictions(store, store.uri(key))
+    every = predictions.predicted_as(annotator) if annotator else predictions.predicted
     rows = np.flatnonzero(predictions.datasets == dataset)
     if rows.size == 0:
         if not _has_artifacts(store, embeddings_prefix(project, dataset)):
@@ -106,9 +113,10 @@ def propose_clicked_region(store: ArtifactStore, project: str, dataset: str, uni
         raise FailedPrecondition(f"dataset {dataset!r}: {len(missing)} predicted units are not in its "
                                  f"embeddings (e.g. {missing[0]!r})")
     k = _TILE_NEIGHBOURS if {"grid_row", "grid_col"} <= set(adata.obs.columns) else _SPOT_NEIGHBOURS
-    predicted = predictions.predicted[rows]
+    predicted = every[rows]
     region = propose_region(positions[[index[b] for b in barcodes]], predicted, int(clicked[0]), k=k,
                             max_units=max_units or DEFAULT_MAX_UNITS)
-    log.info("region of %d units around %s/%s/%s (model %s)", len(region), project, dataset, unit, card.version)
+    log.info("region of %d units around %s/%s/%s (model %s%s)", len(region), project, dataset, unit, card.version,
+             f", as {annotator}" if annotator else "")
     return RegionProposal(units=[str(barcodes[i]) for i in region], class_name=str(predicted[clicked[0]]),
                           model_version=card.version)

@@ -38,10 +38,10 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                     f"non-zero and at most {_MAX_VALUES}")
             result = self.step.predict_on_demand(
                 request.project_id, request.model_version,
-                vectors=np.asarray(v.values, dtype=np.float32).reshape(v.n, v.dim))
+                vectors=np.asarray(v.values, dtype=np.float32).reshape(v.n, v.dim), annotator=request.annotator_id)
         elif which == "embeddings_uri":
             result = self.step.predict_on_demand(request.project_id, request.model_version,
-                                                 embeddings_uri=request.embeddings_uri)
+                                                 embeddings_uri=request.embeddings_uri, annotator=request.annotator_id)
         else:
             raise InvalidArgument("input: give vectors or embeddings_uri")
         classes = list(result.classes)
@@ -57,7 +57,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 raise InvalidArgument(f"{field} is required")
         require_project(request.project_id)
         region = propose_clicked_region(self.step.store, request.project_id, request.dataset_id, request.unit,
-                                        model_version=request.model_version, max_units=request.max_units)
+                                        model_version=request.model_version, max_units=request.max_units,
+                                        annotator=request.annotator_id)
         return prediction_pb2.ProposeRegionResponse(units=list(region.units), class_name=region.class_name,
                                                     model_version=region.model_version)
 

@@ -61,6 +61,8 @@ class PredictionStep:
         With ``smoothing`` = α > 0 each spot's probabilities become ``(1 − α)·own + α·mean of
         its neighbours'`` (``neighbours`` nearest spots on the array; 6 when 0). A model trained
         on Harmony-integrated expression (``card.extra["harmony"]``) gets the same integration.
+        A model with a per-annotator module also gives each annotator's predicted class of
+        every spot (smoothed alike), from which their disagreement follows.
         """
         parts = []
         integrated = project_feature_blocks(
@@ -71,33 +73,40 @@ class PredictionStep:
             x = np.hstack(list(integrated[i].values())) if integrated else \
                 feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
             probs, hidden, members = model.predict(x)
+            per_rater = model.predict_raters(x) if model.raters_module is not None else np.empty((0, len(x), 1))
             if smoothing > 0 and {"array_row", "array_col"} <= set(adata.obs.columns):
                 nb = neighbour_indices(visium_array_positions(adata.obs["array_row"].to_numpy(),
                                                               adata.obs["array_col"].to_numpy()),
                                        min(neighbours or 6, len(x) - 1))
                 probs = smooth_probabilities(probs, nb, smoothing)
+                per_rater = np.stack([smooth_probabilities(p, nb, smoothing) for p in per_rater]) \
+                    if len(per_rater) else per_rater
             dataset = str(adata.uns.get("dataset", parse_embeddings_key(uri).dataset))
             positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
                 if {"array_row", "array_col"} <= set(adata.obs.columns) else np.zeros((len(x), 2))
             parts.append((np.full(len(x), dataset), np.asarray(adata.obs_names, dtype=str), probs, hidden,
-                          members, positions))
+                          members, positions, per_rater.argmax(axis=2)))
         return Predictions(
             model_version=model.card.version, classes=list(model.card.classes),
             datasets=np.concatenate([p[0] for p in parts]), barcodes=np.concatenate([p[1] for p in parts]),
             probabilities=np.concatenate([p[2] for p in parts]), hidden=np.concatenate([p[3] for p in parts]),
             member_probabilities=np.concatenate([p[4] for p in parts], axis=1) if parts[0][4].shape[0] > 1 else None,
             positions=np.concatenate([p[5] for p in parts]),
+            raters=list(model.card.raters) if model.raters_module is not None else [],
+            rater_predicted=np.concatenate([p[6] for p in parts], axis=1) if model.raters_module is not None else None,
         )
 
     def predict_on_demand(self, project: str, model_version: str = "", *, vectors: np.ndarray | None = None,
-                          embeddings_uri: str = "") -> OnDemandPredictions:
+                          embeddings_uri: str = "", annotator: str = "") -> OnDemandPredictions:
         """Probabilities from a project's model (the newest unless ``model_version``).
 
         Give ``vectors`` (``(n, input_dim)`` features) or ``embeddings_uri`` (a dataset's
-        embeddings, featurised as the model was trained).
+        embeddings, featurised as the model was trained). With ``annotator`` the
+        probabilities are that annotator's, from the model's per-annotator module.
 
         Raises:
-            NotFound: no such model.
+            NotFound: no such model, or (``annotator_id``) an annotator the model does not know.
+            FailedPrecondition: ``annotator`` given and the model has no per-annotator module.
             InvalidArgument: neither or both inputs, or features of the wrong width.
         """
         if (vectors is None) == (not embeddings_uri):
@@ -111,7 +120,7 @@ class PredictionStep:
             vectors = feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
             barcodes = list(map(str, adata.obs_names))
             missing = [str(g) for g in adata.uns.get("missing_genes", [])]
-        probs, _, _ = model.predict(vectors)
+        probs = model.predict_as(vectors, annotator) if annotator else model.predict(vectors)[0]
         return OnDemandPredictions(model_version=model.card.version, classes=list(model.card.classes),
                                    probabilities=probs, barcodes=barcodes, missing_genes=missing)
 

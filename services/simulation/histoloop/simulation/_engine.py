@@ -35,10 +35,12 @@ import numpy as np
 
 from histoloop.acquisition.round import select_query
 from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
-from histoloop.acquisition.strategies import STRATEGIES, QueryContext
+from histoloop.acquisition.strategies import STRATEGIES, QueryContext, RaterDisagreement
 from histoloop.training.evaluate import classification_metrics
+from histoloop.training.export import scaled_inputs
 from histoloop.training.pipeline import TrainedModel
 from histoloop.training.predict import predict
+from histoloop.training.raters import fit_round_raters
 from histoloop.training.round import VALIDATION_FRACTION, fit_round
 from histoloop.training.scaling import FeatureScaling
 
@@ -74,6 +76,7 @@ class Problem:
         scaling: Standardisation fitted on every spot (no labels used).
         positions: ``(n, 2)`` array row/column of each spot (spatially compact query
             sets, the spatial graph of ``+ssl`` heads), or None.
+        raters: Simulated raters: ``(name, class index of every spot)`` each, or empty.
     """
 
     X: np.ndarray
@@ -82,6 +85,7 @@ class Problem:
     splits: dict[int, tuple[np.ndarray, np.ndarray]]
     scaling: FeatureScaling
     positions: np.ndarray | None = None
+    raters: tuple[tuple[str, np.ndarray], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,17 @@ def _initial(problem: Problem, spec: RunSpec, pool: np.ndarray) -> np.ndarray:
     return pool[selection.indices]
 
 
+def _rater_disagreement(problem: Problem, spec: RunSpec, model: TrainedModel | _Constant | None,
+                        labelled_rows: Sequence[int], X_pool: np.ndarray) -> np.ndarray | None:
+    """The pool's disagreement of the simulated raters' per-annotator models (the live loop's,
+    fitted on every rater's label of the labelled spots), where the strategy reads it."""
+    if spec.strategy != RaterDisagreement.name or not problem.raters or not isinstance(model, TrainedModel):
+        return None
+    votes = [(int(row), name, problem.classes[given[row]]) for name, given in problem.raters for row in labelled_rows]
+    per_rater = fit_round_raters({"features": problem.X}, model, votes, seed=spec.seed)
+    return per_rater.disagreement(scaled_inputs(model, X_pool))
+
+
 def _pool_positions(problem: Problem, pool: np.ndarray) -> np.ndarray | None:
     return None if problem.positions is None else problem.positions[pool]
 
@@ -454,11 +469,12 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             labelled[[position[i] for i in labelled_rows]] = True
             assert previous is not None
             P, hidden, members = cached if cached is not None else _predict(previous, X_pool, scaled_pool)
-            ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
-                               probabilities=P, member_probabilities=members, positions=positions,
-                               round=round_, labels=np.where(labelled, y_pool, -1))
             k = spec.targets[round_] - spec.targets[round_ - 1]
             t0 = time.perf_counter()
+            ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
+                               probabilities=P, member_probabilities=members, positions=positions,
+                               round=round_, labels=np.where(labelled, y_pool, -1),
+                               rater_disagreement=_rater_disagreement(problem, spec, previous, labelled_rows, X_pool))
             selection = select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
                                      compactness=spec.compactness, state=state)
             picked, state = pool[selection.indices], selection.state

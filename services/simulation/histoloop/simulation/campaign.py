@@ -32,6 +32,12 @@ A campaign runs every *arm* (strategy × head) for every seed:
 * **Stopping.** Every round records the live loop's stopping signal (predictions of the
   pool stable between rounds); the table reports where it first recommends stopping and
   how far the model then is from full supervision.
+* **Simulated raters.** With ``raters`` (two or more styles, built from the ground truth:
+  ``exact``; ``border``, who at a spot bordering another class gives that class half of
+  the time; ``merge:<class>:<into>``, who folds one class into another) every labelled spot
+  also gets each simulated rater's label, and each round fits the live loop's
+  per-annotator model on them (:func:`histoloop.training.raters.fit_round_raters`) for the
+  ``rater_disagreement`` strategy. The head still learns the ground truth.
 
 A round is the live loop's round (:func:`histoloop.training.round.fit_round`, then
 :func:`histoloop.acquisition.round.select_query`): the same seed rules, validation split,
@@ -159,6 +165,9 @@ class SimulationConfig:
             (used as it is), or ``"auto"``: counts when every value is a whole number,
             otherwise normalised — never normalised twice; the choice is recorded in
             ``campaign.json`` and logged.
+        raters: Simulated annotators' styles (see the module docstring), none or at
+            least two; the ``rater_disagreement`` strategy queries where their
+            per-annotator models disagree (without raters it falls back to entropy).
     """
 
     label_column: str = ""
@@ -183,9 +192,10 @@ class SimulationConfig:
     resampling: str = "off"
     compactness: float = 0.0
     x_values: XValues = "auto"
+    raters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("obsm", "strategies", "heads"):
+        for name in ("obsm", "strategies", "heads", "raters"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -217,6 +227,7 @@ class SimulationConfig:
             raise InvalidArgument(f"x_values must be one of {', '.join(_X_VALUES)}, got {self.x_values!r}")
         if self.pca < 0:
             raise InvalidArgument(f"pca must be ≥ 0, got {self.pca}")
+        _check_raters(self.raters)
         if self.neighbours < 0:
             raise InvalidArgument(f"neighbours must be ≥ 0, got {self.neighbours}")
         if self.seeds < 1 or self.seeds > 1000:
@@ -297,6 +308,52 @@ class SimulationConfig:
     def arms(self) -> list[tuple[str, str]]:
         """``(head, strategy)`` pairs, heads in the given order, strategies sorted."""
         return [(head, s) for head in self.heads for s in self._names(head)]
+
+
+def _check_raters(raters: Sequence[str]) -> None:
+    if len(raters) == 1:
+        raise InvalidArgument("raters: give none or at least two simulated raters (their models are compared)")
+    if len(set(raters)) != len(raters):
+        raise InvalidArgument("raters: a rater is listed twice")
+    for rater in raters:
+        kind, _, rest = rater.partition(":")
+        if kind in ("exact", "border") and not rest:
+            continue
+        if kind == "merge" and len(rest.split(":")) == 2 and all(rest.split(":")):
+            continue
+        raise InvalidArgument(f"raters: {rater!r} is not 'exact', 'border' or 'merge:<class>:<into>'")
+
+
+def simulated_raters(raters: Sequence[str], y: np.ndarray, classes: Sequence[str],
+                     positions: np.ndarray | None, seed: int = 17) -> tuple[tuple[str, np.ndarray], ...]:
+    """Each simulated rater's label (class index) of every spot, built from the ground truth ``y``.
+
+    Raises:
+        InvalidArgument: a ``merge`` of an unknown class, or ``border`` without positions.
+    """
+    from histoloop.spatial import neighbour_indices, visium_array_positions
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for rater in raters:
+        given = np.asarray(y, dtype=np.int64).copy()
+        kind, _, rest = rater.partition(":")
+        if kind == "merge":
+            unknown = [c for c in rest.split(":") if c not in classes]
+            if unknown:
+                raise InvalidArgument(f"raters: {rater!r} names classes {unknown} the labels do not have")
+            source, into = rest.split(":")
+            given[given == list(classes).index(source)] = list(classes).index(into)
+        elif kind == "border":
+            if positions is None:
+                raise InvalidArgument(f"raters: {rater!r} needs spot positions (obs array_row/array_col)")
+            neighbours = neighbour_indices(visium_array_positions(positions[:, 0], positions[:, 1]), 6)
+            for i in range(len(given)):
+                other = [j for j in neighbours[i] if y[j] != y[i]]
+                if other and rng.random() < 0.5:
+                    given[i] = y[rng.choice(other)]
+        out.append((rater, given))
+    return tuple(out)
 
 
 def default_strategies(head: str) -> tuple[str, ...]:
@@ -636,8 +693,12 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     digest = hashlib.sha256()
     for part in (X, y, *[a for s in sorted(splits) for a in splits[s]]):
         digest.update(np.ascontiguousarray(part).tobytes())
+    raters = simulated_raters(config.raters, y, classes, positions)
+    for _name, given in raters:
+        digest.update(given.tobytes())
     digest.update(json.dumps(classes).encode())
-    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling, positions=positions)
+    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling, positions=positions,
+                             raters=raters)
     return SimulationData(
         problem=problem, barcodes=np.asarray(adata.obs_names[keep]).astype(str), pool_size=pool_size,
         test_size=test_size, initial_size=initial_size, targets=targets, fingerprint=digest.hexdigest(),

@@ -42,6 +42,7 @@ def spec_from_request(request: simulation_pb2.SimulateRequest) -> SimulationSpec
         schedule=tuple(request.schedule),
         metric=cast(Metric, request.metric or "macro_f1"),  # SimulationConfig checks it
         target=request.target or 0.95,
+        raters=tuple(request.raters),
     )
     return SimulationSpec(
         config=config,

@@ -18,8 +18,10 @@ Genes missing from a transfer target cannot be neutralised inside the module; us
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +31,10 @@ from .heads import EnsembleHead, Head, LogRegHead, MLPHead, MLPNet, MultimodalHe
 from .mc_dropout import mc_masks_for
 from .pipeline import TrainedModel
 
-__all__ = ["export_torchscript", "input_layout"]
+if TYPE_CHECKING:
+    from .raters import RaterModel
+
+__all__ = ["export_raters_torchscript", "export_torchscript", "input_layout", "scaled_inputs"]
 
 
 def input_layout(model: TrainedModel) -> list[tuple[str, int]]:
@@ -164,6 +169,51 @@ class _EnsembleCore(nn.Module):
             hiddens.append(h)
         stacked = torch.stack(probs)
         return stacked.mean(dim=0), hiddens[0], stacked
+
+
+def scaled_inputs(model: TrainedModel, x: np.ndarray) -> np.ndarray:
+    """``x`` (the exported module's raw input, :func:`input_layout`) after the model's stored scaling."""
+    with torch.no_grad():
+        return _Scaler(model)(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+class _RaterCore(nn.Module):
+    if TYPE_CHECKING:
+        mean: torch.Tensor
+        scale: torch.Tensor
+
+    def __init__(self, raters: RaterModel) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(raters.net).eval()
+        self.register_buffer("mean", torch.from_numpy(np.asarray(raters.mean, dtype=np.float32).copy()))
+        self.register_buffer("scale", torch.from_numpy(np.asarray(raters.scale, dtype=np.float32).copy()))
+
+    def forward(self, z: torch.Tensor, rater: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net((z - self.mean) / self.scale, rater), dim=1)
+
+
+class _RatersExported(nn.Module):
+    def __init__(self, scaler: _Scaler, core: _RaterCore) -> None:
+        super().__init__()
+        self.scaler = scaler
+        self.core = core
+
+    def forward(self, x: torch.Tensor, rater: torch.Tensor) -> torch.Tensor:
+        return self.core(self.scaler(x), rater)
+
+
+def export_raters_torchscript(model: TrainedModel, raters: RaterModel) -> torch.jit.ScriptModule:
+    """Compile a per-annotator model into the ``raters.pt`` module of :mod:`histoloop.models`.
+
+    Args:
+        model: The consensus model it was fitted beside (its input layout and scaling).
+        raters: The :class:`~.raters.RaterModel` (from :func:`~.raters.fit_round_raters`).
+
+    Returns:
+        A scripted module: ``(x (n, D), rater (n,) int64) → probabilities (n, C)``, ``rater``
+        indexing ``raters.raters``.
+    """
+    return torch.jit.script(_RatersExported(_Scaler(model), _RaterCore(raters)).eval())
 
 
 class _Exported(nn.Module):

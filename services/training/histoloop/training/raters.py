@@ -14,18 +14,24 @@ where the raters' styles matter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from histoloop.datasets import rater_disagreement
 from histoloop.errors import InvalidArgument, NotFound
 
+from .export import scaled_inputs
 from .heads import _torch_threads, inverse_frequency_weights
+from .pipeline import TrainedModel
 
-__all__ = ["RaterModel", "RaterNet", "fit_rater_model"]
+__all__ = ["RaterModel", "RaterNet", "RaterVote", "fit_rater_model", "fit_round_raters", "vote_rows"]
+
+RaterVote = tuple[int, str, str]
+"""``(spot row, annotator, class name)``: one annotator's label of one spot."""
 
 
 class RaterNet(nn.Module):
@@ -92,13 +98,7 @@ class RaterModel:
 
     def disagreement(self, X: np.ndarray) -> np.ndarray:
         """``(n,)`` share of rater pairs whose predicted classes differ, per spot (0 = all agree)."""
-        predicted = np.stack([self.predict_proba(X, r).argmax(axis=1) for r in self.raters])
-        m = len(self.raters)
-        if m < 2:
-            return np.zeros(predicted.shape[1])
-        differ = sum((predicted[i] != predicted[j]).astype(np.float64)
-                     for i in range(m) for j in range(i + 1, m))
-        return differ / (m * (m - 1) / 2)
+        return rater_disagreement(np.stack([self.predict_proba(X, r).argmax(axis=1) for r in self.raters]))
 
 
 def fit_rater_model(
@@ -172,3 +172,45 @@ def _train(in_dim: int, Z: torch.Tensor, r: np.ndarray, y: np.ndarray, n_raters:
             loss.backward()
             opt.step()
     return net.eval()
+
+
+def vote_rows(barcodes: Iterable[str], votes: Mapping[str, Mapping[str, str]], offset: int = 0) -> list[RaterVote]:
+    """Every annotator's vote on the spots of one dataset, as rows of the stacked feature matrix.
+
+    Args:
+        barcodes: The dataset's spots in row order.
+        votes: barcode → annotator → class (a label snapshot's ``votes`` of the dataset).
+        offset: Row of the dataset's first spot in the stacked matrix.
+    """
+    return [(offset + row, annotator, label)
+            for row, barcode in enumerate(barcodes)
+            for annotator, label in sorted(votes.get(str(barcode), {}).items())]
+
+
+def fit_round_raters(features: Mapping[str, np.ndarray], model: TrainedModel, votes: Sequence[RaterVote], *,
+                     seed: int) -> RaterModel:
+    """The per-annotator model of one round, beside the round's consensus ``model``.
+
+    It sees the spots as ``model`` does (its feature layout and source scaling, see
+    :func:`~.export.scaled_inputs`), so its TorchScript export takes the same input.
+
+    Args:
+        features: Feature blocks of every spot (raw), one row per spot, as given to
+            :func:`~.round.fit_round`.
+        model: The round's consensus model.
+        votes: Every annotator's label of the labelled spots (:func:`vote_rows`).
+        seed: The project's seed.
+
+    Raises:
+        InvalidArgument: no votes, or a vote in a class the model does not have.
+    """
+    if not votes:
+        raise InvalidArgument("votes: a per-annotator model needs labels")
+    unknown = sorted({label for _, _, label in votes} - set(model.classes))
+    if unknown:
+        raise InvalidArgument(f"votes use classes the model does not have: {unknown}")
+    rows = np.array([row for row, _, _ in votes], dtype=np.int64)
+    x = np.hstack([np.asarray(features[k], dtype=np.float32) for k in features])[rows]
+    y = np.array([model.classes.index(label) for _, _, label in votes], dtype=np.int64)
+    return fit_rater_model(scaled_inputs(model, x), [a for _, a, _ in votes], y, n_classes=len(model.classes),
+                           seed=seed)

@@ -22,7 +22,7 @@ def _info(uri: str, card: ModelCard) -> training_pb2.ModelInfo:
         label_version=card.label_version, label_batch_ids=list(card.label_batch_ids),
         embeddings_uris=list(card.embeddings_uris), hyperparameters=dict(card.hyperparameters),
         metrics=metrics_proto(card),
-        classes=list(card.classes))
+        classes=list(card.classes), raters=list(card.raters))
 
 
 def _project(project_id: str) -> str:

@@ -30,8 +30,9 @@ from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
 from histoloop.presets import head_hyperparameters
 from histoloop.spatial import unit_positions
-from histoloop.training.export import export_torchscript
+from histoloop.training.export import export_raters_torchscript, export_torchscript
 from histoloop.training.pipeline import TrainedModel
+from histoloop.training.raters import RaterVote, fit_round_raters, vote_rows
 from histoloop.training.round import VIEW_HEADS, fit_round
 from histoloop.training.semi import SemiSupervised, pseudo_label_rows
 from histoloop.v1 import common_pb2, events_pb2
@@ -167,6 +168,7 @@ class TrainingStep:
         views_lab: list[np.ndarray] = []
         embedding_models: set[str] = set()
         labels: list[str] = []
+        votes: list[RaterVote] = []
         offset = 0
         integrated = project_feature_blocks(self.store, list(msg.embeddings_uris), config.features,
                                             config.spatial_neighbours, harmony=True, seed=seed) \
@@ -178,6 +180,7 @@ class TrainingStep:
                 embedding_models.add(f"{meta['model']}@{meta.get('version', '')}")
             blocks = integrated[i] if integrated else feature_blocks(adata, config.features, config.spatial_neighbours)
             given = snapshot.labels.get(dataset_of(uri), {})
+            votes += vote_rows(map(str, adata.obs_names), snapshot.votes.get(dataset_of(uri), {}), offset)
             rows = np.array([i for i, b in enumerate(adata.obs_names) if b in given], dtype=np.int64)
             names = [given[adata.obs_names[i]] for i in rows]
             if config.semi_supervised > 0 and len(rows):
@@ -211,6 +214,11 @@ class TrainingStep:
             TRAINING_RUNS.labels(outcome="failure").inc()
             raise
         module = export_torchscript(trained)
+        raters_module, raters = None, []
+        if len({annotator for _, annotator, _ in votes}) >= 2:  # each annotator's own view beside the consensus
+            per_rater = fit_round_raters(all_x, trained, votes, seed=seed)
+            raters_module, raters = export_raters_torchscript(trained, per_rater), list(per_rater.raters)
+            log.info("project %s: per-annotator model of %s on %d labels", project, raters, len(votes))
         state = state_key(project, version)
         if not self.store.exists(state):
             self.store.put(state, trained.to_bytes())
@@ -225,8 +233,9 @@ class TrainingStep:
             extra={"n_train": trained.n_train, "n_validation": trained.n_validation,
                    "resampling": trained.resampling, "n_labels": len(labels), "harmony": bool(integrated),
                    "new_label_batch_ids": self._new_batches(project, snapshot, msg),
-                   "views": int(n_views), "embedding_models": sorted(embedding_models)})
-        uri = save_model(self.store, card, module)
+                   "views": int(n_views), "embedding_models": sorted(embedding_models)},
+            raters=raters)
+        uri = save_model(self.store, card, module, raters_module)
         TRAINING_RUNS.labels(outcome="success").inc()
         for name in ("macro_f1", "balanced_accuracy", "kappa"):
             value = trained.validation.get(name)

@@ -23,7 +23,8 @@ Endpoints (``{p}`` a project id, ``{d}`` one of its dataset ids):
 ``GET /api/projects/{p}/datasets/{d}/slide_files/L/C_R.jpeg``  a Deep Zoom tile (cached, ETag)
 ``POST /api/projects/{p}/datasets/{d}/labels``            one ``SubmitLabels`` batch
 ``GET /api/projects/{p}/datasets/{d}/export?kind=``       Loupe CSV: labels, queryset, predictions
-``GET /api/projects/{p}/datasets/{d}/region?unit=``       ``ProposeRegion``: click-to-region units
+``GET /api/projects/{p}/datasets/{d}/region?unit=[&as=]`` ``ProposeRegion``: click-to-region units
+                                                          (``as``: by that annotator's own model)
 ========================================================  ===========================================
 """
 
@@ -296,15 +297,16 @@ class WebApp:
         return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def region(self, request: Request) -> JSONResponse:
-        """``ProposeRegion``: the units the model gives the clicked unit's class, connected to it."""
+        """``ProposeRegion``: the units the model (``?as=``: that annotator's model) gives the
+        clicked unit's class, connected to it."""
         p, d = self._ids(request)
         unit = request.query_params.get("unit", "")
         if not unit:
             raise WebError(400, "unit: give the clicked unit's id (?unit=)")
         await self.session(request, p)  # the store confirms membership; then the service token asks
-        reply = await run_in_threadpool(self.backends.call, self.backends.prediction.ProposeRegion,
-                                        prediction_pb2.ProposeRegionRequest(project_id=p, dataset_id=d, unit=unit),
-                                        "")
+        ask = prediction_pb2.ProposeRegionRequest(project_id=p, dataset_id=d, unit=unit,
+                                                  annotator_id=request.query_params.get("as", ""))
+        reply = await run_in_threadpool(self.backends.call, self.backends.prediction.ProposeRegion, ask, "")
         return JSONResponse(_message(reply))
 
     async def _slide(self, request: Request) -> Slide:
