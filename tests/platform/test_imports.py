@@ -59,3 +59,43 @@ def test_no_service_imports_another(service: str) -> None:
             if len(parts) >= 2 and parts[0] == "histoloop" and parts[1] in others:
                 found.append(f"{path.relative_to(SERVICES)}:{line} imports {module}")
     assert not found, "\n".join(found)
+
+
+def _module_name(path: Path) -> str:
+    """``histoloop.training.heads.base`` for ``services/training/histoloop/training/heads/base.py``."""
+    parts = path.relative_to(SERVICES).with_suffix("").parts[1:]  # drop the service root folder
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_module_resolves_by_its_path_without_installing() -> None:
+    """The folders spell the import paths: with only the service roots on the path (no
+    install, no ``package-dir`` map), the import system finds every module at its file.
+    Resolution walks the packages with ``PathFinder`` alone, importing nothing."""
+    import importlib.machinery
+
+    roots = [str(p) for p in sorted(SERVICES.iterdir()) if (p / "histoloop").is_dir()]
+    # modules of packages: not alembic's migration scripts, not the generated stubs
+    files = sorted(
+        p
+        for p in SERVICES.glob("*/histoloop/**/*.py")
+        if ((p.parent / "__init__.py").is_file() or p.parent.name == "histoloop")
+        and p.relative_to(SERVICES).parts[2] != "v1"
+    )
+    assert len(files) > 100
+    wrong = []
+    for path in files:
+        name = _module_name(path)
+        search: list[str] | None = roots
+        spec = None
+        for depth in range(1, name.count(".") + 2):
+            spec = importlib.machinery.PathFinder.find_spec(
+                ".".join(name.split(".")[:depth]), search
+            )
+            if spec is None:
+                break
+            search = list(spec.submodule_search_locations or [])
+        if spec is None or spec.origin is None or Path(spec.origin).resolve() != path.resolve():
+            wrong.append(
+                f"{name}: {spec.origin if spec else None} (expected {path.relative_to(SERVICES)})"
+            )
+    assert not wrong, "\n".join(wrong)
