@@ -120,6 +120,17 @@ async function openDataset() {
   await loadLayer(layerBytes);
 }
 
+// Resolves once the slide's tiles in view are drawn (at most 3 s): the panels' reads (GetStatus,
+// GetAgreement: seconds of store work on a large project) wait for it, so they do not slow the tiles.
+function slideShown() {
+  const image = viewer && viewer.world.getItemAt(0);
+  if (!image || image.getFullyLoaded()) return Promise.resolve();
+  return new Promise((resolve) => {
+    image.addOnceHandler('fully-loaded-change', resolve);
+    setTimeout(resolve, 3000);
+  });
+}
+
 // The first view's steps as performance marks (histoloop-<step>; benchmarks/bench_web.py reads them).
 function mark(step) {
   if (!state.interactive) performance.mark('histoloop-' + step);
@@ -600,9 +611,12 @@ function escape(text) {
 const KNOWN_STATUS = new Set(['project_id', 'round', 'labelled_per_class', 'n_labelled', 'n_spots', 'label_version',
   'latest_model_version', 'latest_metrics', 'stopping', 'n_disputed', 'pending_events']);
 
+let statusPending = false;
 async function refreshStatus() {
+  if (statusPending) return;  // GetStatus can take seconds on a large project: never two at once
+  statusPending = true;
   let status;
-  try { status = await getJSON(`${base()}/status`); } catch (e) { say(e.message, true); return; }
+  try { status = await getJSON(`${base()}/status`); } catch (e) { say(e.message, true); return; } finally { statusPending = false; }
   const per = status.labelled_per_class || {};
   const max = Math.max(1, ...Object.values(per));
   $('round').innerHTML = `<table><tr><th>round</th><td id="round-number">${status.round || 0}</td></tr>` +
@@ -674,6 +688,7 @@ async function renderAdjudication() {
     byUnit.get(i).push(`${escape(annotator)}: ${escape(L.classes[c] ?? '?')}`);
   }
   let kappa = '';
+  await slideShown();
   try {
     const agreement = await getJSON(`${base()}/agreement?dataset=${encodeURIComponent(state.dataset)}`);
     if (agreement.n_spots_multi_rated) {
@@ -760,9 +775,11 @@ async function main() {
   renderExports();
   await openDataset();
   listen();
-  refreshStatus();
-  refreshCurve();
-  setInterval(refreshStatus, 10000);
+  slideShown().then(() => {
+    refreshStatus();
+    refreshCurve();
+    setInterval(refreshStatus, 10000);
+  });
   say(`${state.layer.n} units; ${state.query.length} asked in round ${state.round}`);
   if (state.query.length) fly(0);
   state.ready = true;
