@@ -197,7 +197,8 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             page = context.new_page()
             page.goto(f"{base}/?project=big")
             page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
-            page.wait_for_timeout(1000)
+            page.wait_for_timeout(3500)  # the panels' reads start at most 3 s after the first view; let them end
+            _wait_idle(base)
             out["pan_zoom"] = page.evaluate(FPS, args.seconds)
             # the same motion with the overlay switched off: OpenSeadragon alone, same run
             layer = page.evaluate_handle("(() => { const l = window.__histoloop.layer; "
