@@ -11,7 +11,13 @@ driven by Playwright):
    (navigation start → slide open and overlay drawn, ``performance.mark``), and the
    frame rate while the viewport pans and zooms continuously for ``--seconds``
    (``requestAnimationFrame`` count), with the time of each moving-frame overlay update
-   and of the full overlay redraws (every unit filled: all 100,050 carry a label).
+   and of the full overlay redraws (every unit filled: all 100,050 carry a label). The
+   first view is also split into its steps (the page's ``histoloop-*`` marks and the layer
+   request's resource timing); each load starts once the workspace handles no request (its
+   ``histoloop_web_requests_in_flight`` gauge), so that the store reads the last page's panels
+   started (GetStatus, GetAgreement) do not fall into the next first view; and the home view is fully redrawn five times each way in
+   the same page: one canvas path per colour, pixels written into an ImageData, and the
+   page's own choice.
 2. **Deep Zoom tiles/s** on the same slide: every tile of the top ``--levels`` levels,
    fetched over HTTP by ``--clients`` concurrent clients, cold (empty tile cache) and warm
    (cached), against a bare loop of ``DeepZoomGenerator.get_tile`` (+ the JPEG encoding any
@@ -89,6 +95,38 @@ FPS = """async (seconds) => {
 }"""
 
 
+STEPS = """() => {
+  const out = Object.fromEntries(performance.getEntriesByType('mark')
+    .filter((m) => m.name.startsWith('histoloop-')).map((m) => [m.name.slice(10), m.startTime / 1000]));
+  const layer = performance.getEntriesByType('resource').find((r) => r.name.endsWith('/layer'));
+  if (layer) Object.assign(out, {'layer-request': layer.requestStart / 1000, 'layer-response': layer.responseEnd / 1000});
+  return out;
+}"""
+
+REDRAW = """(render) => {
+  const st = window.__histoloop;
+  if (!st.redraw) return null;  // a page from before the raster path
+  st.viewer.viewport.goHome(true);
+  st.render = render;
+  const ms = [];
+  for (let k = 0; k < 5; k++) { const t = performance.now(); st.redraw(); ms.push(performance.now() - t); }
+  const used = st.rendered;
+  st.render = 'auto';
+  return {render: used, ms};
+}"""
+
+
+def _wait_idle(base: str, timeout: float = 120.0) -> float:
+    """Wait until the workspace handles no request (the last page's panel reads included); the seconds waited."""
+    started = time.monotonic()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while time.monotonic() - started < timeout:
+            if "histoloop_web_requests_in_flight 0.0" in client.get("/metrics").text:
+                break
+            time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def _stack(folder: Path, services: list[str]) -> tuple[Server, WebServer]:
     settings = load_settings(data_dir=folder, grpc_port=0, metrics_port=0, web_port=0)
     server = Server(settings, services)
@@ -140,21 +178,27 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
                 for _ in range(3):
                     client.get("/api/projects/big/datasets/grid/layer")
                 out["layer_request_s"] = (time.perf_counter() - t) / 3
-            interactive = []
+            interactive, steps, waited = [], [], []
             for _ in range(args.repeat):
+                waited.append(_wait_idle(base))  # the last load's store reads must not fall into this one
                 context = browser.new_context(viewport={"width": 1400, "height": 860})
                 page = context.new_page()
                 page.goto(f"{base}/?project=big")
                 page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
                 interactive.append(page.evaluate(
                     "performance.getEntriesByName('histoloop-interactive')[0].startTime") / 1000)
+                steps.append(page.evaluate(STEPS))
                 context.close()
             out["first_interactive_s"] = interactive
+            out["first_view_steps_s"] = steps  # navigation start → each step, per page load
+            out["idle_wait_before_load_s"] = waited
+            _wait_idle(base)
             context = browser.new_context(viewport={"width": 1400, "height": 860})
             page = context.new_page()
             page.goto(f"{base}/?project=big")
             page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
-            page.wait_for_timeout(1000)
+            page.wait_for_timeout(3500)  # the panels' reads start at most 3 s after the first view; let them end
+            _wait_idle(base)
             out["pan_zoom"] = page.evaluate(FPS, args.seconds)
             # the same motion with the overlay switched off: OpenSeadragon alone, same run
             layer = page.evaluate_handle("(() => { const l = window.__histoloop.layer; "
@@ -162,6 +206,10 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             page.wait_for_timeout(500)
             out["pan_zoom_without_overlay"] = page.evaluate(FPS, args.seconds)
             page.evaluate("(l) => { window.__histoloop.layer = l; }", layer)
+            page.wait_for_timeout(1000)
+            # full redraws of the home view, five each way in the same page: unit paths, pixel writes, the default
+            for render in ("path", "raster", "auto"):
+                out[f"full_redraw_{render}"] = page.evaluate(REDRAW, render)
             out["fps_ratio_overlay_vs_none"] = out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
             context.close()
             part_tiles(args, web, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import httpx
 import pytest
@@ -49,6 +50,12 @@ def test_health_page_and_static(stack: Stack) -> None:
         assert client.get("/static/app.js").status_code == 200
         metrics = client.get("/metrics").text
         assert 'histoloop_web_requests_total{route="/healthz",status="200"}' in metrics
+        # every request above has ended: none stays counted (other tests' pages may still be finishing theirs)
+        deadline = time.monotonic() + 60
+        while "histoloop_web_requests_in_flight 0.0" not in metrics and time.monotonic() < deadline:
+            time.sleep(0.2)
+            metrics = client.get("/metrics").text
+        assert "histoloop_web_requests_in_flight 0.0" in metrics
 
 
 def test_sign_in_checks_the_token_with_the_store(stack: Stack) -> None:

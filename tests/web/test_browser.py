@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from histoloop.v1 import annotation_store_pb2 as pb
-from tests.web.conftest import DATASET, LAYERS, PROJECT, WSI_PROJECT, Stack
+from tests.web.conftest import COLOURS, DATASET, LAYERS, PROJECT, WSI_PROJECT, Stack
 
 CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -34,6 +34,75 @@ OVERLAY_SIGNATURE = """() => {
   return [n, h];
 }"""
 
+# Small units are written into an ImageData (the raster path), larger ones drawn as canvas paths.
+# Every unit on screen gets a pending label but three: one off tissue and unlabelled, two with a
+# prediction (one with uncertainty 0.5, one without). Read: the colours of twelve chosen units and,
+# at the centre pixel of every unit on screen, raster == paths.
+RASTER_AND_PATHS = """(size) => {
+  const st = window.__histoloop, L = st.layer, v = st.viewer, scale = st.slide.unit_scale;
+  const canvas = document.getElementById('overlay'), ratio = window.devicePixelRatio || 1;
+  st.query = []; st.cursor = -1;                          // nothing drawn over the fills:
+  for (let i = 0; i < L.n; i++) L.flags[i] &= ~2;           // no query rings, no disputed crosses
+  const pxPerUnit = () => {
+    const a = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+    const b = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(1000, 0));
+    return (b.x - a.x) / 1000 * scale;
+  };
+  v.viewport.goHome(true);
+  v.viewport.zoomBy(size / (st.grid.largest * pxPerUnit()), null, true);
+  const onScreen = st.grid.largest * pxPerUnit();
+  const centre = (i) => {
+    const p = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(L.x[i] * scale, L.y[i] * scale));
+    return [Math.floor(p.x * ratio), Math.floor(p.y * ratio)];
+  };
+  const inView = [];
+  for (let i = 0; i < L.n; i++) {
+    const [x, y] = centre(i);
+    if (x > 8 && y > 8 && x < canvas.width - 8 && y < canvas.height - 8) inView.push(i);
+  }
+  const pick = (k) => inView[Math.floor((k + 0.5) * inView.length / 16)];
+  const picture = (render) => {
+    st.render = render;
+    st.redraw();
+    return [st.rendered, canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data];
+  };
+  const at = (data, i) => {
+    const [x, y] = centre(i), k = 4 * (y * canvas.width + x);
+    return Array.from(data.slice(k, k + 4));
+  };
+  const agree = (a, b) => {  // premultiplied, so that faint pixels' colour rounding does not count
+    let worst = 0, alphaA = 0, alphaB = 0;
+    for (const i of inView) {
+      const p = at(a, i), q = at(b, i);
+      for (let c = 0; c < 3; c++) worst = Math.max(worst, Math.abs(p[c] * p[3] - q[c] * q[3]) / 255);
+      worst = Math.max(worst, Math.abs(p[3] - q[3]));
+    }
+    for (let k = 3; k < a.length; k += 4) { alphaA += a[k]; alphaB += b[k]; }
+    return {worst, coverage: alphaA / Math.max(alphaB, 1)};
+  };
+  const known = [...Array(12).keys()].map(pick), blank = pick(12), half = pick(13), none = pick(14);
+  st.mode = 'consensus';
+  inView.forEach((i, k) => { if (![blank, half, none].includes(i)) st.pending.set(i, k % L.classes.length); });
+  L.flags[blank] &= ~1; L.consensus[blank] = -1;           // off tissue, unlabelled: not drawn
+  const [rasterUsed, raster] = picture('raster'), [pathUsed, path] = picture('path'), [autoUsed] = picture('auto');
+  const consensus = {rasterUsed, pathUsed, autoUsed, blank: at(raster, blank), ...agree(raster, path),
+                     known: known.map((i) => [st.pending.get(i), at(raster, i)])};
+  st.mode = 'uncertainty';
+  L.predicted[half] = 1; L.uncertainty[half] = 127;        // alpha 127/254
+  L.predicted[none] = 1; L.uncertainty[none] = 255;        // no uncertainty: not drawn
+  const [, raster2] = picture('raster'), [, path2] = picture('path');
+  const uncertainty = {pending: at(raster2, known[0]), half: at(raster2, half), none: at(raster2, none),
+                       ...agree(raster2, path2)};
+  v.viewport.zoomBy(4, null, true);
+  const [zoomedUsed] = picture('auto');
+  st.pending.clear();
+  return {consensus, uncertainty, zoomedUsed, onScreen, n: inView.length};
+}"""
+
+
+def _rgb(colour: str) -> list[int]:
+    return [int(colour[k:k + 2], 16) for k in (1, 3, 5)]
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
@@ -51,8 +120,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False):
-    context = browser.new_context(viewport={"width": 1400, "height": 860})
+def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False, pixel_ratio: float = 1):
+    context = browser.new_context(viewport={"width": 1400, "height": 860}, device_scale_factor=pixel_ratio)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -236,3 +305,26 @@ def test_key_r_adds_the_proposed_region_as_one_undo_step(browser, stack: Stack) 
     page.keyboard.press("u")
     assert page.evaluate("window.__histoloop.pending.size") == 0
     context.close()
+
+
+@pytest.mark.parametrize("pixel_ratio", [1, 2])
+def test_raster_redraw_draws_the_colours_and_agrees_with_paths(browser, stack: Stack, pixel_ratio: float) -> None:
+    """Units under 4 px are written as pixels: each class's colour and alpha where a unit is, nothing where
+    none is drawn, and at every unit on screen the same pixels as the per-unit canvas paths."""
+    context, page = _open(browser, stack, "ann-a", pixel_ratio=pixel_ratio)
+    result = page.evaluate(RASTER_AND_PATHS, 3)
+    context.close()
+    consensus, uncertainty = result["consensus"], result["uncertainty"]
+    assert 2 <= result["onScreen"] < 4 and result["n"] > 1000, result
+    assert (consensus["rasterUsed"], consensus["pathUsed"], consensus["autoUsed"]) == ("raster", "path", "raster")
+    assert result["zoomedUsed"] == "path"  # 12 px units: paths (circles)
+    for c, (r, g, b, a) in consensus["known"]:
+        assert all(abs(x - y) <= 2 for x, y in zip((r, g, b), _rgb(COLOURS[c]), strict=True)), (c, r, g, b)
+        assert abs(a - 153) <= 1  # 0.6
+    assert consensus["blank"] == [0, 0, 0, 0]
+    assert uncertainty["pending"][3] == 153 and uncertainty["none"] == [0, 0, 0, 0]
+    assert uncertainty["half"][3] == 128 and all(
+        abs(x - y) <= 2 for x, y in zip(uncertainty["half"][:3], _rgb(COLOURS[1]), strict=True))
+    for picture in (consensus, uncertainty):
+        assert picture["worst"] <= 2, picture["worst"]
+        assert 0.85 <= picture["coverage"] <= 1.15, picture["coverage"]

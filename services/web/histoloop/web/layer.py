@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -29,25 +30,29 @@ def _pad(n: int) -> int:
 def encode_layer(layer: pb.UnitLayer) -> bytes:
     """Encode a ``UnitLayer`` reply for the page (see the module docstring for the layout)."""
     n = len(layer.unit_ids)
+
+    def column(values: Iterable[float], dtype: type[np.generic]) -> np.ndarray:
+        return np.fromiter(values, dtype, count=len(values))  # type: ignore[arg-type]  # a third faster than asarray
+
     label_dtype = np.int8 if len(layer.classes) < 127 else np.int16
-    size = np.asarray(layer.size, np.float32)
-    uncertainty = np.asarray(layer.uncertainty, np.float32)
+    size = column(layer.size, np.float32)
+    uncertainty = column(layer.uncertainty, np.float32)
     scaled = np.where(uncertainty < 0, _NO_UNCERTAINTY, np.clip(np.round(uncertainty * 254), 0, 254))
-    flags = (np.asarray(layer.in_tissue, np.uint8) | (np.asarray(layer.disputed, np.uint8) << 1))
-    rank = np.asarray(layer.query_rank, np.uint32)
+    flags = column(layer.in_tissue, np.uint8) | (column(layer.disputed, np.uint8) << 1)
+    rank = column(layer.query_rank, np.uint32)
     rank_dtype = np.uint16 if (rank.max(initial=0) < 65535) else np.uint32
     columns: list[tuple[str, np.ndarray | bytes]] = [
         ("ids", "\n".join(layer.unit_ids).encode()),
-        ("x", np.asarray(layer.x, np.float32)),
-        ("y", np.asarray(layer.y, np.float32)),
+        ("x", column(layer.x, np.float32)),
+        ("y", column(layer.y, np.float32)),
     ]
     constant_size = bool(n) and bool(np.all(size == size[0]))
     if not constant_size:
         columns.append(("size", size))
     columns += [
-        ("consensus", np.asarray(layer.consensus).astype(label_dtype)),
-        ("mine", np.asarray(layer.mine).astype(label_dtype)),
-        ("predicted", np.asarray(layer.predicted).astype(label_dtype)),
+        ("consensus", column(layer.consensus, label_dtype)),
+        ("mine", column(layer.mine, label_dtype)),
+        ("predicted", column(layer.predicted, label_dtype)),
         ("uncertainty", scaled.astype(np.uint8)),
         ("flags", flags.astype(np.uint8)),
         ("query_rank", rank.astype(rank_dtype)),

@@ -31,8 +31,11 @@ const state = {
   fullDrawMs: [],          // per full overlay redraw
   interactive: false,
   readOnly: false,
+  render: 'auto',          // full redraws: 'auto' (raster when units are small on screen), 'path' or 'raster'
+  rendered: '',            // which of the two the last full redraw used
 };
 window.__histoloop = state;
+state.redraw = () => draw();  // a full overlay redraw, for tests and benchmarks/bench_web.py
 
 let viewer = null;
 const canvas = $('overlay');
@@ -65,9 +68,11 @@ function colourOf(c) {
 }
 
 // ---------------------------------------------------------------------------- sign-in
+// Returns whether the sign-in form was shown (the project may then have changed).
 async function signIn() {
   state.me = await getJSON('/api/me');
-  if (state.me.auth && !state.me.signed_in) {
+  const prompt = state.me.auth && !state.me.signed_in;
+  if (prompt) {
     $('signin').hidden = false;
     $('signin-project').value = state.project;
     await new Promise((resolve) => {
@@ -92,6 +97,7 @@ async function signIn() {
   $('who').textContent = (state.me.subject || '') + (state.readOnly ? ' (read-only)' : '');
   $('signout').hidden = !state.me.auth;
   $('signout').onclick = async () => { await api('/api/session', { method: 'DELETE' }); location.reload(); };
+  return prompt;
 }
 
 // ---------------------------------------------------------------------------- slide + layer
@@ -110,11 +116,30 @@ async function openDataset() {
   viewer.addHandler('resize', scheduleDraw);
   viewer.addHandler('canvas-click', onCanvasClick);
   await new Promise((resolve) => viewer.addOnceHandler('open', resolve));
+  mark('slide-open');
   await loadLayer(layerBytes);
 }
 
+// Resolves once the slide's tiles in view are drawn (at most 3 s): the panels' reads (GetStatus,
+// GetAgreement: seconds of store work on a large project) wait for it, so they do not slow the tiles.
+function slideShown() {
+  const image = viewer && viewer.world.getItemAt(0);
+  if (!image || image.getFullyLoaded()) return Promise.resolve();
+  return new Promise((resolve) => {
+    image.addOnceHandler('fully-loaded-change', resolve);
+    setTimeout(resolve, 3000);
+  });
+}
+
+// The first view's steps as performance marks (histoloop-<step>; benchmarks/bench_web.py reads them).
+function mark(step) {
+  if (!state.interactive) performance.mark('histoloop-' + step);
+}
+
 async function fetchLayer() {
-  return (await api(`${dsBase()}/layer`)).arrayBuffer();
+  const buffer = await (await api(`${dsBase()}/layer`)).arrayBuffer();
+  mark('layer-fetched');
+  return buffer;
 }
 
 async function loadLayer(pending = null) {
@@ -127,39 +152,59 @@ async function loadLayer(pending = null) {
   state.query.sort((a, b) => layer.query_rank[a] - layer.query_rank[b]);
   state.cursor = -1;
   state.focus = -1;
+  state.rgb = layer.classes.map((_, c) => rgbOf(colourOf(c)));
   buildGrid();
+  mark('layer-parsed');
   renderClasses();
   renderAdjudication();
   draw();
   if (!state.interactive) {
+    mark('interactive');
     state.interactive = true;
-    performance.mark('histoloop-interactive');
   }
 }
 
+// A uniform grid over the units (cells at least as wide as the largest unit) for hit tests:
+// each cell's units are order[start[cell] .. start[cell + 1]].
 function buildGrid() {
   const L = state.layer;
-  let cell = 1;
-  for (let i = 0; i < L.n; i++) cell = Math.max(cell, L.size[i]);
-  const grid = new Map();
+  let largest = 0, minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
   for (let i = 0; i < L.n; i++) {
-    const key = Math.floor(L.x[i] / cell) + ',' + Math.floor(L.y[i] / cell);
-    let list = grid.get(key);
-    if (!list) grid.set(key, list = []);
-    list.push(i);
+    largest = Math.max(largest, L.size[i]);
+    minX = Math.min(minX, L.x[i]); maxX = Math.max(maxX, L.x[i]);
+    minY = Math.min(minY, L.y[i]); maxY = Math.max(maxY, L.y[i]);
   }
-  state.grid = { cell, grid };
+  if (!L.n) minX = minY = maxX = maxY = 0;
+  let cell = Math.max(largest, 1), cols, rows;
+  for (;;) {  // sparse layers get coarser cells: at most about four per unit
+    cols = Math.floor((maxX - minX) / cell) + 1;
+    rows = Math.floor((maxY - minY) / cell) + 1;
+    if (cols * rows <= 4 * L.n + 1024) break;
+    cell *= 2;
+  }
+  const key = new Int32Array(L.n);
+  const start = new Int32Array(cols * rows + 1);
+  for (let i = 0; i < L.n; i++) {
+    key[i] = Math.floor((L.x[i] - minX) / cell) * rows + Math.floor((L.y[i] - minY) / cell);
+    start[key[i] + 1] += 1;
+  }
+  for (let k = 0; k < cols * rows; k++) start[k + 1] += start[k];
+  const next = start.slice(0, -1);
+  const order = new Int32Array(L.n);
+  for (let i = 0; i < L.n; i++) order[next[key[i]]++] = i;
+  state.grid = { largest, cell, minX, minY, cols, rows, start, order };
 }
 
 function unitsNear(ux, uy, radius) {
-  const { cell, grid } = state.grid;
+  const { cell, minX, minY, cols, rows, start, order } = state.grid;
   const L = state.layer;
   const out = [];
   const r = Math.ceil((radius + cell) / cell);
-  const cx = Math.floor(ux / cell), cy = Math.floor(uy / cell);
-  for (let gx = cx - r; gx <= cx + r; gx++) {
-    for (let gy = cy - r; gy <= cy + r; gy++) {
-      for (const i of grid.get(gx + ',' + gy) || []) {
+  const cx = Math.floor((ux - minX) / cell), cy = Math.floor((uy - minY) / cell);
+  for (let gx = Math.max(0, cx - r); gx <= Math.min(cols - 1, cx + r); gx++) {
+    for (let gy = Math.max(0, cy - r); gy <= Math.min(rows - 1, cy + r); gy++) {
+      for (let k = start[gx * rows + gy]; k < start[gx * rows + gy + 1]; k++) {
+        const i = order[k];
         const dx = L.x[i] - ux, dy = L.y[i] - uy;
         if (dx * dx + dy * dy <= (radius + L.size[i] / 2) ** 2) out.push(i);
       }
@@ -230,6 +275,31 @@ function labelColumn() {
   return state.mode === 'mine' ? L.mine : state.mode === 'consensus' ? L.consensus : L.predicted;
 }
 
+// Units narrower than this on screen (CSS px) are drawn as squares, and a full redraw then
+// rasterises them straight into pixels: a path per unit costs ~3 µs, a few pixel writes far less.
+const SMALL_PX = 4;
+const FILL_ALPHA = 153;  // 0.6: labels and predictions over the slide
+const ALPHA_SHIFT = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1 ? 24 : 0;  // little/big-endian
+const colourProbe = document.createElement('canvas').getContext('2d', { willReadFrequently: true });
+let raster = null;       // { image, pixels }: the ImageData a raster redraw fills, reused while the size holds
+
+// a CSS colour as the Uint32Array value of one ImageData pixel (straight RGBA bytes) with alpha 0
+function rgbOf(colour) {
+  colourProbe.clearRect(0, 0, 1, 1);
+  colourProbe.fillStyle = colour;
+  colourProbe.fillRect(0, 0, 1, 1);
+  const [r, g, b] = colourProbe.getImageData(0, 0, 1, 1).data;
+  return (ALPHA_SHIFT ? (b << 16) | (g << 8) | r : (r << 24) | (g << 16) | (b << 8)) >>> 0;
+}
+
+function rasterPixels(width, height) {
+  if (!raster || raster.image.width !== width || raster.image.height !== height) {
+    const image = ctx.createImageData(width, height);
+    raster = { image, pixels: new Uint32Array(image.data.buffer) };
+  } else raster.pixels.fill(0);
+  return raster.pixels;
+}
+
 function draw() {
   if (!viewer || !state.layer || !state.slide) return;
   const started = performance.now();
@@ -245,32 +315,46 @@ function draw() {
   const { ox, oy, s } = transform();
   const column = labelColumn();
   const square = L.kind === 'wsi';
-  const buckets = new Map();     // colour|alpha -> [unit indices]
+  const rasterise = state.render === 'auto' ? state.grid.largest * s < SMALL_PX : state.render === 'raster';
+  const W = canvas.width, H = canvas.height;
+  const pixels = rasterise ? rasterPixels(W, H) : null;
+  const buckets = new Map();     // class * 256 + alpha -> [unit indices]
   const outline = [];
   for (let i = 0; i < L.n; i++) {
     const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 0.6);
     if (px + half < 0 || py + half < 0 || px - half > w || py - half > h) continue;
-    if (!(L.flags[i] & 1) && column[i] < 0 && !state.pending.has(i)) continue;  // off tissue, unlabelled
-    let c = state.pending.has(i) ? state.pending.get(i) : column[i];
-    let alpha = 0.6;
-    if (state.mode === 'uncertainty' && !state.pending.has(i)) {
-      alpha = L.uncertainty[i] === 255 ? 0 : Math.max(0.05, L.uncertainty[i] / 254);
+    const pending = state.pending.get(i);
+    if (!(L.flags[i] & 1) && column[i] < 0 && pending === undefined) continue;  // off tissue, unlabelled
+    const c = pending === undefined ? column[i] : pending;
+    let alpha = FILL_ALPHA;
+    if (state.mode === 'uncertainty' && pending === undefined) {
+      alpha = L.uncertainty[i] === 255 ? 0 : Math.round(255 * Math.max(0.05, L.uncertainty[i] / 254));
     }
     if (c < 0 || alpha === 0) { if (half > 2.5) outline.push(i); continue; }
-    const key = colourOf(c) + '|' + alpha.toFixed(2);
+    if (pixels) {  // the device pixels whose centres fall inside the unit (at least one)
+      const value = (state.rgb[c] | (alpha << ALPHA_SHIFT)) >>> 0;
+      const cx = px * ratio, cy = py * ratio, r = half * ratio;
+      let x0 = Math.round(cx - r), x1 = Math.max(Math.round(cx + r), x0 + 1);
+      let y0 = Math.round(cy - r), y1 = Math.max(Math.round(cy + r), y0 + 1);
+      x0 = Math.max(x0, 0); x1 = Math.min(x1, W); y0 = Math.max(y0, 0); y1 = Math.min(y1, H);
+      for (let y = y0; y < y1; y++) pixels.fill(value, y * W + x0, y * W + x1);
+      continue;
+    }
+    const key = c * 256 + alpha;
     let list = buckets.get(key);
     if (!list) buckets.set(key, list = []);
     list.push(i);
   }
+  if (pixels) ctx.putImageData(raster.image, 0, 0);
+  state.rendered = pixels ? 'raster' : 'path';
   const shape = (i) => {
     const px = ox + L.x[i] * s, py = oy + L.y[i] * s, half = Math.max(L.size[i] * s / 2, 0.6);
-    if (square || half < 2) { ctx.rect(px - half, py - half, 2 * half, 2 * half); }
+    if (square || 2 * half < SMALL_PX) { ctx.rect(px - half, py - half, 2 * half, 2 * half); }
     else { ctx.moveTo(px + half, py); ctx.arc(px, py, half, 0, 2 * Math.PI); }
   };
   for (const [key, list] of buckets) {
-    const [colour, alpha] = key.split('|');
-    ctx.globalAlpha = Number(alpha);
-    ctx.fillStyle = colour;
+    ctx.globalAlpha = (key % 256) / 255;
+    ctx.fillStyle = colourOf(Math.floor(key / 256));
     ctx.beginPath();
     for (const i of list) shape(i);
     ctx.fill();
@@ -527,9 +611,12 @@ function escape(text) {
 const KNOWN_STATUS = new Set(['project_id', 'round', 'labelled_per_class', 'n_labelled', 'n_spots', 'label_version',
   'latest_model_version', 'latest_metrics', 'stopping', 'n_disputed', 'pending_events']);
 
+let statusPending = false;
 async function refreshStatus() {
+  if (statusPending) return;  // GetStatus can take seconds on a large project: never two at once
+  statusPending = true;
   let status;
-  try { status = await getJSON(`${base()}/status`); } catch (e) { say(e.message, true); return; }
+  try { status = await getJSON(`${base()}/status`); } catch (e) { say(e.message, true); return; } finally { statusPending = false; }
   const per = status.labelled_per_class || {};
   const max = Math.max(1, ...Object.values(per));
   $('round').innerHTML = `<table><tr><th>round</th><td id="round-number">${status.round || 0}</td></tr>` +
@@ -601,6 +688,7 @@ async function renderAdjudication() {
     byUnit.get(i).push(`${escape(annotator)}: ${escape(L.classes[c] ?? '?')}`);
   }
   let kappa = '';
+  await slideShown();
   try {
     const agreement = await getJSON(`${base()}/agreement?dataset=${encodeURIComponent(state.dataset)}`);
     if (agreement.n_spots_multi_rated) {
@@ -672,9 +760,12 @@ async function main() {
   $('send').onclick = send;
   $('next').onclick = () => fly(state.cursor + 1);
   $('prev').onclick = () => fly(state.cursor - 1);
-  await signIn();
+  // the project is asked for together with /api/me (one round trip less); after a sign-in, again
+  const early = state.project ? getJSON(base()).catch(() => null) : null;
+  const prompted = await signIn();
   if (!state.project) { say('open a project: add ?project=<id> to the address', true); return; }
-  state.projectInfo = await getJSON(base());
+  state.projectInfo = (!prompted && await early) || await getJSON(base());
+  mark('project');
   $('project-name').textContent = state.projectInfo.name || state.project;
   const datasets = state.projectInfo.datasets || [];
   if (!datasets.length) { say('this project has no dataset yet', true); return; }
@@ -684,9 +775,11 @@ async function main() {
   renderExports();
   await openDataset();
   listen();
-  refreshStatus();
-  refreshCurve();
-  setInterval(refreshStatus, 10000);
+  slideShown().then(() => {
+    refreshStatus();
+    refreshCurve();
+    setInterval(refreshStatus, 10000);
+  });
   say(`${state.layer.n} units; ${state.query.length} asked in round ${state.round}`);
   if (state.query.length) fly(0);
   state.ready = true;
