@@ -400,6 +400,13 @@ def test_multi_rater_consensus_status_and_agreement(
     ]
     assert set(report.reliability) == {"ann1", "ann2", "expert1"}
     assert repo.agreement(pid, "ds1").disputed == tuple(sorted(barcode(i) for i in (2, 3, 4)))
+    # computed once per label version: a repeat is the same report, a new label a new one
+    assert repo.agreement(pid) is report
+    repo.submit_labels(pid, "ds1", "b-settle", labels((4, "A"), (5, "B")), annotator="expert1")
+    after = repo.agreement(pid)
+    assert after is not report and after.n_disputed == 2  # spot 4 is now A, A, A
+    status = repo.status(pid)
+    assert (status.labelled_per_class, status.n_labelled, status.n_disputed) == ({"A": 2, "B": 3}, 5, 2)
 
     # latest_expert in a second project over the same votes: the expert's word wins
     pid2 = new_project_id()

@@ -9,6 +9,7 @@ what is declared here, never a sibling mixin's private methods.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,28 @@ class _DatasetRef:
     spots: Mapping[str, int]
     removed: bool = False
     """Taken out of the pool by RemoveDataset (labels for it are refused)."""
+
+
+class Lru:
+    """A small thread-safe LRU cache."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[object, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> object | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: object, value: object) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
 
 
 class _Statements:
@@ -177,6 +200,8 @@ class RepositoryBase:
         self._statements = _Statements(db.dialect)
         self._project_meta_cache: dict[str, _ProjectMeta] = {}
         self._dataset_cache: OrderedDict[tuple[str, str], _DatasetRef] = OrderedDict()
+        # label summaries (status counts, agreement) per label version: labels at a version never change
+        self._summaries = Lru(32)
 
     def _project(self, s: Session, project_id: str, *, lock: bool = False) -> m.Project:
         query = select(m.Project).where(m.Project.id == project_id)

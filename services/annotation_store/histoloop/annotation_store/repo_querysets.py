@@ -8,6 +8,8 @@ predictions) follow the dataset's positions-file order.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
 from sqlalchemy import and_, func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +38,15 @@ from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 __all__ = ["QuerySetsMixin"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _ConsensusCounts:
+    """What GetStatus needs of the consensus at one label version."""
+
+    per_class: Counter[str]
+    n_labelled: int
+    n_disputed: int
 
 
 class QuerySetsMixin(RepositoryBase):
@@ -204,34 +215,46 @@ class QuerySetsMixin(RepositoryBase):
                 )
                 or 0
             )
-            votes = self._votes(s, project_id)
-        result = compute_consensus(votes, project.consensus)
-        per_class = dict.fromkeys(classes, 0)
-        for label in result.labels.values():
-            per_class[label.label] = per_class.get(label.label, 0) + 1
+            key = ("status", project_id, project.label_version, project.consensus)
+            counts = self._summaries.get(key)
+            if counts is None:  # the consensus of every label, once per label version
+                result = compute_consensus(self._votes(s, project_id), project.consensus)
+                counts = _ConsensusCounts(
+                    Counter(c.label for c in result.labels.values()),
+                    len(result.labels),
+                    sum(1 for c in result.labels.values() if c.disputed),
+                )
+                self._summaries.put(key, counts)
+        assert isinstance(counts, _ConsensusCounts)
+        per_class = dict.fromkeys(classes, 0) | dict(counts.per_class)
         return ProjectStatus(
             project_id=project_id,
             round=int(round_no),
             labelled_per_class=per_class,
-            n_labelled=len(result.labels),
+            n_labelled=counts.n_labelled,
             n_spots=int(n_spots),
             label_version=project.label_version,
             latest_model_version=latest.model_version if latest else "",
             latest_metrics=(latest.metrics or {}) if latest else {},
             stopping=(latest.stopping or {}) if latest else {},
-            n_disputed=sum(1 for c in result.labels.values() if c.disputed),
+            n_disputed=counts.n_disputed,
             pending_events=int(pending),
         )
 
     def agreement(self, project_id: str, dataset_id: str = "") -> AgreementReport:
-        """Fleiss' kappa, Cohen's kappa per annotator pair, disputed spots, DS reliabilities."""
+        """Fleiss' kappa, Cohen's kappa per annotator pair, disputed spots, DS reliabilities
+        (computed once per label version, consensus rule and class schema)."""
         with self.db.read() as s:
-            self._project(s, project_id)
+            project = self._project(s, project_id)
             if dataset_id:
                 self._dataset(s, project_id, dataset_id)
-            votes = self._votes(s, project_id, dataset_id=dataset_id)
-            rule = self._project(s, project_id).consensus
+            rule = project.consensus
             class_names = tuple(c.name for c in self._classes(s, project_id))
+            key = ("agreement", project_id, dataset_id, project.label_version, rule, class_names)
+            cached = self._summaries.get(key)
+            if isinstance(cached, AgreementReport):
+                return cached
+            votes = self._votes(s, project_id, dataset_id=dataset_id)
         per_item = latest_votes(votes)
         confusions = rater_confusions(per_item, compute_consensus(votes, rule).labels, class_names)
         fleiss, n_multi = fleiss_kappa(per_item)
@@ -239,7 +262,7 @@ class QuerySetsMixin(RepositoryBase):
             item for item, v in per_item.items() if len({x.label for x in v.values()}) > 1
         )
         _labels, reliability = dawid_skene(per_item)
-        return AgreementReport(
+        report = AgreementReport(
             fleiss_kappa=fleiss,
             cohen=tuple(pairwise_cohen(per_item)),
             n_spots_multi_rated=n_multi,
@@ -251,6 +274,8 @@ class QuerySetsMixin(RepositoryBase):
             rater_confusion=tuple(confusions),
             confusion_classes=class_names,
         )
+        self._summaries.put(key, report)
+        return report
 
     # exports ---------------------------------------------------------------------------------
     def export_labels(

@@ -18,6 +18,7 @@ import numpy as np
 
 from histoloop.annotation_store.consensus import compute_consensus, latest_votes
 from histoloop.annotation_store.domain import QuerySetRecord
+from histoloop.annotation_store.repo_base import Lru
 from histoloop.annotation_store.repo_datasets import unit_rows
 from histoloop.annotation_store.repository import AnnotationRepository
 from histoloop.artifacts.base import ArtifactStore
@@ -137,28 +138,6 @@ class _Labels:
     """barcode → annotator → their latest label."""
 
 
-class _Lru:
-    """A small thread-safe LRU cache."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[object, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: object) -> object | None:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            return None
-
-    def put(self, key: object, value: object) -> None:
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
 @dataclass
 class _Columns:
     """Label columns of one dataset as of one label version (``mine`` filled per caller)."""
@@ -183,9 +162,9 @@ def _label_columns(units: _Units, labels: _Labels, class_index: dict[str, int]) 
     return columns
 
 
-_UNITS = _Lru(_CACHE)
-_COLUMNS = _Lru(_CACHE)
-_LABELS = _Lru(_CACHE)
+_UNITS = Lru(_CACHE)
+_COLUMNS = Lru(_CACHE)
+_LABELS = Lru(_CACHE)
 
 
 def unit_layer(
