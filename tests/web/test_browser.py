@@ -307,6 +307,31 @@ def test_key_r_adds_the_proposed_region_as_one_undo_step(browser, stack: Stack) 
     context.close()
 
 
+def test_key_r_proposes_as_the_signed_in_annotator_when_the_model_knows_them(browser, stack: Stack) -> None:
+    """Two annotators label the same spots differently; the next model carries a per-annotator
+    model, and ``r`` asks for the region as the signed-in annotator."""
+    query_set = stack.store.GetQuerySet(pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin)
+    spots = [s.barcode for s in query_set.spots if s.barcode in stack.truth.index]
+    for name, shift in (("ann-a", 0), ("ann-b", 1)):
+        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
+            project_id=PROJECT, dataset_id=DATASET, batch_id=f"raters-{name}",
+            labels=[pb.SpotLabel(barcode=b, label=LAYERS[(LAYERS.index(stack.truth[b]) + shift) % len(LAYERS)])
+                    for b in spots]), metadata=[("authorization", f"Bearer {stack.tokens[name]}")])
+    stack.wait_round(PROJECT, query_set.round)
+    context, page = _open(browser, stack, "ann-a")
+    page.wait_for_function("() => window.__histoloop.raters.includes('ann-a')", timeout=30_000)
+    page.evaluate("window.__histoloop.focus = window.__histoloop.query[0]")
+    unit = page.evaluate("window.__histoloop.layer.ids[window.__histoloop.focus]")
+    page.keyboard.press("r")
+    page.wait_for_function("() => window.__histoloop.pending.size > 0", timeout=30_000)
+    region = page.evaluate(f"""async () => (await (await fetch(
+        '/api/projects/{PROJECT}/datasets/{DATASET}/region?unit={unit}&as=ann-a')).json()).units""")
+    pending = page.evaluate("[...window.__histoloop.pending].map(([i]) => window.__histoloop.layer.ids[i])")
+    assert sorted(pending) == sorted(region)
+    assert "as ann-a" in page.text_content("#status-line")
+    context.close()
+
+
 @pytest.mark.parametrize("pixel_ratio", [1, 2])
 def test_raster_redraw_draws_the_colours_and_agrees_with_paths(browser, stack: Stack, pixel_ratio: float) -> None:
     """Units under 4 px are written as pixels: each class's colour and alpha where a unit is, nothing where

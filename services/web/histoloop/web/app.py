@@ -221,7 +221,7 @@ class WebApp:
         return JSONResponse({"models": [
             {"model_version": m.model_version, "label_version": m.label_version, "head": m.head,
              "n_train": m.metrics.n_train, "macro_f1": m.metrics.macro_f1,
-             "balanced_accuracy": m.metrics.balanced_accuracy} for m in reply.models]})
+             "balanced_accuracy": m.metrics.balanced_accuracy, "raters": list(m.raters)} for m in reply.models]})
 
     async def agreement(self, request: Request) -> JSONResponse:
         """``GetAgreement`` (kappas, disputed units) for the project or one dataset."""

@@ -22,6 +22,7 @@ const state = {
   query: [],               // unit indices in query order
   cursor: -1,
   focus: -1,               // the last clicked unit (r proposes its region)
+  raters: [],              // annotators the latest model has a per-annotator model of
   grid: null,
   sentAt: 0,
   round: 0,
@@ -445,11 +446,15 @@ async function proposeRegion() {
   const i = state.focus >= 0 ? state.focus : state.query[state.cursor];
   if (state.readOnly || !L || i === undefined || i < 0) return;
   try {
-    const region = await getJSON(`${dsBase()}/region?unit=${encodeURIComponent(L.ids[i])}`);
+    // as the signed-in annotator when the latest model knows their style (a per-annotator model)
+    const as = state.raters.includes(state.me.subject) ? state.me.subject : '';
+    const region = await getJSON(`${dsBase()}/region?unit=${encodeURIComponent(L.ids[i])}` +
+                                 (as ? `&as=${encodeURIComponent(as)}` : ''));
     if (!L.index) L.index = new Map(L.ids.map((id, k) => [id, k]));
     const units = region.units.map((id) => L.index.get(id)).filter((k) => k !== undefined);
     assign(units);
-    say(`region of ${units.length} units (model ${region.model_version}: ${region.class_name}) → ${L.classes[state.cls]}`);
+    say(`region of ${units.length} units (model ${region.model_version}${as ? ' as ' + as : ''}: ` +
+        `${region.class_name}) → ${L.classes[state.cls]}`);
   } catch (error) {
     say(`region: ${error.message}`, true);
   }
@@ -665,6 +670,7 @@ function renderValue(key, value) {
 async function refreshCurve() {
   let models = [];
   try { models = (await getJSON(`${base()}/models`)).models; } catch (e) { return; }
+  state.raters = models.length ? models[models.length - 1].raters : [];
   const svg = $('curve');
   const points = models.filter((m) => m.n_train > 0).map((m) => [m.n_train, m.macro_f1]);
   if (!points.length) { svg.innerHTML = ''; return; }
