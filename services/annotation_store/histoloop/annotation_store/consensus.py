@@ -226,9 +226,11 @@ def dawid_skene(
             obs_lab.append(c_index[vote.label])
     oi, oa, ol = np.array(obs_item), np.array(obs_ann), np.array(obs_lab)
 
+    # sums over observations as bincounts (np.add.at is an order of magnitude slower)
+    cell = oa * n_cls + ol  # (annotator, given) of each observation
+
     # initialise the class posteriors with the (soft) majority vote
-    post = np.zeros((n_items, n_cls))
-    np.add.at(post, (oi, ol), 1.0)
+    post = np.bincount(oi * n_cls + ol, minlength=n_items * n_cls).reshape(n_items, n_cls).astype(float)
     post /= post.sum(axis=1, keepdims=True)
 
     confusion = np.zeros((n_ann, n_cls, n_cls))
@@ -239,12 +241,18 @@ def dawid_skene(
         counts = np.full((n_ann, n_cls, n_cls), smoothing) + diagonal_prior * np.eye(
             n_cls
         )  # [annotator, given, true]
-        np.add.at(counts, (oa, ol), post[oi])
+        weights = post[oi]
+        for k in range(n_cls):
+            counts[:, :, k] += np.bincount(cell, weights=weights[:, k], minlength=n_ann * n_cls).reshape(
+                n_ann, n_cls
+            )
         confusion = counts.transpose(0, 2, 1)
         confusion = confusion / confusion.sum(axis=2, keepdims=True)
         # E-step: posterior of the true class of each item
         log_post = np.tile(np.log(np.clip(prior, 1e-300, None)), (n_items, 1))
-        np.add.at(log_post, oi, np.log(confusion[oa, :, ol]))
+        log_obs = np.log(confusion[oa, :, ol])  # (observation, true class)
+        for k in range(n_cls):
+            log_post[:, k] += np.bincount(oi, weights=log_obs[:, k], minlength=n_items)
         log_post -= log_post.max(axis=1, keepdims=True)
         new_post = np.exp(log_post)
         new_post /= new_post.sum(axis=1, keepdims=True)
@@ -253,16 +261,16 @@ def dawid_skene(
         if delta < tol:
             break
 
+    tied = post >= post.max(axis=1, keepdims=True) - 1e-9  # classes within 1e-9 of the best
+    best, n_tied = post.argmax(axis=1).tolist(), tied.sum(axis=1).tolist()
     result: dict[Item, str] = {}
     for i, item in enumerate(items):
-        best = post[i].max()
-        tied = [classes[k] for k in np.flatnonzero(np.isclose(post[i], best, rtol=0, atol=1e-9))]
-        result[item] = (
-            tied[0]
-            if len(tied) == 1
-            else _majority(
-                {a: v for a, v in per_item[item].items() if v.label in tied} or per_item[item]
+        if n_tied[i] == 1:
+            result[item] = classes[best[i]]
+        else:
+            names = {classes[k] for k in np.flatnonzero(tied[i])}
+            result[item] = _majority(
+                {a: v for a, v in per_item[item].items() if v.label in names} or per_item[item]
             )
-        )
     accuracy = {a: float((prior * np.diagonal(confusion[j])).sum()) for a, j in a_index.items()}
     return result, accuracy
