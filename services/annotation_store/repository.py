@@ -82,6 +82,7 @@ from histoloop.formats.positions import (
     parse_positions,
     parse_scalefactors,
 )
+from histoloop.labelsets import MIN_TRAINING_CLASSES
 from histoloop.metrics import LABELS_COMMITTED
 from histoloop.v1 import common_pb2, events_pb2
 
@@ -1521,11 +1522,21 @@ class AnnotationRepository:
                 )
                 or 0
             )
+            asked = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(m.QuerySetSpot)
+                    .where(m.QuerySetSpot.queryset_pk == latest.id)
+                )
+                if latest
+                else 0
+            )
             votes = self._votes(s, project_id)
         result = compute_consensus(votes, project.consensus)
         per_class = dict.fromkeys(classes, 0)
         for label in result.labels.values():
             per_class[label.label] = per_class.get(label.label, 0) + 1
+        answered = latest is not None and latest.label_version == project.label_version
         return ProjectStatus(
             project_id=project_id,
             round=int(round_no),
@@ -1538,6 +1549,7 @@ class AnnotationRepository:
             stopping=(latest.stopping or {}) if latest else {},
             n_disputed=sum(1 for c in result.labels.values() if c.disputed),
             pending_events=int(pending),
+            notice=_classes_notice(per_class, int(asked or 0) if answered else None),
         )
 
     def agreement(self, project_id: str, dataset_id: str = "") -> AgreementReport:
@@ -1789,6 +1801,19 @@ class AnnotationRepository:
                 .order_by(m.ProjectClass.position)
             )
         )
+
+
+def _classes_notice(per_class: Mapping[str, int], asked: int | None) -> str:
+    """GetStatus' notice while the labels cover too few classes for a model.
+
+    ``asked``: the size of the query set chosen on the newest labels, None while it is
+    still being chosen.
+    """
+    given = sum(1 for n in per_class.values() if n)
+    if not 0 < given < MIN_TRAINING_CLASSES:
+        return ""
+    need = f"need labels of at least {MIN_TRAINING_CLASSES} classes"
+    return f"{need}; choosing more spots" if asked is None else f"{need}; asking {asked} more spots"
 
 
 def _validated_classes(

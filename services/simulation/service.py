@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import grpc
+from google.protobuf import json_format
 
 from histoloop.runtime import Runtime, ServiceParts
 from histoloop.simulation.campaign import SimulationConfig
@@ -41,6 +42,7 @@ def spec_from_request(request: simulation_pb2.SimulateRequest) -> SimulationSpec
         schedule=tuple(request.schedule),
         metric=request.metric or "macro_f1",
         target=request.target or 0.95,
+        loop=json_format.MessageToDict(request.loop, preserving_proto_field_name=True),
     )
     return SimulationSpec(
         config=config,

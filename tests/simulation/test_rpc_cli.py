@@ -14,7 +14,7 @@ from histoloop.cli import main
 from histoloop.config import load_settings
 from histoloop.datasets import write_anndata
 from histoloop.server import Server
-from histoloop.v1 import simulation_pb2, simulation_pb2_grpc
+from histoloop.v1 import common_pb2, simulation_pb2, simulation_pb2_grpc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -120,6 +120,15 @@ def test_start_rejects_bad_requests_at_once(stub, small_h5ad: Path, change: dict
     assert field in err.value.details()
 
 
+def test_start_rejects_loop_settings_a_campaign_cannot_take(stub, small_h5ad: Path) -> None:
+    request = _request(dataset_path=str(small_h5ad))
+    request.loop.CopyFrom(common_pb2.LoopConfig(hybrid_share=0.5, query_size=7))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartSimulation(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "loop: query_size cannot be set here" in err.value.details()
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"label_column": "nope"}, "label_column"),
     ({"obsm_keys": ["X_nope"]}, "obsm"),
@@ -174,6 +183,8 @@ def test_cli_simulate(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFi
     (["--obsm", "X_nope"], "obsm"),
     (["--schedule", "0.9:0.1:0.1"], "schedule"),
     (["--head", "forest"], "heads"),
+    (["--loop", "hybrid_share=0.5"], "--loop: not JSON"),
+    (["--loop", '{"strategy": "margin"}'], "loop: strategy cannot be set here"),
 ])
 def test_cli_rejects_bad_arguments(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    extra: list[str], field: str) -> None:

@@ -130,7 +130,7 @@ def test_project_default_config_is_what_create_project_gives() -> None:
     assert cfg.neighbours == store.spatial_neighbours and cfg.initial == store.cold_start_strategy
     paper = project_default_config("layer", preset="activevisium")
     assert paper.heads == ("mlp",) and paper.strategies == ("activevisium", "random")
-    assert paper.hyperparameters["mlp"]["lr"] == 1e-4
+    assert paper.loop == {"preset": "activevisium"} and paper.head_hyperparameters("mlp")["lr"] == 1e-4
     assert loop_defaults("activevisium")["head"] == LoopSettings.with_defaults(preset="activevisium").head
 
 
