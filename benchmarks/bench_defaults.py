@@ -10,7 +10,10 @@ writes one Markdown table per dataset plus a summary to ``--out``::
 Every number comes from ``histoloop.simulation.run_campaign`` (the same round
 functions as ``histoloop simulate``); the query size is the simulator's default, 2 % of
 the training pool, so both sections get the same relative budget (no per-dataset
-constants). ``--case`` runs one case only; ``--quick`` runs 2 seeds and fewer rounds.
+constants). The ``query-half`` and ``query-double`` cases sweep that size (1 % and 4 % of the
+pool, the same labels in twice or half as many rounds) for the project default
+(activevisium / mlp with neighbour means) and random; the ``nb6`` case is the ×1 point.
+``--case`` runs one case only; ``--quick`` runs 2 seeds and fewer rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from histoloop.presets import head_hyperparameters
-from histoloop.simulation import SimulationConfig, run_campaign
+from histoloop.simulation import DEFAULT_QUERY_FRACTION, SimulationConfig, run_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -82,6 +85,11 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
         out[f"{data}.nb0"] = (data, SimulationConfig(
             neighbours=0, heads=("logreg", "mlp"),
             strategies=(*[f"{s}@logreg" for s in STRATEGIES], "random@mlp", "activevisium@mlp"), **base))
+        # query size: the default relative size (2 %, the nb6 case) halved and doubled, the same labels
+        for kind, factor in (("half", 0.5), ("double", 2)):
+            out[f"{data}.query-{kind}"] = (data, SimulationConfig(
+                neighbours=6, heads=("mlp",), strategies=("random", "activevisium"),
+                **{**base, "query_fraction": DEFAULT_QUERY_FRACTION * factor, "rounds": round(rounds / factor)}))
         # unlabelled spots put to work: the same head with label spreading (spatial + feature graph)
         out[f"{data}.ssl"] = (data, SimulationConfig(
             neighbours=6, heads=("logreg", "logreg+ssl"), strategies=("random", "entropy", "bandit"), **base))
