@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -166,8 +167,10 @@ def test_cli_simulate(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFi
     out = tmp_path / "cli"
     args = ["simulate", "--data", str(small_h5ad), "--label-column", "layer", "--pca", "10",
             "--strategies", "random,least_confidence", "--seeds", "2", "--head", "logreg", "--query-size", "20",
-            "--budget", "60", "--schedule", "0.5", "--neighbours", "6", "--out", str(out), "--workers", "1"]
+            "--budget", "60", "--schedule", "0.5", "--neighbours", "6", "--out", str(out), "--workers", "1",
+            "--loop", '{"stop_patience": 1}']
     assert main(args) == 0
+    assert json.loads((out / "campaign.json").read_text())["config"]["loop"] == {"stop_patience": 1}
     printed = capsys.readouterr().out
     assert "least_confidence" in printed and "full supervision" in printed
     for name in ("learning_curves.png", "efficiency.png", "comparison.md", "comparison.tex", "comparison.json"):
