@@ -65,8 +65,8 @@ def a1_anndata(folder: Path = A1) -> Any:
     return adata
 
 
-def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
-    """Case name → (dataset, campaign)."""
+def cases(quick: bool, genes_seeds: int = 3) -> dict[str, tuple[str, SimulationConfig]]:
+    """Case name → (dataset, campaign); the two ``genes`` cases run ``genes_seeds`` seeds (CPU)."""
     seeds, rounds = (2, 6) if quick else (5, 12)
     out = {}
     for data, label in (("dlpfc151510", "layer"), ("her2st_a1", "label")):
@@ -103,13 +103,13 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
     # stores) rather than 30 PCs: does the head choice hold on them?
     out["dlpfc151510.genes"] = ("dlpfc151510_genes", SimulationConfig(
         label_column="layer", obsm=("X_expr",), neighbours=6, heads=("logreg", "mlp"),
-        strategies=("random", "entropy", "activevisium@mlp"), seeds=min(seeds, 3), rounds=rounds,
+        strategies=("random", "entropy", "activevisium@mlp"), seeds=min(seeds, genes_seeds), rounds=rounds,
         initial="per_class"))
     # the same MLP arms with the paper's training settings (the activevisium preset), warm-started
     # round by round as in the live loop: is the new training better inside the loop too?
     out["dlpfc151510.genes-paper"] = ("dlpfc151510_genes", SimulationConfig(
         label_column="layer", obsm=("X_expr",), neighbours=6, heads=("mlp",), strategies=("random", "activevisium"),
-        seeds=min(seeds, 3), rounds=rounds, initial="per_class",
+        seeds=min(seeds, genes_seeds), rounds=rounds, initial="per_class",
         hyperparameters={"mlp": head_hyperparameters("activevisium", "mlp")}))
     return out
 
@@ -152,6 +152,8 @@ def main() -> int:
     parser.add_argument("--case", action="append", help="run only these cases (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 6 rounds")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--genes-seeds", type=int, default=3,
+                        help="seeds of the two dlpfc151510.genes cases (1,000 features: the slowest MLP arms)")
     parser.add_argument("--summarise", action="store_true",
                         help="only rebuild summary.md from the finished case folders in --out")
     args = parser.parse_args()
@@ -169,7 +171,7 @@ def main() -> int:
         return (0 if name.startswith("her2st") else 1, 0 if kind.startswith("cold") or kind == "ssl" else 1, name)
 
 
-    ranked = sorted(cases(args.quick).items(), key=lambda kv: cost(kv[0]))
+    ranked = sorted(cases(args.quick, args.genes_seeds).items(), key=lambda kv: cost(kv[0]))
     for name, (data, cfg) in ranked:
         if args.case and name not in args.case:
             continue
