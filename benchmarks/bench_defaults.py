@@ -10,7 +10,10 @@ writes one Markdown table per dataset plus a summary to ``--out``::
 Every number comes from ``histoloop.simulation.run_campaign`` (the same round
 functions as ``histoloop simulate``); the query size is the simulator's default, 2 % of
 the training pool, so both sections get the same relative budget (no per-dataset
-constants). ``--case`` runs one case only; ``--quick`` runs 2 seeds and fewer rounds.
+constants). The ``query-half`` and ``query-double`` cases sweep that size (1 % and 4 % of the
+pool, the same labels in twice or half as many rounds) for the project default
+(activevisium / mlp with neighbour means) and random; the ``nb6`` case is the ×1 point.
+``--case`` runs one case only; ``--quick`` runs 2 seeds and fewer rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from histoloop.presets import head_hyperparameters
-from histoloop.simulation import SimulationConfig, run_campaign
+from histoloop.simulation import DEFAULT_QUERY_FRACTION, SimulationConfig, run_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -62,8 +65,8 @@ def a1_anndata(folder: Path = A1) -> Any:
     return adata
 
 
-def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
-    """Case name → (dataset, campaign)."""
+def cases(quick: bool, genes_seeds: int = 3) -> dict[str, tuple[str, SimulationConfig]]:
+    """Case name → (dataset, campaign); the two ``genes`` cases run ``genes_seeds`` seeds (CPU)."""
     seeds, rounds = (2, 6) if quick else (5, 12)
     out = {}
     for data, label in (("dlpfc151510", "layer"), ("her2st_a1", "label")):
@@ -82,6 +85,11 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
         out[f"{data}.nb0"] = (data, SimulationConfig(
             neighbours=0, heads=("logreg", "mlp"),
             strategies=(*[f"{s}@logreg" for s in STRATEGIES], "random@mlp", "activevisium@mlp"), **base))
+        # query size: the default relative size (2 %, the nb6 case) halved and doubled, the same labels
+        for kind, factor in (("half", 0.5), ("double", 2)):
+            out[f"{data}.query-{kind}"] = (data, SimulationConfig(
+                neighbours=6, heads=("mlp",), strategies=("random", "activevisium"),
+                **{**base, "query_fraction": DEFAULT_QUERY_FRACTION * factor, "rounds": round(rounds / factor)}))
         # unlabelled spots put to work: the same head with label spreading (spatial + feature graph)
         out[f"{data}.ssl"] = (data, SimulationConfig(
             neighbours=6, heads=("logreg", "logreg+ssl"), strategies=("random", "entropy", "bandit"), **base))
@@ -95,13 +103,13 @@ def cases(quick: bool) -> dict[str, tuple[str, SimulationConfig]]:
     # stores) rather than 30 PCs: does the head choice hold on them?
     out["dlpfc151510.genes"] = ("dlpfc151510_genes", SimulationConfig(
         label_column="layer", obsm=("X_expr",), neighbours=6, heads=("logreg", "mlp"),
-        strategies=("random", "entropy", "activevisium@mlp"), seeds=min(seeds, 3), rounds=rounds,
+        strategies=("random", "entropy", "activevisium@mlp"), seeds=min(seeds, genes_seeds), rounds=rounds,
         initial="per_class"))
     # the same MLP arms with the paper's training settings (the activevisium preset), warm-started
     # round by round as in the live loop: is the new training better inside the loop too?
     out["dlpfc151510.genes-paper"] = ("dlpfc151510_genes", SimulationConfig(
         label_column="layer", obsm=("X_expr",), neighbours=6, heads=("mlp",), strategies=("random", "activevisium"),
-        seeds=min(seeds, 3), rounds=rounds, initial="per_class",
+        seeds=min(seeds, genes_seeds), rounds=rounds, initial="per_class",
         hyperparameters={"mlp": head_hyperparameters("activevisium", "mlp")}))
     return out
 
@@ -144,6 +152,8 @@ def main() -> int:
     parser.add_argument("--case", action="append", help="run only these cases (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 6 rounds")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--genes-seeds", type=int, default=3,
+                        help="seeds of the two dlpfc151510.genes cases (1,000 features: the slowest MLP arms)")
     parser.add_argument("--summarise", action="store_true",
                         help="only rebuild summary.md from the finished case folders in --out")
     args = parser.parse_args()
@@ -161,7 +171,7 @@ def main() -> int:
         return (0 if name.startswith("her2st") else 1, 0 if kind.startswith("cold") or kind == "ssl" else 1, name)
 
 
-    ranked = sorted(cases(args.quick).items(), key=lambda kv: cost(kv[0]))
+    ranked = sorted(cases(args.quick, args.genes_seeds).items(), key=lambda kv: cost(kv[0]))
     for name, (data, cfg) in ranked:
         if args.case and name not in args.case:
             continue

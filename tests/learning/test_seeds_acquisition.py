@@ -23,7 +23,7 @@ from histoloop.training.export import export_torchscript
 from histoloop.training.heads import make_head
 from histoloop.training.pipeline import train_model
 from histoloop.training.predict import predict
-from histoloop.training.step import head_settings
+from histoloop.training.round import head_settings
 from histoloop.v1 import common_pb2
 
 

@@ -172,3 +172,78 @@ def test_graph_smoothing_of_predictions_is_a_project_setting(server, store, dlpf
             project_id="smooth-bad", name="x", classes=[common_pb2.ClassDef(name="a"), common_pb2.ClassDef(name="b")],
             config=common_pb2.LoopConfig(smoothing=1.5)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "config.smoothing" in err.value.details()
+
+
+def _imbalanced_sample(into) -> tuple:
+    """A small Visium-like section (array grid + counts): 8 stroma states in bands, one small tumour patch.
+
+    The k-means cold start of a few spots takes typical spots of the big stroma bands, so its
+    query set holds one class only (the reproduction of a stalled loop on an imbalanced section).
+    """
+    import json
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    rows, cols, genes = 20, 24, 60
+    barcodes, lines, truth, profile = [], [], {}, []
+    for r in range(rows):
+        for j in range(cols):
+            barcode = f"S{r:02d}{j:02d}-1"
+            tumour = r >= rows - 3 and j >= cols - 4  # a 3 × 4 patch in one corner
+            state = 8 if tumour else j // 3
+            lam = np.full(genes, 3.0)
+            lam[state * 6 + (12 if tumour else 0):state * 6 + 6 + (12 if tumour else 0)] = 30.0 if not tumour \
+                else 12.0
+            barcodes.append(barcode)
+            profile.append(rng.poisson(lam))
+            truth[barcode] = "tumour" if tumour else "stroma"
+            lines.append(f"{barcode},1,{r},{2 * j + r % 2},{100 + 86 * r},{100 + 50 * (2 * j + r % 2)}")
+    spatial = into / "spatial"
+    spatial.mkdir(parents=True)
+    (spatial / "tissue_positions_list.csv").write_text("\n".join(lines) + "\n")
+    (spatial / "scalefactors_json.json").write_text(json.dumps(
+        {"spot_diameter_fullres": 55.0, "tissue_hires_scalef": 0.15, "fiducial_diameter_fullres": 80.0,
+         "tissue_lowres_scalef": 0.05}))
+    adata = ad.AnnData(X=sp.csr_matrix(np.asarray(profile, dtype=np.float32)),
+                       obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=[f"G{g:03d}" for g in range(genes)]))
+    adata.write_h5ad(into / "counts.h5ad")
+    return spatial, into / "counts.h5ad", pd.Series(truth)
+
+
+def test_labels_of_one_class_bring_more_spots_instead_of_a_stall(server, store, tmp_path) -> None:
+    """The cold start hit one class only: training waits, so acquisition asks for more spots at once."""
+    from histoloop.v1 import common_pb2
+    from tests.loop.conftest import Watch
+
+    spatial, counts, truth = _imbalanced_sample(tmp_path)
+    store.CreateProject(pb.CreateProjectRequest(
+        project_id="loop-rare", name="rare", classes=[common_pb2.ClassDef(name=n) for n in ("stroma", "tumour")],
+        config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION, query_size=6, head="logreg")))
+    watch = Watch(store, "loop-rare")
+    store.RegisterDataset(pb.RegisterDatasetRequest(
+        project_id="loop-rare", dataset_id="s1", kind=common_pb2.DATASET_KIND_VISIUM, spatial_dir=str(spatial),
+        expression_path=str(counts)))
+    query_set, asked = watch.next_round(-1), set()
+    assert {truth[s.barcode] for s in query_set.spots} == {"stroma"}, "the reproduction: one class only"
+    more = []
+    while not query_set.model_version:
+        asked |= {s.barcode for s in query_set.spots}
+        store.SubmitLabels(pb.SubmitLabelsRequest(
+            project_id="loop-rare", dataset_id="s1", batch_id=f"b{query_set.round}", labels=answer(query_set, truth)))
+        query_set = watch.next_round(query_set.round)  # never a wait for a model that cannot come
+        assert not asked & {s.barcode for s in query_set.spots}, "a labelled spot was asked again"
+        if not query_set.model_version:
+            more.append(query_set)
+            status = store.GetStatus(pb.GetStatusRequest(project_id="loop-rare"))
+            assert status.notice == "need labels of at least 2 classes; asking 6 more spots"
+            assert not status.latest_model_version and status.round == query_set.round
+        assert len(more) <= 3, "the more-spots sets never found the second class"
+    watch.close()
+    assert more and all(q.strategy == "coverage" and len(q.spots) == 6 for q in more)
+    assert {s.reason for q in more for s in q.spots} == {"diversity"}
+    status = store.GetStatus(pb.GetStatusRequest(project_id="loop-rare"))
+    assert status.labelled_per_class["tumour"] > 0 and status.latest_model_version and not status.notice

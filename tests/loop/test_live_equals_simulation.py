@@ -46,63 +46,67 @@ def _labelled_only(folder: Path, truth, into: Path) -> Path:
     return spatial
 
 
-def test_a_campaign_arm_picks_what_the_live_loop_picks(
-    server, store, channel, dlpfc, tmp_path: Path
-) -> None:
+def _live_rounds(
+    server,
+    store,
+    dlpfc,
+    tmp_path: Path,
+    project: str,
+    strategy: str,
+    size: int,
+    settings: common_pb2.LoopConfig | None = None,
+) -> tuple:
+    """Cold start and two rounds of a live DLPFC project (logreg, ``strategy``, ``settings``).
+
+    Returns its query sets, its embeddings' URI and AnnData, and the same pool to simulate.
+    """
     folder, truth = dlpfc
+    config = common_pb2.LoopConfig(
+        features=common_pb2.FEATURE_SET_EXPRESSION,
+        query_size=size,
+        head="logreg",
+        strategy=strategy,
+        seed=SEED,
+    )
+    if settings is not None:
+        config.MergeFrom(settings)
     store.CreateProject(
         pb.CreateProjectRequest(
-            project_id=PROJECT,
-            name=PROJECT,
+            project_id=project,
+            name=project,
             classes=[common_pb2.ClassDef(name=n) for n in LAYERS],
-            config=common_pb2.LoopConfig(
-                features=common_pb2.FEATURE_SET_EXPRESSION,
-                query_size=QUERY_SIZE,
-                head="logreg",
-                strategy="activevisium",
-                seed=SEED,
-            ),
+            config=config,
         )
     )
-    watch = Watch(store, PROJECT)
+    watch = Watch(store, project)
     store.RegisterDataset(
         pb.RegisterDatasetRequest(
-            project_id=PROJECT,
+            project_id=project,
             dataset_id="151510",
             kind=common_pb2.DATASET_KIND_VISIUM,
             spatial_dir=str(_labelled_only(folder, truth, tmp_path)),
             expression_path=str(folder / "dlpfc151510_500genes.h5ad"),
         )
     )
-    cold = watch.next_round(-1)
-    store.SubmitLabels(
-        pb.SubmitLabelsRequest(
-            project_id=PROJECT, dataset_id="151510", batch_id="b1", labels=answer(cold, truth)
+    live = [watch.next_round(-1)]
+    for round_ in range(2):  # the second model starts warm from the first
+        store.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=project,
+                dataset_id="151510",
+                batch_id=f"b{round_ + 1}",
+                labels=answer(live[-1], truth),
+            )
         )
-    )
-    first = watch.next_round(0)
-    store.SubmitLabels(
-        pb.SubmitLabelsRequest(
-            project_id=PROJECT, dataset_id="151510", batch_id="b2", labels=answer(first, truth)
-        )
-    )
-    second = watch.next_round(1)  # the second model starts warm from the first
+        live.append(watch.next_round(round_))
     watch.close()
     artifacts = server.runtime.store
-    cards = [card for _, card in list_cards(artifacts, PROJECT)]
     [embeddings] = [
-        i.key for i in artifacts.list(embeddings_prefix(PROJECT)) if i.key.endswith(".h5ad")
+        i.key for i in artifacts.list(embeddings_prefix(project)) if i.key.endswith(".h5ad")
     ]
     adata = read_anndata(artifacts, artifacts.uri(embeddings))
-
-    embedded = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedDataset(
-        embedding_pb2.EmbedDatasetRequest(project_id=PROJECT, dataset_id="151510")
-    )
-    assert (embedded.embeddings_uri, embedded.n_spots) == (artifacts.uri(embeddings), adata.n_obs)
-    assert embedded.dim == adata.obsm[OBSM_EXPR].shape[1] > 0
-
-    # the same campaign arm, simulated: the live pool, the oracle answering from the same truth
-    # the project's features (the default 6 nearest spots' mean beside each spot's own)
+    # the same pool simulated, the oracle answering from the same truth, with the project's
+    # features (the default 6 nearest spots' mean beside each spot's own)
     X = feature_matrix(adata, common_pb2.FEATURE_SET_EXPRESSION, DEFAULT_SPATIAL_NEIGHBOURS).astype(
         np.float32
     )
@@ -117,16 +121,40 @@ def test_a_campaign_arm_picks_what_the_live_loop_picks(
         scaling=FeatureScaling.fit(X),
         positions=adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64),
     )
-    spec = engine.RunSpec(
+    return live, artifacts.uri(embeddings), adata, problem
+
+
+def _arm(strategy: str, size: int, settings: str = "") -> engine.RunSpec:
+    """The live project's arm: logreg, k-means cold start, warm start, three rounds of ``size``."""
+    return engine.RunSpec(
         head="logreg",
-        strategy="activevisium",
+        strategy=strategy,
         seed=SEED,
-        targets=(QUERY_SIZE, 2 * QUERY_SIZE, 3 * QUERY_SIZE),
+        targets=(size, 2 * size, 3 * size),
         initial="coldstart_kmeans",
-        initial_size=QUERY_SIZE,
+        initial_size=size,
         warm_start=True,
         hyperparameters=(),
+        settings=settings,
     )
+
+
+def test_a_campaign_arm_picks_what_the_live_loop_picks(
+    server, store, channel, dlpfc, tmp_path: Path
+) -> None:
+    (cold, first, second), uri, adata, problem = _live_rounds(
+        server, store, dlpfc, tmp_path, PROJECT, "activevisium", QUERY_SIZE
+    )
+    artifacts = server.runtime.store
+    cards = [card for _, card in list_cards(artifacts, PROJECT)]
+    embedded = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedDataset(
+        embedding_pb2.EmbedDatasetRequest(project_id=PROJECT, dataset_id="151510")
+    )
+    assert (embedded.embeddings_uri, embedded.n_spots) == (uri, adata.n_obs)
+    assert embedded.dim == adata.obsm[OBSM_EXPR].shape[1] > 0
+    barcodes, y = np.asarray(adata.obs_names, dtype=str), problem.y
+
+    spec = _arm("activevisium", QUERY_SIZE)
     assert engine.run(problem, spec, tmp_path / "campaign") == 3
     records = engine.read_records(engine.run_path(tmp_path / "campaign", spec))
 
@@ -166,3 +194,33 @@ def test_a_campaign_arm_picks_what_the_live_loop_picks(
         acquisition_pb2.QueryRequest(project_id=PROJECT, strategy="margin", query_size=5)
     )
     assert other.strategy == "margin" and len(other.spots) == 5
+
+
+def test_loop_settings_reach_a_campaign_arm(server, store, dlpfc, tmp_path: Path) -> None:
+    """A project's non-default strategy and stopping settings: the same picks and signal simulated."""
+    project, size = "live-sim-settings", 10
+    settings = common_pb2.LoopConfig(
+        hybrid_share=0.3, stop_max_change=0.9, stop_min_kappa=0.05, stop_patience=1
+    )
+    live, _, adata, problem = _live_rounds(
+        server, store, dlpfc, tmp_path, project, "hybrid", size, settings
+    )
+    barcodes = np.asarray(adata.obs_names, dtype=str)
+
+    def simulated(loop: common_pb2.LoopConfig, folder: Path) -> list[dict]:
+        spec = _arm("hybrid", size, engine.settings_json(loop))
+        assert engine.run(problem, spec, folder) == 3
+        return engine.read_records(engine.run_path(folder, spec))
+
+    records = simulated(settings, tmp_path / "settings")
+    for query_set, record in zip(live, records, strict=True):
+        assert [s.barcode for s in query_set.spots] == barcodes[record["picked"]].tolist()
+    # the loose stopping thresholds fire on the first two models in both (round 1's record
+    # holds the signal of models 1 and 2, which the live loop sends with the next query set)
+    assert live[2].stopping.recommend_stop and records[1]["stop"]
+    assert records[1]["changed_fraction"] == pytest.approx(live[2].stopping.changed_fraction)
+    # and they matter: with the defaults the arm picks otherwise from the same first model
+    # (hybrid share 0.7) and does not stop yet (patience 2)
+    defaults = simulated(common_pb2.LoopConfig(), tmp_path / "defaults")
+    assert defaults[0]["picked"] == records[0]["picked"]
+    assert defaults[1]["picked"] != records[1]["picked"] and not defaults[1]["stop"]

@@ -149,6 +149,11 @@ def test_outputs_go_to_the_artifact_store(small_adata, config: SimulationConfig,
     ({"raters": ("exact",)}, "raters"),
     ({"raters": ("exact", "sloppy")}, "raters"),
     ({"raters": ("exact", "merge:Layer9:Layer5")}, "raters"),
+    ({"loop": {"strategy": "margin"}}, "loop: strategy cannot be set here"),  # the campaign's own field
+    ({"loop": {"hybrid_share": 1.5}, "strategies": ("hybrid",)}, "loop: share"),
+    ({"loop": {"kmeans_pick": "middle"}, "strategies": ("kmeans",)}, "loop: .*pick"),
+    ({"loop": {"stop_patience": "many"}}, "loop: "),
+    ({"loop": {"preset": "no_such_preset"}}, "loop: .*preset"),
 ])
 def test_bad_arguments_are_rejected_naming_the_field(small_adata, config: SimulationConfig, tmp_path: Path,
                                                      change: dict, field: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from histoloop.cli import main
 from histoloop.config import load_settings
 from histoloop.datasets import write_anndata
 from histoloop.server import Server
-from histoloop.v1 import simulation_pb2, simulation_pb2_grpc
+from histoloop.v1 import common_pb2, simulation_pb2, simulation_pb2_grpc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -120,6 +121,15 @@ def test_start_rejects_bad_requests_at_once(stub, small_h5ad: Path, change: dict
     assert field in err.value.details()
 
 
+def test_start_rejects_loop_settings_a_campaign_cannot_take(stub, small_h5ad: Path) -> None:
+    request = _request(dataset_path=str(small_h5ad))
+    request.loop.CopyFrom(common_pb2.LoopConfig(hybrid_share=0.5, query_size=7))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartSimulation(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "loop: query_size cannot be set here" in err.value.details()
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"label_column": "nope"}, "label_column"),
     ({"obsm_keys": ["X_nope"]}, "obsm"),
@@ -157,8 +167,10 @@ def test_cli_simulate(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFi
     out = tmp_path / "cli"
     args = ["simulate", "--data", str(small_h5ad), "--label-column", "layer", "--pca", "10",
             "--strategies", "random,least_confidence", "--seeds", "2", "--head", "logreg", "--query-size", "20",
-            "--budget", "60", "--schedule", "0.5", "--neighbours", "6", "--out", str(out), "--workers", "1"]
+            "--budget", "60", "--schedule", "0.5", "--neighbours", "6", "--out", str(out), "--workers", "1",
+            "--loop", '{"stop_patience": 1}']
     assert main(args) == 0
+    assert json.loads((out / "campaign.json").read_text())["config"]["loop"] == {"stop_patience": 1}
     printed = capsys.readouterr().out
     assert "least_confidence" in printed and "full supervision" in printed
     for name in ("learning_curves.png", "efficiency.png", "comparison.md", "comparison.tex", "comparison.json"):
@@ -174,6 +186,8 @@ def test_cli_simulate(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFi
     (["--obsm", "X_nope"], "obsm"),
     (["--schedule", "0.9:0.1:0.1"], "schedule"),
     (["--head", "forest"], "heads"),
+    (["--loop", "hybrid_share=0.5"], "--loop: not JSON"),
+    (["--loop", '{"strategy": "margin"}'], "loop: strategy cannot be set here"),
 ])
 def test_cli_rejects_bad_arguments(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    extra: list[str], field: str) -> None:

@@ -130,7 +130,7 @@ def test_project_default_config_is_what_create_project_gives() -> None:
     assert cfg.neighbours == store.spatial_neighbours and cfg.initial == store.cold_start_strategy
     paper = project_default_config("layer", preset="activevisium")
     assert paper.heads == ("mlp",) and paper.strategies == ("activevisium", "random")
-    assert paper.hyperparameters["mlp"]["lr"] == 1e-4
+    assert paper.loop == {"preset": "activevisium"} and paper.head_hyperparameters("mlp")["lr"] == 1e-4
     assert loop_defaults("activevisium")["head"] == LoopSettings.with_defaults(preset="activevisium").head
 
 
@@ -164,3 +164,15 @@ def test_semi_supervised_arm_is_measured_beside_the_same_head(tiny, tmp_path: Pa
                if r["strategy"] != "full")
     with pytest.raises(InvalidArgument, match="heads"):
         replace(cfg, heads=("forest+ssl",)).validate()
+
+
+def test_labels_of_one_class_are_followed_by_the_live_loops_more_spots(tiny, tmp_path: Path) -> None:
+    """An initial set of one class has no model: every arm asks by coverage next, as the live loop does."""
+    cfg = SimulationConfig(label_column="layer", pca=10, heads=("logreg",), strategies=("random", "entropy"),
+                           seeds=1, initial="random", initial_size=1, query_size=5, rounds=1)
+    result = run_campaign(tiny, cfg, tmp_path / "c", workers=1, progress=False)
+    arms = {(r["strategy"], r["round"]): r for r in _records(result.folder) if r["strategy"] != "full"}
+    assert arms[("random", 0)]["picked"] == arms[("entropy", 0)]["picked"] and arms[("random", 0)]["labels"] == 1
+    # random would draw at random, entropy would rank a constant model's ties: both ask by coverage instead
+    assert arms[("random", 1)]["picked"] == arms[("entropy", 1)]["picked"]
+    assert arms[("random", 1)]["classes_labelled"] > 1

@@ -4,12 +4,13 @@ client commands (project, dataset, annotator, labels, export, status, watch, agr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from histoloop.config import load_settings
-from histoloop.errors import HistoloopError
+from histoloop.errors import HistoloopError, InvalidArgument
 from histoloop.logs import setup_logging
 from histoloop.presets import DEFAULTS
 from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES
@@ -197,7 +198,8 @@ def _simulate(args: argparse.Namespace) -> int:
         obsm=args.obsm or (), pca=args.pca, seeds=args.seeds, test_fraction=args.test_fraction,
         initial_size=args.initial_size, query_size=args.query_size, rounds=args.rounds, budget=args.budget,
         schedule=parse_schedule(args.schedule) if args.schedule else (), metric=args.metric, target=args.target,
-        x_values=args.x_values, raters=args.raters or ())
+        x_values=args.x_values, raters=args.raters or (),
+        **({"loop": _json_object("--loop", args.loop)} if args.loop else {}))
     default_mode = args.head is None and args.strategies is None
     if default_mode:  # "does the project default beat random on my data?"
         extra = {k: v for k, v in (("neighbours", args.neighbours), ("initial", args.initial)) if v is not None}
@@ -221,6 +223,21 @@ def _simulate(args: argparse.Namespace) -> int:
     if default_mode and result.comparison is not None:
         print(_default_verdict(result.comparison, config))
     return 0
+
+
+def _json_object(flag: str, text: str) -> dict:
+    """A JSON object given on the command line.
+
+    Raises:
+        InvalidArgument: not a JSON object (names ``flag``).
+    """
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{flag}: not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{flag}: expected a JSON object, got {text!r}")
+    return value
 
 
 def _default_verdict(comparison: dict, config: object) -> str:
@@ -319,6 +336,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--preset", help="with neither --head nor --strategies: the preset whose defaults to test "
                      "(e.g. activevisium)")
     sim.add_argument("--query-size", type=int, default=0, help="spots per round (default 2 %% of the pool)")
+    sim.add_argument("--loop", help="a project's settings as JSON, as every arm uses them in the live loop, e.g. "
+                     "'{\"hybrid_share\": 0.5, \"stop_patience\": 3}' (hybrid_share, kmeans_pick, "
+                     "mc_dropout_samples, stop_*, resampling_every, preset)")
     sim.add_argument("--x-values", default="auto", choices=("auto", "counts", "normalised"),
                      help="what X holds without --obsm (auto: counts if whole numbers, else used as is)")
     sim.add_argument("--raters", help="simulated raters for rater_disagreement, comma-separated: exact, border, "

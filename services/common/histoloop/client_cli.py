@@ -463,6 +463,8 @@ def _status_text(status: Message) -> str:
     stopping = st.get("stopping")
     if stopping:
         lines.append("stopping: " + ", ".join(f"{k}={v}" for k, v in sorted(stopping.items())))
+    if status.notice:
+        lines.append(f"waiting: {status.notice}")
     lines.append(f"events waiting to be published: {status.pending_events}")
     if status.stages:
         lines.append("stages:")
@@ -476,7 +478,7 @@ def _status_text(status: Message) -> str:
                      f"{parked.error} (fix the cause, then `histoloop retry {status.project_id} {parked.stage}`)")
     known = {"project_id", "round", "labelled_per_class", "n_labelled", "n_spots", "label_version",
              "latest_model_version", "latest_metrics", "stopping", "n_disputed", "pending_events",
-             "stages", "parked", "n_parked"}
+             "stages", "parked", "n_parked", "notice"}
     for key, value in sorted(st.items()):  # per-stage state and whatever newer servers add
         if key not in known:
             lines.append(f"{key}: {json.dumps(value, sort_keys=True)}")

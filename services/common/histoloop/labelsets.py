@@ -19,13 +19,17 @@ round reads the same bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import InvalidArgument
 
-__all__ = ["LabelSnapshot", "read_snapshot"]
+__all__ = ["MIN_TRAINING_CLASSES", "LabelSnapshot", "read_snapshot"]
+
+MIN_TRAINING_CLASSES = 2
+"""A model needs labels of at least this many classes. Until the labels have them, training
+waits and acquisition asks for more spots instead of waiting for a model."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,11 @@ class LabelSnapshot:
     def n_labelled(self) -> int:
         """Spots with a training label, over all datasets."""
         return sum(len(m) for m in self.labels.values())
+
+    def labelled_classes(self, datasets: Iterable[str] | None = None) -> set[str]:
+        """The classes with at least one label (in ``datasets`` only, when given)."""
+        wanted = None if datasets is None else set(datasets)
+        return {c for d, given in self.labels.items() if wanted is None or d in wanted for c in given.values()}
 
 
 def read_snapshot(store: ArtifactStore, uri: str) -> LabelSnapshot:

@@ -2,22 +2,32 @@
 
 :func:`select_query` is what the acquisition step runs on new predictions (and on the
 embeddings for the cold start) and what a simulated campaign runs each round: the
-project's strategy with its adjudication share and spatial compactness (when the spots
-have positions), ``query_size`` spots, and a random stream derived one way from the
-project's seed and the round (:func:`query_rng`).
+project's strategy with every setting of its ``LoopConfig`` that shapes a query — the
+adjudication share, spatial compactness (when the spots have positions) and the
+strategy's own options (:func:`~histoloop.acquisition.settings.strategy_options`) —
+``query_size`` spots, and a random stream derived one way from the project's seed and the
+round (:func:`query_rng`). While the labels cover fewer classes than a model needs, both
+ask by :data:`MORE_CLASSES_STRATEGY` instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from histoloop.acquisition.settings import strategy_options
 from histoloop.acquisition.strategies import QueryContext, Selection, get_strategy
+from histoloop.v1 import common_pb2
 
-__all__ = ["query_rng", "select_query"]
+__all__ = ["MORE_CLASSES_STRATEGY", "query_rng", "select_query"]
+
+MORE_CLASSES_STRATEGY = "coverage"
+"""Chooses the spots asked for while the labels cover fewer classes than a model needs
+(:data:`~histoloop.labelsets.MIN_TRAINING_CLASSES`): farthest-first from the labelled spots
+on the input features, so each set moves away from the class(es) already seen (a k-means
+cold start run again would pick typical spots of the same big clusters)."""
 
 
 def query_rng(seed: int, round_no: int) -> np.random.Generator:
@@ -31,9 +41,7 @@ def select_query(
     strategy: str,
     query_size: int,
     seed: int,
-    adjudication_share: float = 0.0,
-    compactness: float = 0.0,
-    options: Mapping[str, Any] | None = None,
+    settings: common_pb2.LoopConfig | None = None,
     state: dict[str, Any] | None = None,
 ) -> Selection:
     """Choose ``query_size`` unlabelled spots.
@@ -44,10 +52,9 @@ def select_query(
         strategy: Registry name.
         query_size: Spots to choose.
         seed: The project's seed.
-        adjudication_share: Share of the set given to disputed spots.
-        compactness: Spatial compactness (ignored without positions).
-        options: The strategy's own settings from the project's config
-            (:func:`histoloop.acquisition.settings.strategy_options`).
+        settings: The project's loop settings: its ``adjudication_share``,
+            ``compactness`` (ignored without positions) and the strategy's own options
+            (``hybrid_share``, ``kmeans_pick``); None: the defaults.
         state: A stateful strategy's state after the previous round (``Selection.state``
             of that round), None to start afresh.
 
@@ -55,11 +62,12 @@ def select_query(
         UnknownStrategy: no such strategy.
         InvalidArgument: bad settings for it.
     """
+    config = settings if settings is not None else common_pb2.LoopConfig()
     chosen = get_strategy(
         strategy,
-        adjudication_share=adjudication_share,
-        compactness=compactness if ctx.positions is not None else 0.0,
-        **(options or {}),
+        adjudication_share=config.adjudication_share,
+        compactness=config.compactness if ctx.positions is not None else 0.0,
+        **strategy_options(strategy, config),
     )
     chosen.set_state(state)
     selection = chosen.select(ctx, int(query_size), query_rng(seed, ctx.round))

@@ -48,6 +48,7 @@ def build(runtime: Runtime) -> ServiceParts:
         grpc_service="histoloop.v1.AcquisitionService",
         register=lambda server: acquisition_pb2_grpc.add_AcquisitionServiceServicer_to_server(servicer, server),
         handlers={events.EMBEDDINGS_READY: acquisition.on_embeddings,
+                  events.LABELS_COMMITTED: acquisition.on_labels,
                   events.PREDICTIONS_READY: acquisition.on_predictions},
-        coalesce=[events.PREDICTIONS_READY],
+        coalesce=[events.LABELS_COMMITTED, events.PREDICTIONS_READY],
     )

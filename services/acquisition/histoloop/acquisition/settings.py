@@ -29,7 +29,7 @@ from histoloop.v1 import common_pb2
 
 from .strategies import STRATEGIES, _parameters
 
-__all__ = ["STOPPING_DEFAULTS", "stopping_options", "strategy_options"]
+__all__ = ["STOPPING_DEFAULTS", "stopping_options", "stopping_rounds", "strategy_options"]
 
 STOPPING_DEFAULTS: dict[str, Any] = {
     "max_change": 0.01,
@@ -84,3 +84,12 @@ def stopping_options(config: common_pb2.LoopConfig | None) -> dict[str, Any]:
     if config.stop_max_uncertainty > 0:
         options["max_uncertainty"] = float(config.stop_max_uncertainty)
     return options
+
+
+STOPPING_HISTORY = 3
+"""Rounds of predictions the stopping signal looks at, at least (more with a longer patience)."""
+
+
+def stopping_rounds(config: common_pb2.LoopConfig | None) -> int:
+    """Rounds of predictions (the newest included) the stopping rule needs under ``config``."""
+    return max(STOPPING_HISTORY, int(stopping_options(config)["patience"]) + 1)

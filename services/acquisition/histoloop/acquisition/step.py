@@ -1,5 +1,12 @@
 """The acquisition step of the loop: cold start on embeddings, next query set on predictions.
 
+Labels of fewer than :data:`~histoloop.labelsets.MIN_TRAINING_CLASSES` classes give no model
+(training waits for more), so no predictions would ever come: on such a ``labels.committed``
+the acquisition asks for more spots at once, chosen by
+:data:`~histoloop.acquisition.round.MORE_CLASSES_STRATEGY` away from the labelled ones,
+until a second class is labelled (an imbalanced section whose cold start hit one class
+only never stalls).
+
 Every query set is an immutable record ``querysets/<project>/r<round>-<id>.json`` whose id is
 derived from the event that caused it, so a redelivered event finds its record and
 re-announces the same query set instead of making a second one.
@@ -17,14 +24,15 @@ import numpy as np
 from google.protobuf import json_format
 
 from histoloop import events
-from histoloop.acquisition.round import select_query
-from histoloop.acquisition.settings import stopping_options, strategy_options
+from histoloop.acquisition.round import MORE_CLASSES_STRATEGY, select_query
+from histoloop.acquisition.settings import stopping_options, stopping_rounds
 from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
 from histoloop.acquisition.strategies import QueryContext, Selection
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.datasets import Predictions, feature_matrix, read_anndata, read_predictions
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
+from histoloop.formats.embeddings import parse_embeddings_key
 from histoloop.formats.querysets import queryset_key, querysets_prefix
 from histoloop.formats.vocab import (
     DEFAULT_COLD_START,
@@ -32,7 +40,7 @@ from histoloop.formats.vocab import (
     DEFAULT_STRATEGY,
     MAX_QUERY_SIZE,
 )
-from histoloop.labelsets import read_snapshot
+from histoloop.labelsets import MIN_TRAINING_CLASSES, LabelSnapshot, read_snapshot
 from histoloop.metrics import LOOP_LATENCY, QUERYSETS, ROUND
 from histoloop.v1 import common_pb2, events_pb2
 
@@ -40,7 +48,6 @@ __all__ = ["AcquisitionStep", "QueryRecord"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "acquisition"
-_HISTORY = 3  # rounds of predictions kept for the stopping signal
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,48 @@ class AcquisitionStep:
             self._save(record)
         self._announce(record, msg.meta, msg.config, msg.metrics, msg.predictions_uri)
 
+    def on_labels(self, msg: events_pb2.LabelsCommitted, _record: object = None) -> None:
+        """Labels of too few classes for a model: ask for more spots now (else training's turn)."""
+        if not msg.embeddings_uris:
+            return
+        snapshot = read_snapshot(self.store, msg.labels_uri)
+        datasets = [parse_embeddings_key(uri).dataset for uri in msg.embeddings_uris]
+        if len(snapshot.labelled_classes(datasets)) >= MIN_TRAINING_CLASSES or not snapshot.n_labelled:
+            return
+        project = msg.meta.project
+        queryset_id = events.derived_id(msg.meta.event_id, "more-classes")
+        previous = self.records(project)
+        record = self._find(previous, queryset_id)
+        if record is None:
+            record = self._more_classes(project, msg, snapshot, queryset_id, previous)
+            self._save(record)
+        log.info("project %s: labels of %d class(es), a model needs %d; asking %d more spots",
+                 project, len(snapshot.labelled_classes(datasets)), MIN_TRAINING_CLASSES, len(record.spots))
+        self._announce(record, msg.meta, msg.config, None, None)
+
+    def _more_classes(self, project: str, msg: events_pb2.LabelsCommitted, snapshot: LabelSnapshot,
+                      queryset_id: str, previous: list[QueryRecord]) -> QueryRecord:
+        """Unlabelled spots of every embedded dataset far from the labelled ones."""
+        config = msg.config
+        blocks, keys, positions = [], [], []
+        for uri in msg.embeddings_uris:
+            adata = read_anndata(self.store, uri)
+            dataset = parse_embeddings_key(uri).dataset
+            blocks.append(feature_matrix(adata, config.features, config.spatial_neighbours))
+            keys += [(dataset, str(b)) for b in adata.obs_names]
+            positions.append(adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
+                             if {"array_row", "array_col"} <= set(adata.obs.columns) else None)
+        labelled = np.array([b in snapshot.labels.get(d, {}) for d, b in keys], dtype=bool)
+        round_ = (previous[-1].round + 1) if previous else 1
+        ctx = QueryContext(features=np.vstack(blocks), labelled=labelled, round=round_,
+                           positions=positions[0] if len(positions) == 1 else None)  # one array grid only
+        selection = self._select(MORE_CLASSES_STRATEGY, config, ctx)
+        spots = [{"dataset": keys[i][0], "barcode": keys[i][1], "score": float(s), "reason": "diversity"}
+                 for i, s in zip(selection.indices, selection.scores, strict=True)]
+        return QueryRecord(queryset_id=queryset_id, project=project, round=round_, strategy=MORE_CLASSES_STRATEGY,
+                           model_version="", label_version=int(msg.label_version), spots=spots,
+                           labels_uri=msg.labels_uri, config=_config_json(config))
+
     # the query -----------------------------------------------------------------------
     def compute(self, project: str, predictions_uri: str, labels_uri: str, config: common_pb2.LoopConfig,
                 *, queryset_id: str, label_version: int, strategy: str = "", query_size: int = 0,
@@ -168,7 +217,7 @@ class AcquisitionStep:
         selection = self._select(name, config, ctx, query_size=query_size, seed=seed, state=state)
         if selection.note:
             log.warning("project %s round %d: %s", project, round_, selection.note)
-        keep = max(_HISTORY, int(stopping_options(config)["patience"]) + 1)  # rounds the rule looks at
+        keep = stopping_rounds(config)  # rounds the rule looks at
         history = tuple(previous[-1].history[-(keep - 1):] if previous else ()) + (predictions_uri,)
         spots = [
             {"dataset": str(predictions.datasets[i]), "barcode": str(predictions.barcodes[i]),
@@ -206,9 +255,7 @@ class AcquisitionStep:
                 query_size: int = 0, seed: int | None = None,
                 state: dict | None = None) -> Selection:
         return select_query(ctx, strategy=name, query_size=int(query_size or config.query_size or DEFAULT_QUERY_SIZE),
-                            seed=int(config.seed if seed is None else seed),
-                            adjudication_share=config.adjudication_share, compactness=config.compactness,
-                            options=strategy_options(name, config), state=state)
+                            seed=int(config.seed if seed is None else seed), settings=config, state=state)
 
     def _stopping(self, history: Sequence[str], current: Predictions,
                   config: common_pb2.LoopConfig | None = None) -> dict:

@@ -404,6 +404,8 @@ class ProjectStatus:
     stopping: Mapping[str, object]
     n_disputed: int
     pending_events: int
+    notice: str = ""
+    """Why the loop is not training yet (empty: nothing to say)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import and_, func, insert, select
@@ -34,10 +35,24 @@ from histoloop.annotation_store.loupe import (
 from histoloop.annotation_store.raters import rater_confusions
 from histoloop.annotation_store.repo_base import RepositoryBase, _now, _utc
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
+from histoloop.labelsets import MIN_TRAINING_CLASSES
 
 __all__ = ["QuerySetsMixin"]
 
 log = logging.getLogger(__name__)
+
+
+def _classes_notice(per_class: Mapping[str, int], asked: int | None) -> str:
+    """GetStatus' notice while the labels cover too few classes for a model.
+
+    ``asked``: the size of the query set chosen on the newest labels, None while it is
+    still being chosen.
+    """
+    given = sum(1 for n in per_class.values() if n)
+    if not 0 < given < MIN_TRAINING_CLASSES:
+        return ""
+    need = f"need labels of at least {MIN_TRAINING_CLASSES} classes"
+    return f"{need}; choosing more spots" if asked is None else f"{need}; asking {asked} more spots"
 
 
 @dataclass(frozen=True)
@@ -215,6 +230,15 @@ class QuerySetsMixin(RepositoryBase):
                 )
                 or 0
             )
+            asked = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(m.QuerySetSpot)
+                    .where(m.QuerySetSpot.queryset_pk == latest.id)
+                )
+                if latest
+                else 0
+            )
             key = ("status", project_id, project.label_version, project.consensus)
             counts = self._summaries.get(key)
             if counts is None:  # the consensus of every label, once per label version
@@ -227,6 +251,7 @@ class QuerySetsMixin(RepositoryBase):
                 self._summaries.put(key, counts)
         assert isinstance(counts, _ConsensusCounts)
         per_class = dict.fromkeys(classes, 0) | dict(counts.per_class)
+        answered = latest is not None and latest.label_version == project.label_version
         return ProjectStatus(
             project_id=project_id,
             round=int(round_no),
@@ -239,6 +264,7 @@ class QuerySetsMixin(RepositoryBase):
             stopping=(latest.stopping or {}) if latest else {},
             n_disputed=counts.n_disputed,
             pending_events=int(pending),
+            notice=_classes_notice(per_class, int(asked or 0) if answered else None),
         )
 
     def agreement(self, project_id: str, dataset_id: str = "") -> AgreementReport:

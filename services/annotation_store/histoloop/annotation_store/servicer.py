@@ -453,6 +453,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             latest_model_version=st.latest_model_version,
             n_disputed=st.n_disputed,
             pending_events=st.pending_events,
+            notice=st.notice,
         )
         message_from_json(st.latest_metrics, reply.latest_metrics)
         message_from_json(st.stopping, reply.stopping)

@@ -8,6 +8,8 @@ as jobs over gRPC (``SimulationService``: start, progress, cancel).
 
 from histoloop.simulation.campaign import (
     DEFAULT_PCA,
+    DEFAULT_QUERY_FRACTION,
+    LOOP_SETTINGS,
     METRICS,
     RPC_MAX_ROUNDS,
     CampaignResult,
@@ -25,6 +27,8 @@ from histoloop.simulation.campaign import (
 
 __all__ = [
     "DEFAULT_PCA",
+    "DEFAULT_QUERY_FRACTION",
+    "LOOP_SETTINGS",
     "METRICS",
     "RPC_MAX_ROUNDS",
     "CampaignResult",

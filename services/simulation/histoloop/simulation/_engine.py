@@ -13,9 +13,12 @@ stateful strategy (``bandit``) stores its state in each line and gets it back on
 
 A round is the live loop's round: the model comes from
 :func:`histoloop.training.round.fit_round` and the picks from
-:func:`histoloop.acquisition.round.select_query`, with the same seed rules. Each line also
-holds the new model's predicted class of every pool spot (compact) and the live loop's
-stopping signal computed from the last three rounds' predictions.
+:func:`histoloop.acquisition.round.select_query`, with the same seed rules and the same
+settings object (the project's ``LoopConfig``, :attr:`RunSpec.settings`). While the labels
+cover one class there is no model, and the picks come from
+:data:`~histoloop.acquisition.round.MORE_CLASSES_STRATEGY`, as the live loop asks then. Each
+line also holds the new model's predicted class of every pool spot (compact) and the live
+loop's stopping signal computed from the last rounds' predictions.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
-from histoloop.acquisition.round import select_query
+from histoloop.acquisition.round import MORE_CLASSES_STRATEGY, select_query
+from histoloop.acquisition.settings import stopping_options, stopping_rounds
 from histoloop.acquisition.stopping import RoundPredictions, recommend_stop
 from histoloop.acquisition.strategies import STRATEGIES, QueryContext, RaterDisagreement
+from histoloop.formats.vocab import DEFAULT_RESAMPLING
 from histoloop.training.evaluate import classification_metrics
 from histoloop.training.export import scaled_inputs
 from histoloop.training.pipeline import TrainedModel
@@ -43,6 +49,7 @@ from histoloop.training.predict import predict
 from histoloop.training.raters import fit_round_raters
 from histoloop.training.round import VALIDATION_FRACTION, fit_round
 from histoloop.training.scaling import FeatureScaling
+from histoloop.v1 import common_pb2
 
 __all__: list[str] = []  # private module; the public API is histoloop.simulation
 
@@ -60,7 +67,6 @@ REFERENCE_MAX_ITER = 2000
 """L-BFGS iterations of a logistic-regression reference."""
 REFERENCE_LR_DROPS = 2
 """Times the reference goes back to its best weights and divides the learning rate by 10."""
-_STOP_HISTORY = 3  # rounds of pool predictions the stopping signal looks at (as the live loop)
 _INITIAL_SALT = 0x5EED  # keeps the initial draw apart from the per-round streams
 
 
@@ -102,8 +108,9 @@ class RunSpec:
         warm_start: Start each round's model from the previous round's weights.
         hyperparameters: Head hyper-parameters.
         validation_fraction: Labelled share held out for early stopping.
-        resampling: Adaptive resampling mode (the project's ``resampling``).
-        compactness: Spatial compactness of query sets (the project's ``compactness``).
+        settings: The project's ``LoopConfig`` as canonical JSON (:func:`settings_json`):
+            what shapes a query (compactness, strategy options), the stopping rule and
+            resampling, as the live loop reads them; empty: the defaults.
     """
 
     head: str
@@ -115,8 +122,12 @@ class RunSpec:
     warm_start: bool
     hyperparameters: tuple[tuple[str, Any], ...]
     validation_fraction: float = VALIDATION_FRACTION
-    resampling: str = "off"
-    compactness: float = 0.0
+    settings: str = ""
+
+    @property
+    def loop(self) -> common_pb2.LoopConfig:
+        """:attr:`settings` as the live loop's settings object."""
+        return json_format.Parse(self.settings or "{}", common_pb2.LoopConfig())
 
     @property
     def name(self) -> str:
@@ -127,6 +138,11 @@ class RunSpec:
     def rounds(self) -> int:
         """Records the finished run holds."""
         return 1 if self.strategy == FULL else len(self.targets)
+
+
+def settings_json(config: common_pb2.LoopConfig) -> str:
+    """``config`` as canonical JSON (proto field names, sorted keys) for :attr:`RunSpec.settings`."""
+    return json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True), sort_keys=True)
 
 
 # --------------------------------------------------------------------------- records
@@ -315,11 +331,12 @@ def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedM
     hyperparameters = dict(spec.hyperparameters)
     if spec.strategy == FULL:
         hyperparameters = reference_hyperparameters(head, hyperparameters)
+    loop = spec.loop
     model = fit_round(
         {"features": problem.X}, rows, names, head=head, seed=spec.seed, classes=problem.classes,
-        resampling=spec.resampling, scaling={"features": problem.scaling},
+        resampling=loop.resampling or DEFAULT_RESAMPLING, scaling={"features": problem.scaling},
         previous=previous if spec.warm_start else None, hyperparameters=hyperparameters,
-        validation_fraction=spec.validation_fraction,
+        validation_fraction=spec.validation_fraction, resampling_every=int(loop.resampling_every),
     )
     return model, time.perf_counter() - t0
 
@@ -349,7 +366,7 @@ def _initial(problem: Problem, spec: RunSpec, pool: np.ndarray) -> np.ndarray:
     ctx = QueryContext(features=problem.X[pool], labelled=np.zeros(len(pool), bool),
                        positions=_pool_positions(problem, pool), round=0)
     selection = select_query(ctx, strategy=spec.initial, query_size=spec.initial_size, seed=spec.seed,
-                             compactness=spec.compactness)
+                             settings=spec.loop)
     return pool[selection.indices]
 
 
@@ -396,12 +413,12 @@ def _unpack(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<u2").astype(np.int64)
 
 
-def _stopping(done: list[dict[str, Any]], P: np.ndarray) -> dict[str, Any]:
+def _stopping(done: list[dict[str, Any]], P: np.ndarray, loop: common_pb2.LoopConfig) -> dict[str, Any]:
     """The live loop's stopping signal over the last rounds' pool predictions."""
     history = [RoundPredictions(predicted=_unpack(r["pool_predicted"]))
-               for r in done[-(_STOP_HISTORY - 1):] if r.get("pool_predicted")]
+               for r in done[-(stopping_rounds(loop) - 1):] if r.get("pool_predicted")]
     history.append(RoundPredictions(predicted=P.argmax(axis=1), probabilities=P))
-    signal = recommend_stop(history)
+    signal = recommend_stop(history, **stopping_options(loop))
     return {"stop": bool(signal.stop), "changed_fraction": signal.changed_share,
             "pool_predicted": _pack(P.argmax(axis=1))}
 
@@ -457,7 +474,9 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
     scaled_pool = problem.scaling.transform(X_pool)
     y_pool = problem.y[pool]
     semi = _Semi(problem, pool, scaled_pool) if split_head(spec.head)[1] else None
-    history = list(done[-(_STOP_HISTORY - 1):])
+    loop = spec.loop
+    kept = stopping_rounds(loop) - 1  # earlier rounds the stopping signal looks at
+    history = list(done[-kept:])
     cached = None  # the pool predictions of the last model, made at the end of its round
     finished = 0
     for round_ in range(len(done), len(done) + budget):
@@ -475,9 +494,13 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
                                probabilities=P, member_probabilities=members, positions=positions,
                                round=round_, labels=np.where(labelled, y_pool, -1),
                                rater_disagreement=_rater_disagreement(problem, spec, previous, labelled_rows, X_pool))
-            selection = select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
-                                     compactness=spec.compactness, state=state)
-            picked, state = pool[selection.indices], selection.state
+            if isinstance(previous, _Constant):  # no model (one class): the live loop asks for more spots
+                picked = pool[select_query(ctx, strategy=MORE_CLASSES_STRATEGY, query_size=k, seed=spec.seed,
+                                           settings=loop).indices]
+            else:
+                selection = select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
+                                         settings=loop, state=state)
+                picked, state = pool[selection.indices], selection.state
         query_s = time.perf_counter() - t0
         labelled_rows.extend(int(i) for i in picked)
         rows = np.asarray(labelled_rows, dtype=np.int64)
@@ -487,7 +510,7 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         t0 = time.perf_counter()
         cached = _predict(model, X_pool, scaled_pool)
         predict_s = time.perf_counter() - t0
-        extra = _stopping(history, cached[0])
+        extra = _stopping(history, cached[0], loop)
         extra["classes_labelled"] = int(len(np.unique(problem.y[rows])))
         if state is not None:
             extra["strategy_state"] = state
@@ -496,7 +519,7 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         record = _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s, predict_s,
                          model.validation if isinstance(model, TrainedModel) else None, extra)
         _append(path, record)
-        history = [*history, record][-(_STOP_HISTORY - 1):]
+        history = [*history, record][-kept:]
         stale = _model_path(path, round_ - 1)
         if stale.exists():
             stale.unlink()

@@ -73,18 +73,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from google.protobuf import json_format
 
-from histoloop.acquisition.strategies import STRATEGIES, UnknownStrategy
+from histoloop.acquisition.settings import stopping_options, strategy_options
+from histoloop.acquisition.stopping import recommend_stop
+from histoloop.acquisition.strategies import STRATEGIES, UnknownStrategy, get_strategy
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition, InvalidArgument
 from histoloop.formats.vocab import RESAMPLING_MODES
 from histoloop.simulation import _engine as engine
 from histoloop.simulation import _report as report
+from histoloop.training.round import head_settings
+from histoloop.v1 import common_pb2
 
 __all__ = [
     "DEFAULT_PCA",
     "DEFAULT_QUERY_FRACTION",
     "METRICS",
+    "LOOP_SETTINGS",
     "RPC_MAX_ROUNDS",
     "CampaignResult",
     "SimulationConfig",
@@ -114,6 +120,12 @@ SIMULATION_HEADS = ("mlp", "logreg", "ensemble")
 """Heads a simulation can train (the multimodal head needs two inputs; not simulated). Each
 also as ``<head>+ssl``: the same head trained with pseudo-labels from label spreading over the
 spatial and feature graphs (:mod:`histoloop.training.semi`), to measure it against the head."""
+LOOP_SETTINGS = ("hybrid_share", "kmeans_pick", "mc_dropout_samples", "stop_max_change", "stop_min_kappa",
+                 "stop_patience", "stop_max_uncertainty", "resampling_every", "preset")
+"""``LoopConfig`` fields a campaign takes in ``loop``: the strategy, stopping, MC-dropout and
+training settings of a project, used by the same functions as in the live loop. The others
+are the campaign's own fields (``strategies``, ``heads``, ``query_size``, ``neighbours``,
+``compactness``, ``resampling``, …) or have nothing to act on in a simulation."""
 _HEAD_COST = {"ensemble": 0, "mlp": 1, "logreg": 2}  # start the slow runs first
 _FORMAT = "histoloop.simulation.v1"
 
@@ -159,7 +171,13 @@ class SimulationConfig:
         compactness: Spatial compactness of query sets, as the project's ``compactness``
             (needs ``obs["array_row"/"array_col"]``).
         hyperparameters: Per head name, head hyper-parameters
-            (``{"ensemble": {"members": 3}}``).
+            (``{"ensemble": {"members": 3}}``); they override those that ``loop``
+            implies (its preset's, MC-dropout).
+        loop: A project's ``LoopConfig`` settings as JSON (proto field names), only the
+            fields in :data:`LOOP_SETTINGS` (``{"hybrid_share": 0.5, "stop_patience": 3}``):
+            every arm uses them as the live loop does — the strategy's options and the
+            stopping rule through the acquisition's own functions, the preset's and
+            MC-dropout's head settings and ``resampling_every`` in training.
         x_values: Without ``obsm``: what ``X`` holds. ``"counts"`` (whole numbers;
             library-size normalised and ``log1p``-transformed here), ``"normalised"``
             (used as it is), or ``"auto"``: counts when every value is a whole number,
@@ -193,6 +211,7 @@ class SimulationConfig:
     compactness: float = 0.0
     x_values: XValues = "auto"
     raters: tuple[str, ...] = ()
+    loop: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("obsm", "strategies", "heads", "raters"):
@@ -201,6 +220,29 @@ class SimulationConfig:
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             object.__setattr__(self, name, tuple(str(v) for v in value))
         object.__setattr__(self, "schedule", tuple(float(f) for f in self.schedule))
+        object.__setattr__(self, "loop", dict(self.loop))
+
+    @property
+    def settings(self) -> common_pb2.LoopConfig:
+        """The live loop's settings object of every arm: ``loop``, ``compactness`` and ``resampling``.
+
+        Raises:
+            InvalidArgument: ``loop`` names a field outside :data:`LOOP_SETTINGS` or a bad value.
+        """
+        unknown = sorted(set(self.loop) - set(LOOP_SETTINGS))
+        if unknown:
+            raise InvalidArgument(f"loop: {', '.join(unknown)} cannot be set here; a campaign takes "
+                                  f"{', '.join(LOOP_SETTINGS)} (the rest are its own fields)")
+        config = common_pb2.LoopConfig(compactness=self.compactness, resampling=self.resampling)
+        try:
+            json_format.ParseDict(dict(self.loop), config)
+        except json_format.ParseError as exc:
+            raise InvalidArgument(f"loop: {exc}") from None
+        return config
+
+    def head_hyperparameters(self, head: str) -> dict[str, Any]:
+        """What ``head`` trains with: the settings' (as the live training step) under ``hyperparameters``."""
+        return {**head_settings(self.settings, engine.split_head(head)[0]), **dict(self.hyperparameters.get(head, {}))}
 
     @property
     def feature_pca(self) -> int:
@@ -288,15 +330,24 @@ class SimulationConfig:
             raise InvalidArgument(f"initial_size must be ≥ 0, got {self.initial_size}")
         from histoloop.training.heads import make_head
 
-        for head, params in self.hyperparameters.items():
+        settings = self.settings
+        try:  # the values, checked by the functions that use them
+            for strategy in sorted({s for _, s in self.arms()}):
+                get_strategy(strategy, **strategy_options(strategy, settings))
+            recommend_stop([], **stopping_options(settings))
+            for head in self.heads:
+                head_settings(settings, engine.split_head(head)[0])
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"loop: {exc}") from None
+        for head in self.heads:
             try:
-                make_head(engine.split_head(head)[0], n_classes=2, **dict(params))
+                make_head(engine.split_head(head)[0], n_classes=2, **self.head_hyperparameters(head))
             except InvalidArgument as exc:
                 raise InvalidArgument(f"hyperparameters[{head!r}]: {exc}") from None
 
     def _has_members(self, head: str) -> bool:
         """Whether ``head`` gives per-member probabilities (ensemble, or MC-dropout passes)."""
-        return head == "ensemble" or int(dict(self.hyperparameters.get(head, {})).get("mc_samples", 0)) > 0
+        return head == "ensemble" or int(self.head_hyperparameters(head).get("mc_samples", 0)) > 0
 
     def _names(self, head: str) -> list[str]:
         if not self.strategies:
@@ -384,17 +435,16 @@ def project_default_config(label_column: str, *, preset: str = "", **overrides: 
     Returns:
         The campaign.
     """
-    from histoloop.presets import head_hyperparameters, loop_defaults
+    from histoloop.presets import loop_defaults
 
     d = loop_defaults(preset)
     strategies = tuple(dict.fromkeys((d["strategy"], "random")))
-    hp = head_hyperparameters(preset, d["head"])
     values: dict[str, Any] = {
         "label_column": label_column, "heads": (d["head"],), "strategies": strategies,
         "neighbours": d["spatial_neighbours"], "initial": d["cold_start_strategy"],
-        "hyperparameters": {d["head"]: hp} if hp else {},
     }
     values.update(overrides)
+    values["loop"] = {**({"preset": preset} if preset else {}), **dict(overrides.get("loop", {}))}
     return SimulationConfig(**values)
 
 
@@ -749,18 +799,18 @@ class CampaignResult:
 
 def _specs(config: SimulationConfig, prepared: SimulationData) -> list[engine.RunSpec]:
     specs = []
+    settings = engine.settings_json(config.settings)
     heads_first = sorted(config.heads, key=lambda h: _HEAD_COST.get(engine.split_head(h)[0], 9))
     arms = config.arms()
     for head in heads_first:
-        params = tuple(sorted(dict(config.hyperparameters.get(head, {})).items()))
+        params = tuple(sorted(config.head_hyperparameters(head).items()))
         names = [engine.FULL] + [s for h, s in arms if h == head]
         for strategy in names:
             for seed in range(config.seeds):
                 specs.append(engine.RunSpec(
                     head=head, strategy=strategy, seed=seed, targets=prepared.targets,
                     initial=config.initial, initial_size=prepared.initial_size,
-                    warm_start=config.warm_start, hyperparameters=params, resampling=config.resampling,
-                    compactness=config.compactness))
+                    warm_start=config.warm_start, hyperparameters=params, settings=settings))
     return specs
 
 

@@ -6,6 +6,7 @@ import math
 from typing import cast
 
 import grpc
+from google.protobuf import json_format
 
 from histoloop.runtime import Runtime, ServiceParts
 from histoloop.simulation.campaign import Metric, SimulationConfig
@@ -43,6 +44,7 @@ def spec_from_request(request: simulation_pb2.SimulateRequest) -> SimulationSpec
         metric=cast(Metric, request.metric or "macro_f1"),  # SimulationConfig checks it
         target=request.target or 0.95,
         raters=tuple(request.raters),
+        loop=json_format.MessageToDict(request.loop, preserving_proto_field_name=True),
     )
     return SimulationSpec(
         config=config,

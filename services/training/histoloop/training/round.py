@@ -23,15 +23,44 @@ from typing import Any
 import numpy as np
 
 from histoloop.formats.vocab import DEFAULT_RESAMPLING, ResamplingMode
+from histoloop.presets import head_hyperparameters
 from histoloop.training.pipeline import TrainedModel, train_model
 from histoloop.training.scaling import FeatureScaling
+from histoloop.v1 import common_pb2
 
-__all__ = ["VALIDATION_FRACTION", "VIEW_HEADS", "fit_round", "round_inputs"]
+__all__ = [
+    "MC_DROPOUT_RATE",
+    "VALIDATION_FRACTION",
+    "VIEW_HEADS",
+    "fit_round",
+    "head_settings",
+    "round_inputs",
+]
 
 VALIDATION_FRACTION = 0.1
 """Labelled share held out (stratified) for early stopping and the reported metrics."""
 VIEW_HEADS = ("mlp", "ensemble")
 """Heads that train by epochs and so can draw one augmented view per spot per epoch."""
+
+
+MC_DROPOUT_RATE = 0.25
+"""Hidden-layer dropout of an MLP head trained for MC-dropout (the multimodal head's default)."""
+
+
+def head_settings(config: common_pb2.LoopConfig, head: str) -> dict[str, object]:
+    """Head hyper-parameters that the project's settings imply: its preset's, and MC-dropout.
+
+    The preset's come from :func:`histoloop.presets.head_hyperparameters`. With
+    ``mc_dropout_samples`` > 0 the ``mlp`` head trains with dropout
+    :data:`MC_DROPOUT_RATE` and both torch heads predict that many MC-dropout passes
+    (for BALD); other heads ignore it (the ensemble has members of its own).
+    """
+    settings: dict[str, object] = dict(head_hyperparameters(config.preset, head))
+    if config.mc_dropout_samples and head in ("mlp", "multimodal"):
+        settings["mc_samples"] = int(config.mc_dropout_samples)
+        if head == "mlp":
+            settings["dropout"] = MC_DROPOUT_RATE
+    return settings
 
 
 def round_inputs(features: Mapping[str, np.ndarray], head: str) -> dict[str, np.ndarray]:

@@ -25,19 +25,18 @@ from histoloop.formats.embeddings import OBSM_MORPH_VIEWS, parse_embeddings_key
 from histoloop.formats.models import STATE_FILE, sibling_key, state_key
 from histoloop.formats.vocab import DEFAULT_HEAD, DEFAULT_RESAMPLING
 from histoloop.integration import project_feature_blocks
-from histoloop.labelsets import LabelSnapshot, read_snapshot
+from histoloop.labelsets import MIN_TRAINING_CLASSES, LabelSnapshot, read_snapshot
 from histoloop.metrics import MODEL_METRIC, TRAINING_RUNS
 from histoloop.models import ModelCard, latest_card, list_cards, save_model
-from histoloop.presets import head_hyperparameters
 from histoloop.spatial import unit_positions
 from histoloop.training.export import export_raters_torchscript, export_torchscript
 from histoloop.training.pipeline import TrainedModel
 from histoloop.training.raters import RaterVote, fit_round_raters, vote_rows
-from histoloop.training.round import VIEW_HEADS, fit_round
+from histoloop.training.round import VIEW_HEADS, fit_round, head_settings
 from histoloop.training.semi import SemiSupervised, pseudo_label_rows
 from histoloop.v1 import common_pb2, events_pb2
 
-__all__ = ["MC_DROPOUT_RATE", "TrainingStep", "dataset_of", "head_settings", "trained_batches"]
+__all__ = ["TrainingStep", "dataset_of", "trained_batches"]
 
 log = logging.getLogger(__name__)
 PRODUCER = "training"
@@ -58,25 +57,6 @@ def metrics_proto(card: ModelCard) -> common_pb2.ModelMetrics:
         per_class_f1={k: v for k, v in (validation.get("per_class_f1") or {}).items() if v is not None},
         cohen_kappa=validation.get("kappa") or 0.0, accuracy=validation.get("accuracy") or 0.0,
         n_train=counts.get("n_train", 0), n_val=counts.get("n_validation", 0), train_seconds=card.train_seconds)
-
-
-MC_DROPOUT_RATE = 0.25
-"""Hidden-layer dropout of an MLP head trained for MC-dropout (the multimodal head's default)."""
-
-
-def head_settings(config: common_pb2.LoopConfig, head: str) -> dict[str, object]:
-    """Head hyper-parameters that the project's settings imply (MC-dropout for BALD).
-
-    With ``mc_dropout_samples`` > 0 the ``mlp`` head trains with dropout
-    :data:`MC_DROPOUT_RATE` and both torch heads predict that many MC-dropout passes;
-    other heads ignore it (the ensemble has members of its own).
-    """
-    if not config.mc_dropout_samples or head not in ("mlp", "multimodal"):
-        return {}
-    settings: dict[str, object] = {"mc_samples": int(config.mc_dropout_samples)}
-    if head == "mlp":
-        settings["dropout"] = MC_DROPOUT_RATE
-    return settings
 
 
 def trained_batches(snapshot: LabelSnapshot, msg: events_pb2.LabelsCommitted) -> list[str]:
@@ -113,6 +93,16 @@ def _augmented_views(adata, config: common_pb2.LoopConfig, head: str, rows: np.n
     if OBSM_MORPH_VIEWS not in adata.obsm or config.spatial_neighbours or not (image_only or image_branch):
         return np.empty((0,))
     return np.ascontiguousarray(np.asarray(adata.obsm[OBSM_MORPH_VIEWS], dtype=np.float32)[rows].transpose(1, 0, 2))
+
+
+def _too_few_classes(project: str, n_labels: int, classes: set[str]) -> bool:
+    """Whether the labels cover too few classes for a model (logged, counted as a skipped run)."""
+    if len(classes) >= MIN_TRAINING_CLASSES:
+        return False
+    log.warning("project %s: %d labels in %d class(es); a model needs %d classes — waiting for more",
+                project, n_labels, len(classes), MIN_TRAINING_CLASSES)
+    TRAINING_RUNS.labels(outcome="skipped").inc()
+    return True
 
 
 class TrainingStep:
@@ -163,6 +153,9 @@ class TrainingStep:
         classes = list(msg.classes) or list(snapshot.classes)
         if not msg.embeddings_uris:
             raise FailedPrecondition(f"labels of {project} name no embeddings; is the dataset embedded yet?")
+        if _too_few_classes(project, snapshot.n_labelled,  # acquisition asks for more spots meanwhile
+                            snapshot.labelled_classes(dataset_of(uri) for uri in msg.embeddings_uris)):
+            return None
         blocks_all: list[dict[str, np.ndarray]] = []
         labelled: list[np.ndarray] = []
         views_lab: list[np.ndarray] = []
@@ -191,10 +184,7 @@ class TrainingStep:
             offset += adata.n_obs
             views_lab.append(_augmented_views(adata, config, head, rows))
             labels += names
-        if len(set(labels)) < 2:
-            log.warning("project %s: %d labels in %d class(es); a model needs two classes — waiting for more",
-                        project, len(labels), len(set(labels)))
-            TRAINING_RUNS.labels(outcome="skipped").inc()
+        if _too_few_classes(project, len(labels), set(labels)):  # labelled barcodes missing from the embeddings
             return None
         keys = list(blocks_all[0])
         all_x = {k: np.concatenate([b[k] for b in blocks_all]) for k in keys}
@@ -207,8 +197,7 @@ class TrainingStep:
         try:
             trained = fit_round(all_x, np.concatenate(labelled), labels, head=head, seed=seed, classes=classes,
                                 resampling=config.resampling or DEFAULT_RESAMPLING, views=views, previous=previous,
-                                hyperparameters={**head_hyperparameters(config.preset, head),
-                                                 **head_settings(config, head)},
+                                hyperparameters=head_settings(config, head),
                                 resampling_every=int(config.resampling_every))
         except Exception:
             TRAINING_RUNS.labels(outcome="failure").inc()
