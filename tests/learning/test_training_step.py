@@ -18,7 +18,7 @@ from histoloop.datasets import predicted_classes, read_predictions, write_anndat
 from histoloop.errors import FailedPrecondition, NotFound
 from histoloop.formats.models import raters_key
 from histoloop.models import list_cards, load_model
-from histoloop.prediction.loop import PredictionStep
+from histoloop.prediction.step import PredictionStep
 from histoloop.training.step import TrainingStep
 from histoloop.v1 import common_pb2, events_pb2
 
