@@ -29,8 +29,8 @@ Experiments (MLP head, warm start, 3 seeds, 30 PCs of log1p counts + 6-neighbour
   where the simulated raters' labels differ (what rater_disagreement looks for).
 * ``hybrid``: ``hybrid`` with the project setting
   ``hybrid_share`` 0.3 / 0.5 / 0.7 (the default) / 0.9, and random in the first campaign.
-* ``stopping``: the project's default strategy up to twice
-  the budget; every round records its pool predictions, so the stopping rule
+* ``stopping``: the project's default strategy up to 2,300 labels
+  (DLPFC, 72 % of the pool) / 200 (A1, 84 %); every round records its pool predictions, so the stopping rule
   (``recommend_stop``) is replayed offline over a grid of ``stop_max_change`` ×
   ``stop_min_kappa`` × ``stop_patience``: the labels at the first recommendation and the
   metric there as a share of full supervision (same head and seed).
@@ -99,9 +99,9 @@ def her2st_a1():
 
 
 DATASETS = {
-    "dlpfc151510": dict(load=dlpfc, label_column="layer", query_size=46, budget=460,
+    "dlpfc151510": dict(load=dlpfc, label_column="layer", query_size=46, budget=460, stop_budget=2300,
                         raters=("exact", "border", "merge:Layer6:Layer5")),
-    "her2st_a1": dict(load=her2st_a1, label_column="label", query_size=10, budget=100,
+    "her2st_a1": dict(load=her2st_a1, label_column="label", query_size=10, budget=100, stop_budget=200,
                       raters=("exact", "border", "merge:cancer in situ:invasive cancer")),
 }
 
@@ -123,7 +123,8 @@ def experiments(name: str, *, seeds: int = SEEDS, budget: int = 0) -> dict[str, 
     raters = (SimulationConfig(**base, strategies=("random", "entropy", "rater_disagreement"), raters=d["raters"]),)
     hybrid = tuple(SimulationConfig(**base, strategies=("random", "hybrid") if i == 0 else ("hybrid",),
                                     loop={"hybrid_share": share}) for i, share in enumerate(HYBRID_SHARES))
-    stopping = (SimulationConfig(**{**base, "budget": 2 * base["budget"]}, strategies=(DEFAULTS["strategy"],)),)
+    stopping = (SimulationConfig(**{**base, "budget": 2 * budget or d["stop_budget"]},
+                                 strategies=(DEFAULTS["strategy"],)),)
     return {"ar": ar, "strategies": strategies, "coldstart": cold, "raters": raters, "hybrid": hybrid,
             "stopping": stopping}
 
