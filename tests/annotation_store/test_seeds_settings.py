@@ -17,7 +17,7 @@ def test_unset_fields_take_the_documented_defaults() -> None:
         0.7, "closest_to_centroid", 0)
     assert (settings.stop_max_change, settings.stop_min_kappa, settings.stop_patience,
             settings.stop_max_uncertainty, settings.resampling_every, settings.harmony) == (
-        0.01, 0.95, 2, 0.0, 5, False)
+        0.02, 0.95, 2, 0.0, 5, False)
 
 
 @pytest.mark.parametrize(("field", "value"), [

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoloop.errors import InvalidArgument
+from histoloop.formats.vocab import DEFAULT_STOP_MAX_CHANGE
 from histoloop.kappa import cohen_kappa
 
 __all__ = ["RoundPredictions", "StoppingSignal", "agreement_kappa", "recommend_stop"]
@@ -82,7 +83,7 @@ def _mean_entropy(P: np.ndarray) -> float:
 def recommend_stop(
     history: Sequence[RoundPredictions],
     *,
-    max_change: float = 0.01,
+    max_change: float = DEFAULT_STOP_MAX_CHANGE,
     min_kappa: float = 0.95,
     max_uncertainty: float | None = None,
     patience: int = 2,

@@ -25,6 +25,7 @@ from histoloop.formats.vocab import (
     DEFAULT_QUERY_SIZE,
     DEFAULT_RESAMPLING,
     DEFAULT_SPATIAL_NEIGHBOURS,
+    DEFAULT_STOP_MAX_CHANGE,
     DEFAULT_STRATEGY,
     FEATURE_SETS,
     HEADS,
@@ -183,7 +184,7 @@ class LoopSettings:
     hybrid_share: float = 0.7
     kmeans_pick: str = "closest_to_centroid"
     mc_dropout_samples: int = 0
-    stop_max_change: float = 0.01
+    stop_max_change: float = DEFAULT_STOP_MAX_CHANGE
     stop_min_kappa: float = 0.95
     stop_patience: int = 2
     stop_max_uncertainty: float = 0.0
