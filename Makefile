@@ -12,19 +12,6 @@ STUBS := services/common/histoloop/v1/common_pb2.py
 
 .PHONY: setup setup-test setup-bench deb-tools protos demo serve test test-unit bench lint clean
 
-# files kept `ruff format`-clean (the tree-wide format is a later decision)
-FORMATTED := services/common/histoloop/formats/__init__.py services/common/histoloop/formats/embeddings.py \
-	services/common/histoloop/formats/labels.py services/common/histoloop/formats/models.py \
-	services/common/histoloop/formats/positions.py services/common/histoloop/formats/querysets.py \
-	services/common/histoloop/formats/vocab.py services/common/histoloop/kappa.py \
-	services/simulation/histoloop/simulation/__init__.py \
-	services/simulation/histoloop/simulation/jobs.py \
-	services/simulation/histoloop/simulation/service.py \
-	services/training/histoloop/training/round.py \
-	services/acquisition/histoloop/acquisition/round.py tests/platform/test_formats.py \
-	tests/platform/test_imports.py tests/loop/test_live_equals_simulation.py \
-	tests/platform/test_benchmarks.py
-
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
@@ -83,7 +70,7 @@ serve: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check $(FORMATTED)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services
 	$(PY) -m pytest -q -p no:cacheprovider
 

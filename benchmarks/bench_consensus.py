@@ -33,8 +33,13 @@ def _votes(n_units: int, n_raters: int, seed: int = 0) -> list[Vote]:
     noise = rng.integers(CLASSES, size=(n_units, n_raters))
     given = np.where(right, truth[:, None], noise)
     return [
-        Vote(item=("ds", f"u{i}"), annotator=f"a{a}", label=f"c{given[i, a]}", seq=i * n_raters + a,
-             expert=a == 0)
+        Vote(
+            item=("ds", f"u{i}"),
+            annotator=f"a{a}",
+            label=f"c{given[i, a]}",
+            seq=i * n_raters + a,
+            expert=a == 0,
+        )
         for i in range(n_units)
         for a in range(n_raters)
     ]
@@ -43,11 +48,15 @@ def _votes(n_units: int, n_raters: int, seed: int = 0) -> list[Vote]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10,000 units, one repeat")
-    parser.add_argument("--repeat", type=int, default=3, help="timings per rule (the median is reported)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timings per rule (the median is reported)"
+    )
     args = parser.parse_args(argv)
     shapes = ((10_000, 1),) if args.quick else ((100_050, 1), (5_000, 3), (20_000, 3))
     repeat = 1 if args.quick else args.repeat
-    print(f"machine: {platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}")
+    print(
+        f"machine: {platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}"
+    )
     print("| units × raters | " + " | ".join(RULES) + " | dawid_skene ÷ majority |")
     print("|---|" + "---:|" * (len(RULES) + 1))
     for n_units, n_raters in shapes:
@@ -63,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             assert len(result.labels) == n_units
             seconds[rule] = float(np.median(times))
         ratio = seconds["dawid_skene"] / seconds["majority"]
-        print(f"| {n_units:,} × {n_raters} | " + " | ".join(f"{seconds[r]:.2f} s" for r in RULES)
-              + f" | {ratio:.1f}× |")
+        print(
+            f"| {n_units:,} × {n_raters} | "
+            + " | ".join(f"{seconds[r]:.2f} s" for r in RULES)
+            + f" | {ratio:.1f}× |"
+        )
     return 0
 
 

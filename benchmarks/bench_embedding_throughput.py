@@ -98,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4, help="concurrent Triton clients")
-    parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch / onnxruntime intra-op threads"
+    )
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.patches, args.repeat, args.clients, args.threads = 16, 1, 2, 1
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from histoloop.embedding import EfficientNetEmbedder, TritonEmbedder, efficientnet_features
     from tests.fixtures.triton import onnx_model_spec, serve_models
 
-    spec = importlib.util.spec_from_file_location("export_model", REPO / "tools" / "export_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "export_model", REPO / "tools" / "export_model.py"
+    )
     assert spec is not None and spec.loader is not None
     export_model = importlib.util.module_from_spec(spec)
     sys.modules["export_model"] = export_model  # dataclasses look their module up
@@ -120,20 +128,32 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, float]] = {}
     eager = EfficientNetEmbedder(batch_size=32, threads=args.threads, runtime="torch")
     rows["in-process, eager torch (runtime='torch')"] = {
-        "patches_per_s": _best(eager.embed, patches, args.repeat), "peak_rss_mb": _rss_mb()}
+        "patches_per_s": _best(eager.embed, patches, args.repeat),
+        "peak_rss_mb": _rss_mb(),
+    }
     default = EfficientNetEmbedder(batch_size=32, threads=args.threads)
     rows["in-process, ONNX Runtime (the default)"] = {
-        "patches_per_s": _best(default.embed, patches, args.repeat), "peak_rss_mb": _rss_mb()}
+        "patches_per_s": _best(default.embed, patches, args.repeat),
+        "peak_rss_mb": _rss_mb(),
+    }
     reference = eager.embed(patches[:16])
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
-        export_model.export_module(efficientnet_features(), tmp, "efficientnet-lite0", max_batch_size=32,
-                                   instance_kind="KIND_CPU", expected_dim=1280)
+        export_model.export_module(
+            efficientnet_features(),
+            tmp,
+            "efficientnet-lite0",
+            max_batch_size=32,
+            instance_kind="KIND_CPU",
+            expected_dim=1280,
+        )
         onnx_path = Path(tmp) / "efficientnet-lite0" / "1" / "model.onnx"
         with serve_models([onnx_model_spec("efficientnet-lite0", onnx_path)]) as server:
             with TritonEmbedder(server.grpc_url, "efficientnet-lite0") as remote:
                 diff = float(np.abs(remote.embed(patches[:16]) - reference).max())
-                rows["Triton, 1 client"] = {"patches_per_s": _best(remote.embed, patches, args.repeat),
-                                            "server_rss_mb": _tree_rss_mb(os.getpid())}
+                rows["Triton, 1 client"] = {
+                    "patches_per_s": _best(remote.embed, patches, args.repeat),
+                    "server_rss_mb": _tree_rss_mb(os.getpid()),
+                }
 
                 def concurrent(batch: np.ndarray) -> None:
                     parts = np.array_split(batch, args.clients)
@@ -149,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
                 }
     base = rows["in-process, ONNX Runtime (the default)"]["patches_per_s"]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n{len(patches)} A1 patches (224 px), best of {args.repeat}; {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, load average {load}; max |Triton − torch| = {diff:.2e}\n")
+    print(
+        f"\n{len(patches)} A1 patches (224 px), best of {args.repeat}; {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, load average {load}; max |Triton − torch| = {diff:.2e}\n"
+    )
     print("| path | patches/s | × in-process default | memory (MB) |")
     print("|---|---:|---:|---:|")
     for name, row in rows.items():
         mem = row.get("peak_rss_mb") or row.get("server_rss_mb") or 0
-        print(f"| {name} | {row['patches_per_s']:.1f} | {row['patches_per_s'] / base:.2f} | {mem:.0f} |")
+        print(
+            f"| {name} | {row['patches_per_s']:.1f} | {row['patches_per_s'] / base:.2f} | {mem:.0f} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "max_abs_diff": diff, "load": load}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "max_abs_diff": diff, "load": load}, indent=2)
+        )
     return 0
 
 

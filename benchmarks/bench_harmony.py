@@ -60,24 +60,39 @@ def main(argv: list[str] | None = None) -> int:
     import anndata as ad
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; "
-                        "not a measurement): σ 1 only, 2 seeds, logreg, written to a temporary folder")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; "
+        "not a measurement): σ 1 only, 2 seeds, logreg, written to a temporary folder",
+    )
     args = parser.parse_args(argv)
     sigmas, heads, seeds, results = SIGMAS, HEADS, SEEDS, RESULTS
     if args.quick:
-        sigmas, heads, seeds, results = (1.0,), ("logreg",), 2, Path(tempfile.mkdtemp(prefix="bench-harmony-quick-"))
+        sigmas, heads, seeds, results = (
+            (1.0,),
+            ("logreg",),
+            2,
+            Path(tempfile.mkdtemp(prefix="bench-harmony-quick-")),
+        )
     t0 = time.perf_counter()
     adata = ad.read_h5ad(SHARED / "dlpfc" / "151510" / "dlpfc151510_500genes.h5ad")
     keep = adata.obs["layer"].notna().to_numpy()
     adata = adata[keep]
-    counts = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float64)
+    counts = np.asarray(
+        adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float64
+    )
     labels = adata.obs["layer"].astype(str).to_numpy()
     left = adata.obs["array_col"].to_numpy() < np.median(adata.obs["array_col"].to_numpy())
     rows = []
     for sigma in sigmas:
         for seed in range(seeds):
             rng = np.random.default_rng([seed, 11])
-            right = counts[~left] * np.exp(rng.normal(0.0, sigma, counts.shape[1])) * (0.6 if sigma else 1.0)
+            right = (
+                counts[~left]
+                * np.exp(rng.normal(0.0, sigma, counts.shape[1]))
+                * (0.6 if sigma else 1.0)
+            )
             blocks = [_log_norm(counts[left]), _log_norm(right)]
             plain = _pcs(blocks)
             integrated = harmonize(blocks, n_pcs=30, seed=seed)
@@ -87,27 +102,48 @@ def main(argv: list[str] | None = None) -> int:
                     pred = np.asarray(model.classes)[predict(model, b).predicted]
                     classes = tuple(model.classes)
                     index = {c: i for i, c in enumerate(classes)}
-                    m = classification_metrics(np.array([index[x] for x in labels[~left]]),
-                                               np.array([index[x] for x in pred]), classes=classes)
-                    rows.append({"sigma": sigma, "seed": seed, "head": head, "features": name,
-                                 "macro_f1": float(m["macro_f1"]), "accuracy": float(m["accuracy"])})
+                    m = classification_metrics(
+                        np.array([index[x] for x in labels[~left]]),
+                        np.array([index[x] for x in pred]),
+                        classes=classes,
+                    )
+                    rows.append(
+                        {
+                            "sigma": sigma,
+                            "seed": seed,
+                            "head": head,
+                            "features": name,
+                            "macro_f1": float(m["macro_f1"]),
+                            "accuracy": float(m["accuracy"]),
+                        }
+                    )
             print(f"sigma {sigma} seed {seed} done", flush=True)
     wall = time.perf_counter() - t0
-    lines = ["| synthetic batch effect σ | head | macro-F1 on the right half, no integration | with Harmony |",
-             "|---:|---|---:|---:|"]
+    lines = [
+        "| synthetic batch effect σ | head | macro-F1 on the right half, no integration | with Harmony |",
+        "|---:|---|---:|---:|",
+    ]
     for sigma in sigmas:
         for head in heads:
             cell = []
             for name in ("no integration", "harmony"):
-                v = np.array([r["macro_f1"] for r in rows
-                              if r["sigma"] == sigma and r["head"] == head and r["features"] == name])
+                v = np.array(
+                    [
+                        r["macro_f1"]
+                        for r in rows
+                        if r["sigma"] == sigma and r["head"] == head and r["features"] == name
+                    ]
+                )
                 cell.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
             lines.append(f"| {sigma:g} | {head} | {cell[0]} | {cell[1]} |")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    text = ("### Harmony: train on the left half of DLPFC 151510, predict the right (synthetic batch effect)\n\n"
-            + "\n".join(lines) + f"\n\n{seeds} seeds (the batch effect's draw and the model's seed); "
-            f"{int(left.sum())} training spots, {int((~left).sum())} scored. {wall:.0f} s wall on "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, load average {load}.\n")
+    text = (
+        "### Harmony: train on the left half of DLPFC 151510, predict the right (synthetic batch effect)\n\n"
+        + "\n".join(lines)
+        + f"\n\n{seeds} seeds (the batch effect's draw and the model's seed); "
+        f"{int(left.sum())} training spots, {int((~left).sum())} scored. {wall:.0f} s wall on "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, load average {load}.\n"
+    )
     results.mkdir(parents=True, exist_ok=True)
     (results / "harmony.md").write_text(text)
     (results / "harmony.json").write_text(json.dumps(rows))

@@ -34,10 +34,18 @@ DATA = SHARED / "dlpfc" / "151510" / "dlpfc151510_500genes.h5ad"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="30,100,400,0", help="labelled-set sizes (0 = the whole pool)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", default="30,100,400,0", help="labelled-set sizes (0 = the whole pool)"
+    )
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.draws = "30", 1
@@ -51,8 +59,11 @@ def main() -> int:
     cfg = SimulationConfig(label_column="layer", pca=30, neighbours=6, heads=("mlp",), seeds=1)
     problem = prepare_data(DATA, cfg).problem
     pool, test = problem.splits[0]
-    heads = {"logreg": ("logreg", {}), "mlp": ("mlp", {}),
-             "mlp (activevisium preset)": ("mlp", head_hyperparameters("activevisium", "mlp"))}
+    heads = {
+        "logreg": ("logreg", {}),
+        "mlp": ("mlp", {}),
+        "mlp (activevisium preset)": ("mlp", head_hyperparameters("activevisium", "mlp")),
+    }
     print("| labels | " + " | ".join(heads) + " |")
     print("|---:|" + "---:|" * len(heads))
     for size in (int(s) for s in args.sizes.split(",")):
@@ -60,19 +71,40 @@ def main() -> int:
         scores: dict[str, list[float]] = {k: [] for k in heads}
         seconds: dict[str, float] = dict.fromkeys(heads, 0.0)
         for draw in range(args.draws if size else 1):
-            rows = np.sort(np.random.default_rng(draw).choice(pool, n, replace=False)) if size else pool
+            rows = (
+                np.sort(np.random.default_rng(draw).choice(pool, n, replace=False))
+                if size
+                else pool
+            )
             names = np.asarray(problem.classes, dtype=object)[problem.y[rows]]
             for key, (head, hp) in heads.items():
                 t0 = time.perf_counter()
-                model = train_model(problem.X[rows], names, head=head, seed=1, classes=problem.classes,
-                                    hyperparameters=hp, validation_fraction=0.0 if head == "logreg" else 0.1,
-                                    scaling={"features": problem.scaling})
+                model = train_model(
+                    problem.X[rows],
+                    names,
+                    head=head,
+                    seed=1,
+                    classes=problem.classes,
+                    hyperparameters=hp,
+                    validation_fraction=0.0 if head == "logreg" else 0.1,
+                    scaling={"features": problem.scaling},
+                )
                 seconds[key] += time.perf_counter() - t0
                 P = predict(model, problem.X[test]).probabilities
-                scores[key].append(classification_metrics(problem.y[test], P.argmax(1),
-                                                          classes=problem.classes)["macro_f1"])
-        print(f"| {n} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f} ({seconds[k] / len(v):.1f} s)"
-                                       for k, v in scores.items()) + " |", flush=True)
+                scores[key].append(
+                    classification_metrics(problem.y[test], P.argmax(1), classes=problem.classes)[
+                        "macro_f1"
+                    ]
+                )
+        print(
+            f"| {n} | "
+            + " | ".join(
+                f"{np.mean(v):.3f} ± {np.std(v):.3f} ({seconds[k] / len(v):.1f} s)"
+                for k, v in scores.items()
+            )
+            + " |",
+            flush=True,
+        )
     print(f"machine after: {_machine()}")
     return 0
 

@@ -49,8 +49,17 @@ def _handler(bus: EmbeddedBus, out: type):
     def handle(message, record) -> None:
         if message.meta.project == "bad":
             raise RuntimeError("broken input")
-        events.publish(bus, out(meta=events.new_meta(project=message.meta.project, producer="bench",
-                                                     event_id=events.derived_id(message.meta.event_id, "x"))))
+        events.publish(
+            bus,
+            out(
+                meta=events.new_meta(
+                    project=message.meta.project,
+                    producer="bench",
+                    event_id=events.derived_id(message.meta.event_id, "x"),
+                )
+            ),
+        )
+
     return handle
 
 
@@ -59,22 +68,42 @@ def run(rounds: int, *, poison: bool) -> list[float]:
     root = Path(tempfile.mkdtemp(prefix="bench-isolation-"))
     bus, store = EmbeddedBus(root / "events.sqlite"), LocalArtifactStore(root / "artifacts")
     arrivals: queue.Queue = queue.Queue()
-    workers = [EventWorker(group=g, bus=bus, store=store, poll_timeout=0.05,
-                           handlers={topic: _handler(bus, out)}) for g, (topic, out) in ROUTES.items()]
-    workers.append(EventWorker(group="annotation_store", bus=bus, store=store, poll_timeout=0.05,
-                               handlers={events.QUERYSET_READY: lambda m, r: arrivals.put(time.perf_counter())}))
+    workers = [
+        EventWorker(
+            group=g, bus=bus, store=store, poll_timeout=0.05, handlers={topic: _handler(bus, out)}
+        )
+        for g, (topic, out) in ROUTES.items()
+    ]
+    workers.append(
+        EventWorker(
+            group="annotation_store",
+            bus=bus,
+            store=store,
+            poll_timeout=0.05,
+            handlers={events.QUERYSET_READY: lambda m, r: arrivals.put(time.perf_counter())},
+        )
+    )
     for w in workers:
         w.start()
     if poison:
-        for cls in (events_pb2.LabelsCommitted, events_pb2.ModelTrained, events_pb2.PredictionsReady,
-                    events_pb2.DatasetRegistered, events_pb2.TilesReady):
+        for cls in (
+            events_pb2.LabelsCommitted,
+            events_pb2.ModelTrained,
+            events_pb2.PredictionsReady,
+            events_pb2.DatasetRegistered,
+            events_pb2.TilesReady,
+        ):
             events.publish(bus, cls(meta=events.new_meta(project="bad", producer="bench")))
     latencies = []
     try:
         for version in range(1, rounds + 1):
             sent = time.perf_counter()
-            events.publish(bus, events_pb2.LabelsCommitted(
-                meta=events.new_meta(project="good", producer="bench"), label_version=version))
+            events.publish(
+                bus,
+                events_pb2.LabelsCommitted(
+                    meta=events.new_meta(project="good", producer="bench"), label_version=version
+                ),
+            )
             latencies.append(arrivals.get(timeout=60) - sent)
     finally:
         for w in workers:
@@ -85,9 +114,17 @@ def run(rounds: int, *, poison: bool) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=300,
-                        help="rounds per run (300 outlast the poison's 5 attempts, ~8 s)")
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=300,
+        help="rounds per run (300 outlast the poison's 5 attempts, ~8 s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 10
@@ -105,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         ordered = sorted(values)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         summary[name] = statistics.median(values)
-        print(f"{name:<18} {1000 * summary[name]:>10.1f} {1000 * p95:>8.1f} {1000 * max(values):>8.1f}")
+        print(
+            f"{name:<18} {1000 * summary[name]:>10.1f} {1000 * p95:>8.1f} {1000 * max(values):>8.1f}"
+        )
     print(f"ratio poisoned/clean (median): {summary['poisoned'] / summary['clean']:.2f}")
-    print(f"ratio clean/no stage records (median): {summary['clean'] / summary['no stage records']:.2f}")
+    print(
+        f"ratio clean/no stage records (median): {summary['clean'] / summary['no stage records']:.2f}"
+    )
     return 0
 
 

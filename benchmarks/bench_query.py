@@ -165,8 +165,10 @@ def case_coreset(impl: str, repeats: int) -> dict:
 
     out = measure(run, repeats, input_mb)
     picked = out.pop("picked")
-    out["quality"] = {"coverage": coverage(X, np.r_[labelled_rows, picked]),
-                      "picked_sha": hash_indices(picked)}
+    out["quality"] = {
+        "coverage": coverage(X, np.r_[labelled_rows, picked]),
+        "picked_sha": hash_indices(picked),
+    }
     return out
 
 
@@ -220,17 +222,31 @@ def case_live(impl: str, repeats: int) -> dict:
     X = scaling["features"].transform(counts)
     n_cold, n_query, n_rounds = (30, 20, 2) if QUICK else (100, 50, 9)
     labelled = ~has  # spots without a ground-truth label are never queried
-    cold = select_query(QueryContext(features=X, labelled=labelled, round=0), strategy="coldstart_kmeans",
-                        query_size=n_cold, seed=SEED)
+    cold = select_query(
+        QueryContext(features=X, labelled=labelled, round=0),
+        strategy="coldstart_kmeans",
+        query_size=n_cold,
+        seed=SEED,
+    )
     labelled[cold.indices] = True
     asked = list(cold.indices)
     rounds, previous, f1, sizes = [], None, [], []
     for round_no in range(1, n_rounds + 1):
         t0 = time.perf_counter()
-        model = fit_round({"features": counts}, np.asarray(asked), truth[asked], head="mlp", seed=SEED,
-                          classes=classes, scaling=scaling, previous=previous)
+        model = fit_round(
+            {"features": counts},
+            np.asarray(asked),
+            truth[asked],
+            head="mlp",
+            seed=SEED,
+            classes=classes,
+            scaling=scaling,
+            previous=previous,
+        )
         p = predict(model, counts)
-        ctx = QueryContext(features=p.hidden, labelled=labelled, probabilities=p.probabilities, round=round_no)
+        ctx = QueryContext(
+            features=p.hidden, labelled=labelled, probabilities=p.probabilities, round=round_no
+        )
         sel = select_query(ctx, strategy="activevisium", query_size=n_query, seed=SEED)
         rounds.append(time.perf_counter() - t0)
         f1.append(round(float((p.labels[has] == truth[has]).mean()), 3))
@@ -256,7 +272,9 @@ def case_train(impl: str, repeats: int) -> dict:
     counts, truth, has = _dlpfc()
     genes = log1p_normalise(counts)
     pcs = PCA(30, random_state=0).fit_transform(genes).astype(np.float32)
-    rows = np.random.default_rng(SEED).choice(np.flatnonzero(has), 200 if QUICK else 500, replace=False)
+    rows = np.random.default_rng(SEED).choice(
+        np.flatnonzero(has), 200 if QUICK else 500, replace=False
+    )
     train_model(pcs[rows], truth[rows], head="mlp", hyperparameters={"max_epochs": 1})  # warm-up
     out = {}
     cases = (("30-d PCs", pcs),) if QUICK else (("500-d log1p genes", genes), ("30-d PCs", pcs))
@@ -343,7 +361,9 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="rows for library TypiClust")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
-    parser.add_argument("--quick", action="store_true", help="every case on small inputs, one run each")
+    parser.add_argument(
+        "--quick", action="store_true", help="every case on small inputs, one run each"
+    )
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -356,7 +376,9 @@ def main() -> None:
 
     have_lib = importlib.util.find_spec("skactiveml") is not None
     if not have_lib:
-        print("scikit-activeml is not installed (`make bench` installs it): the library side is skipped")
+        print(
+            "scikit-activeml is not installed (`make bench` installs it): the library side is skipped"
+        )
     results: dict[str, dict] = {}
     failed = False
     for case in args.cases.split(","):
@@ -370,13 +392,17 @@ def main() -> None:
             failed |= "error" in res
             print(f"{case:13s} {impl:4s} {json.dumps(res)}", flush=True)
     print()
-    print("| case | ours (s) | scikit-activeml (s) | ratio | ours extra peak / input | lib extra peak / input |")
+    print(
+        "| case | ours (s) | scikit-activeml (s) | ratio | ours extra peak / input | lib extra peak / input |"
+    )
     print("|---|---|---|---|---|---|")
     for case, res in results.items():
         ours, lib = res.get("ours", {}), res.get("lib", {})
         if case == "live":
-            print(f"| live loop, median round (max) | {ours.get('median_seconds', float('nan')):.2f} "
-                  f"({ours.get('max_seconds', float('nan')):.2f}) | – | – | – | – |")
+            print(
+                f"| live loop, median round (max) | {ours.get('median_seconds', float('nan')):.2f} "
+                f"({ours.get('max_seconds', float('nan')):.2f}) | – | – | – | – |"
+            )
             continue
         if case == "train":
             for key, val in ours.items():

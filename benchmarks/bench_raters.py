@@ -48,8 +48,9 @@ N_LABELLED = 600
 RATERS = ("exact", "merger", "border")
 
 
-def simulated_raters(y: np.ndarray, classes: tuple[str, ...], neighbours: np.ndarray,
-                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+def simulated_raters(
+    y: np.ndarray, classes: tuple[str, ...], neighbours: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Each rater's label for every spot (class indices)."""
     merger = y.copy()
     merger[y == classes.index("Layer6")] = classes.index("Layer5")
@@ -61,7 +62,9 @@ def simulated_raters(y: np.ndarray, classes: tuple[str, ...], neighbours: np.nda
     return {"exact": y.copy(), "merger": merger, "border": border}
 
 
-def _score(truth: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -> tuple[float, float]:
+def _score(
+    truth: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]
+) -> tuple[float, float]:
     m = classification_metrics(truth, predicted, classes=classes)
     return float(m["accuracy"]), float(m["macro_f1"])
 
@@ -71,22 +74,34 @@ def main(argv: list[str] | None = None) -> int:
     import anndata as ad
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; "
-                        "not a measurement): 2 seeds of 100 spots, written to a temporary folder")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; "
+        "not a measurement): 2 seeds of 100 spots, written to a temporary folder",
+    )
     args = parser.parse_args(argv)
     seeds, n_labelled, results = SEEDS, N_LABELLED, RESULTS
     if args.quick:
         seeds, n_labelled, results = 2, 100, Path(tempfile.mkdtemp(prefix="bench-raters-quick-"))
     t0 = time.perf_counter()
     adata = ad.read_h5ad(SHARED / "dlpfc" / "151510" / "dlpfc151510_500genes.h5ad")
-    prep = prepare_data(adata, SimulationConfig(label_column="layer", pca=30, neighbours=6, seeds=seeds))
+    prep = prepare_data(
+        adata, SimulationConfig(label_column="layer", pca=30, neighbours=6, seeds=seeds)
+    )
     P = prep.problem
     obs = adata.obs.loc[prep.barcodes]
     positions = visium_array_positions(obs["array_row"].to_numpy(), obs["array_col"].to_numpy())
     neighbours = neighbour_indices(positions, 6)
     scores: dict[str, dict[str, list[tuple[float, float]]]] = {
         m: {r: [] for r in RATERS}
-        for m in ("rater head", "consensus MLP", "one MLP per rater", "same fit, one rater's labels only")}
+        for m in (
+            "rater head",
+            "consensus MLP",
+            "one MLP per rater",
+            "same fit, one rater's labels only",
+        )
+    }
     for seed in range(seeds):
         rng = np.random.default_rng([seed, 17])
         labels = simulated_raters(P.y, P.classes, neighbours, rng)
@@ -94,40 +109,62 @@ def main(argv: list[str] | None = None) -> int:
         chosen = rng.choice(pool, size=n_labelled, replace=False)
         X = P.scaling.transform(P.X)
         stacked = np.stack([labels[r][chosen] for r in RATERS])
-        majority = np.array([np.bincount(col, minlength=len(P.classes)).argmax() for col in stacked.T])
-        head = fit_rater_model(np.concatenate([X[chosen]] * len(RATERS)),
-                               [r for r in RATERS for _ in chosen], stacked.ravel(),
-                               n_classes=len(P.classes), seed=seed)
+        majority = np.array(
+            [np.bincount(col, minlength=len(P.classes)).argmax() for col in stacked.T]
+        )
+        head = fit_rater_model(
+            np.concatenate([X[chosen]] * len(RATERS)),
+            [r for r in RATERS for _ in chosen],
+            stacked.ravel(),
+            n_classes=len(P.classes),
+            seed=seed,
+        )
         names = np.asarray(P.classes, dtype=object)
-        consensus = train_model(X[chosen], names[majority], head="mlp", seed=seed, classes=P.classes)
+        consensus = train_model(
+            X[chosen], names[majority], head="mlp", seed=seed, classes=P.classes
+        )
         consensus_pred = predict(consensus, X[test]).predicted
         for r in RATERS:
             truth = labels[r][test]
             scores["rater head"][r].append(
-                _score(truth, head.predict_proba(X[test], r).argmax(axis=1), P.classes))
+                _score(truth, head.predict_proba(X[test], r).argmax(axis=1), P.classes)
+            )
             scores["consensus MLP"][r].append(_score(truth, consensus_pred, P.classes))
-            own = train_model(X[chosen], names[labels[r][chosen]], head="mlp", seed=seed, classes=P.classes)
-            scores["one MLP per rater"][r].append(_score(truth, predict(own, X[test]).predicted, P.classes))
-            alone = fit_rater_model(X[chosen], [r] * len(chosen), labels[r][chosen], n_classes=len(P.classes),
-                                    seed=seed)
+            own = train_model(
+                X[chosen], names[labels[r][chosen]], head="mlp", seed=seed, classes=P.classes
+            )
+            scores["one MLP per rater"][r].append(
+                _score(truth, predict(own, X[test]).predicted, P.classes)
+            )
+            alone = fit_rater_model(
+                X[chosen], [r] * len(chosen), labels[r][chosen], n_classes=len(P.classes), seed=seed
+            )
             scores["same fit, one rater's labels only"][r].append(
-                _score(truth, alone.predict_proba(X[test], r).argmax(axis=1), P.classes))
+                _score(truth, alone.predict_proba(X[test], r).argmax(axis=1), P.classes)
+            )
         print(f"seed {seed} done", flush=True)
     wall = time.perf_counter() - t0
-    lines = ["| model | " + " | ".join(f"{r}: accuracy / macro-F1" for r in RATERS) + " |",
-             "|---|" + "---:|" * len(RATERS)]
+    lines = [
+        "| model | " + " | ".join(f"{r}: accuracy / macro-F1" for r in RATERS) + " |",
+        "|---|" + "---:|" * len(RATERS),
+    ]
     for model, per in scores.items():
         cells = []
         for r in RATERS:
             acc = np.array([s[0] for s in per[r]])
             f1 = np.array([s[1] for s in per[r]])
-            cells.append(f"{acc.mean():.3f} ± {acc.std(ddof=1):.3f} / {f1.mean():.3f} ± {f1.std(ddof=1):.3f}")
+            cells.append(
+                f"{acc.mean():.3f} ± {acc.std(ddof=1):.3f} / {f1.mean():.3f} ± {f1.std(ddof=1):.3f}"
+            )
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    text = ("### Per-annotator models, DLPFC 151510 (simulated raters)\n\n" + "\n".join(lines)
-            + f"\n\n{seeds} seeds, {n_labelled} spots × 3 raters each; each rater's own test labels "
-            f"({len(P.splits[0][1])} spots). {wall:.0f} s wall on {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, load average {load}.\n")
+    text = (
+        "### Per-annotator models, DLPFC 151510 (simulated raters)\n\n"
+        + "\n".join(lines)
+        + f"\n\n{seeds} seeds, {n_labelled} spots × 3 raters each; each rater's own test labels "
+        f"({len(P.splits[0][1])} spots). {wall:.0f} s wall on {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, load average {load}.\n"
+    )
     results.mkdir(parents=True, exist_ok=True)
     (results / "raters.md").write_text(text)
     (results / "raters.json").write_text(json.dumps(scores))

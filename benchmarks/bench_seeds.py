@@ -61,12 +61,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results" / "seeds"
 SEEDS = 3
-AR_ARMS = (("off", True), ("offline", True), ("online", True), ("offline", False), ("online", False))
+AR_ARMS = (
+    ("off", True),
+    ("offline", True),
+    ("online", True),
+    ("offline", False),
+    ("online", False),
+)
 """(resampling, class_weighting): the live loop weights the loss by inverse class frequency; the AR
 paper resamples instead, so the resampling modes also run with an unweighted loss."""
 HYBRID_SHARES = (0.3, 0.5, 0.7, 0.9)
-STOP_GRID = tuple((change, kappa, patience) for change in (0.005, 0.01, 0.02) for kappa in (0.9, 0.95, 0.98)
-                  for patience in (1, 2, 3))
+STOP_GRID = tuple(
+    (change, kappa, patience)
+    for change in (0.005, 0.01, 0.02)
+    for kappa in (0.9, 0.95, 0.98)
+    for patience in (1, 2, 3)
+)
 """(stop_max_change, stop_min_kappa, stop_patience) replayed on the ``stopping`` campaigns."""
 
 
@@ -88,45 +98,112 @@ def her2st_a1():
     labels = pd.read_csv(folder / "A1_labeled_coordinates.tsv", sep="\t")
     key = lambda x, y: f"{float(x):.3f}_{float(y):.3f}"  # noqa: E731
     label_of = {key(x, y): lab for x, y, lab in zip(labels.x, labels.y, labels.label, strict=True)}
-    selection["label"] = [label_of.get(key(x, y)) for x, y in zip(selection.new_x, selection.new_y, strict=True)]
+    selection["label"] = [
+        label_of.get(key(x, y)) for x, y in zip(selection.new_x, selection.new_y, strict=True)
+    ]
     selection.index = [f"{x}x{y}" for x, y in zip(selection.x, selection.y, strict=True)]
-    keep = selection[selection.label.notna() & ~selection.label.isin(["undetermined", "immune infiltrate"])]
+    keep = selection[
+        selection.label.notna() & ~selection.label.isin(["undetermined", "immune infiltrate"])
+    ]
     keep = keep[keep.index.isin(counts.index)]
-    obs = pd.DataFrame({"label": keep.label.astype(str).to_numpy(), "array_row": keep.y.to_numpy(),
-                        "array_col": keep.x.to_numpy()}, index=keep.index)
+    obs = pd.DataFrame(
+        {
+            "label": keep.label.astype(str).to_numpy(),
+            "array_row": keep.y.to_numpy(),
+            "array_col": keep.x.to_numpy(),
+        },
+        index=keep.index,
+    )
     X = counts.loc[keep.index].to_numpy(dtype=np.float32)
     return ad.AnnData(X=X, obs=obs)
 
 
 DATASETS = {
-    "dlpfc151510": dict(load=dlpfc, label_column="layer", query_size=46, budget=460, stop_budget=2300,
-                        raters=("exact", "border", "merge:Layer6:Layer5")),
-    "her2st_a1": dict(load=her2st_a1, label_column="label", query_size=10, budget=100, stop_budget=200,
-                      raters=("exact", "border", "merge:cancer in situ:invasive cancer")),
+    "dlpfc151510": dict(
+        load=dlpfc,
+        label_column="layer",
+        query_size=46,
+        budget=460,
+        stop_budget=2300,
+        raters=("exact", "border", "merge:Layer6:Layer5"),
+    ),
+    "her2st_a1": dict(
+        load=her2st_a1,
+        label_column="label",
+        query_size=10,
+        budget=100,
+        stop_budget=200,
+        raters=("exact", "border", "merge:cancer in situ:invasive cancer"),
+    ),
 }
 
 
-def experiments(name: str, *, seeds: int = SEEDS, budget: int = 0) -> dict[str, tuple[SimulationConfig, ...]]:
+def experiments(
+    name: str, *, seeds: int = SEEDS, budget: int = 0
+) -> dict[str, tuple[SimulationConfig, ...]]:
     """The campaigns of one dataset, by experiment (``budget``: 0 = the dataset's)."""
     d = DATASETS[name]
-    base = dict(label_column=d["label_column"], pca=30, neighbours=6, heads=("mlp",), seeds=seeds,
-                test_fraction=0.3, query_size=d["query_size"], budget=budget or d["budget"], metric="macro_f1")
-    ar = tuple(SimulationConfig(**base, strategies=("entropy",),
-                                hyperparameters={"mlp": {"resampling": mode, "class_weighting": weighted}})
-               for mode, weighted in AR_ARMS)
-    strategies = (SimulationConfig(
-        **base, strategies=("random", "entropy", "kmeans", "kmeans_far", "coreset", "hybrid", "bald"),
-        hyperparameters={"mlp": {"dropout": 0.25, "mc_samples": 10}}),)
-    cold = tuple(SimulationConfig(**{**base, "budget": 3 * d["query_size"]}, strategies=("entropy",),
-                                  initial=initial, initial_size=d["query_size"])
-                 for initial in ("random", "coldstart_kmeans", "typiclust", "probcover"))
-    raters = (SimulationConfig(**base, strategies=("random", "entropy", "rater_disagreement"), raters=d["raters"]),)
-    hybrid = tuple(SimulationConfig(**base, strategies=("random", "hybrid") if i == 0 else ("hybrid",),
-                                    loop={"hybrid_share": share}) for i, share in enumerate(HYBRID_SHARES))
-    stopping = (SimulationConfig(**{**base, "budget": 2 * budget or d["stop_budget"]},
-                                 strategies=(DEFAULTS["strategy"],)),)
-    return {"ar": ar, "strategies": strategies, "coldstart": cold, "raters": raters, "hybrid": hybrid,
-            "stopping": stopping}
+    base = dict(
+        label_column=d["label_column"],
+        pca=30,
+        neighbours=6,
+        heads=("mlp",),
+        seeds=seeds,
+        test_fraction=0.3,
+        query_size=d["query_size"],
+        budget=budget or d["budget"],
+        metric="macro_f1",
+    )
+    ar = tuple(
+        SimulationConfig(
+            **base,
+            strategies=("entropy",),
+            hyperparameters={"mlp": {"resampling": mode, "class_weighting": weighted}},
+        )
+        for mode, weighted in AR_ARMS
+    )
+    strategies = (
+        SimulationConfig(
+            **base,
+            strategies=("random", "entropy", "kmeans", "kmeans_far", "coreset", "hybrid", "bald"),
+            hyperparameters={"mlp": {"dropout": 0.25, "mc_samples": 10}},
+        ),
+    )
+    cold = tuple(
+        SimulationConfig(
+            **{**base, "budget": 3 * d["query_size"]},
+            strategies=("entropy",),
+            initial=initial,
+            initial_size=d["query_size"],
+        )
+        for initial in ("random", "coldstart_kmeans", "typiclust", "probcover")
+    )
+    raters = (
+        SimulationConfig(
+            **base, strategies=("random", "entropy", "rater_disagreement"), raters=d["raters"]
+        ),
+    )
+    hybrid = tuple(
+        SimulationConfig(
+            **base,
+            strategies=("random", "hybrid") if i == 0 else ("hybrid",),
+            loop={"hybrid_share": share},
+        )
+        for i, share in enumerate(HYBRID_SHARES)
+    )
+    stopping = (
+        SimulationConfig(
+            **{**base, "budget": 2 * budget or d["stop_budget"]}, strategies=(DEFAULTS["strategy"],)
+        ),
+    )
+    return {
+        "ar": ar,
+        "strategies": strategies,
+        "coldstart": cold,
+        "raters": raters,
+        "hybrid": hybrid,
+        "stopping": stopping,
+    }
 
 
 def _records(folder: Path) -> list[dict]:
@@ -146,29 +223,46 @@ def _summary(folder: Path, comparison: dict, label: str) -> list[dict]:
             by_seed.setdefault(r["seed"], []).append(r)
         first = [min(v, key=lambda r: r["round"])["macro_f1"] for v in by_seed.values()]
         last = [max(v, key=lambda r: r["round"])["macro_f1"] for v in by_seed.values()]
-        rows.append({"arm": label or row["strategy"], "strategy": row["strategy"],
-                     "aulc": row["aulc"]["mean"], "aulc_sd": row["aulc"]["sd"],
-                     "first": float(np.mean(first)), "last": float(np.mean(last)),
-                     "last_sd": float(np.std(last, ddof=1)) if len(last) > 1 else 0.0,
-                     "labels_first": min(r["labels"] for r in mine), "labels_last": max(r["labels"] for r in mine),
-                     "full": comparison["full_supervision"]["mlp"]["mean"],
-                     "ltt": row["labels_to_target"]["mean"], "ltt_sd": row["labels_to_target"]["sd"],
-                     "ltt_reached": row["labels_to_target"]["reached"], "seeds": row["labels_to_target"]["seeds"],
-                     "train_s": row["train_seconds_mean"], "query_s": row["query_seconds_mean"]})
+        rows.append(
+            {
+                "arm": label or row["strategy"],
+                "strategy": row["strategy"],
+                "aulc": row["aulc"]["mean"],
+                "aulc_sd": row["aulc"]["sd"],
+                "first": float(np.mean(first)),
+                "last": float(np.mean(last)),
+                "last_sd": float(np.std(last, ddof=1)) if len(last) > 1 else 0.0,
+                "labels_first": min(r["labels"] for r in mine),
+                "labels_last": max(r["labels"] for r in mine),
+                "full": comparison["full_supervision"]["mlp"]["mean"],
+                "ltt": row["labels_to_target"]["mean"],
+                "ltt_sd": row["labels_to_target"]["sd"],
+                "ltt_reached": row["labels_to_target"]["reached"],
+                "seeds": row["labels_to_target"]["seeds"],
+                "train_s": row["train_seconds_mean"],
+                "query_s": row["query_seconds_mean"],
+            }
+        )
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| arm | AULC (mean ± sd) | macro-F1 first round | macro-F1 last round (± sd) | labels first → last "
-             "| labels to 95 % of full (seeds reaching) | full supervision | train / query s per round |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| arm | AULC (mean ± sd) | macro-F1 first round | macro-F1 last round (± sd) | labels first → last "
+        "| labels to 95 % of full (seeds reaching) | full supervision | train / query s per round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: -r["aulc"]):
-        bound = "≥ " if r["ltt_reached"] < r["seeds"] else ""  # a seed that never reached it counts its last labels
+        bound = (
+            "≥ " if r["ltt_reached"] < r["seeds"] else ""
+        )  # a seed that never reached it counts its last labels
         ltt = "never" if r["ltt"] is None else f"{bound}{r['ltt']:.0f} ± {r['ltt_sd'] or 0:.0f}"
-        lines.append(f"| {r['arm']} | {r['aulc']:.3f} ± {r['aulc_sd']:.3f} | {r['first']:.3f} | "
-                     f"{r['last']:.3f} ± {r['last_sd']:.3f} | {r['labels_first']} → {r['labels_last']} | "
-                     f"{ltt} ({r['ltt_reached']}/{r['seeds']}) | {r['full']:.3f} | "
-                     f"{r['train_s']:.2f} / {r['query_s']:.3f} |")
+        lines.append(
+            f"| {r['arm']} | {r['aulc']:.3f} ± {r['aulc_sd']:.3f} | {r['first']:.3f} | "
+            f"{r['last']:.3f} ± {r['last_sd']:.3f} | {r['labels_first']} → {r['labels_last']} | "
+            f"{ltt} ({r['ltt_reached']}/{r['seeds']}) | {r['full']:.3f} | "
+            f"{r['train_s']:.2f} / {r['query_s']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -180,37 +274,75 @@ def _stop_grid(folder: Path, metric: str = "macro_f1") -> str:
     for r in records:
         if r.get("strategy") not in (None, "full") and r.get("pool_predicted"):
             runs.setdefault((r["strategy"], r["seed"]), []).append(r)
-    lines = ["| stop_max_change | stop_min_kappa | stop_patience | runs stopped | labels at the first "
-             "recommendation (mean ± sd) | metric there, % of full supervision (mean ± sd) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| stop_max_change | stop_min_kappa | stop_patience | runs stopped | labels at the first "
+        "recommendation (mean ± sd) | metric there, % of full supervision (mean ± sd) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for change, kappa, patience in STOP_GRID:
         labels, shares = [], []
         for (_, seed), rounds in sorted(runs.items()):
             rounds = sorted(rounds, key=lambda r: r["round"])
             history = [RoundPredictions(predicted=_unpack(r["pool_predicted"])) for r in rounds]
-            first = next((i for i in range(len(rounds)) if recommend_stop(
-                history[:i + 1], max_change=change, min_kappa=kappa, patience=patience).stop), None)
+            first = next(
+                (
+                    i
+                    for i in range(len(rounds))
+                    if recommend_stop(
+                        history[: i + 1], max_change=change, min_kappa=kappa, patience=patience
+                    ).stop
+                ),
+                None,
+            )
             if first is not None:
                 labels.append(rounds[first]["labels"])
                 shares.append(100 * rounds[first][metric] / full[seed])
-        sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)  # noqa: E731
-        there = (f"{np.mean(labels):.0f} ± {sd(labels):.0f} | {np.mean(shares):.1f} ± {sd(shares):.1f}"
-                 if labels else "— | —")
-        lines.append(f"| {change:g} | {kappa:g} | {patience} | {len(labels)}/{len(runs)} | {there} |")
-    last = [100 * max(v, key=lambda r: r["round"])[metric] / full[seed] for (_, seed), v in runs.items()]
+        sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+        there = (
+            f"{np.mean(labels):.0f} ± {sd(labels):.0f} | {np.mean(shares):.1f} ± {sd(shares):.1f}"
+            if labels
+            else "— | —"
+        )
+        lines.append(
+            f"| {change:g} | {kappa:g} | {patience} | {len(labels)}/{len(runs)} | {there} |"
+        )
+    last = [
+        100 * max(v, key=lambda r: r["round"])[metric] / full[seed] for (_, seed), v in runs.items()
+    ]
     end = max(r["labels"] for v in runs.values() for r in v) if runs else 0
-    return "\n".join(lines) + f"\n\nAt the end of the budget ({end} labels): {np.mean(last):.1f} % of full supervision."
+    return (
+        "\n".join(lines)
+        + f"\n\nAt the end of the budget ({end} labels): {np.mean(last):.1f} % of full supervision."
+    )
 
 
 def _disputed(folder: Path, data, config: SimulationConfig) -> str:
     """Per arm, the share of its picks (after the initial set) where the simulated raters differ."""
     labels = np.stack([given for _, given in prepare_data(data, config).problem.raters])
     differ = (labels != labels[0]).any(axis=0)
-    records = [r for r in _records(folder) if r.get("strategy") not in (None, "full") and r.get("round", 0) > 0]
-    lines = ["| arm | picks where the raters differ (mean ± sd over seeds) | all spots |", "|---|---:|---:|"]
+    records = [
+        r
+        for r in _records(folder)
+        if r.get("strategy") not in (None, "full") and r.get("round", 0) > 0
+    ]
+    lines = [
+        "| arm | picks where the raters differ (mean ± sd over seeds) | all spots |",
+        "|---|---:|---:|",
+    ]
     for strategy in config.strategies:
-        shares = [float(differ[[i for r in records if r["strategy"] == strategy and r["seed"] == seed
-                                for i in r["picked"]]].mean()) for seed in range(config.seeds)]
+        shares = [
+            float(
+                differ[
+                    [
+                        i
+                        for r in records
+                        if r["strategy"] == strategy and r["seed"] == seed
+                        for i in r["picked"]
+                    ]
+                ].mean()
+            )
+            for seed in range(config.seeds)
+        ]
         sd = float(np.std(shares, ddof=1)) if len(shares) > 1 else 0.0
         lines.append(f"| {strategy} | {np.mean(shares):.3f} ± {sd:.3f} | {differ.mean():.3f} |")
     return "\n".join(lines)
@@ -219,8 +351,11 @@ def _disputed(folder: Path, data, config: SimulationConfig) -> str:
 def _machine() -> str:
     model = "unknown CPU"
     try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -230,12 +365,24 @@ def _machine() -> str:
 def main() -> int:
     """Run the chosen experiments on the chosen datasets and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="ar,strategies,coldstart,raters,hybrid,stopping", help="experiments (comma-separated)")
-    parser.add_argument("--data", default=None, help="datasets (comma-separated; default: all, her2st_a1 with --quick)")
+    parser.add_argument(
+        "--only",
+        default="ar,strategies,coldstart,raters,hybrid,stopping",
+        help="experiments (comma-separated)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="datasets (comma-separated; default: all, her2st_a1 with --quick)",
+    )
     parser.add_argument("--out", default="/tmp/histoloop-bench-seeds", help="campaign folders")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; "
-                        "not a measurement): A1, 1 seed, 2 campaigns per experiment, 2 queries, a temporary folder")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; "
+        "not a measurement): A1, 1 seed, 2 campaigns per experiment, 2 queries, a temporary folder",
+    )
     args = parser.parse_args()
     seeds, results = SEEDS, RESULTS
     if args.quick:
@@ -251,30 +398,44 @@ def main() -> int:
             rows: list[dict] = []
             extra = ""
             if args.quick:
-                configs = experiments(data_name, seeds=1, budget=2 * DATASETS[data_name]["query_size"])[exp_name][:2]
+                configs = experiments(
+                    data_name, seeds=1, budget=2 * DATASETS[data_name]["query_size"]
+                )[exp_name][:2]
             else:
                 configs = experiments(data_name)[exp_name]
             for config in configs:
                 label = ""
                 if exp_name == "ar":
                     hp = config.hyperparameters["mlp"]
-                    label = f"resampling={hp['resampling']}" + ("" if hp["class_weighting"] else ", unweighted loss")
+                    label = f"resampling={hp['resampling']}" + (
+                        "" if hp["class_weighting"] else ", unweighted loss"
+                    )
                 elif exp_name == "coldstart":
                     label = f"initial={config.initial}"
                 elif exp_name == "hybrid":
                     label = f"hybrid_share={config.loop['hybrid_share']}"
-                result = run_campaign(data, config, root=Path(args.out) / data_name / exp_name,
-                                      workers=args.workers, resume=True, progress=False)
+                result = run_campaign(
+                    data,
+                    config,
+                    root=Path(args.out) / data_name / exp_name,
+                    workers=args.workers,
+                    resume=True,
+                    progress=False,
+                )
                 assert result.comparison is not None
-                rows += [{**r, "arm": r["strategy"]} if r["strategy"] == "random" else r
-                         for r in _summary(result.folder, result.comparison, label)]
+                rows += [
+                    {**r, "arm": r["strategy"]} if r["strategy"] == "random" else r
+                    for r in _summary(result.folder, result.comparison, label)
+                ]
                 if exp_name == "raters":
                     extra += f"Simulated raters {', '.join(config.raters)}:\n\n{_disputed(result.folder, data, config)}\n\n"
                 if exp_name == "stopping":
                     extra += f"Stopping rule replayed on the recorded rounds:\n\n{_stop_grid(result.folder)}\n\n"
             wall = time.perf_counter() - t0
-            text = (f"### {data_name}: {exp_name}\n\n{_table(rows)}\n\n{extra}"
-                    f"{seeds} seeds; {wall:.0f} s wall on {_machine()}.\n")
+            text = (
+                f"### {data_name}: {exp_name}\n\n{_table(rows)}\n\n{extra}"
+                f"{seeds} seeds; {wall:.0f} s wall on {_machine()}.\n"
+            )
             (results / f"{data_name}_{exp_name}.md").write_text(text)
             (results / f"{data_name}_{exp_name}.json").write_text(json.dumps(rows, indent=1))
             print(text, flush=True)

@@ -33,20 +33,40 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 DATA = SHARED / "dlpfc" / "151510" / "dlpfc151510_500genes.h5ad"
 RESULTS = REPO / "benchmarks" / "results" / "dlpfc151510"
-COPIED = ("learning_curves.png", "efficiency.png", "comparison.md", "comparison.json", "vs_reference_loop.md")
+COPIED = (
+    "learning_curves.png",
+    "efficiency.png",
+    "comparison.md",
+    "comparison.json",
+    "vs_reference_loop.md",
+)
 REFERENCE = ("logreg", "entropy")  # the issue's plain loop
 
 
 def config(seeds: int = 5) -> SimulationConfig:
     """The benchmark campaign."""
     plain = [s for s in default_strategies("mlp")]  # every strategy but BALD
-    strategies = ([f"{s}@logreg" for s in plain] + [f"{s}@mlp" for s in plain]
-                  + ["bald@ensemble", "random@ensemble"])
+    strategies = (
+        [f"{s}@logreg" for s in plain]
+        + [f"{s}@mlp" for s in plain]
+        + ["bald@ensemble", "random@ensemble"]
+    )
     return SimulationConfig(
-        label_column="layer", pca=30, neighbours=6, heads=("logreg", "mlp", "ensemble"),
-        strategies=tuple(strategies), seeds=seeds, test_fraction=0.3, initial="per_class", query_size=46,
-        budget=1608, schedule=(0.6, 0.7, 0.8, 0.9), metric="macro_f1", target=0.95,
-        hyperparameters={"ensemble": {"members": 3}})
+        label_column="layer",
+        pca=30,
+        neighbours=6,
+        heads=("logreg", "mlp", "ensemble"),
+        strategies=tuple(strategies),
+        seeds=seeds,
+        test_fraction=0.3,
+        initial="per_class",
+        query_size=46,
+        budget=1608,
+        schedule=(0.6, 0.7, 0.8, 0.9),
+        metric="macro_f1",
+        target=0.95,
+        hyperparameters={"ensemble": {"members": 3}},
+    )
 
 
 def _machine() -> str:
@@ -68,8 +88,11 @@ def vs_reference_loop(comparison: dict) -> str:
 
     rows = {(r["head"], r["strategy"]): r for r in comparison["rows"]}
     ref = rows[REFERENCE]["labels_to_target"]["per_seed"]
-    lines = ["| strategy | head | labels to target (mean) | minus the reference loop's, per seed | mean "
-             "difference | p Wilcoxon | p paired t |", "|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| strategy | head | labels to target (mean) | minus the reference loop's, per seed | mean "
+        "difference | p Wilcoxon | p paired t |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for key, row in sorted(rows.items(), key=lambda kv: kv[1]["labels_to_target"]["mean"]):
         if key == REFERENCE:
             continue
@@ -79,12 +102,17 @@ def vs_reference_loop(comparison: dict) -> str:
         if any(diff):
             p_w = f"{stats.wilcoxon(mine, ref).pvalue:.3f}"
             p_t = f"{stats.ttest_rel(mine, ref).pvalue:.3f}"
-        lines.append(f"| {key[1]} | {key[0]} | {row['labels_to_target']['mean']:.0f} | "
-                     f"{', '.join(f'{d:+.0f}' for d in diff)} | {sum(diff) / len(diff):+.0f} | {p_w} | {p_t} |")
-    return (f"Reference loop: {REFERENCE[1]} / {REFERENCE[0]} needs "
-            f"{rows[REFERENCE]['labels_to_target']['mean']:.0f} labels on average "
-            f"(per seed {', '.join(f'{v:.0f}' for v in ref)}). Negative = fewer labels than the loop.\n\n"
-            + "\n".join(lines) + "\n")
+        lines.append(
+            f"| {key[1]} | {key[0]} | {row['labels_to_target']['mean']:.0f} | "
+            f"{', '.join(f'{d:+.0f}' for d in diff)} | {sum(diff) / len(diff):+.0f} | {p_w} | {p_t} |"
+        )
+    return (
+        f"Reference loop: {REFERENCE[1]} / {REFERENCE[0]} needs "
+        f"{rows[REFERENCE]['labels_to_target']['mean']:.0f} labels on average "
+        f"(per seed {', '.join(f'{v:.0f}' for v in ref)}). Negative = fewer labels than the loop.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def _numbers(folder: Path, head: str) -> list[dict]:
@@ -97,31 +125,61 @@ def _numbers(folder: Path, head: str) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--out", default="/tmp/histoloop-sim-dlpfc151510", help="campaign folder")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     parser.add_argument("--resume", action="store_true", help="continue the campaign in --out")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--results", default=str(RESULTS), help="where the reference outputs are copied ('' = no copy)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny campaign in a temporary folder that checks the script works (not the reference)")
-    parser.add_argument("--check", action="store_true",
-                        help="afterwards rerun the logreg arms in a second folder and compare the numbers")
-    parser.add_argument("--sample", choices=("dlpfc151510", "her2st-a1"), default="dlpfc151510",
-                        help="her2st-a1: the morphology campaign on real labelled H&E (see her2st_a1.py)")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="where the reference outputs are copied ('' = no copy)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny campaign in a temporary folder that checks the script works (not the reference)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="afterwards rerun the logreg arms in a second folder and compare the numbers",
+    )
+    parser.add_argument(
+        "--sample",
+        choices=("dlpfc151510", "her2st-a1"),
+        default="dlpfc151510",
+        help="her2st-a1: the morphology campaign on real labelled H&E (see her2st_a1.py)",
+    )
     parser.add_argument("--views", type=int, default=10, help="her2st-a1: augmented views per spot")
     args = parser.parse_args()
     if args.sample == "her2st-a1":
         return _her2st_a1(args)
     campaign = config(args.seeds)
     if args.quick:
-        args.out, args.fresh, args.results, args.check = tempfile.mkdtemp(prefix="bench-sim-quick-"), True, "", False
+        args.out, args.fresh, args.results, args.check = (
+            tempfile.mkdtemp(prefix="bench-sim-quick-"),
+            True,
+            "",
+            False,
+        )
         args.workers = 1
-        campaign = SimulationConfig(label_column="layer", pca=10, neighbours=6, heads=("logreg",),
-                                    strategies=("random@logreg", "entropy@logreg"), seeds=1, query_size=46,
-                                    rounds=2, metric="macro_f1", target=0.95)
+        campaign = SimulationConfig(
+            label_column="layer",
+            pca=10,
+            neighbours=6,
+            heads=("logreg",),
+            strategies=("random@logreg", "entropy@logreg"),
+            seeds=1,
+            query_size=46,
+            rounds=2,
+            metric="macro_f1",
+            target=0.95,
+        )
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -133,8 +191,10 @@ def main() -> int:
     versus = vs_reference_loop(json.loads((out / "comparison.json").read_text()))
     (out / "vs_reference_loop.md").write_text(versus)
     print(versus)
-    print(f"campaign {result.campaign_id}: {result.rounds_run} rounds in {wall:.0f} s wall "
-          f"({args.workers} workers); machine after: {_machine()}")
+    print(
+        f"campaign {result.campaign_id}: {result.rounds_run} rounds in {wall:.0f} s wall "
+        f"({args.workers} workers); machine after: {_machine()}"
+    )
     if args.results:
         target = Path(args.results)
         target.mkdir(parents=True, exist_ok=True)
@@ -146,9 +206,14 @@ def main() -> int:
         if check_out.exists():
             shutil.rmtree(check_out)
         base = config(args.seeds)
-        logreg_only = SimulationConfig(**{**base.__dict__, "heads": ("logreg",),
-                                          "strategies": tuple(s for s in base.strategies if s.endswith("@logreg")),
-                                          "hyperparameters": {}})
+        logreg_only = SimulationConfig(
+            **{
+                **base.__dict__,
+                "heads": ("logreg",),
+                "strategies": tuple(s for s in base.strategies if s.endswith("@logreg")),
+                "hyperparameters": {},
+            }
+        )
         run_campaign(args.data, logreg_only, check_out, workers=args.workers, progress=False)
         same = _numbers(out, "logreg") == _numbers(check_out, "logreg")
         print(f"check: logreg records of a second run {'identical' if same else 'DIFFER'}")
@@ -165,17 +230,27 @@ def _her2st_a1(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     print(f"machine: {_machine()}", flush=True)
     started = time.perf_counter()
-    text = run_a1(SHARED / "her2st" / "A1", out, seeds=args.seeds, views=args.views, workers=args.workers,
-                  resume=args.resume)
+    text = run_a1(
+        SHARED / "her2st" / "A1",
+        out,
+        seeds=args.seeds,
+        views=args.views,
+        workers=args.workers,
+        resume=args.resume,
+    )
     print(text)
-    print(f"A1 campaign in {time.perf_counter() - started:.0f} s wall ({args.workers} workers); "
-          f"machine after: {_machine()}")
+    print(
+        f"A1 campaign in {time.perf_counter() - started:.0f} s wall ({args.workers} workers); "
+        f"machine after: {_machine()}"
+    )
     if args.results:
         target = REPO / "benchmarks" / "results" / "her2st_a1"
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "a1_summary.md", target / "a1_summary.md")
         for name in ("efficientnet", "multimodal"):
-            shutil.copyfile(out / name / "learning_curves.png", target / f"learning_curves_{name}.png")
+            shutil.copyfile(
+                out / name / "learning_curves.png", target / f"learning_curves_{name}.png"
+            )
         print(f"copied the summary and curves to {target}")
     return 0
 

@@ -20,8 +20,15 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ALL = ["AnnotationStoreService", "TilingService", "EmbeddingService", "TrainingService",
-       "PredictionService", "AcquisitionService", "SimulationService"]
+ALL = [
+    "AnnotationStoreService",
+    "TilingService",
+    "EmbeddingService",
+    "TrainingService",
+    "PredictionService",
+    "AcquisitionService",
+    "SimulationService",
+]
 
 
 def _free_port() -> int:
@@ -32,11 +39,19 @@ def _free_port() -> int:
 
 def time_to_serving(args: list[str], services: list[str]) -> float:
     port = _free_port()
-    env = {**os.environ, "HISTOLOOP_DATA_DIR": tempfile.mkdtemp(), "HISTOLOOP_GRPC_PORT": str(port),
-           "HISTOLOOP_METRICS_PORT": "0"}
+    env = {
+        **os.environ,
+        "HISTOLOOP_DATA_DIR": tempfile.mkdtemp(),
+        "HISTOLOOP_GRPC_PORT": str(port),
+        "HISTOLOOP_METRICS_PORT": "0",
+    }
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "histoloop.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histoloop.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -44,8 +59,9 @@ def time_to_serving(args: list[str], services: list[str]) -> float:
             while pending:
                 for name in list(pending):
                     try:
-                        reply = stub.Check(health_pb2.HealthCheckRequest(service=f"histoloop.v1.{name}"),
-                                           timeout=1)
+                        reply = stub.Check(
+                            health_pb2.HealthCheckRequest(service=f"histoloop.v1.{name}"), timeout=1
+                        )
                         if reply.status == health_pb2.HealthCheckResponse.SERVING:
                             pending.discard(name)
                     except grpc.RpcError:
@@ -60,14 +76,24 @@ def time_to_serving(args: list[str], services: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.runs = 1
     serve = [time_to_serving(["serve"], ALL) for _ in range(args.runs)]
-    one = [time_to_serving(["run", "acquisition"], ["AcquisitionService"]) for _ in range(args.runs)]
-    print(f"histoloop serve ({len(ALL)} services): median {statistics.median(serve):.2f}s, max {max(serve):.2f}s")
-    print(f"histoloop run acquisition:    median {statistics.median(one):.2f}s, max {max(one):.2f}s")
+    one = [
+        time_to_serving(["run", "acquisition"], ["AcquisitionService"]) for _ in range(args.runs)
+    ]
+    print(
+        f"histoloop serve ({len(ALL)} services): median {statistics.median(serve):.2f}s, max {max(serve):.2f}s"
+    )
+    print(
+        f"histoloop run acquisition:    median {statistics.median(one):.2f}s, max {max(one):.2f}s"
+    )
     print(f"ratio serve / one service: {statistics.median(serve) / statistics.median(one):.2f}")
 
 

@@ -92,7 +92,11 @@ def main() -> int:
         "--data", default=str(REPO.parent / "shared" / "data" / "dlpfc" / "151510" / "spatial")
     )
     parser.add_argument("--keep", action="store_true", help="keep the database and state folder")
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.clients, args.duration, args.warmup, args.drain_timeout = 2, 2.0, 0.5, 60.0
@@ -265,9 +269,7 @@ def run(
     # every acknowledged label stored exactly once; resending a batch (a client retry)
     # changes nothing (resending its id with other labels is refused: ALREADY_EXISTS)
     sample = random.Random(1).sample(all_acked, min(50, len(all_acked)))
-    dup_ok = all(
-        stub.SubmitLabels(request, metadata=md).duplicate for _b, _n, request in sample
-    )
+    dup_ok = all(stub.SubmitLabels(request, metadata=md).duplicate for _b, _n, request in sample)
     stored = count_rows(url, pg_db, args, project)
     status = stub.GetStatus(pb.GetStatusRequest(project_id=project), metadata=md)
 

@@ -29,7 +29,9 @@ from histoloop.embedding import HandcraftedEmbedder
 from histoloop.tiling import SlideReader
 from histoloop.tiling._resize import resize_batch
 
-DATA = Path(os.environ.get("HISTOLOOP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(
+    os.environ.get("HISTOLOOP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 SLIDES = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region_pyramid_generic.tiff"]
 
 
@@ -51,7 +53,9 @@ def spot_grids(width: int, height: int, mpp: float, n_grids: int, seed: int) -> 
     return grids
 
 
-def run(path: Path, backend: str, grids: list[np.ndarray], side: int, resize: bool) -> tuple[float, list[np.ndarray]]:
+def run(
+    path: Path, backend: str, grids: list[np.ndarray], side: int, resize: bool
+) -> tuple[float, list[np.ndarray]]:
     n, seconds, out = 0, 0.0, []
     for xy in grids:
         with SlideReader(path, backend=backend, verify=False) as reader:  # type: ignore[arg-type]
@@ -70,15 +74,23 @@ def run(path: Path, backend: str, grids: list[np.ndarray], side: int, resize: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grids", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.quick:
         args.grids, args.repeat = 1, 1
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}; one process")
-    print(f"{'slide':42s} {'what':14s} {'n':>6s} {'openslide/s':>12s} {'direct/s':>10s} {'ratio':>6s} equal")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}; one process"
+    )
+    print(
+        f"{'slide':42s} {'what':14s} {'n':>6s} {'openslide/s':>12s} {'direct/s':>10s} {'ratio':>6s} equal"
+    )
     for name in SLIDES:
         path = DATA / "wsi" / name
         with SlideReader(path) as reader:
@@ -96,9 +108,14 @@ def main() -> None:
                     rate, res = run(path, backend, grids, side, resize)
                     best[backend] = max(best[backend], rate)
                     results[backend] = res
-            equal = all(np.array_equal(a, b) for a, b in zip(results["openslide"], results["auto"], strict=True))
-            print(f"{name:42s} {what:14s} {n:6d} {best['openslide']:12.0f} {best['auto']:10.0f} "
-                  f"{best['auto'] / best['openslide']:6.2f} {equal}")
+            equal = all(
+                np.array_equal(a, b)
+                for a, b in zip(results["openslide"], results["auto"], strict=True)
+            )
+            print(
+                f"{name:42s} {what:14s} {n:6d} {best['openslide']:12.0f} {best['auto']:10.0f} "
+                f"{best['auto'] / best['openslide']:6.2f} {equal}"
+            )
             if resize:
                 patches = np.stack(results["auto"])
     embedder = HandcraftedEmbedder()
@@ -108,8 +125,10 @@ def main() -> None:
         t0 = time.perf_counter()
         embedder.embed(patches)
         rates.append(len(patches) / (time.perf_counter() - t0))
-    print(f"\nhandcrafted morphology features ({embedder.dim}-d) on {len(patches)} patches of "
-          f"224 px: {max(rates):.0f} patches/s (best of {args.repeat}, one core)")
+    print(
+        f"\nhandcrafted morphology features ({embedder.dim}-d) on {len(patches)} patches of "
+        f"224 px: {max(rates):.0f} patches/s (best of {args.repeat}, one core)"
+    )
 
 
 if __name__ == "__main__":

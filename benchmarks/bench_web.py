@@ -66,8 +66,15 @@ SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "
 SLIDE = SHARED / "wsi" / "CMU-1-Small-Region.svs"
 DLPFC = SHARED / "dlpfc" / "151510"
 CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 LAYERS = ["Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"]
 
 FPS = """async (seconds) => {
@@ -143,8 +150,11 @@ def _grid_dataset(folder: Path, cols: int, rows: int, step: float) -> Path:
         for r in range(rows):
             for c in range(cols):
                 out.write(f"r{r}_c{c},1,{r},{c},{step * (r + 0.5):.1f},{step * (c + 0.5):.1f}\n")
-    (spatial / "scalefactors_json.json").write_text(json.dumps(
-        {"spot_diameter_fullres": step, "tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 1.0}))
+    (spatial / "scalefactors_json.json").write_text(
+        json.dumps(
+            {"spot_diameter_fullres": step, "tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 1.0}
+        )
+    )
     return spatial
 
 
@@ -152,41 +162,80 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
         server, web = _stack(Path(tmp), ["annotation_store"])  # no training: nothing competes
         try:
-            store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+            store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(
+                grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            )
             cols, rows = args.cols, args.rows
-            store.CreateProject(pb.CreateProjectRequest(project_id="big", name=f"{cols * rows:,} units", classes=[
-                common_pb2.ClassDef(name=n) for n in ("tumour", "stroma", "immune", "other")]))
+            store.CreateProject(
+                pb.CreateProjectRequest(
+                    project_id="big",
+                    name=f"{cols * rows:,} units",
+                    classes=[
+                        common_pb2.ClassDef(name=n) for n in ("tumour", "stroma", "immune", "other")
+                    ],
+                )
+            )
             spatial = _grid_dataset(Path(tmp), cols, rows, 7.6)
             t = time.perf_counter()
-            store.RegisterDataset(pb.RegisterDatasetRequest(project_id="big", dataset_id="grid", spatial_dir=str(spatial),
-                                                            slide_path=str(SLIDE), kind=common_pb2.DATASET_KIND_VISIUM))
+            store.RegisterDataset(
+                pb.RegisterDatasetRequest(
+                    project_id="big",
+                    dataset_id="grid",
+                    spatial_dir=str(spatial),
+                    slide_path=str(SLIDE),
+                    kind=common_pb2.DATASET_KIND_VISIUM,
+                )
+            )
             out["register_s"] = time.perf_counter() - t
             # every unit labelled (random classes): the overlay then fills every unit (100,050 by default)
             rng = random.Random(0)
-            labels = [pb.SpotLabel(barcode=f"r{r}_c{c}", label=rng.choice(("tumour", "stroma", "immune", "other")))
-                      for r in range(rows) for c in range(cols)]
-            store.SubmitLabels(pb.SubmitLabelsRequest(project_id="big", dataset_id="grid", batch_id="all",
-                                                      labels=labels), timeout=600)
+            labels = [
+                pb.SpotLabel(
+                    barcode=f"r{r}_c{c}", label=rng.choice(("tumour", "stroma", "immune", "other"))
+                )
+                for r in range(rows)
+                for c in range(cols)
+            ]
+            store.SubmitLabels(
+                pb.SubmitLabelsRequest(
+                    project_id="big", dataset_id="grid", batch_id="all", labels=labels
+                ),
+                timeout=600,
+            )
             base = web.url.rstrip("/")
             with httpx.Client(base_url=base, timeout=120) as client:
-                raw = client.get("/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "identity"})
-                zipped = client.get("/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "gzip"})
+                raw = client.get(
+                    "/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "identity"}
+                )
+                zipped = client.get(
+                    "/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "gzip"}
+                )
                 out["units"] = int(raw.headers["x-units"])
                 out["payload_bytes"] = len(raw.content)
-                out["payload_gzip_bytes"] = int(zipped.headers.get("content-length") or len(gzip.compress(raw.content, 1)))
+                out["payload_gzip_bytes"] = int(
+                    zipped.headers.get("content-length") or len(gzip.compress(raw.content, 1))
+                )
                 t = time.perf_counter()
                 for _ in range(3):
                     client.get("/api/projects/big/datasets/grid/layer")
                 out["layer_request_s"] = (time.perf_counter() - t) / 3
             interactive, steps, waited = [], [], []
             for _ in range(args.repeat):
-                waited.append(_wait_idle(base))  # the last load's store reads must not fall into this one
+                waited.append(
+                    _wait_idle(base)
+                )  # the last load's store reads must not fall into this one
                 context = browser.new_context(viewport={"width": 1400, "height": 860})
                 page = context.new_page()
                 page.goto(f"{base}/?project=big")
-                page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
-                interactive.append(page.evaluate(
-                    "performance.getEntriesByName('histoloop-interactive')[0].startTime") / 1000)
+                page.wait_for_function(
+                    "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
+                )
+                interactive.append(
+                    page.evaluate(
+                        "performance.getEntriesByName('histoloop-interactive')[0].startTime"
+                    )
+                    / 1000
+                )
                 steps.append(page.evaluate(STEPS))
                 context.close()
             out["first_interactive_s"] = interactive
@@ -196,13 +245,19 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             context = browser.new_context(viewport={"width": 1400, "height": 860})
             page = context.new_page()
             page.goto(f"{base}/?project=big")
-            page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000)
-            page.wait_for_timeout(3500)  # the panels' reads start at most 3 s after the first view; let them end
+            page.wait_for_function(
+                "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
+            )
+            page.wait_for_timeout(
+                3500
+            )  # the panels' reads start at most 3 s after the first view; let them end
             _wait_idle(base)
             out["pan_zoom"] = page.evaluate(FPS, args.seconds)
             # the same motion with the overlay switched off: OpenSeadragon alone, same run
-            layer = page.evaluate_handle("(() => { const l = window.__histoloop.layer; "
-                                         "window.__histoloop.layer = null; return l; })()")
+            layer = page.evaluate_handle(
+                "(() => { const l = window.__histoloop.layer; "
+                "window.__histoloop.layer = null; return l; })()"
+            )
             page.wait_for_timeout(500)
             out["pan_zoom_without_overlay"] = page.evaluate(FPS, args.seconds)
             page.evaluate("(l) => { window.__histoloop.layer = l; }", layer)
@@ -210,7 +265,9 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             # full redraws of the home view, five each way in the same page: unit paths, pixel writes, the default
             for render in ("path", "raster", "auto"):
                 out[f"full_redraw_{render}"] = page.evaluate(REDRAW, render)
-            out["fps_ratio_overlay_vs_none"] = out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
+            out["fps_ratio_overlay_vs_none"] = (
+                out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
+            )
             context.close()
             part_tiles(args, web, out)
         finally:
@@ -224,10 +281,16 @@ def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
 
-    dz = DeepZoomGenerator(openslide.OpenSlide(str(SLIDE)), tile_size=254, overlap=1, limit_bounds=False)
+    dz = DeepZoomGenerator(
+        openslide.OpenSlide(str(SLIDE)), tile_size=254, overlap=1, limit_bounds=False
+    )
     top = dz.level_count - 1
-    addresses = [(level, c, r) for level in range(top - args.levels + 1, top + 1)
-                 for c in range(dz.level_tiles[level][0]) for r in range(dz.level_tiles[level][1])]
+    addresses = [
+        (level, c, r)
+        for level in range(top - args.levels + 1, top + 1)
+        for c in range(dz.level_tiles[level][0])
+        for r in range(dz.level_tiles[level][1])
+    ]
     t = time.perf_counter()
     for level, c, r in addresses:
         dz.get_tile(level, (c, r))
@@ -248,7 +311,9 @@ def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
         reply.raise_for_status()
         return len(reply.content)
 
-    with httpx.Client() as client:  # open the slide once (copy to the cache, open) outside the timing
+    with (
+        httpx.Client() as client
+    ):  # open the slide once (copy to the cache, open) outside the timing
         client.get(f"{base}/{top}/0_0.jpeg").raise_for_status()
     web.app.state.web.tiles._tiles.clear()
     rates = {}
@@ -257,41 +322,75 @@ def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
             t = time.perf_counter()
             list(pool.map(fetch, addresses))
             rates[phase] = len(addresses) / (time.perf_counter() - t)
-    out["tiles"] = {"n": len(addresses), "bare_get_tile_per_s": bare, "bare_get_tile_jpeg_per_s": bare_jpeg,
-                    "http_cold_per_s": rates["cold"], "http_warm_per_s": rates["warm"],
-                    "cold_vs_bare": rates["cold"] / bare, "cold_vs_bare_jpeg": rates["cold"] / bare_jpeg,
-                    "warm_vs_bare": rates["warm"] / bare}
+    out["tiles"] = {
+        "n": len(addresses),
+        "bare_get_tile_per_s": bare,
+        "bare_get_tile_jpeg_per_s": bare_jpeg,
+        "http_cold_per_s": rates["cold"],
+        "http_warm_per_s": rates["warm"],
+        "cold_vs_bare": rates["cold"] / bare,
+        "cold_vs_bare_jpeg": rates["cold"] / bare_jpeg,
+        "warm_vs_bare": rates["warm"] / bare,
+    }
 
 
 def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:
     import anndata as ad
 
-    truth = ad.read_h5ad(DLPFC / "dlpfc151510_500genes.h5ad").obs["layer"].astype("object").dropna().astype(str)
+    truth = (
+        ad.read_h5ad(DLPFC / "dlpfc151510_500genes.h5ad")
+        .obs["layer"]
+        .astype("object")
+        .dropna()
+        .astype(str)
+    )
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
-        server, web = _stack(Path(tmp), ["annotation_store", "tiling", "embedding", "training", "prediction",
-                                         "acquisition"])
+        server, web = _stack(
+            Path(tmp),
+            ["annotation_store", "tiling", "embedding", "training", "prediction", "acquisition"],
+        )
         try:
-            store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-            store.CreateProject(pb.CreateProjectRequest(
-                project_id="dlpfc", name="DLPFC 151510", classes=[common_pb2.ClassDef(name=n) for n in LAYERS],
-                config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION, query_size=20,
-                                             spatial_neighbours=6)))
-            store.RegisterDataset(pb.RegisterDatasetRequest(
-                project_id="dlpfc", dataset_id="151510", kind=common_pb2.DATASET_KIND_VISIUM,
-                spatial_dir=str(DLPFC / "spatial"), expression_path=str(DLPFC / "dlpfc151510_500genes.h5ad")))
+            store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(
+                grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            )
+            store.CreateProject(
+                pb.CreateProjectRequest(
+                    project_id="dlpfc",
+                    name="DLPFC 151510",
+                    classes=[common_pb2.ClassDef(name=n) for n in LAYERS],
+                    config=common_pb2.LoopConfig(
+                        features=common_pb2.FEATURE_SET_EXPRESSION,
+                        query_size=20,
+                        spatial_neighbours=6,
+                    ),
+                )
+            )
+            store.RegisterDataset(
+                pb.RegisterDatasetRequest(
+                    project_id="dlpfc",
+                    dataset_id="151510",
+                    kind=common_pb2.DATASET_KIND_VISIUM,
+                    spatial_dir=str(DLPFC / "spatial"),
+                    expression_path=str(DLPFC / "dlpfc151510_500genes.h5ad"),
+                )
+            )
             context = browser.new_context(viewport={"width": 1400, "height": 860})
             page = context.new_page()
             page.goto(f"{web.url}?project=dlpfc")
             deadline = time.monotonic() + 300
             while True:  # the cold-start query set first
-                page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=300_000)
+                page.wait_for_function(
+                    "() => window.__histoloop && window.__histoloop.ready === true", timeout=300_000
+                )
                 if page.evaluate("window.__histoloop.query.length") or time.monotonic() > deadline:
                     break
                 page.wait_for_timeout(1000)
                 page.reload()
             for k in range(args.rounds):
                 before = page.evaluate("window.__histoloop.round")
-                ids = page.evaluate("window.__histoloop.query.map(i => window.__histoloop.layer.ids[i])")
+                ids = page.evaluate(
+                    "window.__histoloop.query.map(i => window.__histoloop.layer.ids[i])"
+                )
                 page.evaluate("window.__histoloop.cursor = -1")
                 page.keyboard.press("n")
                 for j, unit in enumerate(ids):
@@ -300,8 +399,10 @@ def part_dlpfc(args: argparse.Namespace, browser, out: dict) -> None:
                     elif j < len(ids) - 1:
                         page.keyboard.press("n")
                 page.keyboard.press("s")
-                page.wait_for_function(f"() => window.__histoloop.round > {before} && window.__histoloop.latencies.length > {k}",
-                                       timeout=300_000)
+                page.wait_for_function(
+                    f"() => window.__histoloop.round > {before} && window.__histoloop.latencies.length > {k}",
+                    timeout=300_000,
+                )
             latencies = [x / 1000 for x in page.evaluate("window.__histoloop.latencies")]
             out["labels_to_query_drawn_s"] = latencies
             out["labels_to_query_drawn_median_s"] = statistics.median(latencies)
@@ -319,19 +420,36 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients for tiles")
     parser.add_argument("--rounds", type=int, default=5, help="DLPFC rounds labelled in the page")
     parser.add_argument("--skip-dlpfc", action="store_true")
-    parser.add_argument("--cols", type=int, default=290, help="grid columns of part 1 (290 × 345 = 100,050 units)")
+    parser.add_argument(
+        "--cols", type=int, default=290, help="grid columns of part 1 (290 × 345 = 100,050 units)"
+    )
     parser.add_argument("--rows", type=int, default=345, help="grid rows of part 1")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--quick", action="store_true", help="a small run that checks the script works (make bench; not a measurement)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run that checks the script works (make bench; not a measurement)",
+    )
     args = parser.parse_args()
     if args.quick:
-        args.cols, args.rows, args.repeat, args.seconds, args.levels, args.clients = 40, 30, 1, 0.5, 2, 2
-        quick_rounds = "--rounds" in sys.argv[1:] or any(a.startswith("--rounds=") for a in sys.argv[1:])
+        args.cols, args.rows, args.repeat, args.seconds, args.levels, args.clients = (
+            40,
+            30,
+            1,
+            0.5,
+            2,
+            2,
+        )
+        quick_rounds = "--rounds" in sys.argv[1:] or any(
+            a.startswith("--rounds=") for a in sys.argv[1:]
+        )
         args.skip_dlpfc = args.skip_dlpfc or not quick_rounds
     from playwright.sync_api import sync_playwright
 
-    out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                 "load_average": os.getloadavg()}
+    out: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average": os.getloadavg(),
+    }
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         out["browser"] = browser.version

@@ -43,8 +43,15 @@ def _patches(sample: Any) -> tuple[np.ndarray, list[str]]:
 
     with tempfile.TemporaryDirectory(prefix="a1-tiles-") as tmp:
         store = LocalArtifactStore(Path(tmp))
-        result = tile_visium(sample.image, sample.folder, store, "a1", scale=A1_SLIDE_SCALE,
-                             workers=1, chunk_size=512)
+        result = tile_visium(
+            sample.image,
+            sample.folder,
+            store,
+            "a1",
+            scale=A1_SLIDE_SCALE,
+            workers=1,
+            chunk_size=512,
+        )
         patches = PatchSet.open(store, result.prefix)
         index = patches.index.sort_values(["chunk", "offset"])
         return patches.read_all(), index["id"].astype(str).tolist()
@@ -56,7 +63,9 @@ def a1_patches(folder: Path, n: int) -> np.ndarray:
     return patches[np.arange(n) % len(patches)]
 
 
-def a1_features(folder: Path, cache: Path, *, views: int = 10, seed: int = 0) -> tuple[Any, np.ndarray]:
+def a1_features(
+    folder: Path, cache: Path, *, views: int = 10, seed: int = 0
+) -> tuple[Any, np.ndarray]:
     """The campaign AnnData (obs ``label``; obsm per :data:`FEATURE_SETS`) and the
     EfficientNet views ``(views + 1, n, 1280)`` of its spots (view 0 clean).
 
@@ -86,30 +95,43 @@ def a1_features(folder: Path, cache: Path, *, views: int = 10, seed: int = 0) ->
     effnet = EfficientNetEmbedder(batch_size=32)
     all_views = np.empty((views + 1, len(patches), 1280), np.float32)
     for start in tqdm(range(0, len(patches), 32), desc="EfficientNet-Lite0 views", unit="batch"):
-        chunk = patches[start:start + 32]
-        all_views[:, start:start + len(chunk)] = embed_views(effnet, chunk, views, seed=seed, start=start)
+        chunk = patches[start : start + 32]
+        all_views[:, start : start + len(chunk)] = embed_views(
+            effnet, chunk, views, seed=seed, start=start
+        )
     seconds = time.perf_counter() - t0
     hand = HandcraftedEmbedder().embed(patches)
     counts = read_expression(write_counts_h5ad(sample, cache / "a1_counts.h5ad"))
     labels = sample.labels.loc[ids]
-    keep = np.array([i in set(counts.barcodes) for i in ids]) & (labels != "undetermined").to_numpy()
+    keep = (
+        np.array([i in set(counts.barcodes) for i in ids]) & (labels != "undetermined").to_numpy()
+    )
     kept = [i for i, k in zip(ids, keep, strict=True) if k]
     expr, _ = fit_expression(counts.subset(kept), n_pcs=30, seed=seed)
     clean = all_views[0][keep]
     effnet_pcs = PCA(30, random_state=seed).fit_transform(clean).astype(np.float32)
-    adata = ad.AnnData(obs=pd.DataFrame({"label": labels.to_numpy()[keep]}, index=pd.Index(kept, name="barcode")))
+    adata = ad.AnnData(
+        obs=pd.DataFrame({"label": labels.to_numpy()[keep]}, index=pd.Index(kept, name="barcode"))
+    )
     adata.obsm["X_handcrafted"] = hand[keep]
     adata.obsm["X_effnet"] = clean
     adata.obsm["X_expr"] = expr.astype(np.float32)
     adata.obsm["X_multimodal"] = np.hstack([effnet_pcs, expr]).astype(np.float32)
-    adata.uns["embedding"] = {"model": effnet.name, "version": effnet.version, "views": views,
-                              "seconds_all_views": seconds, "n_patches": int(len(patches))}
+    adata.uns["embedding"] = {
+        "model": effnet.name,
+        "version": effnet.version,
+        "views": views,
+        "seconds_all_views": seconds,
+        "n_patches": int(len(patches)),
+    }
     adata.write_h5ad(h5ad)
     np.save(views_file, all_views[:, keep])
     return adata, all_views[:, keep]
 
 
-def noise_free_views(folder: Path, cache: Path, ids: list[str], *, views: int = 3, seed: int = 0) -> np.ndarray:
+def noise_free_views(
+    folder: Path, cache: Path, ids: list[str], *, views: int = 3, seed: int = 0
+) -> np.ndarray:
     """EfficientNet views of the campaign spots ``ids`` without pixel noise (flips, rot90,
     blur, gamma only): ``(views + 1, n, 1280)``, cached as ``a1_views{views}_nonoise.npy``."""
     from tqdm import tqdm
@@ -124,15 +146,25 @@ def noise_free_views(folder: Path, cache: Path, ids: list[str], *, views: int = 
     patches = patches[[where[b] for b in ids]]
     effnet = EfficientNetEmbedder(batch_size=32)
     out = np.empty((views + 1, len(patches), 1280), np.float32)
-    for start in tqdm(range(0, len(patches), 32), desc="EfficientNet-Lite0 noise-free views", unit="batch"):
-        chunk = patches[start:start + 32]
-        out[:, start:start + len(chunk)] = embed_views(effnet, chunk, views, seed=seed, start=start, max_noise=0.0)
+    for start in tqdm(
+        range(0, len(patches), 32), desc="EfficientNet-Lite0 noise-free views", unit="batch"
+    ):
+        chunk = patches[start : start + 32]
+        out[:, start : start + len(chunk)] = embed_views(
+            effnet, chunk, views, seed=seed, start=start, max_noise=0.0
+        )
     np.save(path, out)
     return out
 
 
-def views_experiment(adata: Any, views: np.ndarray, *, seeds: int = 5, budgets: tuple[int, ...] = (40, 0),
-                     test_fraction: float = 0.3) -> list[dict[str, Any]]:
+def views_experiment(
+    adata: Any,
+    views: np.ndarray,
+    *,
+    seeds: int = 5,
+    budgets: tuple[int, ...] = (40, 0),
+    test_fraction: float = 0.3,
+) -> list[dict[str, Any]]:
     """Macro-F1 of the MLP head on clean vs augmented views, per seed and label budget.
 
     A budget of 0 means the whole pool (full supervision); a budget of k takes one random
@@ -153,22 +185,46 @@ def views_experiment(adata: Any, views: np.ndarray, *, seeds: int = 5, budgets: 
     rows: list[dict[str, Any]] = []
     for seed in range(seeds):
         idx = np.arange(len(labels))
-        pool, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+        pool, test = train_test_split(
+            idx, test_size=test_fraction, stratify=labels, random_state=seed
+        )
         rng = np.random.default_rng(seed)
         for budget in budgets:
             if budget:
-                first = [rng.choice(pool[labels[pool] == c]) for c in classes if (labels[pool] == c).any()]
+                first = [
+                    rng.choice(pool[labels[pool] == c])
+                    for c in classes
+                    if (labels[pool] == c).any()
+                ]
                 rest = rng.permutation(np.setdiff1d(pool, first))[: max(0, budget - len(first))]
                 train = np.concatenate([first, rest]).astype(np.int64)
             else:
                 train = pool
-            for arm, X in (("clean", clean[train]), (f"{len(views) - 1} views + clean", views[:, train])):
-                model = train_model(X, labels[train], head="mlp", seed=seed, classes=classes, scaling=scaling)
+            for arm, X in (
+                ("clean", clean[train]),
+                (f"{len(views) - 1} views + clean", views[:, train]),
+            ):
+                model = train_model(
+                    X, labels[train], head="mlp", seed=seed, classes=classes, scaling=scaling
+                )
                 out = predict(model, clean[test])
                 predicted = np.asarray(out.classes)[out.predicted]
-                rows.append({"seed": seed, "budget": int(len(train)), "arm": arm,
-                             "macro_f1": float(f1_score(labels[test], predicted, labels=classes,
-                                                        average="macro", zero_division=0))})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "budget": int(len(train)),
+                        "arm": arm,
+                        "macro_f1": float(
+                            f1_score(
+                                labels[test],
+                                predicted,
+                                labels=classes,
+                                average="macro",
+                                zero_division=0,
+                            )
+                        ),
+                    }
+                )
     return rows
 
 
@@ -181,13 +237,32 @@ def a1_config(obsm_key: str, seeds: int = 5) -> Any:
     to 100 labels, then rounds to 60 % and 80 % of the pool."""
     from histoloop.acquisition.simulation import SimulationConfig
 
-    return SimulationConfig(label_column="label", obsm=(obsm_key,), pca=0, heads=("mlp",),
-                            strategies=A1_STRATEGIES, seeds=seeds, test_fraction=0.3, initial="per_class",
-                            query_size=10, budget=100, schedule=(0.6, 0.8), metric="macro_f1", target=0.95)
+    return SimulationConfig(
+        label_column="label",
+        obsm=(obsm_key,),
+        pca=0,
+        heads=("mlp",),
+        strategies=A1_STRATEGIES,
+        seeds=seeds,
+        test_fraction=0.3,
+        initial="per_class",
+        query_size=10,
+        budget=100,
+        schedule=(0.6, 0.8),
+        metric="macro_f1",
+        target=0.95,
+    )
 
 
-def run_a1(folder: Path, out: Path, *, seeds: int = 5, views: int = 10, workers: int = 2,
-           resume: bool = False) -> str:
+def run_a1(
+    folder: Path,
+    out: Path,
+    *,
+    seeds: int = 5,
+    views: int = 10,
+    workers: int = 2,
+    resume: bool = False,
+) -> str:
     """Every feature set's campaign, the views experiment, and the Markdown summary.
 
     Returns:
@@ -200,13 +275,25 @@ def run_a1(folder: Path, out: Path, *, seeds: int = 5, views: int = 10, workers:
     cache = out / "cache"
     adata, all_views = a1_features(folder, cache, views=views)
     counts = adata.obs["label"].value_counts()
-    table = ["| features | strategy | full-supervision macro-F1 (mean ± sd) | labels to 95 % of it "
-             "(mean ± sd; censored) | AULC macro-F1 | macro-F1 @ 30 % of pool |",
-             "|---|---|---:|---:|---:|---:|"]
-    summary: dict[str, Any] = {"spots": int(adata.n_obs), "classes": counts.to_dict(), "campaigns": {}}
+    table = [
+        "| features | strategy | full-supervision macro-F1 (mean ± sd) | labels to 95 % of it "
+        "(mean ± sd; censored) | AULC macro-F1 | macro-F1 @ 30 % of pool |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    summary: dict[str, Any] = {
+        "spots": int(adata.n_obs),
+        "classes": counts.to_dict(),
+        "campaigns": {},
+    }
     for name, key in FEATURE_SETS.items():
         campaign = out / name
-        run_campaign(adata, a1_config(key, seeds), campaign, workers=workers, resume=resume or campaign.exists())
+        run_campaign(
+            adata,
+            a1_config(key, seeds),
+            campaign,
+            workers=workers,
+            resume=resume or campaign.exists(),
+        )
         comparison = json.loads((campaign / "comparison.json").read_text())
         summary["campaigns"][name] = comparison
         full = comparison["full_supervision"]["mlp"]
@@ -218,26 +305,42 @@ def run_a1(folder: Path, out: Path, *, seeds: int = 5, views: int = 10, workers:
             at30_text = "—" if at30 is None else f"{at30:.3f}"
             table.append(
                 f"| {name} | {row['strategy']} | {full['mean']:.3f} ± {full['sd']:.3f} | "
-                f"{ltt['mean']:.0f} ± {ltt['sd']:.0f}{note} | {row['aulc']['mean']:.3f} | {at30_text} |")
+                f"{ltt['mean']:.0f} ± {ltt['sd']:.0f}{note} | {row['aulc']['mean']:.3f} | {at30_text} |"
+            )
     rows = views_experiment(adata, all_views, seeds=seeds)
     quiet = noise_free_views(folder, cache, list(adata.obs_names), views=3)
-    rows += [{**r, "arm": r["arm"].replace("views", "noise-free views")}
-             for r in views_experiment(adata, quiet, seeds=seeds) if r["arm"] != "clean"]
+    rows += [
+        {**r, "arm": r["arm"].replace("views", "noise-free views")}
+        for r in views_experiment(adata, quiet, seeds=seeds)
+        if r["arm"] != "clean"
+    ]
     summary["views"] = rows
-    lines = ["| labels | arm | macro-F1 (mean ± sd) | arm − clean, per seed |", "|---:|---|---:|---|"]
+    lines = [
+        "| labels | arm | macro-F1 (mean ± sd) | arm − clean, per seed |",
+        "|---:|---|---:|---|",
+    ]
     for budget in sorted({r["budget"] for r in rows}):
-        clean = np.array([r["macro_f1"] for r in rows if r["budget"] == budget and r["arm"] == "clean"])
+        clean = np.array(
+            [r["macro_f1"] for r in rows if r["budget"] == budget and r["arm"] == "clean"]
+        )
         for arm in dict.fromkeys(r["arm"] for r in rows):
-            got = np.array([r["macro_f1"] for r in rows if r["budget"] == budget and r["arm"] == arm])
+            got = np.array(
+                [r["macro_f1"] for r in rows if r["budget"] == budget and r["arm"] == arm]
+            )
             diff = "—" if arm == "clean" else ", ".join(f"{d:+.3f}" for d in got - clean)
-            lines.append(f"| {budget} | {arm} | {got.mean():.3f} ± {got.std(ddof=1):.3f} | {diff} |")
-    text = (f"her2st A1: {adata.n_obs} spots ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-            f"MLP head, {seeds} seeds, stratified 70/30 pool/test split, one seed label per class, "
-            f"10 spots per round to 100 labels then 60 % and 80 % of the pool.\n\n"
-            + "\n".join(table) + "\n\nDo augmentation views help? EfficientNet-Lite0, MLP head, "
-            f"clean vectors vs {views} augmented views + clean (flips, rot90, blur, noise σ ≤ 8, gamma), "
-            "and vs 3 noise-free views + clean (no pixel noise); one view per spot per epoch, "
-            "same spots, scored on the clean test split:\n\n" + "\n".join(lines) + "\n")
+            lines.append(
+                f"| {budget} | {arm} | {got.mean():.3f} ± {got.std(ddof=1):.3f} | {diff} |"
+            )
+    text = (
+        f"her2st A1: {adata.n_obs} spots ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+        f"MLP head, {seeds} seeds, stratified 70/30 pool/test split, one seed label per class, "
+        f"10 spots per round to 100 labels then 60 % and 80 % of the pool.\n\n"
+        + "\n".join(table)
+        + "\n\nDo augmentation views help? EfficientNet-Lite0, MLP head, "
+        f"clean vectors vs {views} augmented views + clean (flips, rot90, blur, noise σ ≤ 8, gamma), "
+        "and vs 3 noise-free views + clean (no pixel noise); one view per spot per epoch, "
+        "same spots, scored on the clean test split:\n\n" + "\n".join(lines) + "\n"
+    )
     (out / "a1_summary.md").write_text(text)
     (out / "a1_summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return text

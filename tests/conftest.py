@@ -26,18 +26,20 @@ def shared_data() -> Path:
 # itself; otherwise its folder, its name below, or its database backend decide.
 TIERS = ("unit", "integration", "e2e")
 _FOLDER_TIER = {"e2e": "e2e", "deploy": "integration", "loop": "integration"}
-_INTEGRATION_MODULES = frozenset({
-    "annotation_store/test_grpc.py",
-    "annotation_store/test_migrations.py",
-    "annotation_store/test_outbox.py",
-    "embedding/test_triton.py",
-    "platform/test_artifact_contract.py",
-    "platform/test_bus_contract.py",
-    "platform/test_cli.py",
-    "platform/test_server.py",
-    "platform/test_sigterm.py",
-    "simulation/test_rpc_cli.py",
-})
+_INTEGRATION_MODULES = frozenset(
+    {
+        "annotation_store/test_grpc.py",
+        "annotation_store/test_migrations.py",
+        "annotation_store/test_outbox.py",
+        "embedding/test_triton.py",
+        "platform/test_artifact_contract.py",
+        "platform/test_bus_contract.py",
+        "platform/test_cli.py",
+        "platform/test_server.py",
+        "platform/test_sigterm.py",
+        "simulation/test_rpc_cli.py",
+    }
+)
 
 
 def _tier(item: pytest.Item) -> str:

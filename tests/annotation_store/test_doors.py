@@ -25,18 +25,21 @@ from histoloop.formats.vocab import MAX_QUERY_SIZE
 from tests.annotation_store.conftest import LAYERS, barcode, new_project_id, write_spatial
 
 
-@pytest.mark.parametrize(("config", "field", "says"), [
-    ({"strategy": "uncertainty"}, "config.strategy", "least_confidence"),
-    ({"cold_start_strategy": "margin"}, "config.cold_start_strategy", "without a model"),
-    ({"head": "mlpp"}, "config.head", "mlp"),
-    ({"resampling": "sometimes"}, "config.resampling", "offline"),
-    ({"consensus": "vote"}, "config.consensus", "majority"),
-    ({"features": "rna"}, "config.features", "expression"),
-    ({"query_size": MAX_QUERY_SIZE + 1}, "config.query_size", f"1..{MAX_QUERY_SIZE}"),
-    ({"compactness": 2.0}, "config.compactness", "[0, 1]"),
-    ({"smoothing": -0.1}, "config.smoothing", "[0, 1]"),
-    ({"head": "multimodal"}, "config.head", "config.features"),
-])
+@pytest.mark.parametrize(
+    ("config", "field", "says"),
+    [
+        ({"strategy": "uncertainty"}, "config.strategy", "least_confidence"),
+        ({"cold_start_strategy": "margin"}, "config.cold_start_strategy", "without a model"),
+        ({"head": "mlpp"}, "config.head", "mlp"),
+        ({"resampling": "sometimes"}, "config.resampling", "offline"),
+        ({"consensus": "vote"}, "config.consensus", "majority"),
+        ({"features": "rna"}, "config.features", "expression"),
+        ({"query_size": MAX_QUERY_SIZE + 1}, "config.query_size", f"1..{MAX_QUERY_SIZE}"),
+        ({"compactness": 2.0}, "config.compactness", "[0, 1]"),
+        ({"smoothing": -0.1}, "config.smoothing", "[0, 1]"),
+        ({"head": "multimodal"}, "config.head", "config.features"),
+    ],
+)
 def test_create_project_refuses_names_and_ranges_no_service_implements(config, field, says) -> None:
     with pytest.raises(InvalidArgument) as err:
         LoopSettings.with_defaults(**config)
@@ -51,18 +54,25 @@ def test_one_query_size_limit_for_projects_and_what_if_queries() -> None:
         check_query_args("p", MAX_QUERY_SIZE + 1)
 
 
-@pytest.mark.parametrize(("features", "kind", "slide", "counts", "field"), [
-    ("morphology", "visium", "", "counts.h5", "slide_path"),
-    ("expression", "visium", "slide.svs", "", "expression_path"),
-    ("multimodal", "visium", "slide.svs", "", "expression_path"),
-    ("multimodal", "visium", "", "counts.h5", "slide_path"),
-    ("expression", "wsi", "slide.svs", "", "kind"),
-])
-def test_a_dataset_that_cannot_feed_the_feature_set_is_refused(features, kind, slide, counts, field) -> None:
+@pytest.mark.parametrize(
+    ("features", "kind", "slide", "counts", "field"),
+    [
+        ("morphology", "visium", "", "counts.h5", "slide_path"),
+        ("expression", "visium", "slide.svs", "", "expression_path"),
+        ("multimodal", "visium", "slide.svs", "", "expression_path"),
+        ("multimodal", "visium", "", "counts.h5", "slide_path"),
+        ("expression", "wsi", "slide.svs", "", "kind"),
+    ],
+)
+def test_a_dataset_that_cannot_feed_the_feature_set_is_refused(
+    features, kind, slide, counts, field
+) -> None:
     with pytest.raises(FailedPrecondition) as err:
         check_feeds_features(features=features, kind=kind, slide_path=slide, expression_path=counts)
     assert str(err.value).startswith(field) and "UpdateProject" in str(err.value)
-    check_feeds_features(features="multimodal", kind="visium", slide_path="s.svs", expression_path="c.h5")
+    check_feeds_features(
+        features="multimodal", kind="visium", slide_path="s.svs", expression_path="c.h5"
+    )
 
 
 def test_swapped_pixel_columns_are_refused_and_nothing_is_stored(
@@ -76,36 +86,57 @@ def test_swapped_pixel_columns_are_refused_and_nothing_is_stored(
     header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
     swapped_rows = [r[:4] + [r[5], r[4]] for r in rows]
     (swapped / "tissue_positions.csv").write_text(
-        "\n".join([",".join(header)] + [",".join(r) for r in swapped_rows]) + "\n")
+        "\n".join([",".join(header)] + [",".join(r) for r in swapped_rows]) + "\n"
+    )
     (swapped / "scalefactors_json.json").write_text((good / "scalefactors_json.json").read_text())
     slide = tmp_path / "slide.png"
     Image.new("RGB", (420, 520), "white").save(slide)  # width 420 (columns), height 520 (rows)
     pid = new_project_id()
     repo.create_project(pid, "x", [ClassSpec("A")], LoopSettings())
     with pytest.raises(InvalidArgument) as err:
-        repo.register_dataset(DatasetSpec(project_id=pid, dataset_id="d1", kind="visium",
-                                          spatial_dir=str(swapped), slide_path=str(slide)))
+        repo.register_dataset(
+            DatasetSpec(
+                project_id=pid,
+                dataset_id="d1",
+                kind="visium",
+                spatial_dir=str(swapped),
+                slide_path=str(slide),
+            )
+        )
     assert "tissue_positions.csv" in str(err.value) and "swapped" in str(err.value)
     assert repo.get_project(pid).datasets == ()
     assert not list(artifacts.list(f"datasets/{pid}/"))
-    info = repo.register_dataset(DatasetSpec(project_id=pid, dataset_id="d1", kind="visium",
-                                             spatial_dir=str(good), slide_path=str(slide)))
+    info = repo.register_dataset(
+        DatasetSpec(
+            project_id=pid,
+            dataset_id="d1",
+            kind="visium",
+            spatial_dir=str(good),
+            slide_path=str(slide),
+        )
+    )
     assert info.n_spots == 40
 
 
-def test_loupe_rows_with_empty_labels_are_skipped_and_said_so(repo: AnnotationRepository, project: str) -> None:
+def test_loupe_rows_with_empty_labels_are_skipped_and_said_so(
+    repo: AnnotationRepository, project: str
+) -> None:
     csv = f"Barcode,Pathologist\n{barcode(1)},Layer1\n{barcode(2)},\n{barcode(3)},help\n".encode()
     result = repo.import_loupe_csv(project, "ds1", "b1", csv, annotator="alice")
     assert (result.n_labels, result.n_placeholders, result.n_empty) == (1, 1, 1)
 
 
-def test_a_reused_batch_id_with_other_content_is_an_error(repo: AnnotationRepository, project: str) -> None:
+def test_a_reused_batch_id_with_other_content_is_an_error(
+    repo: AnnotationRepository, project: str
+) -> None:
     first = [SpotLabelInput(barcode(1), "Layer1", "labels[0]")]
     repo.submit_labels(project, "ds1", "b1", first, annotator="alice")
     again = repo.submit_labels(project, "ds1", "b1", first, annotator="alice")
     assert again.duplicate  # a retry of the same batch is a no-op
     other = [SpotLabelInput(barcode(1), "Layer2", "labels[0]")]
-    with pytest.raises(AlreadyExists, match=r"batch_id: 'b1' was committed before with different content"):
+    with pytest.raises(
+        AlreadyExists, match=r"batch_id: 'b1' was committed before with different content"
+    ):
         repo.submit_labels(project, "ds1", "b1", other, annotator="alice")
     assert repo.get_project(project).label_version == 1
 
@@ -124,26 +155,47 @@ def test_a_typo_class_is_not_created_even_with_add_missing_classes(
 def test_a_bogus_queryset_id_is_refused(repo: AnnotationRepository, project: str) -> None:
     labels = [SpotLabelInput(barcode(1), "Layer1", "labels[0]")]
     with pytest.raises(NotFound, match="queryset_id: 'no-such-set'"):
-        repo.submit_labels(project, "ds1", "b1", labels, annotator="alice", queryset_id="no-such-set")
+        repo.submit_labels(
+            project, "ds1", "b1", labels, annotator="alice", queryset_id="no-such-set"
+        )
     assert repo.get_project(project).label_version == 0
 
 
-def test_labels_committed_total_counts_every_committed_label(repo: AnnotationRepository, project: str) -> None:
+def test_labels_committed_total_counts_every_committed_label(
+    repo: AnnotationRepository, project: str
+) -> None:
     def sample() -> float:
-        return REGISTRY.get_sample_value("histoloop_labels_committed_total", {"project": project}) or 0.0
+        return (
+            REGISTRY.get_sample_value("histoloop_labels_committed_total", {"project": project})
+            or 0.0
+        )
 
-    repo.submit_labels(project, "ds1", "b1", [SpotLabelInput(barcode(1), "Layer1", "r")], annotator="a")
-    repo.submit_labels(project, "ds1", "b2", [SpotLabelInput(barcode(2), "Layer1", "r"),
-                                              SpotLabelInput(barcode(3), "WM", "r")], annotator="a")
-    repo.submit_labels(project, "ds1", "b2", [SpotLabelInput(barcode(2), "Layer1", "r"),
-                                              SpotLabelInput(barcode(3), "WM", "r")], annotator="a")
+    repo.submit_labels(
+        project, "ds1", "b1", [SpotLabelInput(barcode(1), "Layer1", "r")], annotator="a"
+    )
+    repo.submit_labels(
+        project,
+        "ds1",
+        "b2",
+        [SpotLabelInput(barcode(2), "Layer1", "r"), SpotLabelInput(barcode(3), "WM", "r")],
+        annotator="a",
+    )
+    repo.submit_labels(
+        project,
+        "ds1",
+        "b2",
+        [SpotLabelInput(barcode(2), "Layer1", "r"), SpotLabelInput(barcode(3), "WM", "r")],
+        annotator="a",
+    )
     assert sample() == 3  # the duplicate adds nothing
 
 
 def test_model_metric_help_names_the_labels_it_has() -> None:
     from histoloop.metrics import MODEL_METRIC
 
-    assert "kappa" in MODEL_METRIC._documentation and "cohen_kappa" not in MODEL_METRIC._documentation
+    assert (
+        "kappa" in MODEL_METRIC._documentation and "cohen_kappa" not in MODEL_METRIC._documentation
+    )
 
 
 def test_tiling_errors_name_the_users_file(tmp_path: Path) -> None:
@@ -156,8 +208,11 @@ def test_tiling_errors_name_the_users_file(tmp_path: Path) -> None:
     key = f"datasets/p/d/input/slide/my-scan-{uuid.uuid4().hex[:6]}.svs"
     store.put(key, b"not a slide at all")
     step = TilingStep(store, EmbeddedBus(tmp_path / "events.sqlite"))
-    msg = events_pb2.DatasetRegistered(meta=events.new_meta(project="p", dataset="d", producer="t"),
-                                       kind=common_pb2.DATASET_KIND_WSI, slide_uri=store.uri(key))
+    msg = events_pb2.DatasetRegistered(
+        meta=events.new_meta(project="p", dataset="d", producer="t"),
+        kind=common_pb2.DATASET_KIND_WSI,
+        slide_uri=store.uri(key),
+    )
     with pytest.raises(InvalidArgument) as err:
         step.on_registered(msg)
     name = key.rsplit("/", 1)[-1]

@@ -31,7 +31,9 @@ DLPFC_BARCODES = (
 def create_project(env: GrpcEnv, dlpfc_spatial: Path, **config: object) -> str:
     project = new_project_id()
     md = env.md(env.admin_token)
-    config.setdefault("features", common_pb2.FEATURE_SET_EXPRESSION)  # the sample has counts, no slide
+    config.setdefault(
+        "features", common_pb2.FEATURE_SET_EXPRESSION
+    )  # the sample has counts, no slide
     reply = env.stub.CreateProject(
         pb.CreateProjectRequest(
             project_id=project,

@@ -22,9 +22,16 @@ def _ts(value: datetime) -> Timestamp:
 
 
 def _submit(env: GrpcEnv, md, project: str, batch: str, labels: dict[str, str], **kw) -> None:
-    env.stub.SubmitLabels(pb.SubmitLabelsRequest(
-        project_id=project, dataset_id="151510", batch_id=batch,
-        labels=[pb.SpotLabel(barcode=b, label=c) for b, c in labels.items()], **kw), metadata=md)
+    env.stub.SubmitLabels(
+        pb.SubmitLabelsRequest(
+            project_id=project,
+            dataset_id="151510",
+            batch_id=batch,
+            labels=[pb.SpotLabel(barcode=b, label=c) for b, c in labels.items()],
+            **kw,
+        ),
+        metadata=md,
+    )
 
 
 def test_list_label_events_filters_and_pages(grpc_env: GrpcEnv, dlpfc_spatial: Path) -> None:
@@ -41,19 +48,28 @@ def test_list_label_events_filters_and_pages(grpc_env: GrpcEnv, dlpfc_spatial: P
     _submit(env, md_a, project, "a-2", {b0: "Layer4", b2: "WM"})
 
     def ask(**kw) -> pb.ListLabelEventsResponse:
-        return env.stub.ListLabelEvents(pb.ListLabelEventsRequest(project_id=project, **kw), metadata=md_a)
+        return env.stub.ListLabelEvents(
+            pb.ListLabelEventsRequest(project_id=project, **kw), metadata=md_a
+        )
 
     everything = ask()
-    assert [(e.barcode, e.label, e.annotator_id, e.batch_id, e.label_version) for e in everything.events] == [
-        (b0, "Layer1", alice, "a-1", 1), (b1, "Layer2", alice, "a-1", 1), (b0, "Layer3", bob, "b-1", 2),
-        (b0, "Layer4", alice, "a-2", 3), (b2, "WM", alice, "a-2", 3),
+    assert [
+        (e.barcode, e.label, e.annotator_id, e.batch_id, e.label_version) for e in everything.events
+    ] == [
+        (b0, "Layer1", alice, "a-1", 1),
+        (b1, "Layer2", alice, "a-1", 1),
+        (b0, "Layer3", bob, "b-1", 2),
+        (b0, "Layer4", alice, "a-2", 3),
+        (b2, "WM", alice, "a-2", 3),
     ]
     assert not everything.next_page_token
     seqs = [e.sequence for e in everything.events]
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
     assert everything.events[2].annotator_role == pb.ANNOTATOR_ROLE_EXPERT
     assert everything.events[0].source == pb.LABEL_SOURCE_GRPC
-    assert everything.events[0].dataset_id == "151510" and everything.events[0].created_at.seconds > 0
+    assert (
+        everything.events[0].dataset_id == "151510" and everything.events[0].created_at.seconds > 0
+    )
 
     # one unit's history: every opinion, in order (the latest does not hide the others)
     assert [e.label for e in ask(barcode=b0).events] == ["Layer1", "Layer3", "Layer4"]
@@ -83,16 +99,25 @@ def test_list_label_events_filters_and_pages(grpc_env: GrpcEnv, dlpfc_spatial: P
     # GetAgreement: each rater against the consensus (bob is the expert: latest_expert follows him)
     agreement = env.stub.GetAgreement(pb.GetAgreementRequest(project_id=project), metadata=md_a)
     classes = list(agreement.confusion_classes)
-    conf = {r.annotator_id: (r, np.array(r.counts).reshape(len(classes), len(classes)))
-            for r in agreement.rater_confusion}
+    conf = {
+        r.annotator_id: (r, np.array(r.counts).reshape(len(classes), len(classes)))
+        for r in agreement.rater_confusion
+    }
     assert conf[alice][1][classes.index("Layer4"), classes.index("Layer3")] == 1  # b0
     assert conf[alice][1][classes.index("Layer2"), classes.index("Layer6")] == 1  # b1
-    assert conf[alice][0].agreement == 0.0 and conf[bob][0].agreement == 1.0 and conf[bob][0].n_spots == 2
+    assert (
+        conf[alice][0].agreement == 0.0
+        and conf[bob][0].agreement == 1.0
+        and conf[bob][0].n_spots == 2
+    )
 
     # bad input names the field; other projects' members are refused
     assert code_of(lambda: ask(page_token="garbage!")) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: ask(page_size=5000)) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(lambda: ask(since=_ts(middle), until=_ts(before))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(lambda: ask(since=_ts(middle), until=_ts(before)))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert code_of(lambda: ask(dataset_id="nope")) == grpc.StatusCode.NOT_FOUND
     with_err = None
     try:
@@ -101,8 +126,14 @@ def test_list_label_events_filters_and_pages(grpc_env: GrpcEnv, dlpfc_spatial: P
         with_err = exc.details()
     assert with_err is not None and "page_size" in with_err
     outsider = env.md(annotator(env, f"eve-{uuid.uuid4().hex[:6]}", []))
-    assert code_of(lambda: env.stub.ListLabelEvents(
-        pb.ListLabelEventsRequest(project_id=project), metadata=outsider)) == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        code_of(
+            lambda: env.stub.ListLabelEvents(
+                pb.ListLabelEventsRequest(project_id=project), metadata=outsider
+            )
+        )
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
 
 
 def test_snapshots_list_every_batch_up_to_their_version(repo, project: str) -> None:
@@ -112,11 +143,15 @@ def test_snapshots_list_every_batch_up_to_their_version(repo, project: str) -> N
 
     repo.register_annotator("ann1", role="annotator", projects=[project])
     for i, batch in enumerate(("first", "second", "third"), start=1):
-        repo.submit_labels(project, "ds1", batch, labels((i, "Layer1"), (i + 10, "WM")), annotator="ann1")
+        repo.submit_labels(
+            project, "ds1", batch, labels((i, "Layer1"), (i + 10, "WM")), annotator="ann1"
+        )
     full = repo.labels_snapshot(project, 3)
-    assert full["batches"] == [{"batch_id": "first", "label_version": 1},
-                               {"batch_id": "second", "label_version": 2},
-                               {"batch_id": "third", "label_version": 3}]
+    assert full["batches"] == [
+        {"batch_id": "first", "label_version": 1},
+        {"batch_id": "second", "label_version": 2},
+        {"batch_id": "third", "label_version": 3},
+    ]
     builder = SnapshotBuilder(repo)
     data, _ = builder.build(project, 2)
     assert LabelSnapshot.from_json(data).batches == ((1, "first"), (2, "second"))

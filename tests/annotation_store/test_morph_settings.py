@@ -14,9 +14,15 @@ from tests.annotation_store.conftest import LAYERS, GrpcEnv, new_project_id
 
 
 def _create(env: GrpcEnv, **config: object) -> pb.Project:
-    return env.stub.CreateProject(pb.CreateProjectRequest(
-        project_id=new_project_id(), name="morph", classes=[common_pb2.ClassDef(name=c) for c in LAYERS],
-        config=common_pb2.LoopConfig(**config)), metadata=env.md(env.admin_token))
+    return env.stub.CreateProject(
+        pb.CreateProjectRequest(
+            project_id=new_project_id(),
+            name="morph",
+            classes=[common_pb2.ClassDef(name=c) for c in LAYERS],
+            config=common_pb2.LoopConfig(**config),
+        ),
+        metadata=env.md(env.admin_token),
+    )
 
 
 def test_augment_views_off_by_default_ten_in_the_paper_preset(grpc_env: GrpcEnv) -> None:
@@ -39,50 +45,95 @@ def test_zero_spatial_neighbours_is_a_value_not_unset(grpc_env: GrpcEnv) -> None
     off = _create(grpc_env, spatial_neighbours=0)
     assert off.config.spatial_neighbours == 0
     md = grpc_env.md(grpc_env.admin_token)
-    on = grpc_env.stub.UpdateProject(pb.UpdateProjectRequest(
-        project_id=off.project_id, config=common_pb2.LoopConfig(spatial_neighbours=4)), metadata=md)
+    on = grpc_env.stub.UpdateProject(
+        pb.UpdateProjectRequest(
+            project_id=off.project_id, config=common_pb2.LoopConfig(spatial_neighbours=4)
+        ),
+        metadata=md,
+    )
     assert on.config.spatial_neighbours == 4
-    kept = grpc_env.stub.UpdateProject(pb.UpdateProjectRequest(
-        project_id=off.project_id, config=common_pb2.LoopConfig(query_size=7)), metadata=md)
+    kept = grpc_env.stub.UpdateProject(
+        pb.UpdateProjectRequest(
+            project_id=off.project_id, config=common_pb2.LoopConfig(query_size=7)
+        ),
+        metadata=md,
+    )
     assert (kept.config.spatial_neighbours, kept.config.query_size) == (4, 7)
-    again = grpc_env.stub.UpdateProject(pb.UpdateProjectRequest(
-        project_id=off.project_id, config=common_pb2.LoopConfig(spatial_neighbours=0)), metadata=md)
+    again = grpc_env.stub.UpdateProject(
+        pb.UpdateProjectRequest(
+            project_id=off.project_id, config=common_pb2.LoopConfig(spatial_neighbours=0)
+        ),
+        metadata=md,
+    )
     assert again.config.spatial_neighbours == 0
 
 
-def test_legacy_st_spots_register_and_the_embedding_model_shows(grpc_env: GrpcEnv, shared_data: Path,
-                                                                tmp_path: Path) -> None:
+def test_legacy_st_spots_register_and_the_embedding_model_shows(
+    grpc_env: GrpcEnv, shared_data: Path, tmp_path: Path
+) -> None:
     project = _create(grpc_env).project_id
     md = grpc_env.md(grpc_env.admin_token)
     a1 = shared_data / "her2st" / "A1"
-    dataset = grpc_env.stub.RegisterDataset(pb.RegisterDatasetRequest(
-        project_id=project, dataset_id="a1", kind=common_pb2.DATASET_KIND_VISIUM, spatial_dir=str(a1),
-        slide_path=str(a1 / "A1_HE_image_dark.png"), slide_scale=2000 / 6954), metadata=md)
+    dataset = grpc_env.stub.RegisterDataset(
+        pb.RegisterDatasetRequest(
+            project_id=project,
+            dataset_id="a1",
+            kind=common_pb2.DATASET_KIND_VISIUM,
+            spatial_dir=str(a1),
+            slide_path=str(a1 / "A1_HE_image_dark.png"),
+            slide_scale=2000 / 6954,
+        ),
+        metadata=md,
+    )
     assert (dataset.n_spots, dataset.n_in_tissue) == (348, 348)
     assert dataset.embedding_model == ""  # not embedded yet
 
     bad = tmp_path / "B1_selection.tsv"
     bad.write_text("x\ty\tpixel_x\tpixel_y\n1\t2\t3.5\t4.5\n1\t2.5\t5\t6\n")
     with pytest.raises(grpc.RpcError) as err:
-        grpc_env.stub.RegisterDataset(pb.RegisterDatasetRequest(
-            project_id=project, dataset_id="b1", spatial_dir=str(bad), positions_format="legacy-st"),
-            metadata=md)
+        grpc_env.stub.RegisterDataset(
+            pb.RegisterDatasetRequest(
+                project_id=project,
+                dataset_id="b1",
+                spatial_dir=str(bad),
+                positions_format="legacy-st",
+            ),
+            metadata=md,
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "column 'y' on line 3" in err.value.details() and "B1_selection.tsv" in err.value.details()
+    assert (
+        "column 'y' on line 3" in err.value.details() and "B1_selection.tsv" in err.value.details()
+    )
     with pytest.raises(grpc.RpcError) as err:
-        grpc_env.stub.RegisterDataset(pb.RegisterDatasetRequest(
-            project_id=project, dataset_id="b1", spatial_dir=str(a1), positions_format="visium-hd"),
-            metadata=md)
+        grpc_env.stub.RegisterDataset(
+            pb.RegisterDatasetRequest(
+                project_id=project,
+                dataset_id="b1",
+                spatial_dir=str(a1),
+                positions_format="visium-hd",
+            ),
+            metadata=md,
+        )
     assert "positions_format" in err.value.details()
     got = grpc_env.stub.GetProject(pb.GetProjectRequest(project_id=project), metadata=md)
     assert list(got.datasets) == ["a1"]  # the bad registrations left nothing behind
 
 
 def test_the_embedding_model_is_recorded_with_the_datasets_embeddings(repo, project: str) -> None:
-    assert repo.set_embeddings(project, "ds1", "file:///e.h5ad", "ev-1", model="efficientnet-lite0",
-                               model_version="0.1.0+efficientnet-lite0-57934424", dim=1280)
+    assert repo.set_embeddings(
+        project,
+        "ds1",
+        "file:///e.h5ad",
+        "ev-1",
+        model="efficientnet-lite0",
+        model_version="0.1.0+efficientnet-lite0-57934424",
+        dim=1280,
+    )
     info = repo.get_dataset(project, "ds1")
     assert (info.embedding_model, info.embedding_model_version, info.embedding_dim) == (
-        "efficientnet-lite0", "0.1.0+efficientnet-lite0-57934424", 1280)
+        "efficientnet-lite0",
+        "0.1.0+efficientnet-lite0-57934424",
+        1280,
+    )
     assert not repo.set_embeddings(project, "ds1", "file:///e.h5ad", "ev-1", model="other")  # seen
     assert repo.get_dataset(project, "ds1").embedding_model == "efficientnet-lite0"

@@ -58,10 +58,19 @@ def test_create_project_defaults_and_class_schema(repo: AnnotationRepository) ->
         cfg.seed,
         cfg.head,
         cfg.features,
-    ) == (DEFAULTS["strategy"], DEFAULTS["cold_start_strategy"], DEFAULTS["query_size"], 0, DEFAULTS["head"],
-          "morphology")
+    ) == (
+        DEFAULTS["strategy"],
+        DEFAULTS["cold_start_strategy"],
+        DEFAULTS["query_size"],
+        0,
+        DEFAULTS["head"],
+        "morphology",
+    )
     assert (cfg.spatial_neighbours, cfg.resampling, cfg.consensus) == (
-        DEFAULTS["spatial_neighbours"], "off", "latest_expert")
+        DEFAULTS["spatial_neighbours"],
+        "off",
+        "latest_expert",
+    )
     assert repo.get_project(pid) == info
     with pytest.raises(AlreadyExists):
         repo.create_project(pid, "again", [], LoopSettings())
@@ -247,7 +256,9 @@ def test_submit_labels_and_idempotent_resubmission(
         first.event_id,
     )
     assert counts(db) == before
-    with pytest.raises(AlreadyExists, match="batch_id: 'batch-1' was committed before with different"):
+    with pytest.raises(
+        AlreadyExists, match="batch_id: 'batch-1' was committed before with different"
+    ):
         repo.submit_labels(project, "ds1", "batch-1", labels((3, "WM")), annotator="alice")
     assert counts(db) == before
     second = repo.submit_labels(project, "ds1", "batch-2", labels((3, "WM")), annotator="alice")
@@ -406,7 +417,11 @@ def test_multi_rater_consensus_status_and_agreement(
     after = repo.agreement(pid)
     assert after is not report and after.n_disputed == 2  # spot 4 is now A, A, A
     status = repo.status(pid)
-    assert (status.labelled_per_class, status.n_labelled, status.n_disputed) == ({"A": 2, "B": 3}, 5, 2)
+    assert (status.labelled_per_class, status.n_labelled, status.n_disputed) == (
+        {"A": 2, "B": 3},
+        5,
+        2,
+    )
 
     # latest_expert in a second project over the same votes: the expert's word wins
     pid2 = new_project_id()

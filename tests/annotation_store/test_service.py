@@ -35,7 +35,11 @@ def test_build_migrates_an_empty_database_and_wires_the_parts(
             "annotation_store",
             "histoloop.v1.AnnotationStoreService",
         )
-        assert set(parts.handlers) == {events.QUERYSET_READY, events.EMBEDDINGS_READY, events.TILES_READY}
+        assert set(parts.handlers) == {
+            events.QUERYSET_READY,
+            events.EMBEDDINGS_READY,
+            events.TILES_READY,
+        }
         assert parts.relay is not None and list(parts.background) == [parts.relay]
         for check in parts.checks:
             check()

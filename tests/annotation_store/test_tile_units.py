@@ -14,7 +14,11 @@ from histoloop.artifacts.local import LocalArtifactStore
 from histoloop.errors import FailedPrecondition, InvalidArgument
 from tests.annotation_store.conftest import new_project_id
 
-TILES = [TileUnit(f"r{r}_c{c}", r, c, 112.0 + 224 * c, 112.0 + 224 * r, 224.0) for r in range(2) for c in range(3)]
+TILES = [
+    TileUnit(f"r{r}_c{c}", r, c, 112.0 + 224 * c, 112.0 + 224 * r, 224.0)
+    for r in range(2)
+    for c in range(3)
+]
 
 
 def test_tiles_become_units_and_a_second_replica_sees_them(
@@ -22,29 +26,43 @@ def test_tiles_become_units_and_a_second_replica_sees_them(
 ) -> None:
     project = new_project_id()
     repo.create_project(project, "wsi", [ClassSpec("tumour"), ClassSpec("stroma")], LoopSettings())
-    repo.register_dataset(DatasetSpec(project_id=project, dataset_id="slide", kind="wsi",
-                                      slide_path=str(shared_data / "wsi" / "CMU-1-Small-Region.svs")))
+    repo.register_dataset(
+        DatasetSpec(
+            project_id=project,
+            dataset_id="slide",
+            kind="wsi",
+            slide_path=str(shared_data / "wsi" / "CMU-1-Small-Region.svs"),
+        )
+    )
     other = AnnotationRepository(Database(db_url, pool_size=2), artifacts)  # another store replica
     label = [SpotLabelInput("r1_c2", "tumour", row="labels[0]")]
     with pytest.raises(InvalidArgument, match="'r1_c2' is not a spot"):
-        other.submit_labels(project, "slide", "early", label, annotator="local", annotator_role="admin")
+        other.submit_labels(
+            project, "slide", "early", label, annotator="local", annotator_role="admin"
+        )
     with pytest.raises(FailedPrecondition, match="tiles are not known yet"):
         repo.unit_layout(project, "slide")
 
     assert repo.add_tiles(project, "slide", TILES, source="index.csv") == 6
-    assert repo.add_tiles(project, "slide", TILES[:2], source="again.csv") == 0  # re-tiling: nothing new
+    assert (
+        repo.add_tiles(project, "slide", TILES[:2], source="again.csv") == 0
+    )  # re-tiling: nothing new
     info = repo.get_dataset(project, "slide")
     assert (info.n_spots, info.n_in_tissue) == (6, 6)
     units = {u.barcode: u for u in repo.unit_layout(project, "slide").units}
     assert units["r1_c2"].x == 560 and units["r1_c2"].y == 336 and units["r1_c2"].shape == "square"
     # the replica that cached the dataset before the tiles arrived accepts them now
-    reply = other.submit_labels(project, "slide", "b1", label, annotator="local", annotator_role="admin")
+    reply = other.submit_labels(
+        project, "slide", "b1", label, annotator="local", annotator_role="admin"
+    )
     assert reply.n_labels == 1
     assert repo.status(project).n_spots == 6
     other.db.close()
 
 
-def test_tiles_of_a_visium_or_unknown_dataset_are_ignored(repo: AnnotationRepository, project: str) -> None:
+def test_tiles_of_a_visium_or_unknown_dataset_are_ignored(
+    repo: AnnotationRepository, project: str
+) -> None:
     before = repo.get_dataset(project, "ds1")
     assert repo.add_tiles(project, "ds1", TILES, source="x") == 0
     assert repo.add_tiles(project, "nope", TILES, source="x") == 0

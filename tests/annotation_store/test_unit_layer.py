@@ -14,13 +14,24 @@ from histoloop.errors import NotFound
 from tests.annotation_store.conftest import LAYERS, barcode
 
 
-def _labels(repo: AnnotationRepository, project: str, batch: str, who: str, pairs: dict[int, str]) -> None:
-    repo.submit_labels(project, "ds1", batch, [SpotLabelInput(barcode(i), label, f"labels[{k}]")
-                                               for k, (i, label) in enumerate(pairs.items())], annotator=who)
+def _labels(
+    repo: AnnotationRepository, project: str, batch: str, who: str, pairs: dict[int, str]
+) -> None:
+    repo.submit_labels(
+        project,
+        "ds1",
+        batch,
+        [
+            SpotLabelInput(barcode(i), label, f"labels[{k}]")
+            for k, (i, label) in enumerate(pairs.items())
+        ],
+        annotator=who,
+    )
 
 
 def test_layer_columns_follow_labels_predictions_and_the_query(
-        repo: AnnotationRepository, artifacts: LocalArtifactStore, project: str) -> None:
+    repo: AnnotationRepository, artifacts: LocalArtifactStore, project: str
+) -> None:
     empty = unit_layer(repo, project, "ds1", caller="ann-a")
     n = len(empty.unit_ids)
     assert n > 0 and empty.coordinates == "fullres" and empty.classes == list(LAYERS)
@@ -39,26 +50,51 @@ def test_layer_columns_follow_labels_predictions_and_the_query(
         expected = consensus[("ds1", a.unit_ids[i])]
         assert a.classes[a.consensus[i]] == expected.label and a.disputed[i] == expected.disputed
     assert a.disputed[i1] and not a.disputed[i0]
-    assert sorted((u, who, c) for u, who, c in a.votes if u == i1) == [(i1, "ann-a", 1), (i1, "ann-b", 2)]
+    assert sorted((u, who, c) for u, who, c in a.votes if u == i1) == [
+        (i1, "ann-a", 1),
+        (i1, "ann-b", 2),
+    ]
 
     probabilities = np.full((n, len(LAYERS)), 0.1, np.float32)
     probabilities[:, 3] = 0.4
     probabilities[i2] = [0.9, 0.1 / 6, 0.1 / 6, 0.1 / 6, 0.1 / 6, 0.1 / 6, 0.1 / 6]
-    uri = write_predictions(artifacts, f"predictions/{project}/m1.npz", Predictions(
-        model_version="m1", classes=list(LAYERS), datasets=np.array(["ds1"] * n), barcodes=np.array(a.unit_ids),
-        probabilities=probabilities, hidden=np.zeros((n, 2), np.float32)))
-    repo.record_query_set(QuerySetRecord(
-        queryset_id="qs-1", project_id=project, round=1, strategy="entropy", model_version="m1",
-        spots=(QuerySpot(barcode(5), 0.9, "ds1", "uncertainty"), QuerySpot(barcode(3), 0.8, "ds1", "uncertainty"),
-               QuerySpot("elsewhere-1", 0.7, "ds9", "uncertainty")),
-        predictions_uri=uri), event_id="e-qs-1")
+    uri = write_predictions(
+        artifacts,
+        f"predictions/{project}/m1.npz",
+        Predictions(
+            model_version="m1",
+            classes=list(LAYERS),
+            datasets=np.array(["ds1"] * n),
+            barcodes=np.array(a.unit_ids),
+            probabilities=probabilities,
+            hidden=np.zeros((n, 2), np.float32),
+        ),
+    )
+    repo.record_query_set(
+        QuerySetRecord(
+            queryset_id="qs-1",
+            project_id=project,
+            round=1,
+            strategy="entropy",
+            model_version="m1",
+            spots=(
+                QuerySpot(barcode(5), 0.9, "ds1", "uncertainty"),
+                QuerySpot(barcode(3), 0.8, "ds1", "uncertainty"),
+                QuerySpot("elsewhere-1", 0.7, "ds9", "uncertainty"),
+            ),
+            predictions_uri=uri,
+        ),
+        event_id="e-qs-1",
+    )
     layer = unit_layer(repo, project, "ds1", caller="ann-a")
     assert layer.queryset_id == "qs-1" and layer.round == 1 and layer.model_version == "m1"
     assert layer.query_rank[layer.unit_ids.index(barcode(5))] == 1
     assert layer.query_rank[layer.unit_ids.index(barcode(3))] == 2
     assert int((layer.query_rank > 0).sum()) == 2  # the other dataset's unit is not here
     assert (layer.predicted[[i0, i1]] == 3).all() and layer.predicted[i2] == 0
-    assert layer.uncertainty[i2] == pytest.approx(0.1) and layer.uncertainty[i0] == pytest.approx(0.6)
+    assert layer.uncertainty[i2] == pytest.approx(0.1) and layer.uncertainty[i0] == pytest.approx(
+        0.6
+    )
 
     _labels(repo, project, "b3", "ann-a", {1: "Layer3"})  # a new label version: no stale cache
     again = unit_layer(repo, project, "ds1", caller="ann-a")

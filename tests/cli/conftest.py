@@ -31,11 +31,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     """``histoloop serve`` (all six services, embedded backends) → (address, data folder)."""
     data = tmp_path_factory.mktemp("serve")
     port = _free_port()
-    env = {**os.environ, "HISTOLOOP_DATA_DIR": str(data), "HISTOLOOP_GRPC_PORT": str(port),
-           "HISTOLOOP_METRICS_PORT": "0"}
+    env = {
+        **os.environ,
+        "HISTOLOOP_DATA_DIR": str(data),
+        "HISTOLOOP_GRPC_PORT": str(port),
+        "HISTOLOOP_METRICS_PORT": "0",
+    }
     log = data / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "histoloop.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histoloop.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     with grpc.insecure_channel(address) as channel:
@@ -60,11 +68,23 @@ def cli(served: tuple[str, Path]) -> Cli:
     address, _data = served
 
     def run(*args: str, rc: int = 0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HISTOLOOP_GRPC_PORT": address.rsplit(":", 1)[1], "HISTOLOOP_METRICS_PORT": "0"}
+        env = {
+            **os.environ,
+            "HISTOLOOP_GRPC_PORT": address.rsplit(":", 1)[1],
+            "HISTOLOOP_METRICS_PORT": "0",
+        }
         env.pop("HISTOLOOP_TOKEN", None)
-        done = subprocess.run([sys.executable, "-m", "histoloop.cli", *args], env=env, cwd=cwd,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == rc, f"histoloop {' '.join(args)} → {done.returncode}\n{done.stdout}\n{done.stderr}"
+        done = subprocess.run(
+            [sys.executable, "-m", "histoloop.cli", *args],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == rc, (
+            f"histoloop {' '.join(args)} → {done.returncode}\n{done.stdout}\n{done.stderr}"
+        )
         return done
 
     return run
@@ -96,7 +116,9 @@ def cli_inproc(served: tuple[str, Path]) -> Cli:
                 os.environ.pop("HISTOLOOP_GRPC_PORT", None)
             else:
                 os.environ["HISTOLOOP_GRPC_PORT"] = saved[0]
-        done = subprocess.CompletedProcess(["histoloop", *args], code, out.getvalue(), err.getvalue())
+        done = subprocess.CompletedProcess(
+            ["histoloop", *args], code, out.getvalue(), err.getvalue()
+        )
         assert code == rc, f"histoloop {' '.join(args)} → {code}\n{done.stdout}\n{done.stderr}"
         return done
 

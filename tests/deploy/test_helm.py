@@ -24,18 +24,29 @@ from .conftest import (
     deep_merge,
 )
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate ships the schemas")
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate ships the schemas"
+)
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion; gRPC probes are GA in
 # 1.27) and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 # Custom resources of the Prometheus Operator: no schema in kubernetes-validate.
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 WORKLOADS = {"Deployment", "StatefulSet", "Job", "Pod"}
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance",
-                   "app.kubernetes.io/version", "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of",
-                   "app.kubernetes.io/component")
+STANDARD_LABELS = (
+    "helm.sh/chart",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/component",
+)
 PLACEHOLDERS = ("changeme", "minioadmin", "password", "admin", "secret", "test")
 
 
@@ -44,8 +55,11 @@ def _kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def _named(docs: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
-    found = [d for d in _kind(docs, kind)
-             if d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    found = [
+        d
+        for d in _kind(docs, kind)
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
     assert len(found) == 1, f"{len(found)} {kind} objects of component {component}"
     return found[0]
 
@@ -61,7 +75,8 @@ def _strip(doc: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ rendering + schemas
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_every_manifest_validates_against_the_kubernetes_schemas(
-        value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+    value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]
+) -> None:
     docs = rendered_sets[value_set]
     assert docs
     errors = []
@@ -72,8 +87,10 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(
             try:
                 kubernetes_validate.validate(_strip(doc), version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                errors.append(f"{doc['__template__']} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): "
-                              f"{'/'.join(map(str, exc.path))}: {exc.message}")
+                errors.append(
+                    f"{doc['__template__']} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): "
+                    f"{'/'.join(map(str, exc.path))}: {exc.message}"
+                )
     assert not errors, "\n".join(errors)
 
 
@@ -98,12 +115,15 @@ def test_custom_resources_are_well_formed(rendered_sets: dict[str, list[dict[str
         # the selected Services exist and expose a port named metrics
         selector = monitor["spec"]["selector"]
         components = set(next((e["values"] for e in selector.get("matchExpressions", [])), [])) or {
-            selector["matchLabels"]["app.kubernetes.io/component"]}
+            selector["matchLabels"]["app.kubernetes.io/component"]
+        }
         for component in components:
             service = _named(docs, "Service", component)
             assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
     rule = _kind(docs, "PrometheusRule")[0]
-    assert rule["spec"]["groups"] == yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    assert (
+        rule["spec"]["groups"] == yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    )
     dashboard = next(d for d in _kind(docs, "ConfigMap") if "histoloop.json" in d.get("data", {}))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["histoloop.json"])["uid"] == "histoloop-overview"
@@ -112,20 +132,25 @@ def test_custom_resources_are_well_formed(rendered_sets: dict[str, list[dict[str
 def test_chart_copies_of_the_monitoring_files_are_identical() -> None:
     assert (CHART / "files/alerts.yml").read_bytes() == (MONITORING / "alerts.yml").read_bytes()
     assert (CHART / "files/histoloop.json").read_bytes() == (
-        MONITORING / "grafana/dashboards/histoloop.json").read_bytes()
+        MONITORING / "grafana/dashboards/histoloop.json"
+    ).read_bytes()
 
 
 # ------------------------------------------------------------------ required values
-@pytest.mark.parametrize(("path", "message"), [
-    (("config", "kafkaBootstrap"), "config.kafkaBootstrap is required"),
-    (("config", "minioEndpoint"), "config.minioEndpoint is required"),
-    (("secrets", "minioAccessKey"), "secrets.minioAccessKey is required"),
-    (("secrets", "minioSecretKey"), "secrets.minioSecretKey is required"),
-    (("secrets", "serviceToken"), "secrets.serviceToken is required"),
-    (("secrets", "databaseUrl"), "secrets.databaseUrl is required"),
-])
-def test_required_values_are_enforced(path: tuple[str, str], message: str, render_chart: Renderer,
-                                      helm: Any) -> None:
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (("config", "kafkaBootstrap"), "config.kafkaBootstrap is required"),
+        (("config", "minioEndpoint"), "config.minioEndpoint is required"),
+        (("secrets", "minioAccessKey"), "secrets.minioAccessKey is required"),
+        (("secrets", "minioSecretKey"), "secrets.minioSecretKey is required"),
+        (("secrets", "serviceToken"), "secrets.serviceToken is required"),
+        (("secrets", "databaseUrl"), "secrets.databaseUrl is required"),
+    ],
+)
+def test_required_values_are_enforced(
+    path: tuple[str, str], message: str, render_chart: Renderer, helm: Any
+) -> None:
     values = deep_merge(REQUIRED_VALUES, {path[0]: {path[1]: ""}})
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render_chart(values)
@@ -137,37 +162,59 @@ def test_defaults_alone_do_not_render(render_chart: Renderer, helm: Any) -> None
 
 
 @pytest.mark.parametrize("placeholder", PLACEHOLDERS)
-def test_placeholder_secrets_are_refused(placeholder: str, render_chart: Renderer, helm: Any) -> None:
+def test_placeholder_secrets_are_refused(
+    placeholder: str, render_chart: Renderer, helm: Any
+) -> None:
     with pytest.raises(helm.HelmError, match="placeholder"):
-        render_chart(deep_merge(REQUIRED_VALUES, {"secrets": {"minioSecretKey": placeholder.upper()}}))
+        render_chart(
+            deep_merge(REQUIRED_VALUES, {"secrets": {"minioSecretKey": placeholder.upper()}})
+        )
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"bundled": {"postgresql": {"enabled": True}}, "secrets": {"databaseUrl": ""}},
-     "bundled.postgresql.password is required"),
-    ({"bundled": {"minio": {"enabled": True}}}, "bundled.minio.rootUser is required"),
-    ({"triton": {"enabled": False}}, "config.tritonUrl is required"),
-    ({"triton": {"modelRepository": {"source": "pvc"}}}, "existingClaim is required"),
-])
-def test_conditional_values_are_enforced(values: dict[str, Any], message: str, render_chart: Renderer,
-                                         helm: Any) -> None:
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"bundled": {"postgresql": {"enabled": True}}, "secrets": {"databaseUrl": ""}},
+            "bundled.postgresql.password is required",
+        ),
+        ({"bundled": {"minio": {"enabled": True}}}, "bundled.minio.rootUser is required"),
+        ({"triton": {"enabled": False}}, "config.tritonUrl is required"),
+        ({"triton": {"modelRepository": {"source": "pvc"}}}, "existingClaim is required"),
+    ],
+)
+def test_conditional_values_are_enforced(
+    values: dict[str, Any], message: str, render_chart: Renderer, helm: Any
+) -> None:
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render_chart(deep_merge(REQUIRED_VALUES, values))
 
 
 def test_external_triton_or_in_process_embedder(render_chart: Renderer) -> None:
-    docs = render_chart(deep_merge(REQUIRED_VALUES, {"triton": {"enabled": False},
-                                                     "config": {"tritonUrl": "triton.gpu-pool:8001"}}))
-    assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"]
+    docs = render_chart(
+        deep_merge(
+            REQUIRED_VALUES,
+            {"triton": {"enabled": False}, "config": {"tritonUrl": "triton.gpu-pool:8001"}},
+        )
+    )
+    assert not [
+        d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"
+    ]
     config = _kind(docs, "ConfigMap")[0]["data"]
     assert config["HISTOLOOP_TRITON_URL"] == "triton.gpu-pool:8001"
-    docs = render_chart(deep_merge(REQUIRED_VALUES, {"triton": {"enabled": False},
-                                                     "embedding": {"env": {"HISTOLOOP_EMBEDDER": "onnx"}}}))
+    docs = render_chart(
+        deep_merge(
+            REQUIRED_VALUES,
+            {"triton": {"enabled": False}, "embedding": {"env": {"HISTOLOOP_EMBEDDER": "onnx"}}},
+        )
+    )
     assert "HISTOLOOP_TRITON_URL" not in _kind(docs, "ConfigMap")[0]["data"]
 
 
 # ------------------------------------------------------------------ names and labels
-@pytest.mark.parametrize("release", ["rel", "a-very-long-release-name-for-the-core-facility-cluster-x"])
+@pytest.mark.parametrize(
+    "release", ["rel", "a-very-long-release-name-for-the-core-facility-cluster-x"]
+)
 def test_names_fit_63_characters_and_are_unique(release: str, render_chart: Renderer) -> None:
     docs = render_chart(deep_merge(REQUIRED_VALUES, VALUE_SETS["bundled"]), release=release[:53])
     keys = Counter((d["kind"], d["metadata"]["name"]) for d in docs)
@@ -180,12 +227,17 @@ def test_names_fit_63_characters_and_are_unique(release: str, render_chart: Rend
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
-def test_labels_are_consistent(value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+def test_labels_are_consistent(
+    value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]
+) -> None:
     docs = rendered_sets[value_set]
     for doc in docs:
         labels = doc["metadata"]["labels"]
-        required = STANDARD_LABELS if doc["kind"] not in ("ConfigMap", "Secret", "ServiceMonitor",
-                                                          "PrometheusRule") else STANDARD_LABELS[:-1]
+        required = (
+            STANDARD_LABELS
+            if doc["kind"] not in ("ConfigMap", "Secret", "ServiceMonitor", "PrometheusRule")
+            else STANDARD_LABELS[:-1]
+        )
         if doc["kind"] in ("Secret",) and "component" in doc["metadata"]["name"]:
             required = STANDARD_LABELS
         missing = [label for label in required if label not in labels]
@@ -198,8 +250,11 @@ def test_labels_are_consistent(value_set: str, rendered_sets: dict[str, list[dic
             selector = doc["spec"]["selector"]["matchLabels"]
             template_labels = doc["spec"]["template"]["metadata"]["labels"]
             assert selector.items() <= template_labels.items(), doc["metadata"]["name"]
-            assert selector.keys() == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
-                                       "app.kubernetes.io/component"}
+            assert selector.keys() == {
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/component",
+            }
             pods[doc["metadata"]["name"]] = template_labels
     # every Service selects exactly one workload's pods
     for service in _kind(docs, "Service"):
@@ -217,7 +272,8 @@ def test_labels_are_consistent(value_set: str, rendered_sets: dict[str, list[dic
 # ------------------------------------------------------------------ workloads
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_every_workload_has_resources_and_a_hardened_security_context(
-        value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+    value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]
+) -> None:
     for doc in rendered_sets[value_set]:
         if doc["kind"] not in WORKLOADS:
             continue
@@ -245,11 +301,15 @@ def test_every_workload_has_resources_and_a_hardened_security_context(
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
-def test_every_deployment_has_probes(value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+def test_every_deployment_has_probes(
+    value_set: str, rendered_sets: dict[str, list[dict[str, Any]]]
+) -> None:
     docs = rendered_sets[value_set]
     for doc in _kind(docs, "Deployment") + _kind(docs, "StatefulSet"):
         for container in _pod_spec(doc)["containers"]:
-            assert container.get("readinessProbe") and container.get("livenessProbe"), doc["metadata"]["name"]
+            assert container.get("readinessProbe") and container.get("livenessProbe"), doc[
+                "metadata"
+            ]["name"]
     for component, (_, grpc_service) in SERVICES.items():
         container = _pod_spec(_named(docs, "Deployment", component))["containers"][0]
         assert container["args"] == ["run", component]
@@ -259,8 +319,9 @@ def test_every_deployment_has_probes(value_set: str, rendered_sets: dict[str, li
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
-def test_services_get_their_settings(value_set: str, rendered_sets: dict[str, list[dict[str, Any]]],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_services_get_their_settings(
+    value_set: str, rendered_sets: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The env a pod would see (ConfigMap + Secret + its own env) is enough for histoloop's
     own start-up validation, and names only real settings."""
     from histoloop.config import Settings, load_settings
@@ -268,10 +329,18 @@ def test_services_get_their_settings(value_set: str, rendered_sets: dict[str, li
     docs = rendered_sets[value_set]
     fields = {f"HISTOLOOP_{name.upper()}" for name in Settings.model_fields}
     config = _kind(docs, "ConfigMap")[0]["data"]
-    secrets = {d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
-               for d in _kind(docs, "Secret")}
-    existing = {"HISTOLOOP_MINIO_ACCESS_KEY": "from-existing", "HISTOLOOP_MINIO_SECRET_KEY": "0a1b2c3d4e5f",
-                "HISTOLOOP_SERVICE_TOKEN": "1a2b3c4d5e6f", "HISTOLOOP_DATABASE_URL": "postgresql+psycopg://h:p@db/h"}
+    secrets = {
+        d["metadata"]["name"]: {
+            k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()
+        }
+        for d in _kind(docs, "Secret")
+    }
+    existing = {
+        "HISTOLOOP_MINIO_ACCESS_KEY": "from-existing",
+        "HISTOLOOP_MINIO_SECRET_KEY": "0a1b2c3d4e5f",
+        "HISTOLOOP_SERVICE_TOKEN": "1a2b3c4d5e6f",
+        "HISTOLOOP_DATABASE_URL": "postgresql+psycopg://h:p@db/h",
+    }
     assert set(config) <= fields, set(config) - fields
     for component in SERVICES:
         container = _pod_spec(_named(docs, "Deployment", component))["containers"][0]
@@ -281,7 +350,9 @@ def test_services_get_their_settings(value_set: str, rendered_sets: dict[str, li
                 env[item["name"]] = item["value"]
                 continue
             ref = item["valueFrom"]["secretKeyRef"]
-            source = secrets.get(ref["name"], existing if ref["name"] == "histoloop-credentials" else {})
+            source = secrets.get(
+                ref["name"], existing if ref["name"] == "histoloop-credentials" else {}
+            )
             if ref["key"] in source:
                 env[item["name"]] = source[ref["key"]]
             else:
@@ -295,13 +366,17 @@ def test_services_get_their_settings(value_set: str, rendered_sets: dict[str, li
         assert ("HISTOLOOP_DATABASE_URL" in env) == (component == "annotation-store")
 
 
-def test_triton_gets_a_gpu_shared_memory_and_gpu_nodes(rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+def test_triton_gets_a_gpu_shared_memory_and_gpu_nodes(
+    rendered_sets: dict[str, list[dict[str, Any]]],
+) -> None:
     triton = _named(rendered_sets["defaults"], "Deployment", "triton")
     spec = _pod_spec(triton)
     container = spec["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
@@ -322,56 +397,82 @@ def test_triton_gets_a_gpu_shared_memory_and_gpu_nodes(rendered_sets: dict[str, 
 
 
 def test_disruption_budgets_and_autoscaling_where_replicas_allow(
-        rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+    rendered_sets: dict[str, list[dict[str, Any]]],
+) -> None:
     defaults = rendered_sets["defaults"]
-    budgets = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in _kind(defaults, "PodDisruptionBudget")}
+    budgets = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]
+        for d in _kind(defaults, "PodDisruptionBudget")
+    }
     assert budgets == {"embedding"}  # the only service with replicas > 1 by default
     assert not _kind(defaults, "HorizontalPodAutoscaler")
 
     production = rendered_sets["production"]
-    budgets = {d["metadata"]["labels"]["app.kubernetes.io/component"]
-               for d in _kind(production, "PodDisruptionBudget")}
+    budgets = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]
+        for d in _kind(production, "PodDisruptionBudget")
+    }
     assert budgets == {"annotation-store", "embedding", "triton"}  # tiling's HPA starts at 1
-    scaled = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
-              for d in _kind(production, "HorizontalPodAutoscaler")}
+    scaled = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in _kind(production, "HorizontalPodAutoscaler")
+    }
     assert set(scaled) == {"tiling", "embedding"}
     assert scaled["embedding"]["spec"]["maxReplicas"] == 8
     assert "replicas" not in _named(production, "Deployment", "embedding")["spec"]
 
 
 def test_migrations_run_as_a_hook_before_install_and_upgrade(
-        rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+    rendered_sets: dict[str, list[dict[str, Any]]],
+) -> None:
     job = _kind(rendered_sets["defaults"], "Job")[0]
     annotations = job["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
     container = _pod_spec(job)["containers"][0]
     assert container["args"] == ["migrate"]
     url = next(e for e in container["env"] if e["name"] == "HISTOLOOP_DATABASE_URL")
-    hook_secret = next(s for s in _kind(rendered_sets["defaults"], "Secret")
-                       if s["metadata"]["name"] == url["valueFrom"]["secretKeyRef"]["name"])
+    hook_secret = next(
+        s
+        for s in _kind(rendered_sets["defaults"], "Secret")
+        if s["metadata"]["name"] == url["valueFrom"]["secretKeyRef"]["name"]
+    )
     # the hook Secret exists before the Job (lower weight): the release's Secret does not yet
     assert int(hook_secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
-        annotations["helm.sh/hook-weight"])
+        annotations["helm.sh/hook-weight"]
+    )
     assert hook_secret["metadata"]["annotations"]["helm.sh/hook"] == annotations["helm.sh/hook"]
 
-    bundled_jobs = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
-                    for d in _kind(rendered_sets["bundled"], "Job")}
-    assert bundled_jobs["migrate"]["metadata"]["annotations"]["helm.sh/hook"] == "post-install,pre-upgrade"
+    bundled_jobs = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in _kind(rendered_sets["bundled"], "Job")
+    }
+    assert (
+        bundled_jobs["migrate"]["metadata"]["annotations"]["helm.sh/hook"]
+        == "post-install,pre-upgrade"
+    )
     assert int(bundled_jobs["minio-init"]["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
 
     production = rendered_sets["production"]
     job = next(d for d in _kind(production, "Job"))
-    ref = next(e for e in _pod_spec(job)["containers"][0]["env"] if e["name"] == "HISTOLOOP_DATABASE_URL")
+    ref = next(
+        e for e in _pod_spec(job)["containers"][0]["env"] if e["name"] == "HISTOLOOP_DATABASE_URL"
+    )
     assert ref["valueFrom"]["secretKeyRef"]["name"] == "histoloop-credentials"
     assert not _kind(production, "Secret")  # existingSecret: the chart creates none
 
 
-def test_scrape_annotations_unless_service_monitors(rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+def test_scrape_annotations_unless_service_monitors(
+    rendered_sets: dict[str, list[dict[str, Any]]],
+) -> None:
     for value_set, expected in (("defaults", True), ("servicemonitor", False)):
         for component in [*SERVICES, "triton"]:
-            annotations = _named(rendered_sets[value_set], "Deployment", component)["spec"]["template"][
-                "metadata"].get("annotations", {})
-            assert (annotations.get("prometheus.io/scrape") == "true") is expected, (value_set, component)
+            annotations = _named(rendered_sets[value_set], "Deployment", component)["spec"][
+                "template"
+            ]["metadata"].get("annotations", {})
+            assert (annotations.get("prometheus.io/scrape") == "true") is expected, (
+                value_set,
+                component,
+            )
     assert not _kind(rendered_sets["defaults"], "ServiceMonitor")
 
 
@@ -381,14 +482,24 @@ def test_bundled_dependencies_are_wired_in(rendered_sets: dict[str, list[dict[st
     assert config["HISTOLOOP_KAFKA_BOOTSTRAP"] == "rel-histoloop-kafka:9092"
     assert config["HISTOLOOP_MINIO_ENDPOINT"] == "rel-histoloop-minio:9000"
     assert config["HISTOLOOP_MINIO_SECURE"] == "false"
-    secret = next(s for s in _kind(docs, "Secret") if s["metadata"]["name"] == "rel-histoloop-secrets")
+    secret = next(
+        s for s in _kind(docs, "Secret") if s["metadata"]["name"] == "rel-histoloop-secrets"
+    )
     url = base64.b64decode(secret["data"]["HISTOLOOP_DATABASE_URL"]).decode()
-    assert url == "postgresql+psycopg://histoloop:7c6d5e4f3a2b1c0d@rel-histoloop-postgresql:5432/histoloop"
+    assert (
+        url
+        == "postgresql+psycopg://histoloop:7c6d5e4f3a2b1c0d@rel-histoloop-postgresql:5432/histoloop"
+    )
     for component in ("kafka", "minio", "postgresql"):
         statefulset = _named(docs, "StatefulSet", component)
-        assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+        assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"][
+            "storage"
+        ]
         assert _pod_spec(statefulset)["enableServiceLinks"] is False
-    kafka_env = {e["name"]: e["value"] for e in _pod_spec(_named(docs, "StatefulSet", "kafka"))["containers"][0]["env"]}
+    kafka_env = {
+        e["name"]: e["value"]
+        for e in _pod_spec(_named(docs, "StatefulSet", "kafka"))["containers"][0]["env"]
+    }
     assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert kafka_env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://rel-histoloop-kafka:9092"
     assert not [d for d in rendered_sets["defaults"] if d["kind"] == "StatefulSet"]
@@ -396,21 +507,35 @@ def test_bundled_dependencies_are_wired_in(rendered_sets: dict[str, list[dict[st
 
 def test_network_policies_restrict_ingress(rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
     assert not _kind(rendered_sets["defaults"], "NetworkPolicy")
-    policies = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
-                for d in _kind(rendered_sets["production"], "NetworkPolicy")}
+    policies = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in _kind(rendered_sets["production"], "NetworkPolicy")
+    }
     assert set(policies) == {*SERVICES, "triton", "web"}
     grpc_rule = policies["annotation-store"]["spec"]["ingress"][0]
     assert {"podSelector": {"matchLabels": {"app": "viewer"}}} in grpc_rule["from"]
     triton_from = policies["triton"]["spec"]["ingress"][0]["from"]
-    assert triton_from == [{"podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "histoloop", "app.kubernetes.io/instance": "rel",
-        "app.kubernetes.io/component": "embedding"}}}]
+    assert triton_from == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "histoloop",
+                    "app.kubernetes.io/instance": "rel",
+                    "app.kubernetes.io/component": "embedding",
+                }
+            }
+        }
+    ]
 
 
 def test_image_digest_wins_over_tag(rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
-    container = _pod_spec(_named(rendered_sets["production"], "Deployment", "tiling"))["containers"][0]
+    container = _pod_spec(_named(rendered_sets["production"], "Deployment", "tiling"))[
+        "containers"
+    ][0]
     assert container["image"] == "ghcr.io/histoloop/histoloop@sha256:" + "0" * 64
-    container = _pod_spec(_named(rendered_sets["defaults"], "Deployment", "tiling"))["containers"][0]
+    container = _pod_spec(_named(rendered_sets["defaults"], "Deployment", "tiling"))["containers"][
+        0
+    ]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert container["image"] == f"ghcr.io/histoloop/histoloop:{chart['appVersion']}"
 
@@ -425,19 +550,25 @@ def test_values_have_one_block_per_service() -> None:
         assert values["bundled"][dependency]["enabled"] is False  # external by default
     # no secret has a default
     assert not any(values["secrets"][k] for k in values["secrets"])
-    assert not values["bundled"]["minio"]["rootPassword"] and not values["bundled"]["postgresql"]["password"]
+    assert (
+        not values["bundled"]["minio"]["rootPassword"]
+        and not values["bundled"]["postgresql"]["password"]
+    )
 
 
 def test_disabled_services_render_nothing(render_chart: Renderer) -> None:
     docs = render_chart(deep_merge(REQUIRED_VALUES, {"training": {"enabled": False}}))
-    assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "training"]
+    assert not [
+        d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "training"
+    ]
     test_pod = _kind(docs, "Pod")[0]
     assert "TrainingService" not in test_pod["spec"]["containers"][0]["args"][0]
     assert "TilingService" in test_pod["spec"]["containers"][0]["args"][0]
 
 
 def test_the_browser_workspace_is_deployed_with_http_probes_and_an_ingress(
-        rendered_sets: dict[str, list[dict[str, Any]]]) -> None:
+    rendered_sets: dict[str, list[dict[str, Any]]],
+) -> None:
     web = _named(rendered_sets["defaults"], "Deployment", "web")
     container = _pod_spec(web)["containers"][0]
     assert container["args"] == ["run", "web"]
@@ -450,4 +581,7 @@ def test_the_browser_workspace_is_deployed_with_http_probes_and_an_ingress(
     assert not _kind(rendered_sets["defaults"], "Ingress")
     ingress = _kind(rendered_sets["production"], "Ingress")
     assert [i["spec"]["rules"][0]["host"] for i in ingress] == ["histoloop.facility.example.org"]
-    assert ingress[0]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert (
+        ingress[0]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"]
+        == "off"
+    )

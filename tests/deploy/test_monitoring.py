@@ -25,17 +25,33 @@ RUNBOOK = REPO / "deploy" / "RUNBOOK.md"
 # Metrics of NVIDIA Triton's metrics endpoint (port 8002), as documented in
 # https://github.com/triton-inference-server/server/blob/main/docs/user_guide/metrics.md
 # (inference request, latency, GPU and CPU metrics of the 24.08 release).
-TRITON_METRICS = frozenset({
-    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
-    "nv_inference_exec_count", "nv_inference_pending_request_count", "nv_inference_request_duration_us",
-    "nv_inference_queue_duration_us", "nv_inference_compute_input_duration_us",
-    "nv_inference_compute_infer_duration_us", "nv_inference_compute_output_duration_us",
-    "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes", "nv_gpu_power_usage",
-    "nv_gpu_power_limit", "nv_energy_consumption", "nv_cpu_utilization", "nv_cpu_memory_total_bytes",
-    "nv_cpu_memory_used_bytes",
-})
+TRITON_METRICS = frozenset(
+    {
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_pending_request_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_input_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_compute_output_duration_us",
+        "nv_gpu_utilization",
+        "nv_gpu_memory_total_bytes",
+        "nv_gpu_memory_used_bytes",
+        "nv_gpu_power_usage",
+        "nv_gpu_power_limit",
+        "nv_energy_consumption",
+        "nv_cpu_utilization",
+        "nv_cpu_memory_total_bytes",
+        "nv_cpu_memory_used_bytes",
+    }
+)
 # Series Prometheus makes itself for every target.
-PROMETHEUS_METRICS = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS"})
+PROMETHEUS_METRICS = frozenset(
+    {"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS"}
+)
 
 
 def metric_names(expr: str) -> set[str]:
@@ -58,21 +74,34 @@ def grafana_expr(expr: str) -> str:
 
 
 def _rules() -> list[dict[str, Any]]:
-    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    return [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
 
 
 def _dashboard_targets() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
 
 
 # ------------------------------------------------------------------ alert rules
 def test_alert_rules_parse_and_are_complete() -> None:
     rules = _rules()
     names = {rule["alert"] for rule in rules}
-    assert {"HistoloopServiceDown", "HistoloopServiceMissing", "TritonDown", "HistoloopConsumerLagGrowing",
-            "HistoloopTritonErrors", "TritonInferenceFailureRatio", "HistoloopTrainingFailures",
-            "HistoloopNoQuerySetAfterLabels"} <= names
+    assert {
+        "HistoloopServiceDown",
+        "HistoloopServiceMissing",
+        "TritonDown",
+        "HistoloopConsumerLagGrowing",
+        "HistoloopTritonErrors",
+        "TritonInferenceFailureRatio",
+        "HistoloopTrainingFailures",
+        "HistoloopNoQuerySetAfterLabels",
+    } <= names
     assert len(names) == len(rules), "alert names are unique"
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
@@ -82,13 +111,19 @@ def test_alert_rules_parse_and_are_complete() -> None:
 
 def test_no_query_set_alert_compares_labels_with_query_sets() -> None:
     rule = next(r for r in _rules() if r["alert"] == "HistoloopNoQuerySetAfterLabels")
-    assert metric_names(rule["expr"]) == {"histoloop_labels_committed_total", "histoloop_querysets_total"}
+    assert metric_names(rule["expr"]) == {
+        "histoloop_labels_committed_total",
+        "histoloop_querysets_total",
+    }
     assert "by (project)" in rule["expr"]
 
 
 def test_runbook_links_of_the_alerts_resolve() -> None:
-    headings = {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-                for line in RUNBOOK.read_text().splitlines() if line.startswith("#")}
+    headings = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("#")
+    }
     for rule in _rules():
         link = rule["annotations"].get("runbook")
         if link:
@@ -104,19 +139,30 @@ def test_dashboard_parses_and_shows_the_loop() -> None:
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids are unique"
     titles = {panel["title"] for panel in dashboard["panels"]}
-    for wanted in ("Loop latency", "Labels per hour", "Query sets per round", "Model metrics per round",
-                   "Triton throughput", "Triton queue", "Consumer lag"):
+    for wanted in (
+        "Loop latency",
+        "Labels per hour",
+        "Query sets per round",
+        "Model metrics per round",
+        "Triton throughput",
+        "Triton queue",
+        "Consumer lag",
+    ):
         assert any(title.startswith(wanted) for title in titles), wanted
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
-            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel[
+                "title"
+            ]
             assert panel["targets"], panel["title"]
     for title, expr in _dashboard_targets():
         assert metric_names(grafana_expr(expr)), f"{title}: {expr}"
 
 
 def test_dashboard_datasource_is_provisioned() -> None:
-    datasources = yaml.safe_load((MONITORING / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    datasources = yaml.safe_load(
+        (MONITORING / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
     source = datasources["datasources"][0]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
     dashboard = json.loads(DASHBOARD.read_text())
@@ -152,9 +198,15 @@ def test_every_queried_metric_is_exported(exported_metrics: set[str]) -> None:
 
 def test_the_dashboard_covers_histoloops_metrics(exported_metrics: set[str]) -> None:
     queried = set(_queried_metrics())
-    for name in ("histoloop_loop_latency_seconds_bucket", "histoloop_labels_committed_total",
-                 "histoloop_querysets_total", "histoloop_model_metric", "histoloop_round",
-                 "histoloop_consumer_lag", "histoloop_triton_request_seconds_bucket"):
+    for name in (
+        "histoloop_loop_latency_seconds_bucket",
+        "histoloop_labels_committed_total",
+        "histoloop_querysets_total",
+        "histoloop_model_metric",
+        "histoloop_round",
+        "histoloop_consumer_lag",
+        "histoloop_triton_request_seconds_bucket",
+    ):
         assert name in exported_metrics and name in queried, name
 
 
@@ -167,7 +219,9 @@ def _promtool() -> str:
 
 
 def test_promtool_checks_the_rules() -> None:
-    done = subprocess.run([_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -176,12 +230,18 @@ def test_promtool_checks_the_config(tmp_path: Path) -> None:
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]  # where compose mounts it
     config["rule_files"] = [str(ALERTS)]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([_promtool(), "check", "config", "--syntax-only", str(tmp_path / "prometheus.yml")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_promtool(), "check", "config", "--syntax-only", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_promtool_unit_tests_of_the_alerts() -> None:
     tests = Path(__file__).with_name("promtool") / "alerts_test.yml"
-    done = subprocess.run([_promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [_promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr

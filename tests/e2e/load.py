@@ -82,25 +82,46 @@ class LoadResult:
     def summary(self) -> dict:
         """Everything but the raw latencies, plus the percentiles."""
         out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
-        out.update(labels_per_s=round(self.labels_per_s, 1),
-                   **{f"p{q}_ms": round(self.latency(q), 1) for q in (50, 95, 99)},
-                   max_ms=round(max(self.latencies_ms, default=float("nan")), 1))
+        out.update(
+            labels_per_s=round(self.labels_per_s, 1),
+            **{f"p{q}_ms": round(self.latency(q), 1) for q in (50, 95, 99)},
+            max_ms=round(max(self.latencies_ms, default=float("nan")), 1),
+        )
         return out
 
 
-def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, interval: float = 0.5,
-             batch_size: int = 8, seed: int = 0, catch_up_timeout: float = 180.0,
-             progress: Callable[[str], None] = lambda line: None) -> LoadResult:
+def run_load(
+    stack: Stack,
+    loop: ProjectLoop,
+    *,
+    clients: int,
+    duration: float,
+    interval: float = 0.5,
+    batch_size: int = 8,
+    seed: int = 0,
+    catch_up_timeout: float = 180.0,
+    progress: Callable[[str], None] = lambda line: None,
+) -> LoadResult:
     """Run the load on ``loop``'s project (created, dataset embedded, cold start answered or not)."""
     admin = stack.store_stub()
     qs = admin.GetQuerySet(pb.GetQuerySetRequest(project_id=loop.project_id), timeout=30)
     dataset = qs.spots[0].dataset
     in_tissue = sorted(loop.truth_in_tissue)
-    tokens = [admin.RegisterAnnotator(pb.RegisterAnnotatorRequest(
-        annotator_id=f"{loop.project_id}-a{i:03d}", display_name=f"annotator {i}",
-        role=pb.ANNOTATOR_ROLE_ANNOTATOR, projects=[loop.project_id]), timeout=30).token
-        for i in range(clients)]
-    result = LoadResult(clients=clients, duration_s=duration, interval_s=interval, batch_size=batch_size)
+    tokens = [
+        admin.RegisterAnnotator(
+            pb.RegisterAnnotatorRequest(
+                annotator_id=f"{loop.project_id}-a{i:03d}",
+                display_name=f"annotator {i}",
+                role=pb.ANNOTATOR_ROLE_ANNOTATOR,
+                projects=[loop.project_id],
+            ),
+            timeout=30,
+        ).token
+        for i in range(clients)
+    ]
+    result = LoadResult(
+        clients=clients, duration_s=duration, interval_s=interval, batch_size=batch_size
+    )
     acknowledged: list[str] = []
     sent: dict[str, list[str]] = {}  # batch id → its spots, to send the same batch again
     lock = threading.Lock()
@@ -108,7 +129,9 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
 
     def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        channel = make_channel(stack.services["annotation_store"].address, stack.settings, token=tokens[i])
+        channel = make_channel(
+            stack.services["annotation_store"].address, stack.settings, token=tokens[i]
+        )
         stub = pb_grpc.AnnotationStoreServiceStub(channel)
         # a random phase spreads the clients over the interval, as independent people would be
         scheduled = start + rng.random() * interval
@@ -121,8 +144,11 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
                 spots = rng.sample(in_tissue, batch_size)
                 batch_id = f"load-c{i:03d}-b{n:05d}"
                 request = pb.SubmitLabelsRequest(
-                    project_id=loop.project_id, dataset_id=dataset, batch_id=batch_id,
-                    labels=[pb.SpotLabel(barcode=b, label=loop.truth[b]) for b in spots])
+                    project_id=loop.project_id,
+                    dataset_id=dataset,
+                    batch_id=batch_id,
+                    labels=[pb.SpotLabel(barcode=b, label=loop.truth[b]) for b in spots],
+                )
                 try:
                     reply = stub.SubmitLabels(request, timeout=30)
                 except grpc.RpcError:
@@ -141,35 +167,56 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
         finally:
             channel.close()
 
-    threads = [threading.Thread(target=client, args=(i,), name=f"annotator-{i}") for i in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"annotator-{i}") for i in range(clients)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(duration + 120)
     window_end = time.monotonic()
-    result.pending_at_window_end = int(admin.GetStatus(
-        pb.GetStatusRequest(project_id=loop.project_id), timeout=30).pending_events)
-    progress(f"window over: {result.batches} batches acknowledged, {result.errors} errors, "
-             f"{result.pending_at_window_end} still in the outbox")
+    result.pending_at_window_end = int(
+        admin.GetStatus(pb.GetStatusRequest(project_id=loop.project_id), timeout=30).pending_events
+    )
+    progress(
+        f"window over: {result.batches} batches acknowledged, {result.errors} errors, "
+        f"{result.pending_at_window_end} still in the outbox"
+    )
 
     # exactly once, in the database
     project = loop.project_id
-    mine = "FROM label_events e JOIN label_batches b ON b.id = e.batch_pk " \
-           "WHERE e.project_id = %s AND b.batch_id LIKE 'load-c%%'"
+    mine = (
+        "FROM label_events e JOIN label_batches b ON b.id = e.batch_pk "
+        "WHERE e.project_id = %s AND b.batch_id LIKE 'load-c%%'"
+    )
     result.stored_labels = int(stack.sql(f"SELECT count(*) {mine}", project)[0][0])
-    result.stored_batches = int(stack.sql(
-        "SELECT count(*) FROM label_batches WHERE project_id = %s AND batch_id LIKE 'load-c%%'", project)[0][0])
-    result.duplicate_rows = int(stack.sql(
-        f"SELECT count(*) FROM (SELECT e.batch_pk, e.spot_id {mine} "
-        "GROUP BY e.batch_pk, e.spot_id HAVING count(*) > 1) d", project)[0][0])
+    result.stored_batches = int(
+        stack.sql(
+            "SELECT count(*) FROM label_batches WHERE project_id = %s AND batch_id LIKE 'load-c%%'",
+            project,
+        )[0][0]
+    )
+    result.duplicate_rows = int(
+        stack.sql(
+            f"SELECT count(*) FROM (SELECT e.batch_pk, e.spot_id {mine} "
+            "GROUP BY e.batch_pk, e.spot_id HAVING count(*) > 1) d",
+            project,
+        )[0][0]
+    )
     # the same batches again (a client's retry) are recognised, not stored twice
     sample = random.Random(seed).sample(acknowledged, min(20, len(acknowledged)))
     for batch_id in sample:
         owner = int(batch_id.split("-")[1][1:])
         stub = pb_grpc.AnnotationStoreServiceStub(stack.channel("annotation_store", tokens[owner]))
-        reply = stub.SubmitLabels(pb.SubmitLabelsRequest(
-            project_id=project, dataset_id=dataset, batch_id=batch_id,
-            labels=[pb.SpotLabel(barcode=b, label=loop.truth[b]) for b in sent[batch_id]]), timeout=30)
+        reply = stub.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=project,
+                dataset_id=dataset,
+                batch_id=batch_id,
+                labels=[pb.SpotLabel(barcode=b, label=loop.truth[b]) for b in sent[batch_id]],
+            ),
+            timeout=30,
+        )
         result.resubmitted += 1
         result.resubmitted_duplicate += int(reply.duplicate)
 
@@ -180,9 +227,11 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
     def caught_up() -> bool:
         s = admin.GetStatus(pb.GetStatusRequest(project_id=project), timeout=30)
         models = loop.models()
-        progress(f"  +{time.monotonic() - window_end:.0f}s: outbox {s.pending_events}, models {len(models)}, "
-                 f"newest model on labels v{models[-1].label_version if models else 0} "
-                 f"of v{result.final_label_version}")
+        progress(
+            f"  +{time.monotonic() - window_end:.0f}s: outbox {s.pending_events}, models {len(models)}, "
+            f"newest model on labels v{models[-1].label_version if models else 0} "
+            f"of v{result.final_label_version}"
+        )
         if s.pending_events or not models or models[-1].label_version != result.final_label_version:
             return False
         latest = admin.GetQuerySet(pb.GetQuerySetRequest(project_id=project), timeout=30)
@@ -193,10 +242,13 @@ def run_load(stack: Stack, loop: ProjectLoop, *, clients: int, duration: float, 
     models = loop.models()
     result.models = len(models)
     versions = [m.label_version for m in models]
-    result.model_versions_distinct = len(set(versions)) == len(versions) and versions == sorted(versions)
+    result.model_versions_distinct = len(set(versions)) == len(versions) and versions == sorted(
+        versions
+    )
     result.final_model_label_version = int(versions[-1])
-    result.final_query_round = int(admin.GetQuerySet(pb.GetQuerySetRequest(project_id=project),
-                                                     timeout=30).round)
+    result.final_query_round = int(
+        admin.GetQuerySet(pb.GetQuerySetRequest(project_id=project), timeout=30).round
+    )
     committed = read_events(stack, (events.LABELS_COMMITTED,), project=project, timeout=60)
     load_events = [e for e in committed if e.message.batch_id.startswith("load-c")]
     result.label_events = len(load_events)

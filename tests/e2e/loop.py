@@ -45,7 +45,9 @@ def band_of(array_row: int) -> str:
     return "upper" if array_row <= 7 else "middle" if array_row <= 12 else "lower"
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.5) -> object:
+def wait_for(
+    what: str, check: Callable[[], object], timeout: float, interval: float = 0.5
+) -> object:
     """Poll ``check`` until it returns something truthy; its value (AssertionError on timeout)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -60,8 +62,17 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, interval: f
 class ProjectLoop:
     """One project driven over gRPC like a pathologist would (with the admin or a given token)."""
 
-    def __init__(self, stack: Stack, spatial: Path, slide: Path, *, project_id: str | None = None,
-                 query_size: int = 8, head: str = "logreg", token: str | None = None) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        spatial: Path,
+        slide: Path,
+        *,
+        project_id: str | None = None,
+        query_size: int = 8,
+        head: str = "logreg",
+        token: str | None = None,
+    ) -> None:
         self.stack = stack
         self.project_id = project_id or f"e2e-{uuid.uuid4().hex[:8]}"
         self.spatial = spatial
@@ -70,8 +81,13 @@ class ProjectLoop:
         self.head = head
         self.token = token
         positions = pd.read_csv(spatial / "tissue_positions.csv")
-        self.truth = {str(b): band_of(int(r)) for b, r in zip(positions.barcode, positions.array_row, strict=True)}
-        self.truth_in_tissue = {str(b) for b, t in zip(positions.barcode, positions.in_tissue, strict=True) if t}
+        self.truth = {
+            str(b): band_of(int(r))
+            for b, r in zip(positions.barcode, positions.array_row, strict=True)
+        }
+        self.truth_in_tissue = {
+            str(b) for b, t in zip(positions.barcode, positions.in_tissue, strict=True) if t
+        }
         self.labelled: set[str] = set()
         self.submitted: list[pb.SubmitLabelsResponse] = []
         self._arrivals: queue.Queue = queue.Queue()
@@ -86,24 +102,45 @@ class ProjectLoop:
     # setup ---------------------------------------------------------------------------------
     def create(self) -> pb.Project:
         """CreateProject: three classes, MORPHOLOGY features, the logreg head, small query sets."""
-        return self.stack.store_stub().CreateProject(pb.CreateProjectRequest(
-            project_id=self.project_id, name=f"e2e {self.project_id}",
-            classes=[common_pb2.ClassDef(name=n, color=c) for n, c in zip(BANDS, _COLOURS, strict=True)],
-            config=common_pb2.LoopConfig(strategy="activevisium", cold_start_strategy="coldstart_kmeans",
-                                         query_size=self.query_size, seed=0, head=self.head,
-                                         features=common_pb2.FEATURE_SET_MORPHOLOGY,
-                                         augment_views=0)), timeout=30)  # no views: fault tests, not 11× embedding
+        return self.stack.store_stub().CreateProject(
+            pb.CreateProjectRequest(
+                project_id=self.project_id,
+                name=f"e2e {self.project_id}",
+                classes=[
+                    common_pb2.ClassDef(name=n, color=c)
+                    for n, c in zip(BANDS, _COLOURS, strict=True)
+                ],
+                config=common_pb2.LoopConfig(
+                    strategy="activevisium",
+                    cold_start_strategy="coldstart_kmeans",
+                    query_size=self.query_size,
+                    seed=0,
+                    head=self.head,
+                    features=common_pb2.FEATURE_SET_MORPHOLOGY,
+                    augment_views=0,
+                ),
+            ),
+            timeout=30,
+        )  # no views: fault tests, not 11× embedding
 
     def register(self, dataset_id: str = "cmu") -> pb.Dataset:
         """RegisterDataset: the spot grid on the real slide (the store copies both to S3)."""
-        return self.stack.store_stub().RegisterDataset(pb.RegisterDatasetRequest(
-            project_id=self.project_id, dataset_id=dataset_id, kind=common_pb2.DATASET_KIND_VISIUM,
-            spatial_dir=str(self.spatial), slide_path=str(self.slide)), timeout=60)
+        return self.stack.store_stub().RegisterDataset(
+            pb.RegisterDatasetRequest(
+                project_id=self.project_id,
+                dataset_id=dataset_id,
+                kind=common_pb2.DATASET_KIND_VISIUM,
+                spatial_dir=str(self.spatial),
+                slide_path=str(self.slide),
+            ),
+            timeout=60,
+        )
 
     def watch(self) -> None:
         """Open WatchQuerySets; query sets arrive in the background."""
-        stream = self.store.WatchQuerySets(pb.WatchQuerySetsRequest(project_id=self.project_id,
-                                                                    include_latest=True))
+        stream = self.store.WatchQuerySets(
+            pb.WatchQuerySetsRequest(project_id=self.project_id, include_latest=True)
+        )
         self._stream = stream
 
         def pump() -> None:
@@ -132,8 +169,10 @@ class ProjectLoop:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no query set after round {after_round} within {timeout:.0f}s "
-                                     f"for {self.project_id}")
+                raise AssertionError(
+                    f"no query set after round {after_round} within {timeout:.0f}s "
+                    f"for {self.project_id}"
+                )
             try:
                 item = self._arrivals.get(timeout=min(remaining, 5.0))
             except queue.Empty:
@@ -146,14 +185,23 @@ class ProjectLoop:
             if item.round > after_round or (after_round < 0 and item.round == 0):
                 return item
 
-    def answer(self, query_set: pb.QuerySet, *, batch_id: str | None = None,
-               timeout: float = 60.0) -> pb.SubmitLabelsResponse:
+    def answer(
+        self, query_set: pb.QuerySet, *, batch_id: str | None = None, timeout: float = 60.0
+    ) -> pb.SubmitLabelsResponse:
         """SubmitLabels with the ground truth of every spot the query set asks for."""
-        labels = [pb.SpotLabel(barcode=s.barcode, label=self.truth[s.barcode]) for s in query_set.spots]
-        reply = self.store.SubmitLabels(pb.SubmitLabelsRequest(
-            project_id=self.project_id, dataset_id=query_set.spots[0].dataset, labels=labels,
-            batch_id=batch_id or f"{self.project_id}-r{query_set.round}", queryset_id=query_set.queryset_id),
-            timeout=timeout)
+        labels = [
+            pb.SpotLabel(barcode=s.barcode, label=self.truth[s.barcode]) for s in query_set.spots
+        ]
+        reply = self.store.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=self.project_id,
+                dataset_id=query_set.spots[0].dataset,
+                labels=labels,
+                batch_id=batch_id or f"{self.project_id}-r{query_set.round}",
+                queryset_id=query_set.queryset_id,
+            ),
+            timeout=timeout,
+        )
         self.labelled.update(s.barcode for s in query_set.spots)
         self.submitted.append(reply)
         return reply
@@ -167,13 +215,19 @@ class ProjectLoop:
 
     def models(self) -> list[training_pb2.ModelInfo]:
         """The project's models (TrainingService.ListModels)."""
-        return list(self.stack.training_stub(self.token).ListModels(
-            training_pb2.ListModelsRequest(project_id=self.project_id), timeout=30).models)
+        return list(
+            self.stack.training_stub(self.token)
+            .ListModels(training_pb2.ListModelsRequest(project_id=self.project_id), timeout=30)
+            .models
+        )
 
     def query_sets(self) -> list[pb.QuerySet]:
         """The query sets the annotation store recorded (ListQuerySets)."""
-        return list(self.store.ListQuerySets(pb.ListQuerySetsRequest(project_id=self.project_id),
-                                             timeout=30).query_sets)
+        return list(
+            self.store.ListQuerySets(
+                pb.ListQuerySetsRequest(project_id=self.project_id), timeout=30
+            ).query_sets
+        )
 
 
 # the bus -------------------------------------------------------------------------------------
@@ -191,14 +245,24 @@ class BusEvent:
     """The record's bytes as they are on the broker."""
 
 
-def read_events(stack: Stack, topics: tuple[str, ...] = tuple(events.TOPICS), *,
-                project: str | None = None, timeout: float = 20.0) -> list[BusEvent]:
+def read_events(
+    stack: Stack,
+    topics: tuple[str, ...] = tuple(events.TOPICS),
+    *,
+    project: str | None = None,
+    timeout: float = 20.0,
+) -> list[BusEvent]:
     """Every record of ``topics`` from the beginning up to the current end (no group, no commit)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=[stack.kafka.bootstrap], api_version=(2, 3),
-                             enable_auto_commit=False, consumer_timeout_ms=1000,
-                             request_timeout_ms=15000, connections_max_idle_ms=60000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=[stack.kafka.bootstrap],
+        api_version=(2, 3),
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+        request_timeout_ms=15000,
+        connections_max_idle_ms=60000,
+    )
     try:
         partitions = []
         for topic in topics:
@@ -216,15 +280,24 @@ def read_events(stack: Stack, topics: tuple[str, ...] = tuple(events.TOPICS), *,
             if time.monotonic() > deadline:
                 raise AssertionError(f"could not read {topics} to the end within {timeout:.0f}s")
             for tp, messages in consumer.poll(timeout_ms=500).items():
-                topic = tp.topic[len(stack.topic_prefix):]
+                topic = tp.topic[len(stack.topic_prefix) :]
                 for msg in messages:
                     if msg.offset >= ends[tp]:
                         continue
                     message = events.TOPICS[topic]()
                     message.ParseFromString(msg.value)
                     event_id = dict(msg.headers or []).get("event_id", b"").decode()
-                    out.append(BusEvent(topic, (msg.key or b"").decode(), event_id, tp.partition,
-                                        msg.offset, message, bytes(msg.value)))
+                    out.append(
+                        BusEvent(
+                            topic,
+                            (msg.key or b"").decode(),
+                            event_id,
+                            tp.partition,
+                            msg.offset,
+                            message,
+                            bytes(msg.value),
+                        )
+                    )
         if project is not None:
             out = [e for e in out if e.key == project]
         return sorted(out, key=lambda e: (e.topic, e.partition, e.offset))
@@ -265,15 +338,25 @@ def consumer_lag(stack: Stack) -> dict[tuple[str, str], int]:
 
     lag: dict[tuple[str, str], int] = {}
     for group, topics in CONSUMER_GROUPS.items():
-        consumer = KafkaConsumer(bootstrap_servers=[stack.kafka.bootstrap], api_version=(2, 3),
-                                 group_id=group, enable_auto_commit=False, request_timeout_ms=15000,
-                                 connections_max_idle_ms=60000)
+        consumer = KafkaConsumer(
+            bootstrap_servers=[stack.kafka.bootstrap],
+            api_version=(2, 3),
+            group_id=group,
+            enable_auto_commit=False,
+            request_timeout_ms=15000,
+            connections_max_idle_ms=60000,
+        )
         try:
             for topic in topics:
                 wire = stack.topic_prefix + topic
-                tps = [TopicPartition(wire, p) for p in sorted(consumer.partitions_for_topic(wire) or ())]
+                tps = [
+                    TopicPartition(wire, p)
+                    for p in sorted(consumer.partitions_for_topic(wire) or ())
+                ]
                 ends = consumer.end_offsets(tps) if tps else {}
-                lag[(group, topic)] = sum(max(ends[tp] - (consumer.committed(tp) or 0), 0) for tp in tps)
+                lag[(group, topic)] = sum(
+                    max(ends[tp] - (consumer.committed(tp) or 0), 0) for tp in tps
+                )
         finally:
             consumer.close(autocommit=False)
     return lag
@@ -298,12 +381,20 @@ def republish(stack: Stack, records: list[BusEvent]) -> None:
     """Publish records again, byte for byte (same key, value and event id), in the given order."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=[stack.kafka.bootstrap], api_version=(2, 3), acks="all",
-                             connections_max_idle_ms=60000, request_timeout_ms=15000)
+    producer = KafkaProducer(
+        bootstrap_servers=[stack.kafka.bootstrap],
+        api_version=(2, 3),
+        acks="all",
+        connections_max_idle_ms=60000,
+        request_timeout_ms=15000,
+    )
     try:
         for record in records:
-            producer.send(stack.topic_prefix + record.topic, key=record.key.encode(),
-                          value=record.value,
-                          headers=[("event_id", record.event_id.encode())]).get(timeout=30)
+            producer.send(
+                stack.topic_prefix + record.topic,
+                key=record.key.encode(),
+                value=record.value,
+                headers=[("event_id", record.event_id.encode())],
+            ).get(timeout=30)
     finally:
         producer.close(timeout=10)

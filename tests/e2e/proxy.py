@@ -116,8 +116,9 @@ class TcpProxy:
             with self._lock:
                 self._open.update((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True,
-                                 name=f"proxy-{self.name}-pump").start()
+                threading.Thread(
+                    target=self._pump, args=(src, dst), daemon=True, name=f"proxy-{self.name}-pump"
+                ).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:

@@ -93,11 +93,18 @@ PATCH_SIZE = 224
 # outlives a killed test run. (Not preexec_fn: running Python between fork and exec in a
 # process with threads — gRPC, Kafka, Triton clients here — can abort the child.)
 _DIE_WITH_PARENT: tuple[str, ...] = (
-    sys.executable, "-c",
-    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.execv(sys.argv[1], sys.argv[1:])",
-) if sys.platform.startswith("linux") else ()
-PG_CONNINFO = os.environ.get("HISTOLOOP_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+    (
+        sys.executable,
+        "-c",
+        "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+        "os.execv(sys.argv[1], sys.argv[1:])",
+    )
+    if sys.platform.startswith("linux")
+    else ()
+)
+PG_CONNINFO = os.environ.get(
+    "HISTOLOOP_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test"
+)
 
 
 # TLS -----------------------------------------------------------------------------------------
@@ -122,8 +129,9 @@ def _key() -> Any:
 def _pem_key(key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _certificate(subject: str, key: Any, issuer: str, issuer_key: Any, *, ca: bool) -> Any:
@@ -143,10 +151,18 @@ def _certificate(subject: str, key: Any, issuer: str, issuer_key: Any, *, ca: bo
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -160,8 +176,13 @@ def make_tls(folder: Path) -> TlsFiles:
     ca = _certificate("histoloop test CA", ca_key, "histoloop test CA", ca_key, ca=True)
     cert = _certificate("histoloop-service", key, "histoloop test CA", ca_key, ca=False)
     rogue = _certificate("rogue-client", rogue_key, "rogue CA", rogue_ca_key, ca=False)
-    files = TlsFiles(ca=folder / "ca.pem", cert=folder / "cert.pem", key=folder / "key.pem",
-                     rogue_cert=folder / "rogue-cert.pem", rogue_key=folder / "rogue-key.pem")
+    files = TlsFiles(
+        ca=folder / "ca.pem",
+        cert=folder / "cert.pem",
+        key=folder / "key.pem",
+        rogue_cert=folder / "rogue-cert.pem",
+        rogue_key=folder / "rogue-key.pem",
+    )
     files.ca.write_bytes(ca.public_bytes(pem))
     files.cert.write_bytes(cert.public_bytes(pem))
     files.key.write_bytes(_pem_key(key))
@@ -209,8 +230,13 @@ class ServiceProcess:
             fh.write(f"\n===== start {self.name} at {time.strftime('%H:%M:%S')} =====\n".encode())
             fh.flush()
             self.process = subprocess.Popen(
-                [*_DIE_WITH_PARENT, str(HISTOLOOP), "run", self.name], env=self.env, cwd=str(REPO),
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                [*_DIE_WITH_PARENT, str(HISTOLOOP), "run", self.name],
+                env=self.env,
+                cwd=str(REPO),
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def signal(self, signum: int) -> None:
@@ -281,22 +307,32 @@ class Stack:
         token = self.admin_token if token is None else token
         key = (service, token)
         if key not in self._channels:
-            self._channels[key] = make_channel(self.services[service].address, self.settings, token=token)
+            self._channels[key] = make_channel(
+                self.services[service].address, self.settings, token=token
+            )
         return self._channels[key]
 
-    def store_stub(self, token: str | None = None) -> annotation_store_pb2_grpc.AnnotationStoreServiceStub:
+    def store_stub(
+        self, token: str | None = None
+    ) -> annotation_store_pb2_grpc.AnnotationStoreServiceStub:
         """The annotation store's stub."""
-        return annotation_store_pb2_grpc.AnnotationStoreServiceStub(self.channel("annotation_store", token))
+        return annotation_store_pb2_grpc.AnnotationStoreServiceStub(
+            self.channel("annotation_store", token)
+        )
 
     def training_stub(self, token: str | None = None) -> training_pb2_grpc.TrainingServiceStub:
         """The training service's stub."""
         return training_pb2_grpc.TrainingServiceStub(self.channel("training", token))
 
-    def prediction_stub(self, token: str | None = None) -> prediction_pb2_grpc.PredictionServiceStub:
+    def prediction_stub(
+        self, token: str | None = None
+    ) -> prediction_pb2_grpc.PredictionServiceStub:
         """The prediction service's stub."""
         return prediction_pb2_grpc.PredictionServiceStub(self.channel("prediction", token))
 
-    def acquisition_stub(self, token: str | None = None) -> acquisition_pb2_grpc.AcquisitionServiceStub:
+    def acquisition_stub(
+        self, token: str | None = None
+    ) -> acquisition_pb2_grpc.AcquisitionServiceStub:
         """The acquisition service's stub."""
         return acquisition_pb2_grpc.AcquisitionServiceStub(self.channel("acquisition", token))
 
@@ -316,9 +352,13 @@ class Stack:
 
     def artifacts(self) -> MinioArtifactStore:
         """A client of the artifact store straight to S3 (no proxy), as the services see it."""
-        return MinioArtifactStore(self.s3.endpoint, access_key=self.s3.access_key,
-                                  secret_key=self.secrets["minio_secret_key"], bucket=self.bucket,
-                                  region=self.s3.region)
+        return MinioArtifactStore(
+            self.s3.endpoint,
+            access_key=self.s3.access_key,
+            secret_key=self.secrets["minio_secret_key"],
+            bucket=self.bucket,
+            region=self.s3.region,
+        )
 
     def sql(self, query: str, *params: object) -> list[tuple]:
         """Rows of a query on the annotation store's database."""
@@ -330,7 +370,8 @@ class Stack:
         """The readiness status of one service (SERVING, NOT_SERVING, or UNKNOWN if down)."""
         try:
             reply = health_pb2_grpc.HealthStub(self.channel(service, "")).Check(
-                health_pb2.HealthCheckRequest(service=GRPC_SERVICES[service]), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=GRPC_SERVICES[service]), timeout=timeout
+            )
         except grpc.RpcError:
             return health_pb2.HealthCheckResponse.UNKNOWN
         return reply.status
@@ -347,14 +388,19 @@ class Stack:
             for name in list(pending):
                 proc = self.services[name]
                 if not proc.running:
-                    raise RuntimeError(f"service {name} exited (rc={proc.process and proc.process.poll()}) "
-                                       f"before it was ready:\n{_tail(proc.log_text())}")
+                    raise RuntimeError(
+                        f"service {name} exited (rc={proc.process and proc.process.poll()}) "
+                        f"before it was ready:\n{_tail(proc.log_text())}"
+                    )
                 if self.health(name, timeout=2.0) == health_pb2.HealthCheckResponse.SERVING:
                     pending.remove(name)
             if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"services not SERVING within {timeout:.0f}s: {pending}\n"
-                                   + "\n".join(f"--- {n} ---\n{_tail(self.services[n].log_text())}"
-                                               for n in pending))
+                raise RuntimeError(
+                    f"services not SERVING within {timeout:.0f}s: {pending}\n"
+                    + "\n".join(
+                        f"--- {n} ---\n{_tail(self.services[n].log_text())}" for n in pending
+                    )
+                )
             if pending:
                 time.sleep(0.3)
 
@@ -381,8 +427,10 @@ def _conninfo_for(database: str) -> str:
 def _pg_url(database: str, password: str) -> str:
     parts = dict(p.split("=", 1) for p in PG_CONNINFO.split())
     # the server trusts local connections, so any password works; it is there to be kept secret
-    return (f"postgresql+psycopg://{parts.get('user', 'postgres')}:{password}@"
-            f"{parts.get('host', '127.0.0.1')}:{parts.get('port', '5432')}/{database}")
+    return (
+        f"postgresql+psycopg://{parts.get('user', 'postgres')}:{password}@"
+        f"{parts.get('host', '127.0.0.1')}:{parts.get('port', '5432')}/{database}"
+    )
 
 
 @contextmanager
@@ -406,21 +454,30 @@ def export_triton_model(repository: Path) -> Path:
     onnx_file = repository / TRITON_MODEL / "1" / "model.onnx"
     if onnx_file.exists():
         return onnx_file
-    spec = importlib.util.spec_from_file_location("histoloop_export_model", REPO / "tools" / "export_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "histoloop_export_model", REPO / "tools" / "export_model.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    module.export_module(small_cnn(TRITON_DIM), repository, TRITON_MODEL, input_size=PATCH_SIZE,
-                         max_batch_size=16, instance_kind="KIND_CPU")
+    module.export_module(
+        small_cnn(TRITON_DIM),
+        repository,
+        TRITON_MODEL,
+        input_size=PATCH_SIZE,
+        max_batch_size=16,
+        instance_kind="KIND_CPU",
+    )
     return onnx_file
 
 
 def _base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HISTOLOOP_")}
     # six services and Triton share the cores: one compute thread each
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
     return env
 
 
@@ -486,36 +543,61 @@ def start_stack(
             "HISTOLOOP_LOG_LEVEL": "INFO",
         }
         if tls_files is not None:
-            common.update(HISTOLOOP_TLS_CERT=str(tls_files.cert), HISTOLOOP_TLS_KEY=str(tls_files.key),
-                          HISTOLOOP_TLS_CA=str(tls_files.ca))
+            common.update(
+                HISTOLOOP_TLS_CERT=str(tls_files.cert),
+                HISTOLOOP_TLS_KEY=str(tls_files.key),
+                HISTOLOOP_TLS_CA=str(tls_files.ca),
+            )
             if mutual_tls:
                 common["HISTOLOOP_TLS_CLIENT_CA"] = str(tls_files.ca)
         common.update(extra_env or {})
         procs: dict[str, ServiceProcess] = {}
         for name in services:
-            env = {**_base_env(), **common,
-                   "HISTOLOOP_MINIO_ENDPOINT": s3_proxies[name].address,
-                   "HISTOLOOP_GRPC_PORT": str(free_port()),
-                   "HISTOLOOP_METRICS_PORT": str(free_port()),
-                   "HISTOLOOP_DATA_DIR": str(root / "data" / name)}
+            env = {
+                **_base_env(),
+                **common,
+                "HISTOLOOP_MINIO_ENDPOINT": s3_proxies[name].address,
+                "HISTOLOOP_GRPC_PORT": str(free_port()),
+                "HISTOLOOP_METRICS_PORT": str(free_port()),
+                "HISTOLOOP_DATA_DIR": str(root / "data" / name),
+            }
             if name == "annotation_store":
                 env["HISTOLOOP_DATABASE_URL"] = db_url
             if name == "embedding":
-                env.update(HISTOLOOP_TRITON_URL=triton_proxy.address, HISTOLOOP_TRITON_MODEL=TRITON_MODEL)
-            procs[name] = ServiceProcess(name=name, env=env, log_path=root / "logs" / f"{name}.log",
-                                         port=int(env["HISTOLOOP_GRPC_PORT"]),
-                                         metrics_port=int(env["HISTOLOOP_METRICS_PORT"]))
+                env.update(
+                    HISTOLOOP_TRITON_URL=triton_proxy.address, HISTOLOOP_TRITON_MODEL=TRITON_MODEL
+                )
+            procs[name] = ServiceProcess(
+                name=name,
+                env=env,
+                log_path=root / "logs" / f"{name}.log",
+                port=int(env["HISTOLOOP_GRPC_PORT"]),
+                metrics_port=int(env["HISTOLOOP_METRICS_PORT"]),
+            )
         client_settings = Settings(
             tls_ca=tls_files.ca if tls_files else None,
             tls_cert=tls_files.cert if tls_files and mutual_tls else None,
             tls_key=tls_files.key if tls_files and mutual_tls else None,
             service_token=secret["service_token"],
         )
-        result = Stack(root=root, kafka=kafka, s3=s3, triton=triton, triton_proxy=triton_proxy,
-                       s3_proxies=s3_proxies, services=procs, settings=client_settings,
-                       admin_token=secret["admin_token"], service_token=secret["service_token"],
-                       database=database, database_url=db_url, secrets=secret, topic_prefix=prefix,
-                       bucket=bucket, tls=tls_files)
+        result = Stack(
+            root=root,
+            kafka=kafka,
+            s3=s3,
+            triton=triton,
+            triton_proxy=triton_proxy,
+            s3_proxies=s3_proxies,
+            services=procs,
+            settings=client_settings,
+            admin_token=secret["admin_token"],
+            service_token=secret["service_token"],
+            database=database,
+            database_url=db_url,
+            secrets=secret,
+            topic_prefix=prefix,
+            bucket=bucket,
+            tls=tls_files,
+        )
 
         def stop_services() -> None:
             result.close_channels()

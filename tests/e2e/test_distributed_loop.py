@@ -40,21 +40,35 @@ def test_three_rounds_over_six_processes(stack: Stack, visium: Path, slide: Path
             round_seconds.append(time.monotonic() - submitted)
             assert query_set.round == round_ and query_set.model_version
             asked = {s.barcode for s in query_set.spots}
-            assert len(asked) == 8 and not asked & loop.labelled, "a query set asks only unlabelled spots"
+            assert len(asked) == 8 and not asked & loop.labelled, (
+                "a query set asks only unlabelled spots"
+            )
 
             models = loop.models()
-            assert [m.label_version for m in models] == list(range(1, round_ + 1)), "one model per batch"
+            assert [m.label_version for m in models] == list(range(1, round_ + 1)), (
+                "one model per batch"
+            )
             assert models[-1].model_version == query_set.model_version
             assert models[-1].metrics.n_train + models[-1].metrics.n_val == 8 * round_
 
         # predictions of every spot by the latest model, over gRPC
         embedded = stack.embedding_stub().EmbedDataset(
-            embedding_pb2.EmbedDatasetRequest(project_id=loop.project_id, dataset_id="cmu"), timeout=30)
+            embedding_pb2.EmbedDatasetRequest(project_id=loop.project_id, dataset_id="cmu"),
+            timeout=30,
+        )
         assert embedded.n_spots == len(in_tissue)
-        predicted = stack.prediction_stub().Predict(prediction_pb2.PredictRequest(
-            project_id=loop.project_id, embeddings_uri=embedded.embeddings_uri), timeout=60)
+        predicted = stack.prediction_stub().Predict(
+            prediction_pb2.PredictRequest(
+                project_id=loop.project_id, embeddings_uri=embedded.embeddings_uri
+            ),
+            timeout=60,
+        )
         assert predicted.model_version == query_set.model_version
-        assert set(predicted.barcodes) == in_tissue and set(predicted.predicted) <= {"upper", "middle", "lower"}
+        assert set(predicted.barcodes) == in_tissue and set(predicted.predicted) <= {
+            "upper",
+            "middle",
+            "lower",
+        }
         status = loop.store.GetStatus(pb.GetStatusRequest(project_id=loop.project_id), timeout=30)
         assert status.label_version == ROUNDS and status.n_labelled == 8 * ROUNDS
         assert status.latest_model_version == query_set.model_version and status.pending_events == 0
@@ -62,13 +76,19 @@ def test_three_rounds_over_six_processes(stack: Stack, visium: Path, slide: Path
         # on the bus: each step once per cause, nothing repeated
         counts = _event_counts(stack, loop.project_id)
         assert counts == {
-            events.DATASET_REGISTERED: 1, events.TILES_READY: 1, events.EMBEDDINGS_READY: 1,
-            events.LABELS_COMMITTED: ROUNDS, events.MODEL_TRAINED: ROUNDS,
-            events.PREDICTIONS_READY: ROUNDS, events.QUERYSET_READY: ROUNDS + 1,
+            events.DATASET_REGISTERED: 1,
+            events.TILES_READY: 1,
+            events.EMBEDDINGS_READY: 1,
+            events.LABELS_COMMITTED: ROUNDS,
+            events.MODEL_TRAINED: ROUNDS,
+            events.PREDICTIONS_READY: ROUNDS,
+            events.QUERYSET_READY: ROUNDS + 1,
         }, counts
         assert [q.round for q in loop.query_sets()] == list(range(ROUNDS + 1))
-        print(f"cold start {cold_start_s:.1f}s; labels → next query set: "
-              + ", ".join(f"{s:.1f}s" for s in round_seconds))
+        print(
+            f"cold start {cold_start_s:.1f}s; labels → next query set: "
+            + ", ".join(f"{s:.1f}s" for s in round_seconds)
+        )
     finally:
         loop.close()
 

@@ -52,8 +52,12 @@ def test_training_killed_mid_run_is_redone_once(stack: Stack, visium: Path, slid
     try:
         loop.answer(query_set)
         # the handler's first write: the event it is handling, kept for the Train RPC
-        wait_for("training to start on the labels",
-                 lambda: any(True for _ in store.list(f"training/{loop.project_id}/")), 30, interval=0.01)
+        wait_for(
+            "training to start on the labels",
+            lambda: any(True for _ in store.list(f"training/{loop.project_id}/")),
+            30,
+            interval=0.01,
+        )
         assert training.kill() == -signal.SIGKILL
         assert _count(stack, loop.project_id, events.MODEL_TRAINED) == 0, "killed after it finished"
 
@@ -63,8 +67,9 @@ def test_training_killed_mid_run_is_redone_once(stack: Stack, visium: Path, slid
         models = loop.models()
         assert [m.label_version for m in models] == [1], models
         assert _count(stack, loop.project_id, events.MODEL_TRAINED) == 1
-        assert len(_keys(stack, f"models/{loop.project_id}/")) == len(_keys(
-            stack, f"models/{loop.project_id}/{models[0].model_version}/")), "one model version only"
+        assert len(_keys(stack, f"models/{loop.project_id}/")) == len(
+            _keys(stack, f"models/{loop.project_id}/{models[0].model_version}/")
+        ), "one model version only"
         # and the loop goes on
         loop.answer(query_set)
         assert loop.next_query_set(1).round == 2
@@ -89,7 +94,9 @@ def test_broker_paused_during_label_submission(stack: Stack, visium: Path, slide
             submit_s = time.monotonic() - started
             assert reply.label_version == 1 and not reply.duplicate
             assert submit_s < 5.0, f"SubmitLabels waited on the broker ({submit_s:.1f}s)"
-            status = loop.store.GetStatus(pb.GetStatusRequest(project_id=loop.project_id), timeout=10)
+            status = loop.store.GetStatus(
+                pb.GetStatusRequest(project_id=loop.project_id), timeout=10
+            )
             assert status.pending_events == 1, "the event waits in the outbox"
             time.sleep(max(0.0, 20.0 - (time.monotonic() - paused)))
         finally:
@@ -122,8 +129,11 @@ def test_triton_unavailable_during_embedding(stack: Stack, visium: Path, slide: 
         loop.watch()
         loop.register()
         wait_for("tiles.ready", lambda: _count(stack, loop.project_id, events.TILES_READY), 60)
-        wait_for("the embedding service to report NOT_SERVING",
-                 lambda: stack.health("embedding", timeout=15) == NOT_SERVING, 60)
+        wait_for(
+            "the embedding service to report NOT_SERVING",
+            lambda: stack.health("embedding", timeout=15) == NOT_SERVING,
+            60,
+        )
         down_since = time.monotonic()
         time.sleep(max(0.0, 15.0 - (time.monotonic() - down_since)))
         assert _count(stack, loop.project_id, events.EMBEDDINGS_READY) == 0
@@ -134,8 +144,11 @@ def test_triton_unavailable_during_embedding(stack: Stack, visium: Path, slide: 
     try:
         query_set = loop.next_query_set(-1, timeout=120)
         assert query_set.round == 0
-        wait_for("the embedding service to report SERVING",
-                 lambda: stack.health("embedding", timeout=15) == SERVING, 60)
+        wait_for(
+            "the embedding service to report SERVING",
+            lambda: stack.health("embedding", timeout=15) == SERVING,
+            60,
+        )
         assert _count(stack, loop.project_id, events.EMBEDDINGS_READY) == 1
         assert len(_keys(stack, f"embeddings/{loop.project_id}/")) == 1
         log = stack.services["embedding"].log_text()
@@ -179,17 +192,25 @@ def test_duplicate_and_out_of_order_events(stack: Stack, visium: Path, slide: Pa
         try:
             loop.answer(query_set)
             on_bus = counts[events.LABELS_COMMITTED] * 3 + 1  # originals, two copies each, v3
-            wait_for("labels v3 on the bus",
-                     lambda: _count(stack, loop.project_id, events.LABELS_COMMITTED) == on_bus, 30)
-            v3 = [e for e in read_events(stack, (events.LABELS_COMMITTED,), project=loop.project_id)
-                  if e.message.label_version == 3]
+            wait_for(
+                "labels v3 on the bus",
+                lambda: _count(stack, loop.project_id, events.LABELS_COMMITTED) == on_bus,
+                30,
+            )
+            v3 = [
+                e
+                for e in read_events(stack, (events.LABELS_COMMITTED,), project=loop.project_id)
+                if e.message.label_version == 3
+            ]
             # a copy of v3 (as a producer retry makes), then v2 and v1 again: out of order
             republish(stack, [v3[0], labels[1], labels[0]])
         finally:
             stack.restart("training")
         query_set = loop.next_query_set(2, timeout=120)
         assert query_set.round == 3
-        assert [m.label_version for m in loop.models()] == [1, 2, 3], "the new labels were trained once"
+        assert [m.label_version for m in loop.models()] == [1, 2, 3], (
+            "the new labels were trained once"
+        )
         wait_caught_up(stack)
         assert [q.round for q in loop.query_sets()] == [0, 1, 2, 3]
     finally:
@@ -197,7 +218,9 @@ def test_duplicate_and_out_of_order_events(stack: Stack, visium: Path, slide: Pa
 
 
 # (e) --------------------------------------------------------------------------------------------
-def test_artifact_store_unreachable_during_prediction(stack: Stack, visium: Path, slide: Path) -> None:
+def test_artifact_store_unreachable_during_prediction(
+    stack: Stack, visium: Path, slide: Path
+) -> None:
     """The prediction service loses S3 while a model.trained waits for it: retried, not dropped."""
     loop = ProjectLoop(stack, visium, slide)
     query_set = loop.start()
@@ -206,9 +229,14 @@ def test_artifact_store_unreachable_during_prediction(stack: Stack, visium: Path
         proxy.disable()
         try:
             loop.answer(query_set)
-            wait_for("model.trained", lambda: _count(stack, loop.project_id, events.MODEL_TRAINED), 60)
-            wait_for("the prediction service to report NOT_SERVING",
-                     lambda: stack.health("prediction") == NOT_SERVING, 30)
+            wait_for(
+                "model.trained", lambda: _count(stack, loop.project_id, events.MODEL_TRAINED), 60
+            )
+            wait_for(
+                "the prediction service to report NOT_SERVING",
+                lambda: stack.health("prediction") == NOT_SERVING,
+                30,
+            )
             time.sleep(10)
             assert _count(stack, loop.project_id, events.PREDICTIONS_READY) == 0
             assert proxy.refused > 0
@@ -217,7 +245,11 @@ def test_artifact_store_unreachable_during_prediction(stack: Stack, visium: Path
         query_set = loop.next_query_set(0, timeout=120)
         assert query_set.round == 1
         assert _count(stack, loop.project_id, events.PREDICTIONS_READY) == 1
-        wait_for("the prediction service to report SERVING", lambda: stack.health("prediction") == SERVING, 30)
+        wait_for(
+            "the prediction service to report SERVING",
+            lambda: stack.health("prediction") == SERVING,
+            30,
+        )
         loop.answer(query_set)
         assert loop.next_query_set(1).round == 2
     finally:
@@ -253,8 +285,11 @@ def test_sigterm_to_every_service_mid_work(stack: Stack, visium: Path, slide: Pa
         for event in read_events(stack):
             for field, uri in artifact_uris(event.message):
                 key = store.key_from_uri(uri)
-                ok = any(True for _ in store.list(key.rstrip("/") + "/")) if field.endswith("prefix") \
+                ok = (
+                    any(True for _ in store.list(key.rstrip("/") + "/"))
+                    if field.endswith("prefix")
                     else store.exists(key)
+                )
                 if not ok:
                     missing.append((event.topic, event.event_id, field, uri))
         assert not missing, missing

@@ -53,15 +53,39 @@ ADMIN = "adm-fuzz-0123456789abcdef"
 PROJECT, DATASET = "fuzz", "cmu"
 MAX_EXAMPLES = 50
 CLIENT_ERRORS = {
-    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
 }
-MUTATING = {"CreateProject", "AddClasses", "RegisterDataset", "RegisterAnnotator", "SubmitLabels",
-            "ImportLoupeCsv", "TileDataset", "Train", "Simulate",
-            "UpdateProject", "RetryStage", "RemoveDataset"}
+MUTATING = {
+    "CreateProject",
+    "AddClasses",
+    "RegisterDataset",
+    "RegisterAnnotator",
+    "SubmitLabels",
+    "ImportLoupeCsv",
+    "TileDataset",
+    "Train",
+    "Simulate",
+    "UpdateProject",
+    "RetryStage",
+    "RemoveDataset",
+}
 """RPCs that may change the store when they succeed (all others never may)."""
-_MODULES = (annotation_store_pb2, tiling_pb2, embedding_pb2, training_pb2, prediction_pb2, acquisition_pb2)
+_MODULES = (
+    annotation_store_pb2,
+    tiling_pb2,
+    embedding_pb2,
+    training_pb2,
+    prediction_pb2,
+    acquisition_pb2,
+)
 
 
 def _rpcs() -> list[tuple[str, str, Descriptor, bool]]:
@@ -69,8 +93,14 @@ def _rpcs() -> list[tuple[str, str, Descriptor, bool]]:
     for module in _MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
-                out.append((f"/{service.full_name}/{method.name}", method.name, method.input_type,
-                            method.server_streaming))
+                out.append(
+                    (
+                        f"/{service.full_name}/{method.name}",
+                        method.name,
+                        method.input_type,
+                        method.server_streaming,
+                    )
+                )
     return out
 
 
@@ -78,9 +108,29 @@ RPCS = _rpcs()
 
 
 # strategies -------------------------------------------------------------------------------------
-ODD_STRINGS = ["", " ", "\x00", "\x00" * 64, "a" * 70_000, "é" * 5000, "💥" * 2000, "\u202eevil", "../" * 40,
-               "../../../../nonexistent/file", "s3://histoloop/../x", "file:///nonexistent", "%s%n%x",
-               "'; DROP TABLE projects; --", "help", "NaN", "-1", "{}", "\n\r\t", "ﷺ" * 100, "A" * 129]
+ODD_STRINGS = [
+    "",
+    " ",
+    "\x00",
+    "\x00" * 64,
+    "a" * 70_000,
+    "é" * 5000,
+    "💥" * 2000,
+    "\u202eevil",
+    "../" * 40,
+    "../../../../nonexistent/file",
+    "s3://histoloop/../x",
+    "file:///nonexistent",
+    "%s%n%x",
+    "'; DROP TABLE projects; --",
+    "help",
+    "NaN",
+    "-1",
+    "{}",
+    "\n\r\t",
+    "ﷺ" * 100,
+    "A" * 129,
+]
 _KNOWN: dict[str, list[str]] = {}
 
 
@@ -93,11 +143,16 @@ def _string(field: FieldDescriptor) -> st.SearchStrategy[str]:
 
 
 _INT_RANGES = {
-    FieldDescriptor.TYPE_INT32: (-2**31, 2**31 - 1), FieldDescriptor.TYPE_SINT32: (-2**31, 2**31 - 1),
-    FieldDescriptor.TYPE_SFIXED32: (-2**31, 2**31 - 1), FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1), FieldDescriptor.TYPE_INT64: (-2**63, 2**63 - 1),
-    FieldDescriptor.TYPE_SINT64: (-2**63, 2**63 - 1), FieldDescriptor.TYPE_SFIXED64: (-2**63, 2**63 - 1),
-    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1), FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
 
 
@@ -106,14 +161,29 @@ def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
     if kind == FieldDescriptor.TYPE_STRING:
         return _string(field)
     if kind == FieldDescriptor.TYPE_BYTES:
-        return st.one_of(st.binary(max_size=64), st.sampled_from(
-            [b"", b"\xff" * 32, b"Barcode,G\n", b"Barcode,G\n" + b"x,y\n" * 5000, b"\x00" * 1_000_000]))
+        return st.one_of(
+            st.binary(max_size=64),
+            st.sampled_from(
+                [
+                    b"",
+                    b"\xff" * 32,
+                    b"Barcode,G\n",
+                    b"Barcode,G\n" + b"x,y\n" * 5000,
+                    b"\x00" * 1_000_000,
+                ]
+            ),
+        )
     if kind in _INT_RANGES:
         lo, hi = _INT_RANGES[kind]
-        return st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi, 0, 1, 3, 8, 224]), st.integers(0, 300))
+        return st.one_of(
+            st.integers(lo, hi), st.sampled_from([lo, hi, 0, 1, 3, 8, 224]), st.integers(0, 300)
+        )
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-        return st.floats(allow_nan=True, allow_infinity=True,
-                         width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64)
+        return st.floats(
+            allow_nan=True,
+            allow_infinity=True,
+            width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64,
+        )
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind == FieldDescriptor.TYPE_ENUM:
@@ -126,12 +196,19 @@ def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
 
 def _field(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
-        key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+        key, value = (
+            field.message_type.fields_by_name["key"],
+            field.message_type.fields_by_name["value"],
+        )
         return st.dictionaries(_scalar(key, depth), _scalar(value, depth), max_size=4)
     if field.label == FieldDescriptor.LABEL_REPEATED:
         element = _scalar(field, depth)
         many = st.integers(100, 3000).flatmap(lambda n: element.map(lambda v: [v] * n))
-        return st.one_of(st.lists(element, max_size=4), many) if depth == 0 else st.lists(element, max_size=2)
+        return (
+            st.one_of(st.lists(element, max_size=4), many)
+            if depth == 0
+            else st.lists(element, max_size=2)
+        )
     return _scalar(field, depth)
 
 
@@ -188,9 +265,13 @@ class Fuzzed:
         self.server = server
         self.data_dir = data_dir
         self.errors = errors
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{server.port}",
+            options=[
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
+        )
         self.internal: list[tuple[str, str]] = []
         self.codes: Counter[str] = Counter()
 
@@ -198,14 +279,19 @@ class Fuzzed:
         metadata = [("authorization", f"Bearer {ADMIN}")]
         try:
             if streaming:
-                stream = self.channel.unary_stream(path, request_serializer=type(request).SerializeToString,
-                                                   response_deserializer=bytes)(request, timeout=1.0,
-                                                                                metadata=metadata)
+                stream = self.channel.unary_stream(
+                    path,
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=bytes,
+                )(request, timeout=1.0, metadata=metadata)
                 for _ in stream:
                     pass
             else:
-                self.channel.unary_unary(path, request_serializer=type(request).SerializeToString,
-                                         response_deserializer=bytes)(request, timeout=60, metadata=metadata)
+                self.channel.unary_unary(
+                    path,
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=bytes,
+                )(request, timeout=60, metadata=metadata)
         except grpc.RpcError as exc:
             return exc.code(), exc.details() or ""
         return grpc.StatusCode.OK, ""
@@ -213,8 +299,12 @@ class Fuzzed:
     def snapshot(self) -> tuple:
         """Row counts of every table, the artifact files and the event log length."""
         with sqlite3.connect(f"file:{self.data_dir / 'store.sqlite'}?mode=ro", uri=True) as db:
-            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            rows = tuple((t, db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in sorted(tables))
+            tables = [
+                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
+            rows = tuple(
+                (t, db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in sorted(tables)
+            )
         with sqlite3.connect(f"file:{self.data_dir / 'events.sqlite'}?mode=ro", uri=True) as db:
             n_events = db.execute("SELECT count(*) FROM events").fetchone()[0]
         root = self.data_dir / "artifacts"
@@ -240,36 +330,73 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory, visium: Path, slide: Path) 
     data_dir = tmp_path_factory.mktemp("fuzz")
     errors = _Errors()
     logging.getLogger().addHandler(errors)
-    server = Server(Settings(data_dir=data_dir, grpc_port=0, metrics_port=0, auth="token", admin_token=ADMIN,
-                             service_token="svc-fuzz-0123456789abcdef", grace_seconds=2.0))
+    server = Server(
+        Settings(
+            data_dir=data_dir,
+            grpc_port=0,
+            metrics_port=0,
+            auth="token",
+            admin_token=ADMIN,
+            service_token="svc-fuzz-0123456789abcdef",
+            grace_seconds=2.0,
+        )
+    )
     server.start()
     state = Fuzzed(server, data_dir, errors)
     try:
         md = [("authorization", f"Bearer {ADMIN}")]
         store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(state.channel)
-        store.CreateProject(pb.CreateProjectRequest(
-            project_id=PROJECT, name="fuzz", classes=[common_pb2.ClassDef(name=n) for n in ("upper", "middle", "lower")],
-            config=common_pb2.LoopConfig(query_size=8, head="logreg", features=common_pb2.FEATURE_SET_MORPHOLOGY)),
-            metadata=md, timeout=30)
-        store.RegisterDataset(pb.RegisterDatasetRequest(
-            project_id=PROJECT, dataset_id=DATASET, kind=common_pb2.DATASET_KIND_VISIUM,
-            spatial_dir=str(visium), slide_path=str(slide)), metadata=md, timeout=60)
+        store.CreateProject(
+            pb.CreateProjectRequest(
+                project_id=PROJECT,
+                name="fuzz",
+                classes=[common_pb2.ClassDef(name=n) for n in ("upper", "middle", "lower")],
+                config=common_pb2.LoopConfig(
+                    query_size=8, head="logreg", features=common_pb2.FEATURE_SET_MORPHOLOGY
+                ),
+            ),
+            metadata=md,
+            timeout=30,
+        )
+        store.RegisterDataset(
+            pb.RegisterDatasetRequest(
+                project_id=PROJECT,
+                dataset_id=DATASET,
+                kind=common_pb2.DATASET_KIND_VISIUM,
+                spatial_dir=str(visium),
+                slide_path=str(slide),
+            ),
+            metadata=md,
+            timeout=60,
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
-                qs = store.GetQuerySet(pb.GetQuerySetRequest(project_id=PROJECT), metadata=md, timeout=10)
+                qs = store.GetQuerySet(
+                    pb.GetQuerySetRequest(project_id=PROJECT), metadata=md, timeout=10
+                )
                 break
             except grpc.RpcError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
         positions = pd.read_csv(visium / "tissue_positions.csv")
-        truth = {str(b): band_of(int(r)) for b, r in zip(positions.barcode, positions.array_row, strict=True)}
+        truth = {
+            str(b): band_of(int(r))
+            for b, r in zip(positions.barcode, positions.array_row, strict=True)
+        }
         _KNOWN.update(
-            project_id=[PROJECT, "nope"], dataset_id=[DATASET], barcode=[s.barcode for s in qs.spots],
-            label=["upper", "middle", "lower"], name=["upper", "lower"], annotator_id=["admin", "fuzzer"],
-            queryset_id=[qs.queryset_id], strategy=["activevisium", "random", "entropy"],
-            head=["logreg", "mlp"], model_version=[""], cold_start_strategy=["coldstart_kmeans"],
+            project_id=[PROJECT, "nope"],
+            dataset_id=[DATASET],
+            barcode=[s.barcode for s in qs.spots],
+            label=["upper", "middle", "lower"],
+            name=["upper", "lower"],
+            annotator_id=["admin", "fuzzer"],
+            queryset_id=[qs.queryset_id],
+            strategy=["activevisium", "random", "entropy"],
+            head=["logreg", "mlp"],
+            model_version=[""],
+            cold_start_strategy=["coldstart_kmeans"],
         )
         _KNOWN["barcode"] += list(truth)[:5]
         state.settle()
@@ -308,10 +435,20 @@ def _diff(before: tuple, after: tuple) -> str:
 
 
 @pytest.mark.parametrize("path, name, descriptor, streaming", RPCS, ids=[r[1] for r in RPCS])
-def test_fuzz_rpc(fuzzed: Fuzzed, path: str, name: str, descriptor: Descriptor, streaming: bool) -> None:
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+def test_fuzz_rpc(
+    fuzzed: Fuzzed, path: str, name: str, descriptor: Descriptor, streaming: bool
+) -> None:
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
     @given(request=_messages(descriptor))
     def run(request: Message) -> None:
         _check_one(fuzzed, path, name, request, streaming)
@@ -320,8 +457,12 @@ def test_fuzz_rpc(fuzzed: Fuzzed, path: str, name: str, descriptor: Descriptor, 
     run()
     print(f"{name}: {dict(fuzzed.codes)}")
     # still alive and answering
-    reply = health_pb2_grpc.HealthStub(fuzzed.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    reply = health_pb2_grpc.HealthStub(fuzzed.channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=10
+    )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     if fuzzed.internal:
-        print(f"{name}: INTERNAL (cause logged) for {len(fuzzed.internal)} inputs: {fuzzed.internal[:3]}")
+        print(
+            f"{name}: INTERNAL (cause logged) for {len(fuzzed.internal)} inputs: {fuzzed.internal[:3]}"
+        )
         fuzzed.internal.clear()

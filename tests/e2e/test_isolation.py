@@ -25,8 +25,9 @@ def _parked(stack: Stack, project: str) -> dict[str, str]:
     return {p.stage: p.error for p in status.parked}
 
 
-def test_parked_per_project_and_stage_across_processes(stack: Stack, visium: Path, slide: Path,
-                                                       tmp_path: Path) -> None:
+def test_parked_per_project_and_stage_across_processes(
+    stack: Stack, visium: Path, slide: Path, tmp_path: Path
+) -> None:
     healthy = ProjectLoop(stack, visium, slide)
     unreadable = tmp_path / f"scan-{uuid.uuid4().hex[:6]}.svs"
     unreadable.write_bytes(b"II*\x00 not really a TIFF " * 200)
@@ -41,27 +42,52 @@ def test_parked_per_project_and_stage_across_processes(stack: Stack, visium: Pat
         nowhere = stack.artifacts().uri("nothing/here.bin")
         meta = {"project": ghost.project_id, "dataset": "cmu", "producer": "e2e"}
         messages = [
-            events_pb2.DatasetRegistered(meta=events.new_meta(**meta), slide_uri=nowhere,
-                                         kind=common_pb2.DATASET_KIND_WSI),
+            events_pb2.DatasetRegistered(
+                meta=events.new_meta(**meta), slide_uri=nowhere, kind=common_pb2.DATASET_KIND_WSI
+            ),
             events_pb2.TilesReady(meta=events.new_meta(**meta), patches_uri=nowhere),
-            events_pb2.LabelsCommitted(meta=events.new_meta(**meta), labels_uri=nowhere,
-                                       embeddings_uris=[nowhere], label_version=1),
+            events_pb2.LabelsCommitted(
+                meta=events.new_meta(**meta),
+                labels_uri=nowhere,
+                embeddings_uris=[nowhere],
+                label_version=1,
+            ),
             events_pb2.ModelTrained(meta=events.new_meta(**meta), model_uri=nowhere),
             events_pb2.PredictionsReady(meta=events.new_meta(**meta), predictions_uri=nowhere),
         ]
-        republish(stack, [BusEvent(events.topic_of(m), ghost.project_id, m.meta.event_id, 0, 0, m,
-                                   m.SerializeToString()) for m in messages])
+        republish(
+            stack,
+            [
+                BusEvent(
+                    events.topic_of(m),
+                    ghost.project_id,
+                    m.meta.event_id,
+                    0,
+                    0,
+                    m,
+                    m.SerializeToString(),
+                )
+                for m in messages
+            ],
+        )
 
         healthy.register()
         query_set = healthy.next_query_set(-1, timeout=300)
         healthy.answer(query_set)
         assert healthy.next_query_set(0, timeout=300).round == 1
 
-        errors = wait_for("the broken slide parked in tiling", lambda: _parked(stack, broken.project_id), 120)
+        errors = wait_for(
+            "the broken slide parked in tiling", lambda: _parked(stack, broken.project_id), 120
+        )
         assert unreadable.name in errors["tiling"] and "histoloop-tiling-" not in errors["tiling"]
-        wait_for("the ghost events parked in every stage",
-                 lambda: set(LOOP_STAGES) <= set(_parked(stack, ghost.project_id)), 120)
-        status = stack.store_stub().GetStatus(pb.GetStatusRequest(project_id=healthy.project_id), timeout=30)
+        wait_for(
+            "the ghost events parked in every stage",
+            lambda: set(LOOP_STAGES) <= set(_parked(stack, ghost.project_id)),
+            120,
+        )
+        status = stack.store_stub().GetStatus(
+            pb.GetStatusRequest(project_id=healthy.project_id), timeout=30
+        )
         done = {s.stage for s in status.stages if s.status == common_pb2.STAGE_STATUS_DONE}
         assert set(LOOP_STAGES) <= done and status.n_parked == 0
         wait_caught_up(stack)

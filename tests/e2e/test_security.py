@@ -29,8 +29,12 @@ from tests.e2e.loop import ProjectLoop
 from tests.e2e.stack import GRPC_SERVICES, Stack
 
 _MODULES = {
-    "annotation_store": annotation_store_pb2, "tiling": tiling_pb2, "embedding": embedding_pb2,
-    "training": training_pb2, "prediction": prediction_pb2, "acquisition": acquisition_pb2,
+    "annotation_store": annotation_store_pb2,
+    "tiling": tiling_pb2,
+    "embedding": embedding_pb2,
+    "training": training_pb2,
+    "prediction": prediction_pb2,
+    "acquisition": acquisition_pb2,
 }
 
 
@@ -53,14 +57,20 @@ def _methods(service: str) -> list[tuple[str, type[Message], bool]]:
 def _call(channel: grpc.Channel, path: str, request: Message, streaming: bool) -> grpc.StatusCode:
     try:
         if streaming:
-            stream = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
-                                          response_deserializer=lambda b: b)(request, timeout=10)
+            stream = channel.unary_stream(
+                path,
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=lambda b: b,
+            )(request, timeout=10)
             for _ in stream:
                 break
             stream.cancel()
         else:
-            channel.unary_unary(path, request_serializer=type(request).SerializeToString,
-                                response_deserializer=lambda b: b)(request, timeout=10)
+            channel.unary_unary(
+                path,
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=lambda b: b,
+            )(request, timeout=10)
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
@@ -75,14 +85,20 @@ def test_every_rpc_needs_a_token(stack: Stack, service: str) -> None:
         methods = _methods(service)
         assert methods
         for path, request_type, streaming in methods:
-            assert _call(anonymous, path, request_type(), streaming) == grpc.StatusCode.UNAUTHENTICATED, path
-            assert _call(forged, path, request_type(), streaming) == grpc.StatusCode.UNAUTHENTICATED, path
+            assert (
+                _call(anonymous, path, request_type(), streaming) == grpc.StatusCode.UNAUTHENTICATED
+            ), path
+            assert (
+                _call(forged, path, request_type(), streaming) == grpc.StatusCode.UNAUTHENTICATED
+            ), path
         # the service-to-service token is accepted (the call then fails or succeeds on its merits)
         path, request_type, streaming = methods[0]
         code = _call(stack.channel(service, stack.service_token), path, request_type(), streaming)
         assert code != grpc.StatusCode.UNAUTHENTICATED
         # probes need none
-        reply = health_pb2_grpc.HealthStub(anonymous).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        reply = health_pb2_grpc.HealthStub(anonymous).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         anonymous.close()
@@ -105,9 +121,15 @@ def test_transport_is_mutual_tls(stack: Stack, service: str) -> None:
 
     assert probe(grpc.insecure_channel(address)) == grpc.StatusCode.UNAVAILABLE, "plaintext refused"
     no_cert = Settings(tls_ca=stack.tls.ca)
-    assert probe(make_channel(address, no_cert, token="")) == grpc.StatusCode.UNAVAILABLE, "needs a client cert"
-    rogue = Settings(tls_ca=stack.tls.ca, tls_cert=stack.tls.rogue_cert, tls_key=stack.tls.rogue_key)
-    assert probe(make_channel(address, rogue, token="")) == grpc.StatusCode.UNAVAILABLE, "cert of another CA"
+    assert probe(make_channel(address, no_cert, token="")) == grpc.StatusCode.UNAVAILABLE, (
+        "needs a client cert"
+    )
+    rogue = Settings(
+        tls_ca=stack.tls.ca, tls_cert=stack.tls.rogue_cert, tls_key=stack.tls.rogue_key
+    )
+    assert probe(make_channel(address, rogue, token="")) == grpc.StatusCode.UNAVAILABLE, (
+        "cert of another CA"
+    )
     assert probe(make_channel(address, stack.settings, token="")) == grpc.StatusCode.OK
 
 
@@ -117,64 +139,127 @@ def test_annotator_reaches_only_their_projects(stack: Stack, visium: Path, slide
     mine.start()
     theirs_qs = theirs.start()
     try:
-        token = stack.store_stub().RegisterAnnotator(pb.RegisterAnnotatorRequest(
-            annotator_id=f"ann-{mine.project_id}", display_name="Dr A",
-            role=pb.ANNOTATOR_ROLE_ANNOTATOR, projects=[mine.project_id]), timeout=10).token
+        token = (
+            stack.store_stub()
+            .RegisterAnnotator(
+                pb.RegisterAnnotatorRequest(
+                    annotator_id=f"ann-{mine.project_id}",
+                    display_name="Dr A",
+                    role=pb.ANNOTATOR_ROLE_ANNOTATOR,
+                    projects=[mine.project_id],
+                ),
+                timeout=10,
+            )
+            .token
+        )
         store = stack.store_stub(token)
         # their project: nothing readable, nothing writable
         labels = [pb.SpotLabel(barcode=s.barcode, label="upper") for s in theirs_qs.spots]
         attempts = {
-            "SubmitLabels": lambda: store.SubmitLabels(pb.SubmitLabelsRequest(
-                project_id=theirs.project_id, dataset_id="cmu", batch_id="sneaky", labels=labels), timeout=10),
-            "ImportLoupeCsv": lambda: store.ImportLoupeCsv(pb.ImportLoupeCsvRequest(
-                project_id=theirs.project_id, dataset_id="cmu", batch_id="sneaky2",
-                csv=b"Barcode,G\n" + b"".join(f"{x.barcode},upper\n".encode() for x in labels)), timeout=10),
-            "ExportLabels": lambda: store.ExportLabels(pb.ExportLabelsRequest(
-                project_id=theirs.project_id, dataset_id="cmu", kind=pb.EXPORT_KIND_LABELS), timeout=10),
-            "GetStatus": lambda: store.GetStatus(pb.GetStatusRequest(project_id=theirs.project_id), timeout=10),
-            "GetProject": lambda: store.GetProject(pb.GetProjectRequest(project_id=theirs.project_id), timeout=10),
-            "GetQuerySet": lambda: store.GetQuerySet(pb.GetQuerySetRequest(project_id=theirs.project_id),
-                                                     timeout=10),
-            "ListQuerySets": lambda: store.ListQuerySets(pb.ListQuerySetsRequest(
-                project_id=theirs.project_id), timeout=10),
-            "GetAgreement": lambda: store.GetAgreement(pb.GetAgreementRequest(
-                project_id=theirs.project_id), timeout=10),
-            "ListLabelEvents": lambda: store.ListLabelEvents(pb.ListLabelEventsRequest(
-                project_id=theirs.project_id), timeout=10),
-            "WatchQuerySets": lambda: next(iter(store.WatchQuerySets(pb.WatchQuerySetsRequest(
-                project_id=theirs.project_id, include_latest=True), timeout=10))),
-            "AddClasses": lambda: store.AddClasses(pb.AddClassesRequest(
-                project_id=theirs.project_id, classes=[]), timeout=10),
+            "SubmitLabels": lambda: store.SubmitLabels(
+                pb.SubmitLabelsRequest(
+                    project_id=theirs.project_id, dataset_id="cmu", batch_id="sneaky", labels=labels
+                ),
+                timeout=10,
+            ),
+            "ImportLoupeCsv": lambda: store.ImportLoupeCsv(
+                pb.ImportLoupeCsvRequest(
+                    project_id=theirs.project_id,
+                    dataset_id="cmu",
+                    batch_id="sneaky2",
+                    csv=b"Barcode,G\n" + b"".join(f"{x.barcode},upper\n".encode() for x in labels),
+                ),
+                timeout=10,
+            ),
+            "ExportLabels": lambda: store.ExportLabels(
+                pb.ExportLabelsRequest(
+                    project_id=theirs.project_id, dataset_id="cmu", kind=pb.EXPORT_KIND_LABELS
+                ),
+                timeout=10,
+            ),
+            "GetStatus": lambda: store.GetStatus(
+                pb.GetStatusRequest(project_id=theirs.project_id), timeout=10
+            ),
+            "GetProject": lambda: store.GetProject(
+                pb.GetProjectRequest(project_id=theirs.project_id), timeout=10
+            ),
+            "GetQuerySet": lambda: store.GetQuerySet(
+                pb.GetQuerySetRequest(project_id=theirs.project_id), timeout=10
+            ),
+            "ListQuerySets": lambda: store.ListQuerySets(
+                pb.ListQuerySetsRequest(project_id=theirs.project_id), timeout=10
+            ),
+            "GetAgreement": lambda: store.GetAgreement(
+                pb.GetAgreementRequest(project_id=theirs.project_id), timeout=10
+            ),
+            "ListLabelEvents": lambda: store.ListLabelEvents(
+                pb.ListLabelEventsRequest(project_id=theirs.project_id), timeout=10
+            ),
+            "WatchQuerySets": lambda: next(
+                iter(
+                    store.WatchQuerySets(
+                        pb.WatchQuerySetsRequest(project_id=theirs.project_id, include_latest=True),
+                        timeout=10,
+                    )
+                )
+            ),
+            "AddClasses": lambda: store.AddClasses(
+                pb.AddClassesRequest(project_id=theirs.project_id, classes=[]), timeout=10
+            ),
             # and not through another annotator's name either
-            "SubmitLabels as admin": lambda: store.SubmitLabels(pb.SubmitLabelsRequest(
-                project_id=mine.project_id, dataset_id="cmu", batch_id="as-admin", labels=labels[:1],
-                annotator_id="admin"), timeout=10),
-            "RegisterAnnotator": lambda: store.RegisterAnnotator(pb.RegisterAnnotatorRequest(
-                annotator_id="me-too", projects=[theirs.project_id]), timeout=10),
-            "CreateProject": lambda: store.CreateProject(pb.CreateProjectRequest(project_id="mine-now"),
-                                                         timeout=10),
+            "SubmitLabels as admin": lambda: store.SubmitLabels(
+                pb.SubmitLabelsRequest(
+                    project_id=mine.project_id,
+                    dataset_id="cmu",
+                    batch_id="as-admin",
+                    labels=labels[:1],
+                    annotator_id="admin",
+                ),
+                timeout=10,
+            ),
+            "RegisterAnnotator": lambda: store.RegisterAnnotator(
+                pb.RegisterAnnotatorRequest(annotator_id="me-too", projects=[theirs.project_id]),
+                timeout=10,
+            ),
+            "CreateProject": lambda: store.CreateProject(
+                pb.CreateProjectRequest(project_id="mine-now"), timeout=10
+            ),
         }
         for name, attempt in attempts.items():
             with pytest.raises(grpc.RpcError) as err:
                 attempt()
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
-        assert stack.sql("SELECT count(*) FROM label_events WHERE project_id = %s", theirs.project_id) == [(0,)]
-        assert stack.sql("SELECT count(*) FROM label_batches WHERE project_id = %s", theirs.project_id) == [(0,)]
+        assert stack.sql(
+            "SELECT count(*) FROM label_events WHERE project_id = %s", theirs.project_id
+        ) == [(0,)]
+        assert stack.sql(
+            "SELECT count(*) FROM label_batches WHERE project_id = %s", theirs.project_id
+        ) == [(0,)]
         # their own project works, as them
         status = store.GetStatus(pb.GetStatusRequest(project_id=mine.project_id), timeout=10)
         assert status.project_id == mine.project_id
         qs = store.GetQuerySet(pb.GetQuerySetRequest(project_id=mine.project_id), timeout=10)
-        reply = store.SubmitLabels(pb.SubmitLabelsRequest(
-            project_id=mine.project_id, dataset_id="cmu", batch_id="mine-1",
-            labels=[pb.SpotLabel(barcode=s.barcode, label=mine.truth[s.barcode]) for s in qs.spots]), timeout=10)
+        reply = store.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=mine.project_id,
+                dataset_id="cmu",
+                batch_id="mine-1",
+                labels=[
+                    pb.SpotLabel(barcode=s.barcode, label=mine.truth[s.barcode]) for s in qs.spots
+                ],
+            ),
+            timeout=10,
+        )
         assert reply.n_labels == len(qs.spots)
-        authors = stack.sql("SELECT DISTINCT annotator_id FROM label_batches WHERE project_id = %s",
-                            mine.project_id)
+        authors = stack.sql(
+            "SELECT DISTINCT annotator_id FROM label_batches WHERE project_id = %s", mine.project_id
+        )
         assert authors == [(f"ann-{mine.project_id}",)]
         # annotator tokens live in the annotation store; the other services do not know them
         with pytest.raises(grpc.RpcError) as err:
-            stack.training_stub(token).ListModels(training_pb2.ListModelsRequest(project_id=mine.project_id),
-                                                  timeout=10)
+            stack.training_stub(token).ListModels(
+                training_pb2.ListModelsRequest(project_id=mine.project_id), timeout=10
+            )
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         mine.close()

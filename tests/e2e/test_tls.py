@@ -29,8 +29,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 
 def _server(tmp: Path, **tls_settings: object) -> Server:
-    settings = Settings(data_dir=tmp, grpc_port=0, metrics_port=0, auth="token", service_token=TOKEN,
-                        **tls_settings)  # type: ignore[arg-type]
+    settings = Settings(
+        data_dir=tmp, grpc_port=0, metrics_port=0, auth="token", service_token=TOKEN, **tls_settings
+    )  # type: ignore[arg-type]
     server = Server(settings, ["acquisition"])
     server.start()
     return server
@@ -52,7 +53,8 @@ def mtls_server(tmp_path: Path, tls: TlsFiles) -> Iterator[Server]:
 
 def _strategies(channel: grpc.Channel, **kwargs: object) -> int:
     reply = acquisition_pb2_grpc.AcquisitionServiceStub(channel).ListStrategies(
-        acquisition_pb2.ListStrategiesRequest(), timeout=10, **kwargs)
+        acquisition_pb2.ListStrategiesRequest(), timeout=10, **kwargs
+    )
     return len(reply.strategies)
 
 
@@ -68,8 +70,10 @@ def test_server_tls(tls_server: Server, tls: TlsFiles) -> None:
     address = f"127.0.0.1:{tls_server.port}"
     with make_channel(address, Settings(tls_ca=tls.ca, service_token=TOKEN)) as channel:
         assert _strategies(channel) > 0  # verified the server, sent the token as call credentials
-    with make_channel(address, Settings(tls_ca=tls.ca), token="wrong") as channel, \
-            pytest.raises(grpc.RpcError) as err:
+    with (
+        make_channel(address, Settings(tls_ca=tls.ca), token="wrong") as channel,
+        pytest.raises(grpc.RpcError) as err,
+    ):
         _strategies(channel)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # TLS does not replace the token
 
@@ -81,19 +85,24 @@ def test_plaintext_client_is_refused(tls_server: Server) -> None:
 
 def test_client_that_does_not_trust_the_ca_is_refused(tls_server: Server, tls: TlsFiles) -> None:
     # the client checks the server against the system roots, which do not hold the test CA
-    with grpc.secure_channel(f"127.0.0.1:{tls_server.port}", grpc.ssl_channel_credentials()) as channel:
+    with grpc.secure_channel(
+        f"127.0.0.1:{tls_server.port}", grpc.ssl_channel_credentials()
+    ) as channel:
         assert _health_code(channel) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mutual_tls(mtls_server: Server, tls: TlsFiles) -> None:
     address = f"127.0.0.1:{mtls_server.port}"
-    with make_channel(address, Settings(tls_ca=tls.ca, tls_cert=tls.cert, tls_key=tls.key,
-                                        service_token=TOKEN)) as channel:
+    with make_channel(
+        address, Settings(tls_ca=tls.ca, tls_cert=tls.cert, tls_key=tls.key, service_token=TOKEN)
+    ) as channel:
         assert _strategies(channel) > 0
         assert _health_code(channel) == grpc.StatusCode.OK
 
 
-def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: Server, tls: TlsFiles) -> None:
+def test_mutual_tls_refuses_a_client_without_a_certificate(
+    mtls_server: Server, tls: TlsFiles
+) -> None:
     address = f"127.0.0.1:{mtls_server.port}"
     with make_channel(address, Settings(tls_ca=tls.ca, service_token=TOKEN)) as channel:
         assert _health_code(channel) == grpc.StatusCode.UNAVAILABLE
@@ -102,8 +111,12 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: Server, 
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server: Server, tls: TlsFiles) -> None:
-    rogue = Settings(tls_ca=tls.ca, tls_cert=tls.rogue_cert, tls_key=tls.rogue_key, service_token=TOKEN)
+def test_mutual_tls_refuses_a_certificate_from_another_ca(
+    mtls_server: Server, tls: TlsFiles
+) -> None:
+    rogue = Settings(
+        tls_ca=tls.ca, tls_cert=tls.rogue_cert, tls_key=tls.rogue_key, service_token=TOKEN
+    )
     with make_channel(f"127.0.0.1:{mtls_server.port}", rogue) as channel:
         assert _health_code(channel) == grpc.StatusCode.UNAVAILABLE
 
@@ -118,26 +131,45 @@ def test_plaintext_channel_sends_the_token(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 _strategies(channel, metadata=[("authorization", "Bearer not-the-token")])
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with make_channel(address, Settings(service_token=TOKEN), token="") as channel, \
-                pytest.raises(grpc.RpcError) as err:
+        with (
+            make_channel(address, Settings(service_token=TOKEN), token="") as channel,
+            pytest.raises(grpc.RpcError) as err,
+        ):
             _strategies(channel)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop(1)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"tls_cert": "CERT"}, "both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY"),
-    ({"tls_key": "KEY"}, "both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY"),
-    ({"tls_client_ca": "CA"}, "HISTOLOOP_TLS_CLIENT_CA"),
-    ({"tls_cert": "CERT", "tls_key": "MISSING"}, "HISTOLOOP_TLS_KEY: cannot read"),
-    ({"tls_cert": "KEY", "tls_key": "KEY", "tls_client_ca": "NOT_PEM"}, "not a PEM file"),
-], ids=["cert-only", "key-only", "client-ca-only", "missing-file", "not-pem"])
-def test_bad_tls_settings_fail_at_start(tmp_path: Path, tls: TlsFiles, settings: dict[str, str],
-                                        message: str) -> None:
-    files = {"CERT": tls.cert, "KEY": tls.key, "CA": tls.ca, "MISSING": tmp_path / "missing.pem",
-             "NOT_PEM": tmp_path / "not.pem"}
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tls_cert": "CERT"}, "both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY"),
+        ({"tls_key": "KEY"}, "both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY"),
+        ({"tls_client_ca": "CA"}, "HISTOLOOP_TLS_CLIENT_CA"),
+        ({"tls_cert": "CERT", "tls_key": "MISSING"}, "HISTOLOOP_TLS_KEY: cannot read"),
+        ({"tls_cert": "KEY", "tls_key": "KEY", "tls_client_ca": "NOT_PEM"}, "not a PEM file"),
+    ],
+    ids=["cert-only", "key-only", "client-ca-only", "missing-file", "not-pem"],
+)
+def test_bad_tls_settings_fail_at_start(
+    tmp_path: Path, tls: TlsFiles, settings: dict[str, str], message: str
+) -> None:
+    files = {
+        "CERT": tls.cert,
+        "KEY": tls.key,
+        "CA": tls.ca,
+        "MISSING": tmp_path / "missing.pem",
+        "NOT_PEM": tmp_path / "not.pem",
+    }
     (tmp_path / "not.pem").write_text("hello")
     with pytest.raises(ConfigError, match=message):
-        Server(Settings(data_dir=tmp_path, grpc_port=0, metrics_port=0,
-                        **{k: files[v] for k, v in settings.items()}), ["acquisition"])
+        Server(
+            Settings(
+                data_dir=tmp_path,
+                grpc_port=0,
+                metrics_port=0,
+                **{k: files[v] for k, v in settings.items()},
+            ),
+            ["acquisition"],
+        )

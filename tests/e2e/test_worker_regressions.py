@@ -43,7 +43,8 @@ class _FlakyStore(LocalArtifactStore):
 
 def _labels(version: int, event_id: str) -> events_pb2.LabelsCommitted:
     return events_pb2.LabelsCommitted(
-        meta=events.new_meta(project="p", producer="test", event_id=event_id), label_version=version)
+        meta=events.new_meta(project="p", producer="test", event_id=event_id), label_version=version
+    )
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -53,11 +54,18 @@ def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def _worker(tmp_path: Path, seen: list[int], store: LocalArtifactStore | None = None) -> tuple[EventWorker, EmbeddedBus]:
+def _worker(
+    tmp_path: Path, seen: list[int], store: LocalArtifactStore | None = None
+) -> tuple[EventWorker, EmbeddedBus]:
     bus = EmbeddedBus(tmp_path / "events.sqlite")
-    worker = EventWorker(group="training", bus=bus, store=store or LocalArtifactStore(tmp_path / "artifacts"),
-                         handlers={events.LABELS_COMMITTED: lambda msg, rec: seen.append(msg.label_version)},
-                         coalesce=[events.LABELS_COMMITTED], poll_timeout=0.05)
+    worker = EventWorker(
+        group="training",
+        bus=bus,
+        store=store or LocalArtifactStore(tmp_path / "artifacts"),
+        handlers={events.LABELS_COMMITTED: lambda msg, rec: seen.append(msg.label_version)},
+        coalesce=[events.LABELS_COMMITTED],
+        poll_timeout=0.05,
+    )
     return worker, bus
 
 

@@ -25,7 +25,9 @@ TOY_MAX_BATCH = 8
 @pytest.fixture(scope="session")
 def export_tool() -> ModuleType:
     """``tools/export_model.py`` imported as a module."""
-    spec = importlib.util.spec_from_file_location("export_model", REPO / "tools" / "export_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "export_model", REPO / "tools" / "export_model.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["export_model"] = module
@@ -37,8 +39,14 @@ def export_tool() -> ModuleType:
 def model_repo(tmp_path_factory: pytest.TempPathFactory, export_tool: ModuleType) -> Path:
     """A Triton model repository holding the toy CNN, exported by the export tool."""
     repo = tmp_path_factory.mktemp("model-repo")
-    export_tool.export_module(small_cnn(TOY_DIM), repo, TOY, input_size=224,
-                              max_batch_size=TOY_MAX_BATCH, instance_kind="KIND_CPU")
+    export_tool.export_module(
+        small_cnn(TOY_DIM),
+        repo,
+        TOY,
+        input_size=224,
+        max_batch_size=TOY_MAX_BATCH,
+        instance_kind="KIND_CPU",
+    )
     return repo
 
 
@@ -50,8 +58,9 @@ def triton(model_repo: Path) -> Iterator[TritonServer]:
 
 
 @pytest.fixture(scope="session")
-def visium_patches(tmp_path_factory: pytest.TempPathFactory, shared_data: Path
-                   ) -> tuple[LocalArtifactStore, TilingResult]:
+def visium_patches(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path
+) -> tuple[LocalArtifactStore, TilingResult]:
     """Patches (224 px) of the Visium-like dataset on the CMU slide, in a store."""
     root = tmp_path_factory.mktemp("visium")
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"

@@ -23,12 +23,21 @@ def embedder() -> EfficientNetEmbedder:
 
 
 @pytest.fixture(scope="module")
-def a1_patches(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[np.ndarray, pd.Series]:
+def a1_patches(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path
+) -> tuple[np.ndarray, pd.Series]:
     """One 224-px patch per in-situ and adipose spot of A1, read from the plain PNG."""
     sample = load_a1(shared_data / "her2st" / "A1")
     store = LocalArtifactStore(tmp_path_factory.mktemp("a1-store"))
-    result = tile_visium(sample.image, sample.folder, store, "her2st/a1", scale=A1_SLIDE_SCALE,
-                         workers=1, chunk_size=400)
+    result = tile_visium(
+        sample.image,
+        sample.folder,
+        store,
+        "her2st/a1",
+        scale=A1_SLIDE_SCALE,
+        workers=1,
+        chunk_size=400,
+    )
     patches = PatchSet.open(store, result.prefix)
     index = patches.index.sort_values(["chunk", "offset"])
     labels = sample.labels.loc[index["id"].to_numpy()].to_numpy()
@@ -45,7 +54,9 @@ def test_weights_come_from_the_wheel_and_the_vectors_are_deterministic(embedder)
     assert embedder.runtime == "onnxruntime"
     eager = EfficientNetEmbedder(runtime="torch", threads=2).embed(patches)  # the reference network
     np.testing.assert_allclose(first, eager, rtol=1e-4, atol=1e-4)
-    assert embedder.name == "efficientnet-lite0" and embedder.version.startswith("0.1.0+efficientnet-lite0-")
+    assert embedder.name == "efficientnet-lite0" and embedder.version.startswith(
+        "0.1.0+efficientnet-lite0-"
+    )
     with pytest.raises(InvalidArgument, match="224"):
         embedder.embed(patches[:, :112, :112])
 

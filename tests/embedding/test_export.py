@@ -26,8 +26,9 @@ def test_exported_repository_layout(model_repo: Path) -> None:
 
 
 def test_onnx_matches_torch_for_any_batch_size(model_repo: Path) -> None:
-    session = ort.InferenceSession(str(model_repo / TOY / "1" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_repo / TOY / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("pixels", "tensor(uint8)", [224, 224, 3])
     assert (out.name, out.shape[1:]) == ("embedding", [TOY_DIM])
@@ -48,11 +49,24 @@ def test_expected_dim_is_checked(tmp_path: Path, export_tool: ModuleType) -> Non
 
 
 def test_command_line_with_a_factory(tmp_path: Path, export_tool: ModuleType) -> None:
-    status = export_tool.main([
-        "--factory", "tests.embedding.models:small_cnn", "--name", "cli", "--input-size", "64",
-        "--max-batch-size", "4", "--repository", str(tmp_path), "--instance-kind", "KIND_CPU",
-        "--dim-check", "16",
-    ])
+    status = export_tool.main(
+        [
+            "--factory",
+            "tests.embedding.models:small_cnn",
+            "--name",
+            "cli",
+            "--input-size",
+            "64",
+            "--max-batch-size",
+            "4",
+            "--repository",
+            str(tmp_path),
+            "--instance-kind",
+            "KIND_CPU",
+            "--dim-check",
+            "16",
+        ]
+    )
     assert status == 0
     embedder = OnnxEmbedder(tmp_path / "cli" / "1" / "model.onnx")
     assert embedder.dim == 16 and embedder.input_size == (64, 64) and embedder.name == "cli"
@@ -62,12 +76,17 @@ def test_command_line_with_a_factory(tmp_path: Path, export_tool: ModuleType) ->
 
 
 @pytest.mark.parametrize(("name", "dim", "max_batch"), [("uni", 1024, 64), ("phikon", 768, 128)])
-def test_committed_reference_configs(name: str, dim: int, max_batch: int,
-                                     export_tool: ModuleType) -> None:
+def test_committed_reference_configs(
+    name: str, dim: int, max_batch: int, export_tool: ModuleType
+) -> None:
     preset = export_tool.PRESETS[name]
     committed = (REPO / "deploy" / "triton" / name / "config.pbtxt").read_text()
     assert committed == export_tool.render_config(
-        name, preset.dim, input_size=preset.input_size, max_batch_size=preset.max_batch_size,
-        description=preset.description)
+        name,
+        preset.dim,
+        input_size=preset.input_size,
+        max_batch_size=preset.max_batch_size,
+        description=preset.description,
+    )
     assert f"dims: [ {dim} ]" in committed and f"max_batch_size: {max_batch}" in committed
     assert "kind: KIND_GPU" in committed

@@ -78,7 +78,9 @@ def _reference_hvg(log_norm: np.ndarray, n_top: int, n_bins: int = 20) -> np.nda
     single = stats["std"].isna()
     stats.loc[single, "std"] = stats.loc[single, "mean"]
     stats.loc[single, "mean"] = 0
-    norm = (df["disp"] - stats.loc[df["bin"], "mean"].to_numpy()) / stats.loc[df["bin"], "std"].to_numpy()
+    norm = (df["disp"] - stats.loc[df["bin"], "mean"].to_numpy()) / stats.loc[
+        df["bin"], "std"
+    ].to_numpy()
     norm = norm.fillna(-np.inf).to_numpy()
     return np.sort(np.argsort(-norm, kind="stable")[:n_top])
 
@@ -92,8 +94,13 @@ def _synthetic(n_spots: int = 300, n_genes: int = 200, seed: int = 0) -> Express
     rates[:, :10] *= np.array([0.2, 1.0, 3.0])[group][:, None]
     counts = rng.poisson(rates).astype(np.float32)
     ids = np.array([f"ENSG{i:011d}" for i in range(n_genes)], dtype=object)
-    return ExpressionMatrix(sp.csr_matrix(counts), np.array([f"S{i}-1" for i in range(n_spots)],
-                            dtype=object), ids, ids.copy(), Path("synthetic"))
+    return ExpressionMatrix(
+        sp.csr_matrix(counts),
+        np.array([f"S{i}-1" for i in range(n_spots)], dtype=object),
+        ids,
+        ids.copy(),
+        Path("synthetic"),
+    )
 
 
 def test_hvg_matches_the_reference_and_finds_marker_genes(dlpfc: Path) -> None:
@@ -104,11 +111,14 @@ def test_hvg_matches_the_reference_and_finds_marker_genes(dlpfc: Path) -> None:
     assert len(set(range(10)) & set(hvg.tolist())) >= 9
     real = read_expression(dlpfc / "filtered_feature_bc_matrix_500genes.h5")
     real_norm = log_normalize(real.counts, 1e4)
-    np.testing.assert_array_equal(highly_variable_genes(real_norm, 100),
-                                  _reference_hvg(real_norm.toarray(), 100))
+    np.testing.assert_array_equal(
+        highly_variable_genes(real_norm, 100), _reference_hvg(real_norm.toarray(), 100)
+    )
 
 
-def test_fewer_genes_than_asked_uses_them_all(dlpfc: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_fewer_genes_than_asked_uses_them_all(
+    dlpfc: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     expr = read_expression(dlpfc / "dlpfc151510_500genes.h5ad")
     with caplog.at_level(logging.WARNING):
         x, params = fit_expression(expr, n_top_genes=1000)
@@ -128,13 +138,22 @@ def test_fit_then_transfer_to_another_dataset(dlpfc: Path) -> None:
     np.testing.assert_allclose(transform_expression(expr, again), x, atol=1e-4)
     # another dataset with the genes in another order and some missing
     keep = np.random.default_rng(1).permutation(500)[:450]
-    other = ExpressionMatrix(expr.counts[:100][:, keep], expr.barcodes[:100],
-                             expr.gene_ids[keep], expr.gene_names[keep], Path("other.h5"))
+    other = ExpressionMatrix(
+        expr.counts[:100][:, keep],
+        expr.barcodes[:100],
+        expr.gene_ids[keep],
+        expr.gene_names[keep],
+        Path("other.h5"),
+    )
     y = transform_expression(other, params)
     assert y.shape == (100, 30) and np.isfinite(y).all()
-    disjoint = ExpressionMatrix(expr.counts[:5], expr.barcodes[:5],
-                                np.array([f"X{i}" for i in range(500)], dtype=object),
-                                expr.gene_names, Path("mouse.h5"))
+    disjoint = ExpressionMatrix(
+        expr.counts[:5],
+        expr.barcodes[:5],
+        np.array([f"X{i}" for i in range(500)], dtype=object),
+        expr.gene_names,
+        Path("mouse.h5"),
+    )
     with pytest.raises(InvalidArgument, match="none of the 200"):
         transform_expression(disjoint, params)
 
@@ -146,5 +165,6 @@ def test_no_pca_gives_log_normalised_hvgs() -> None:
     totals = np.asarray(expr.counts.sum(axis=1)).ravel()
     assert params.target_sum == pytest.approx(float(np.median(totals)))
     hvg = highly_variable_genes(log_normalize(expr.counts, params.target_sum), 25)
-    np.testing.assert_allclose(x, log_normalize(expr.counts, params.target_sum)[:, hvg].toarray(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        x, log_normalize(expr.counts, params.target_sum)[:, hvg].toarray(), rtol=1e-6
+    )

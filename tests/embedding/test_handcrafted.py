@@ -37,8 +37,13 @@ def test_shape_determinism_and_batch_independence(tissue: np.ndarray) -> None:
 
 def test_features_tell_tissue_from_glass(tissue: np.ndarray) -> None:
     glass = np.full((4, 224, 224, 3), 242, np.uint8)
-    f = dict(zip(FEATURE_NAMES, HandcraftedEmbedder().embed(np.concatenate([tissue[:4], glass])).T,
-                 strict=True))
+    f = dict(
+        zip(
+            FEATURE_NAMES,
+            HandcraftedEmbedder().embed(np.concatenate([tissue[:4], glass])).T,
+            strict=True,
+        )
+    )
     assert (f["tissue_frac"][:4] > 0.3).all() and (f["tissue_frac"][4:] == 0).all()
     assert f["hema_mean"][:4].min() > f["hema_mean"][4:].max()
     assert f["blobs_per_kpx"][4:].max() == 0
@@ -54,9 +59,20 @@ def test_vectorised_glcm_equals_skimage(tissue: np.ndarray) -> None:
     angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
     for k in range(len(grey)):
         p = graycomatrix(grey[k], [1, 3], angles, levels=32, symmetric=True, normed=True)
-        ref = np.stack([graycoprops(p, prop).mean(axis=1) for prop in
-                        ("contrast", "dissimilarity", "homogeneity", "energy", "correlation",
-                         "ASM")], axis=1).ravel()
+        ref = np.stack(
+            [
+                graycoprops(p, prop).mean(axis=1)
+                for prop in (
+                    "contrast",
+                    "dissimilarity",
+                    "homogeneity",
+                    "energy",
+                    "correlation",
+                    "ASM",
+                )
+            ],
+            axis=1,
+        ).ravel()
         np.testing.assert_allclose(ours[k], ref, rtol=1e-9, atol=1e-12)
 
 
@@ -67,8 +83,11 @@ def test_lbp_equals_a_plain_reference() -> None:
         counts = np.zeros(10)
         for r in range(1, 8):
             for c in range(1, 10):
-                code = sum(1 << bit for bit, (dr, dc) in enumerate(_NEIGHBOURS)
-                           if grey[k, r + dr, c + dc] >= grey[k, r, c])
+                code = sum(
+                    1 << bit
+                    for bit, (dr, dc) in enumerate(_NEIGHBOURS)
+                    if grey[k, r + dr, c + dc] >= grey[k, r, c]
+                )
                 bits = [(code >> b) & 1 for b in range(8)]
                 changes = sum(bits[b] != bits[(b + 1) % 8] for b in range(8))
                 counts[sum(bits) if changes <= 2 else 9] += 1
@@ -78,7 +97,10 @@ def test_lbp_equals_a_plain_reference() -> None:
 
 def test_bad_input() -> None:
     emb = HandcraftedEmbedder()
-    for bad in (np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8),
-                np.zeros((2, 8, 8, 4), np.uint8)):
+    for bad in (
+        np.zeros((2, 8, 8, 3), np.float32),
+        np.zeros((8, 8, 3), np.uint8),
+        np.zeros((2, 8, 8, 4), np.uint8),
+    ):
         with pytest.raises(InvalidArgument):
             emb.embed(bad)

@@ -49,8 +49,13 @@ def test_views_are_seeded_and_independent_of_chunking(patches: PatchSet) -> None
     assert views.shape == (4, 12, 3) and views.dtype == np.float32
     np.testing.assert_array_equal(views[0], _mean_embedder(p))  # view 0 is clean
     np.testing.assert_array_equal(views, embed_views(_mean_embedder, p, 3, seed=7))
-    halves = np.concatenate([embed_views(_mean_embedder, p[:5], 3, seed=7, start=0),
-                             embed_views(_mean_embedder, p[5:], 3, seed=7, start=5)], axis=1)
+    halves = np.concatenate(
+        [
+            embed_views(_mean_embedder, p[:5], 3, seed=7, start=0),
+            embed_views(_mean_embedder, p[5:], 3, seed=7, start=5),
+        ],
+        axis=1,
+    )
     np.testing.assert_array_equal(views, halves)
     assert not np.array_equal(views[1], views[2])
     assert not np.array_equal(embed_views(_mean_embedder, p, 1, seed=8)[1], views[1])
@@ -77,15 +82,30 @@ def test_build_write_read_round_trip(tmp_path: Path, patches: PatchSet) -> None:
     morph = rng.normal(size=(n, 5)).astype(np.float32)
     aug = np.stack([morph, morph + 1, morph + 2])
     expr = rng.normal(size=(n, 7)).astype(np.float32)
-    params = ExpressionParams(gene_ids=np.array([f"G{i}" for i in range(7)], dtype=object),
-                              gene_names=np.array([f"g{i}" for i in range(7)], dtype=object),
-                              target_sum=1e4, n_genes_input=50)
-    adata = build_embedding_anndata(index, morph, model_name="toy", model_version="3",
-                                    morph_aug=aug, expr=expr, expr_params=params,
-                                    uns={"patches": "proj/cmu/tiles"})
+    params = ExpressionParams(
+        gene_ids=np.array([f"G{i}" for i in range(7)], dtype=object),
+        gene_names=np.array([f"g{i}" for i in range(7)], dtype=object),
+        target_sum=1e4,
+        n_genes_input=50,
+    )
+    adata = build_embedding_anndata(
+        index,
+        morph,
+        model_name="toy",
+        model_version="3",
+        morph_aug=aug,
+        expr=expr,
+        expr_params=params,
+        uns={"patches": "proj/cmu/tiles"},
+    )
     assert list(adata.obs_names) == list(index["id"]) and adata.obs_names.name == "barcode"
-    for column in ("array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres",
-                   "in_tissue"):
+    for column in (
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+        "in_tissue",
+    ):
         assert column in adata.obs.columns
     assert "chunk" not in adata.obs.columns
     assert adata.obsm["X_morph_aug"].shape == (n, 3, 5)
@@ -111,8 +131,9 @@ def test_build_write_read_round_trip(tmp_path: Path, patches: PatchSet) -> None:
 
 def _fake_counts(path: Path, barcodes: list[str], n_genes: int = 60) -> Path:
     rng = np.random.default_rng(0)
-    counts = sp.csr_matrix(rng.poisson(rng.gamma(2, 1, n_genes), (len(barcodes), n_genes))
-                           .astype(np.float32))
+    counts = sp.csr_matrix(
+        rng.poisson(rng.gamma(2, 1, n_genes), (len(barcodes), n_genes)).astype(np.float32)
+    )
     var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(n_genes)])
     anndata.AnnData(X=counts, obs=pd.DataFrame(index=barcodes[::-1]), var=var).write_h5ad(path)
     return path
@@ -125,12 +146,25 @@ def test_embed_dataset_handcrafted_with_expression_and_views(
     index = PatchSet.open(store, tiles.prefix).index
     counts = _fake_counts(tmp_path / "counts.h5ad", list(index["id"])[::-1])  # other order
     progress: list[tuple[int, int]] = []
-    result = embed_dataset(store, tiles.prefix, HandcraftedEmbedder(), "proj/cmu/emb/hc.h5ad",
-                           n_augment=2, seed=1, expression=counts, n_top_genes=20, n_pcs=5,
-                           on_progress=lambda d, t: progress.append((d, t)))
+    result = embed_dataset(
+        store,
+        tiles.prefix,
+        HandcraftedEmbedder(),
+        "proj/cmu/emb/hc.h5ad",
+        n_augment=2,
+        seed=1,
+        expression=counts,
+        n_top_genes=20,
+        n_pcs=5,
+        on_progress=lambda d, t: progress.append((d, t)),
+    )
     n = tiles.n_patches
     assert (result.n, result.n_views, result.expr_dim) == (n, 3, 5)
-    assert progress[0] == (0, n) and progress[-1] == (n, n) and len(progress) == 1 + len(tiles.patch_keys)
+    assert (
+        progress[0] == (0, n)
+        and progress[-1] == (n, n)
+        and len(progress) == 1 + len(tiles.patch_keys)
+    )
     adata = read_embeddings(store, result.key)
     assert adata.n_obs == n and set(adata.obs_names) == set(index["id"])
     assert adata.obsm["X_morph"].shape == (n, HandcraftedEmbedder().dim)
@@ -167,8 +201,7 @@ def test_embed_dataset_with_the_onnx_model(
 
 
 def test_patch_size_must_fit_the_model(
-    visium_patches: tuple[LocalArtifactStore, TilingResult], tmp_path: Path,
-    export_tool: object
+    visium_patches: tuple[LocalArtifactStore, TilingResult], tmp_path: Path, export_tool: object
 ) -> None:
     from tests.embedding.models import small_cnn
 

@@ -83,23 +83,47 @@ def test_unreachable_triton_retries_then_raises_unavailable() -> None:
 
 
 def test_output_shape_check() -> None:
-    io = ModelIO.from_shapes("m", input_name="pixels", input_dtype="UINT8",
-                             input_shape=[224, 224, 3], output_name="embedding", output_shape=[8])
+    io = ModelIO.from_shapes(
+        "m",
+        input_name="pixels",
+        input_dtype="UINT8",
+        input_shape=[224, 224, 3],
+        output_name="embedding",
+        output_shape=[8],
+    )
     assert io.check_output(np.zeros((4, 8), np.float32), 4, 8).shape == (4, 8)
     for bad in (np.zeros((3, 8)), np.zeros((4, 7)), np.zeros((4, 8, 1)), None):
         with pytest.raises(EmbeddingShapeError):
             io.check_output(bad, 4, 8)
     with pytest.raises(EmbeddingShapeError, match="per-item shape"):
-        ModelIO.from_shapes("m", input_name="x", input_dtype="FP32", input_shape=[224, 224],
-                            output_name="y", output_shape=[8])
+        ModelIO.from_shapes(
+            "m",
+            input_name="x",
+            input_dtype="FP32",
+            input_shape=[224, 224],
+            output_name="y",
+            output_shape=[8],
+        )
     with pytest.raises(EmbeddingShapeError, match="one vector"):
-        ModelIO.from_shapes("m", input_name="x", input_dtype="FP32", input_shape=[3, 224, 224],
-                            output_name="y", output_shape=[197, 768])
+        ModelIO.from_shapes(
+            "m",
+            input_name="x",
+            input_dtype="FP32",
+            input_shape=[3, 224, 224],
+            output_name="y",
+            output_shape=[197, 768],
+        )
 
 
 def test_float_nchw_models_get_normalised_input() -> None:
-    io = ModelIO.from_shapes("m", input_name="x", input_dtype="TYPE_FP32",
-                             input_shape=[3, 4, 4], output_name="y", output_shape=[-1])
+    io = ModelIO.from_shapes(
+        "m",
+        input_name="x",
+        input_dtype="TYPE_FP32",
+        input_shape=[3, 4, 4],
+        output_name="y",
+        output_shape=[-1],
+    )
     x = io.prepare(np.full((1, 4, 4, 3), 255, np.uint8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert x.shape == (1, 3, 4, 4) and x.dtype == np.float32
     np.testing.assert_allclose(x, 1.0)

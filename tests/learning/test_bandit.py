@@ -44,8 +44,13 @@ class _Poison(Strategy):
 
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         free = self.rows[~ctx.labelled[self.rows]]
-        pick = free[:k] if len(free) >= k else np.concatenate(
-            [free, rng.choice(np.setdiff1d(ctx.unlabelled, free), k - len(free), replace=False)])
+        pick = (
+            free[:k]
+            if len(free) >= k
+            else np.concatenate(
+                [free, rng.choice(np.setdiff1d(ctx.unlabelled, free), k - len(free), replace=False)]
+            )
+        )
         return Selection(indices=pick, scores=np.ones(len(pick)), strategy=self.name)
 
 
@@ -60,7 +65,9 @@ def _blobs(n_per: int = 300, seed: int = 0):
     return X.astype(np.float32), y, wrong
 
 
-def test_bandit_learns_to_avoid_an_arm_that_hurts_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bandit_learns_to_avoid_an_arm_that_hurts_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Margin against an arm that feeds contradicting labels: margin dominates, the bandit learns it."""
     from sklearn.linear_model import LogisticRegression
 
@@ -73,8 +80,13 @@ def test_bandit_learns_to_avoid_an_arm_that_hurts_the_model(monkeypatch: pytest.
     for round_ in range(1, 41):
         clf = LogisticRegression(max_iter=500).fit(X[labelled], y[labelled])
         P = clf.predict_proba(X).astype(np.float32)
-        ctx = QueryContext(features=X, labelled=labelled, probabilities=P, round=round_,
-                           labels=np.where(labelled, y, -1))
+        ctx = QueryContext(
+            features=X,
+            labelled=labelled,
+            probabilities=P,
+            round=round_,
+            labels=np.where(labelled, y, -1),
+        )
         state = json.loads(json.dumps(bandit.get_state()))  # what the loop stores between rounds
         bandit = get_strategy("bandit", arms=f"margin,{_Poison.name}", random_share=0.25)
         bandit.set_state(state)
@@ -92,8 +104,12 @@ def _ctx(n: int = 200, seed: int = 0, labelled: int = 20) -> QueryContext:
     P = r.dirichlet(np.ones(3), n).astype(np.float32)
     lab = np.zeros(n, bool)
     lab[:labelled] = True
-    return QueryContext(features=r.standard_normal((n, 5)).astype(np.float32), labelled=lab, probabilities=P,
-                        labels=np.where(lab, r.integers(0, 3, n), -1))
+    return QueryContext(
+        features=r.standard_normal((n, 5)).astype(np.float32),
+        labelled=lab,
+        probabilities=P,
+        labels=np.where(lab, r.integers(0, 3, n), -1),
+    )
 
 
 def test_state_round_trips_and_a_restored_bandit_chooses_as_the_original() -> None:
@@ -126,10 +142,19 @@ def test_registered_listed_and_checked() -> None:
     assert "bandit" in STRATEGIES
     info = next(i for i in list_strategies() if i.name == "bandit")
     assert info.needs_model and "arms" in info.parameters
-    for bad in ({"arms": "entropy"}, {"arms": "entropy,bandit"}, {"arms": "entropy,nope"},
-                {"random_share": 1.0}, {"gamma": 0.0}, {"eta": -1.0}):
+    for bad in (
+        {"arms": "entropy"},
+        {"arms": "entropy,bandit"},
+        {"arms": "entropy,nope"},
+        {"random_share": 1.0},
+        {"gamma": 0.0},
+        {"eta": -1.0},
+    ):
         with pytest.raises(InvalidArgument):
             get_strategy("bandit", **bad)
     with pytest.raises(Exception, match="needs model predictions"):
-        Bandit().select(QueryContext(features=np.zeros((5, 2)), labelled=np.zeros(5, bool)), 2,
-                        np.random.default_rng(0))
+        Bandit().select(
+            QueryContext(features=np.zeros((5, 2)), labelled=np.zeros(5, bool)),
+            2,
+            np.random.default_rng(0),
+        )

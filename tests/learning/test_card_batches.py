@@ -11,7 +11,9 @@ from histoloop.v1 import events_pb2
 from tests.learning.test_training_step import _setup
 
 
-def _at_version(step, msg: events_pb2.LabelsCommitted, version: int, batches: list[str]) -> events_pb2.LabelsCommitted:
+def _at_version(
+    step, msg: events_pb2.LabelsCommitted, version: int, batches: list[str]
+) -> events_pb2.LabelsCommitted:
     doc = json.loads(step.store.get("labels/p/v1.json"))
     doc["label_version"] = version
     doc["batches"] = [{"batch_id": b, "label_version": i} for i, b in enumerate(batches, start=1)]
@@ -28,7 +30,7 @@ def test_card_lists_coalesced_batches(tmp_path: Path) -> None:
     step, _bus, msg = _setup(tmp_path, ["neg", "pos"])
     # batches 1–3 arrived while training was busy: only the newest event is trained on
     step.on_labels(_at_version(step, msg, 3, ["a", "b", "c"]))
-    (_, card), = list_cards(step.store, "p")
+    ((_, card),) = list_cards(step.store, "p")
     assert list(card.label_batch_ids) == ["a", "b", "c"]
     assert card.extra["new_label_batch_ids"] == ["a", "b", "c"]
     step.on_labels(_at_version(step, msg, 4, ["a", "b", "c", "d"]))
@@ -40,5 +42,5 @@ def test_card_lists_coalesced_batches(tmp_path: Path) -> None:
 def test_old_snapshots_without_batches_fall_back_to_the_event(tmp_path: Path) -> None:
     step, _bus, msg = _setup(tmp_path, ["neg", "pos"])
     step.on_labels(msg)
-    (_, card), = list_cards(step.store, "p")
+    ((_, card),) = list_cards(step.store, "p")
     assert list(card.label_batch_ids) == ["b1"] and card.extra["new_label_batch_ids"] == ["b1"]

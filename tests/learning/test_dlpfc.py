@@ -68,8 +68,10 @@ def test_neighbour_mean_features_raise_macro_f1(dlpfc: dict[str, np.ndarray]) ->
     y = dlpfc["labels"][keep]
     plain = _cv_macro_f1(dlpfc["pcs"][keep], y)
     spatial = _cv_macro_f1(with_nb[keep], y)
-    print(f"\nDLPFC 151510, 5-fold logreg macro-F1 (30 PCs): {plain:.3f} without, "
-          f"{spatial:.3f} with neighbour-mean features (k=6)")
+    print(
+        f"\nDLPFC 151510, 5-fold logreg macro-F1 (30 PCs): {plain:.3f} without, "
+        f"{spatial:.3f} with neighbour-mean features (k=6)"
+    )
     assert spatial - plain > 0.1
 
 
@@ -95,8 +97,10 @@ def test_one_live_round_on_real_spots(dlpfc: dict[str, np.ndarray]) -> None:
     loop = time.perf_counter() - t0
     for (name, head), sec in timings.items():
         print(f"train {head:6s} on 500 labels, {name}: {sec:.2f} s")
-    print(f"predict 4,634 spots + activevisium query: {loop:.3f} s; "
-          f"validation macro-F1 of the 30-d MLP {mlp_model.validation['macro_f1']:.3f}")
+    print(
+        f"predict 4,634 spots + activevisium query: {loop:.3f} s; "
+        f"validation macro-F1 of the 30-d MLP {mlp_model.validation['macro_f1']:.3f}"
+    )
     assert len(sel) == 20 and not labelled[sel.indices].any()
     assert p.probabilities.shape == (4634, 7)
     assert timings[("30-d PCs", "logreg")] < 5.0  # generous: cores are shared

@@ -47,8 +47,10 @@ def test_mlp_architecture_matches_activevisium() -> None:
 
 def test_multimodal_architecture_and_shapes() -> None:
     r = np.random.default_rng(0)
-    X = {"image": r.standard_normal((40, 16)).astype(np.float32),
-         "genes": r.standard_normal((40, 30)).astype(np.float32)}
+    X = {
+        "image": r.standard_normal((40, 16)).astype(np.float32),
+        "genes": r.standard_normal((40, 30)).astype(np.float32),
+    }
     y = np.arange(40) % 3
     head = make_head("multimodal", n_classes=3, max_epochs=2)
     head.fit(X, y)
@@ -133,7 +135,9 @@ def test_warm_start_reuses_the_previous_weights() -> None:
     second = make_head("mlp", n_classes=3, lr=1e-12, max_epochs=1)
     report = second.fit(X, y, init_from=first)
     assert report.warm_started
-    for (k, a), b in zip(first.module.state_dict().items(), second.module.state_dict().values(), strict=True):
+    for (k, a), b in zip(
+        first.module.state_dict().items(), second.module.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
     cold = make_head("mlp", n_classes=3, lr=1e-12, max_epochs=1)
     assert not cold.fit(X, y).warm_started
@@ -159,8 +163,10 @@ def test_to_bytes_round_trip_gives_identical_probabilities(name: str) -> None:
     X, y = _toy(n_per=15, d=8)
     if name == "multimodal":
         X = {"image": X, "genes": X[:, :5] * 2}
-    head = make_head(name, n_classes=4, seed=1, max_epochs=2) if name != "logreg" else make_head(
-        "logreg", n_classes=4
+    head = (
+        make_head(name, n_classes=4, seed=1, max_epochs=2)
+        if name != "logreg"
+        else make_head("logreg", n_classes=4)
     )
     head.fit(X, y)
     data = head.to_bytes()

@@ -30,10 +30,18 @@ def _data(n_per: int = 40, d: int = 12, seed: int = 0):
 @pytest.mark.parametrize("head", ["mlp", "logreg"])
 def test_train_model_round_trip_and_predict(head: str) -> None:
     X, labels = _data()
-    model = train_model(X, labels, head=head, seed=3, hyperparameters={"max_epochs": 5} if head == "mlp" else None)
+    model = train_model(
+        X, labels, head=head, seed=3, hyperparameters={"max_epochs": 5} if head == "mlp" else None
+    )
     assert model.classes == ("Layer1", "Layer2", "WM")
     assert model.n_validation == 12 and model.n_train == 108
-    assert set(model.validation) >= {"macro_f1", "balanced_accuracy", "kappa", "accuracy", "per_class_f1"}
+    assert set(model.validation) >= {
+        "macro_f1",
+        "balanced_accuracy",
+        "kappa",
+        "accuracy",
+        "per_class_f1",
+    }
     assert model.feature_dims == {"features": 12} and model.training_seconds > 0
     again = TrainedModel.from_bytes(model.to_bytes())
     assert again.classes == model.classes and again.validation == model.validation
@@ -52,7 +60,11 @@ def test_train_model_with_schema_previous_resampling_and_ensemble() -> None:
     assert first.classes == tuple(classes)
     assert predict(first, X).probabilities.shape == (120, 4)
     second = train_model(
-        X, labels, classes=classes, previous=first, resampling="online",
+        X,
+        labels,
+        classes=classes,
+        previous=first,
+        resampling="online",
         hyperparameters={"max_epochs": 2},
     )
     assert second.fit_report["warm_started"] and second.resampling == "online"
@@ -88,7 +100,10 @@ def test_multimodal_transfer_reuses_source_scaling_and_reports_missing_genes() -
         "image": FeatureScaling.fit(X),
     }
     model = train_model(
-        {"image": X, "genes": counts}, labels, head="multimodal", scaling=scaling,
+        {"image": X, "genes": counts},
+        labels,
+        head="multimodal",
+        scaling=scaling,
         hyperparameters={"max_epochs": 2},
     )
     restored = TrainedModel.from_bytes(model.to_bytes())

@@ -9,7 +9,9 @@ from histoloop.acquisition.strategies import STRATEGIES, QueryContext, get_strat
 
 def test_coverage_cold_start_labels_a_five_spot_class_in_the_first_query() -> None:
     r = np.random.default_rng(0)
-    big = r.standard_normal((600, 8)) + np.repeat(np.eye(8)[:3] * 4, 200, axis=0)  # three big classes
+    big = r.standard_normal((600, 8)) + np.repeat(
+        np.eye(8)[:3] * 4, 200, axis=0
+    )  # three big classes
     small = r.standard_normal((5, 8)) * 0.5 + np.eye(8)[5] * 12  # a five-spot class far away
     X = np.vstack([big, small]).astype(np.float32)
     y = np.r_[np.repeat([0, 1, 2], 200), np.full(5, 3)]

@@ -30,7 +30,9 @@ from histoloop.v1 import common_pb2
 def _blobs(sizes: list[int], dim: int = 6, gap: float = 30.0, seed: int = 0):
     r = np.random.default_rng(seed)
     centres = np.eye(len(sizes), dim) * gap
-    X = np.concatenate([c + r.standard_normal((n, dim)) for c, n in zip(centres, sizes, strict=True)])
+    X = np.concatenate(
+        [c + r.standard_normal((n, dim)) for c, n in zip(centres, sizes, strict=True)]
+    )
     return X.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
 
 
@@ -122,7 +124,9 @@ def test_probcover_treats_labelled_spots_as_covered_and_tops_up() -> None:
     many = get_strategy("probcover", n_clusters=3).select(ctx, 30, np.random.default_rng(0))
     assert len(many) == 30 and not labelled[many.indices].any()
     # a pool larger than max_points is covered on a subsample: same answer here
-    sub = get_strategy("probcover", n_clusters=3, max_points=80).select(ctx, 2, np.random.default_rng(0))
+    sub = get_strategy("probcover", n_clusters=3, max_points=80).select(
+        ctx, 2, np.random.default_rng(0)
+    )
     assert sorted(blob[sub.indices].tolist()) == [1, 2]
     with pytest.raises(InvalidArgument, match="purity"):
         get_strategy("probcover", purity=1.0)
@@ -134,14 +138,20 @@ def test_probcover_treats_labelled_spots_as_covered_and_tops_up() -> None:
 def _two_class(seed: int = 0):
     r = np.random.default_rng(seed)
     y = np.repeat([0, 1], 60)
-    X = (np.c_[np.where(y == 0, -3.0, 3.0), np.zeros(len(y))] + r.standard_normal((len(y), 2)))
+    X = np.c_[np.where(y == 0, -3.0, 3.0), np.zeros(len(y))] + r.standard_normal((len(y), 2))
     return np.c_[X, r.standard_normal((len(y), 6))].astype(np.float32), y
 
 
 def test_mc_dropout_members_and_bald_favour_the_boundary() -> None:
     X, y = _two_class()
-    model = train_model(X, y.astype(str), head="mlp", seed=0, hyperparameters=dict(
-        dropout=0.25, mc_samples=16, lr=1e-2, max_epochs=40), validation_fraction=0.0)
+    model = train_model(
+        X,
+        y.astype(str),
+        head="mlp",
+        seed=0,
+        hyperparameters=dict(dropout=0.25, mc_samples=16, lr=1e-2, max_epochs=40),
+        validation_fraction=0.0,
+    )
     grid = np.zeros((41, 8), np.float32)
     grid[:, 0] = np.linspace(-6, 6, 41)
     p = predict(model, grid)
@@ -151,8 +161,12 @@ def test_mc_dropout_members_and_bald_favour_the_boundary() -> None:
     with torch.no_grad():
         out = export_torchscript(model)(torch.from_numpy(grid))
     assert np.allclose(out[2].numpy(), p.member_probabilities, atol=1e-5)
-    ctx = QueryContext(features=p.hidden, labelled=np.zeros(41, bool), probabilities=p.probabilities,
-                       member_probabilities=p.member_probabilities)
+    ctx = QueryContext(
+        features=p.hidden,
+        labelled=np.zeros(41, bool),
+        probabilities=p.probabilities,
+        member_probabilities=p.member_probabilities,
+    )
     sel = get_strategy("bald").select(ctx, 5, np.random.default_rng(0))
     assert np.abs(grid[sel.indices, 0]).max() <= 2.5  # near the boundary at 0, not the ends
 
@@ -181,13 +195,18 @@ def test_project_settings_reach_the_strategies() -> None:
     r = np.random.default_rng(0)
     n = 300
     P = _softmax(r.standard_normal((n, 3)) * 3)
-    ctx = QueryContext(features=r.standard_normal((n, 4)).astype(np.float32),
-                       labelled=np.zeros(n, bool), probabilities=P)
+    ctx = QueryContext(
+        features=r.standard_normal((n, 4)).astype(np.float32),
+        labelled=np.zeros(n, bool),
+        probabilities=P,
+    )
     u = -(P * np.log(P)).sum(axis=1)
     top = set(np.argsort(-u)[:8].tolist())
     full = get_strategy("hybrid", share=1.0).select(ctx, 8, np.random.default_rng(0))
     assert set(full.indices.tolist()) == top
-    quarter = get_strategy("hybrid", **strategy_options("hybrid", cfg)).select(ctx, 8, np.random.default_rng(0))
+    quarter = get_strategy("hybrid", **strategy_options("hybrid", cfg)).select(
+        ctx, 8, np.random.default_rng(0)
+    )
     assert set(quarter.indices[:2].tolist()) <= top
 
 
@@ -199,8 +218,12 @@ def test_stopping_thresholds_are_project_settings() -> None:
         cur = base.copy()
         cur[i * 20 : i * 20 + 20] = (cur[i * 20 : i * 20 + 20] + 1) % 4
         rounds.append(RoundPredictions(predicted=cur))
-    assert stopping_options(None) == {"max_change": 0.02, "min_kappa": 0.95, "patience": 2,
-                                      "max_uncertainty": None}
+    assert stopping_options(None) == {
+        "max_change": 0.02,
+        "min_kappa": 0.95,
+        "patience": 2,
+        "max_uncertainty": None,
+    }
     assert not recommend_stop(rounds, **stopping_options(common_pb2.LoopConfig())).stop
     loose = common_pb2.LoopConfig(stop_max_change=0.05, stop_min_kappa=0.9, stop_patience=3)
     assert stopping_options(loose)["patience"] == 3
@@ -226,19 +249,33 @@ def test_rater_disagreement_ranks_by_the_raters_models_then_entropy() -> None:
     dis[[10, 20]] = 0.5
     labelled = np.zeros(n, bool)
     labelled[5] = True
-    ctx = QueryContext(features=np.zeros((n, 2), np.float32), labelled=labelled, probabilities=probs,
-                       rater_disagreement=dis)
+    ctx = QueryContext(
+        features=np.zeros((n, 2), np.float32),
+        labelled=labelled,
+        probabilities=probs,
+        rater_disagreement=dis,
+    )
     sel = get_strategy("rater_disagreement").select(ctx, 5, np.random.default_rng(0))
-    assert sel.indices.tolist() == [7, 3, 20, 10, 39] and sel.note == ""  # ties: the more uncertain first
+    assert (
+        sel.indices.tolist() == [7, 3, 20, 10, 39] and sel.note == ""
+    )  # ties: the more uncertain first
     without = QueryContext(features=ctx.features, labelled=labelled, probabilities=probs)
     fallback = get_strategy("rater_disagreement").select(without, 5, np.random.default_rng(0))
     entropy = get_strategy("entropy").select(without, 5, np.random.default_rng(0))
     assert fallback.indices.tolist() == entropy.indices.tolist() == [39, 38, 37, 36, 35]
     assert "fewer than two annotators" in fallback.note
-    compact = QueryContext(features=ctx.features, labelled=labelled, probabilities=probs,
-                           positions=np.c_[np.arange(n), np.zeros(n)])
-    assert "entropy instead" in get_strategy("rater_disagreement", compactness=0.5).select(
-        compact, 3, np.random.default_rng(0)).note
+    compact = QueryContext(
+        features=ctx.features,
+        labelled=labelled,
+        probabilities=probs,
+        positions=np.c_[np.arange(n), np.zeros(n)],
+    )
+    assert (
+        "entropy instead"
+        in get_strategy("rater_disagreement", compactness=0.5)
+        .select(compact, 3, np.random.default_rng(0))
+        .note
+    )
     with pytest.raises(InvalidArgument, match="rater_disagreement"):
         QueryContext(features=ctx.features, labelled=labelled, rater_disagreement=np.zeros(3))
 
@@ -250,12 +287,21 @@ def test_rater_disagreement_finds_where_two_raters_styles_differ() -> None:
     X = r.uniform(-1, 1, (600, 2)).astype(np.float32)
     by_x, by_y = (X[:, 0] > 0).astype(int), (X[:, 1] > 0).astype(int)  # two raters, two borders
     train = np.arange(300)
-    model = fit_rater_model(np.r_[X[train], X[train]], ["x"] * 300 + ["y"] * 300, np.r_[by_x[train], by_y[train]],
-                            n_classes=2, seed=0)
+    model = fit_rater_model(
+        np.r_[X[train], X[train]],
+        ["x"] * 300 + ["y"] * 300,
+        np.r_[by_x[train], by_y[train]],
+        n_classes=2,
+        seed=0,
+    )
     labelled = np.zeros(len(X), bool)
     labelled[train] = True
-    ctx = QueryContext(features=X, labelled=labelled, probabilities=np.full((len(X), 2), 0.5, np.float32),
-                       rater_disagreement=model.disagreement(X))
+    ctx = QueryContext(
+        features=X,
+        labelled=labelled,
+        probabilities=np.full((len(X), 2), 0.5, np.float32),
+        rater_disagreement=model.disagreement(X),
+    )
     sel = get_strategy("rater_disagreement").select(ctx, 40, np.random.default_rng(0))
     # the raters differ in the quadrants where exactly one coordinate is positive
     assert (by_x[sel.indices] != by_y[sel.indices]).mean() >= 0.95

@@ -44,7 +44,9 @@ def test_harmony_brings_the_same_class_of_two_sections_together() -> None:
     x = np.r_[a, b].astype(np.float64)
     x = (x - x.mean(axis=0)) / x.std(axis=0)
     pcs = x @ np.linalg.svd(x, full_matrices=False)[2][:10].T
-    before = np.linalg.norm(_class_means(pcs[:300], ya) - _class_means(pcs[300:], yb), axis=1).mean()
+    before = np.linalg.norm(
+        _class_means(pcs[:300], ya) - _class_means(pcs[300:], yb), axis=1
+    ).mean()
     after = np.linalg.norm(_class_means(za, ya) - _class_means(zb, yb), axis=1).mean()
     apart = np.linalg.norm(_class_means(za, ya)[0] - _class_means(za, ya)[1])
     assert after < 0.3 * before  # same class, two sections: brought together
@@ -58,14 +60,25 @@ def _project(tmp_path: Path):
     a, ya, b, yb = _sections()
     uris, truth = [], {}
     for name, x, y in (("d1", a, ya), ("d2", b, yb)):
-        obs = pd.DataFrame({"array_row": np.arange(len(x)) // 20, "array_col": np.arange(len(x)) % 20 * 2},
-                           index=[f"{name}-{i}" for i in range(len(x))])
-        uris.append(write_anndata(store, f"embeddings/p/{name}/e.h5ad", ad.AnnData(obs=obs, obsm={"X_expr": x})))
+        obs = pd.DataFrame(
+            {"array_row": np.arange(len(x)) // 20, "array_col": np.arange(len(x)) % 20 * 2},
+            index=[f"{name}-{i}" for i in range(len(x))],
+        )
+        uris.append(
+            write_anndata(
+                store, f"embeddings/p/{name}/e.h5ad", ad.AnnData(obs=obs, obsm={"X_expr": x})
+            )
+        )
         truth[name] = {f"{name}-{i}": f"c{c}" for i, c in enumerate(y)}
     labelled = {k: v for k, v in list(truth["d1"].items())[:150]}  # labels on section 1 only
-    doc = {"project": "p", "label_version": 1, "consensus": "majority", "n_labelled_spots": 150,
-           "classes": [{"name": c, "color": ""} for c in ("c0", "c1", "c2")],
-           "datasets": {"d1": {"labels": labelled, "disagreement": {}}}}
+    doc = {
+        "project": "p",
+        "label_version": 1,
+        "consensus": "majority",
+        "n_labelled_spots": 150,
+        "classes": [{"name": c, "color": ""} for c in ("c0", "c1", "c2")],
+        "datasets": {"d1": {"labels": labelled, "disagreement": {}}},
+    }
     store.put("labels/p/v1.json", json.dumps(doc).encode())
     return store, uris, truth
 
@@ -73,19 +86,29 @@ def _project(tmp_path: Path):
 def test_training_and_prediction_share_the_integration(tmp_path: Path) -> None:
     store, uris, truth = _project(tmp_path)
     bus = EmbeddedBus(tmp_path / "events.sqlite")
-    config = common_pb2.LoopConfig(head="logreg", features=common_pb2.FEATURE_SET_EXPRESSION, harmony=True)
+    config = common_pb2.LoopConfig(
+        head="logreg", features=common_pb2.FEATURE_SET_EXPRESSION, harmony=True
+    )
     msg = events_pb2.LabelsCommitted(
-        meta=events.new_meta(project="p", producer="test"), batch_id="b1", label_version=1,
-        labels_uri=store.uri("labels/p/v1.json"), embeddings_uris=uris, classes=["c0", "c1", "c2"], config=config)
+        meta=events.new_meta(project="p", producer="test"),
+        batch_id="b1",
+        label_version=1,
+        labels_uri=store.uri("labels/p/v1.json"),
+        embeddings_uris=uris,
+        classes=["c0", "c1", "c2"],
+        config=config,
+    )
     TrainingStep(store, bus).on_labels(msg)
-    (uri, card), = list_cards(store, "p")
+    ((uri, card),) = list_cards(store, "p")
     assert card.extra["harmony"] is True and card.input_dim == 30  # 30 integrated PCs
     assert len(list(store.list("integration/"))) == 1  # computed once, read back by prediction
     predictions = PredictionStep(store, bus).predict_datasets(load_model(store, uri), uris)
     assert len(list(store.list("integration/"))) == 1
     on_d2 = predictions.datasets == "d2"
     names = np.asarray(predictions.classes)[predictions.probabilities[on_d2].argmax(axis=1)]
-    accuracy = np.mean([names[i] == truth["d2"][b] for i, b in enumerate(predictions.barcodes[on_d2])])
+    accuracy = np.mean(
+        [names[i] == truth["d2"][b] for i, b in enumerate(predictions.barcodes[on_d2])]
+    )
     assert accuracy > 0.9  # the unlabelled second section, through the integrated features
     blocks = project_feature_blocks(store, uris[:1], config.features, harmony=True)
     assert blocks[0]["genes"].shape == (300, 40)  # one dataset: nothing to integrate

@@ -17,14 +17,25 @@ def test_the_rater_head_learns_two_raters_styles_the_consensus_cannot() -> None:
     by_x = (X[:, 0] > 0).astype(int)  # rater "x" splits left/right
     by_y = (X[:, 1] > 0).astype(int)  # rater "y" splits bottom/top
     train, test = np.arange(400), np.arange(400, 600)
-    model = fit_rater_model(np.r_[X[train], X[train]], ["x"] * 400 + ["y"] * 400,
-                            np.r_[by_x[train], by_y[train]], n_classes=2, epochs=80, lr=3e-3)
+    model = fit_rater_model(
+        np.r_[X[train], X[train]],
+        ["x"] * 400 + ["y"] * 400,
+        np.r_[by_x[train], by_y[train]],
+        n_classes=2,
+        epochs=80,
+        lr=3e-3,
+    )
     acc_x = (model.predict_proba(X[test], "x").argmax(1) == by_x[test]).mean()
     acc_y = (model.predict_proba(X[test], "y").argmax(1) == by_y[test]).mean()
     assert acc_x > 0.9 and acc_y > 0.9
     # one model on both raters' labels (the consensus view) cannot be right for both
-    pooled = train_model(np.r_[X[train], X[train]], np.r_[by_x[train], by_y[train]].astype(str), head="mlp",
-                         hyperparameters={"lr": 3e-3, "max_epochs": 20, "batch_size": 64}, validation_fraction=0.0)
+    pooled = train_model(
+        np.r_[X[train], X[train]],
+        np.r_[by_x[train], by_y[train]].astype(str),
+        head="mlp",
+        hyperparameters={"lr": 3e-3, "max_epochs": 20, "batch_size": 64},
+        validation_fraction=0.0,
+    )
     p = predict(pooled, X[test]).predicted
     assert min((p == by_x[test]).mean(), (p == by_y[test]).mean()) < 0.8
     # where the styles differ (the x>0, y<0 and x<0, y>0 quadrants) the raters' models disagree

@@ -28,7 +28,9 @@ def test_region_is_the_connected_component_of_the_clicked_class() -> None:
     # a tear in the tissue: the same class across a gap is another region
     torn = pos.copy()
     torn[c >= 3, 0] += 10
-    assert set(propose_region(torn, labels, clicked=0, k=4).tolist()) == set(np.flatnonzero(c < 3).tolist())
+    assert set(propose_region(torn, labels, clicked=0, k=4).tolist()) == set(
+        np.flatnonzero(c < 3).tolist()
+    )
     assert len(propose_region(pos, labels, clicked=0, k=4, max_units=7)) == 7
 
 
@@ -38,8 +40,15 @@ def test_region_follows_the_raters_model() -> None:
     pos = visium_array_positions(rr, cc * 2 + (rr % 2))
     X = np.c_[cc, rr].astype(np.float32)
     early, late = (cc >= 4).astype(int), (cc >= 8).astype(int)
-    model = fit_rater_model(np.r_[X, X], ["early"] * len(X) + ["late"] * len(X), np.r_[early, late],
-                            n_classes=2, epochs=100, lr=1e-2, batch_size=128)
+    model = fit_rater_model(
+        np.r_[X, X],
+        ["early"] * len(X) + ["late"] * len(X),
+        np.r_[early, late],
+        n_classes=2,
+        epochs=100,
+        lr=1e-2,
+        batch_size=128,
+    )
     for rater, border in (("early", 4), ("late", 8)):
         predicted = model.predict_proba(X, rater).argmax(axis=1)
         region = propose_region(pos, predicted, clicked=0)

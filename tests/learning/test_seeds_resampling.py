@@ -14,7 +14,10 @@ from histoloop.training.pipeline import train_model
 def _imbalanced(seed: int = 0):
     r = np.random.default_rng(seed)
     y = np.r_[np.zeros(180, int), np.ones(20, int)]
-    X = np.c_[np.where(y == 0, -2.0, 2.0)[:, None] + r.standard_normal((200, 1)), r.standard_normal((200, 7))]
+    X = np.c_[
+        np.where(y == 0, -2.0, 2.0)[:, None] + r.standard_normal((200, 1)),
+        r.standard_normal((200, 7)),
+    ]
     return X.astype(np.float32), y
 
 
@@ -35,12 +38,21 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def test_online_reclusters_the_current_hidden_layer_every_k_epochs(spy) -> None:
     X, y = _imbalanced()
-    head = heads.make_head("mlp", n_classes=2, max_epochs=12, lr=1e-2, resampling="online",
-                           resampling_every=4, resampling_clusters=4)
+    head = heads.make_head(
+        "mlp",
+        n_classes=2,
+        max_epochs=12,
+        lr=1e-2,
+        resampling="online",
+        resampling_every=4,
+        resampling_clusters=4,
+    )
     head.fit(X, y)
     assert len(spy) == 3  # epochs 1, 5, 9
     latents = [c[0] for c in spy]
-    assert all(latent.shape == (200, 128) for latent in latents)  # the hidden layer, every labelled spot
+    assert all(
+        latent.shape == (200, 128) for latent in latents
+    )  # the hidden layer, every labelled spot
     assert not np.allclose(latents[0], latents[1])  # the latent moved with training
     for _, w in spy:  # each cluster of the current latent gets the same total weight
         assert w.sum() == pytest.approx(1.0)
@@ -61,12 +73,21 @@ def test_off_draws_uniformly(spy) -> None:
 
 def test_train_model_passes_the_mode_to_the_torch_heads(spy) -> None:
     X, y = _imbalanced()
-    model = train_model(X, y.astype(str), head="mlp", resampling="online", resampling_every=2,
-                        hyperparameters={"max_epochs": 4}, validation_fraction=0.0)
+    model = train_model(
+        X,
+        y.astype(str),
+        head="mlp",
+        resampling="online",
+        resampling_every=2,
+        hyperparameters={"max_epochs": 4},
+        validation_fraction=0.0,
+    )
     assert model.resampling == "online" and model.hyperparameters["resampling_every"] == 2
     assert model.hyperparameters["class_weighting"] is False  # the evidence-based pairing
     assert len(spy) == 2
-    logreg = train_model(X, y.astype(str), head="logreg", resampling="offline", validation_fraction=0.0)
+    logreg = train_model(
+        X, y.astype(str), head="logreg", resampling="offline", validation_fraction=0.0
+    )
     assert logreg.resampling == "offline"  # fixed weights outside the fit, as before
 
 

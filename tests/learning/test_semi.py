@@ -46,7 +46,9 @@ def test_a_small_class_is_not_swamped_by_a_large_one() -> None:
     positions, _ = _strip(60)
     y = np.zeros(len(positions), np.int64)
     y[positions[:, 0] >= 54] = 1  # 12 of 120 spots
-    graph = combined_graph(np.zeros((len(y), 1)), positions, feature_neighbours=0, spatial_neighbours=3)
+    graph = combined_graph(
+        np.zeros((len(y), 1)), positions, feature_neighbours=0, spatial_neighbours=3
+    )
     labelled = np.zeros(len(y), bool)
     labelled[[0, 10, 20, 30, 40, 59]] = True  # five labels of the big class, one of the small
     spread = label_spreading(graph, labelled, y, 2, alpha=0.99, iterations=200, balanced=True)
@@ -54,8 +56,9 @@ def test_a_small_class_is_not_swamped_by_a_large_one() -> None:
 
 
 def test_unreached_spots_stay_uncertain_and_bad_settings_are_named() -> None:
-    graph = combined_graph(np.array([[0.0], [0.1], [10.0], [10.1]]), None, feature_neighbours=1,
-                           spatial_neighbours=0)
+    graph = combined_graph(
+        np.array([[0.0], [0.1], [10.0], [10.1]]), None, feature_neighbours=1, spatial_neighbours=0
+    )
     spread = label_spreading(graph, np.array([True, False, False, False]), np.zeros(4, np.int64), 2)
     assert np.allclose(spread[2:], 0.5)  # the other component got no label
     assert pseudo_labels(spread, np.array([True, False, False, False]), 0.9)[0].tolist() == [1]

@@ -130,7 +130,10 @@ def test_kmeans_picks_one_per_well_separated_cluster() -> None:
         means = np.stack([Z[truth == c].mean(axis=0) for c in range(6)])
         dist = np.linalg.norm(Z - means[truth], axis=1)
         picked = dist[sel.indices]
-        assert all((dist[truth == truth[i]] < d).mean() < 0.1 for i, d in zip(sel.indices, picked, strict=True))
+        assert all(
+            (dist[truth == truth[i]] < d).mean() < 0.1
+            for i, d in zip(sel.indices, picked, strict=True)
+        )
 
 
 def test_activevisium_never_returns_labelled_and_returns_exactly_k() -> None:
@@ -156,7 +159,9 @@ def test_activevisium_restricts_to_the_uncertain_pool() -> None:
     n = 1000
     r = _rng(2)
     P = _softmax(r.standard_normal((n, 4)) * 4)
-    ctx = QueryContext(features=r.standard_normal((n, 6)), labelled=np.zeros(n, bool), probabilities=P)
+    ctx = QueryContext(
+        features=r.standard_normal((n, 6)), labelled=np.zeros(n, bool), probabilities=P
+    )
     sel = get_strategy("activevisium", top_fraction=0.05).select(ctx, 10, _rng())
     pool = np.argsort(-uncertainty(P, "entropy"), kind="stable")[:50]
     assert set(sel.indices.tolist()) <= set(pool.tolist())
@@ -311,7 +316,9 @@ def test_bad_context_and_k_are_rejected() -> None:
     with pytest.raises(InvalidArgument, match="labelled"):
         QueryContext(features=np.zeros((5, 2)), labelled=np.zeros(4, bool))
     with pytest.raises(InvalidArgument, match="probabilities"):
-        QueryContext(features=np.zeros((5, 2)), labelled=np.zeros(5, bool), probabilities=np.ones((4, 3)))
+        QueryContext(
+            features=np.zeros((5, 2)), labelled=np.zeros(5, bool), probabilities=np.ones((4, 3))
+        )
     ctx = _random_ctx(n=20)
     for k in (0, -1, 2.5, True):
         with pytest.raises(InvalidArgument, match="k"):

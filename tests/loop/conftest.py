@@ -22,7 +22,9 @@ LAYERS = ["Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(load_settings(data_dir=tmp_path_factory.mktemp("loop"), grpc_port=0, metrics_port=0))
+    srv = Server(
+        load_settings(data_dir=tmp_path_factory.mktemp("loop"), grpc_port=0, metrics_port=0)
+    )
     srv.start()
     yield srv
     srv.stop(5)
@@ -49,9 +51,13 @@ def dlpfc(shared_data: Path) -> tuple[Path, pd.Series]:
 class Watch:
     """Query sets of one project as WatchQuerySets streams them."""
 
-    def __init__(self, stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub, project: str) -> None:
+    def __init__(
+        self, stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub, project: str
+    ) -> None:
         self.arrivals: queue.Queue = queue.Queue()
-        self._stream = stub.WatchQuerySets(pb.WatchQuerySetsRequest(project_id=project, include_latest=True))
+        self._stream = stub.WatchQuerySets(
+            pb.WatchQuerySetsRequest(project_id=project, include_latest=True)
+        )
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -73,17 +79,31 @@ class Watch:
 
 def start_project(stub, folder: Path, project: str, **config) -> Watch:
     """Create a DLPFC project, start watching it, register the sample."""
-    stub.CreateProject(pb.CreateProjectRequest(
-        project_id=project, name=project, classes=[common_pb2.ClassDef(name=n) for n in LAYERS],
-        config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION, **config)))
+    stub.CreateProject(
+        pb.CreateProjectRequest(
+            project_id=project,
+            name=project,
+            classes=[common_pb2.ClassDef(name=n) for n in LAYERS],
+            config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION, **config),
+        )
+    )
     watch = Watch(stub, project)
-    stub.RegisterDataset(pb.RegisterDatasetRequest(
-        project_id=project, dataset_id="151510", kind=common_pb2.DATASET_KIND_VISIUM,
-        spatial_dir=str(folder / "spatial"), expression_path=str(folder / "dlpfc151510_500genes.h5ad")))
+    stub.RegisterDataset(
+        pb.RegisterDatasetRequest(
+            project_id=project,
+            dataset_id="151510",
+            kind=common_pb2.DATASET_KIND_VISIUM,
+            spatial_dir=str(folder / "spatial"),
+            expression_path=str(folder / "dlpfc151510_500genes.h5ad"),
+        )
+    )
     return watch
 
 
 def answer(query_set: pb.QuerySet, truth: pd.Series) -> list[pb.SpotLabel]:
     """The pathologist's answers (the manual layer annotation)."""
-    return [pb.SpotLabel(barcode=s.barcode, label=truth[s.barcode]) for s in query_set.spots
-            if s.barcode in truth.index]
+    return [
+        pb.SpotLabel(barcode=s.barcode, label=truth[s.barcode])
+        for s in query_set.spots
+        if s.barcode in truth.index
+    ]

@@ -40,10 +40,22 @@ def test_every_strategy_is_listed_with_whether_it_needs_a_model() -> None:
     from histoloop.simulation.campaign import default_strategies
 
     expected = {
-        "activevisium": True, "bald": True, "bandit": True, "coldstart_kmeans": False, "coverage": False,
-        "coreset": True, "entropy": True, "hybrid": True, "kmeans": True, "kmeans_far": True,
-        "least_confidence": True, "margin": True, "probcover": False, "random": False,
-        "rater_disagreement": True, "typiclust": False,
+        "activevisium": True,
+        "bald": True,
+        "bandit": True,
+        "coldstart_kmeans": False,
+        "coverage": False,
+        "coreset": True,
+        "entropy": True,
+        "hybrid": True,
+        "kmeans": True,
+        "kmeans_far": True,
+        "least_confidence": True,
+        "margin": True,
+        "probcover": False,
+        "random": False,
+        "rater_disagreement": True,
+        "typiclust": False,
     }
     assert dict(vocab.STRATEGY_NEEDS_MODEL) == expected
     assert {s.name: s.needs_model for s in list_strategies()} == expected

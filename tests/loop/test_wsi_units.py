@@ -17,12 +17,22 @@ CLASSES = ("tumour", "stroma", "background")
 
 def test_a_wsi_loop_runs_on_its_tiles(server, store, shared_data) -> None:
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
-    store.CreateProject(pb.CreateProjectRequest(
-        project_id="wsi-a", classes=[common_pb2.ClassDef(name=n) for n in CLASSES],
-        config=common_pb2.LoopConfig(query_size=6, head="logreg", seed=2)))
+    store.CreateProject(
+        pb.CreateProjectRequest(
+            project_id="wsi-a",
+            classes=[common_pb2.ClassDef(name=n) for n in CLASSES],
+            config=common_pb2.LoopConfig(query_size=6, head="logreg", seed=2),
+        )
+    )
     watch = Watch(store, "wsi-a")
-    store.RegisterDataset(pb.RegisterDatasetRequest(
-        project_id="wsi-a", dataset_id="cmu", kind=common_pb2.DATASET_KIND_WSI, slide_path=str(slide)))
+    store.RegisterDataset(
+        pb.RegisterDatasetRequest(
+            project_id="wsi-a",
+            dataset_id="cmu",
+            kind=common_pb2.DATASET_KIND_WSI,
+            slide_path=str(slide),
+        )
+    )
     cold = watch.next_round(-1)
     assert cold.round == 0 and len(cold.spots) == 6
     assert all(s.barcode.startswith("r") and "_c" in s.barcode for s in cold.spots)
@@ -39,9 +49,14 @@ def test_a_wsi_loop_runs_on_its_tiles(server, store, shared_data) -> None:
     dataset = store.ListDatasets(pb.ListDatasetsRequest(project_id="wsi-a")).datasets[0]
     assert dataset.n_spots == dataset.n_in_tissue == len(layout.units)
 
-    labels = [pb.SpotLabel(barcode=s.barcode, label=CLASSES[i % 3]) for i, s in enumerate(cold.spots)]
-    reply = store.SubmitLabels(pb.SubmitLabelsRequest(
-        project_id="wsi-a", dataset_id="cmu", batch_id="tiles-1", labels=labels))
+    labels = [
+        pb.SpotLabel(barcode=s.barcode, label=CLASSES[i % 3]) for i, s in enumerate(cold.spots)
+    ]
+    reply = store.SubmitLabels(
+        pb.SubmitLabelsRequest(
+            project_id="wsi-a", dataset_id="cmu", batch_id="tiles-1", labels=labels
+        )
+    )
     assert reply.n_labels == 6
     first = watch.next_round(0)
     watch.close()
@@ -50,8 +65,11 @@ def test_a_wsi_loop_runs_on_its_tiles(server, store, shared_data) -> None:
     status = store.GetStatus(pb.GetStatusRequest(project_id="wsi-a"))
     assert status.n_spots == len(layout.units) and status.n_labelled == 6
     assert dict(status.labelled_per_class) == {c: 2 for c in CLASSES}
-    predictions = store.ExportLabels(pb.ExportLabelsRequest(
-        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_PREDICTIONS))
+    predictions = store.ExportLabels(
+        pb.ExportLabelsRequest(
+            project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_PREDICTIONS
+        )
+    )
     rows = predictions.csv.decode().splitlines()[1:]
     assert len(rows) == len(layout.units)
     assert {r.split(",")[1] for r in rows} <= {*CLASSES, "help"}
@@ -75,8 +93,14 @@ def test_geojson_round_trip_and_query_picture_on_tiles(server, store, shared_dat
 
     from PIL import Image
 
-    export = store.ExportLabels(pb.ExportLabelsRequest(
-        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_LABELS, format=pb.EXPORT_FORMAT_GEOJSON))
+    export = store.ExportLabels(
+        pb.ExportLabelsRequest(
+            project_id="wsi-a",
+            dataset_id="cmu",
+            kind=pb.EXPORT_KIND_LABELS,
+            format=pb.EXPORT_FORMAT_GEOJSON,
+        )
+    )
     doc = json.loads(export.content)
     assert export.media_type == "application/geo+json" and export.filename.endswith(".geojson")
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == export.n_rows == 6
@@ -86,20 +110,46 @@ def test_geojson_round_trip_and_query_picture_on_tiles(server, store, shared_dat
     ring = feature["geometry"]["coordinates"][0]
     assert len(ring) == 5 and ring[0] == ring[-1]  # a closed square
     before = store.ExportLabels(pb.ExportLabelsRequest(project_id="wsi-a", dataset_id="cmu")).csv
-    again = store.ImportGeoJson(pb.ImportGeoJsonRequest(
-        project_id="wsi-a", dataset_id="cmu", batch_id="geo-back", geojson=export.content))
+    again = store.ImportGeoJson(
+        pb.ImportGeoJsonRequest(
+            project_id="wsi-a", dataset_id="cmu", batch_id="geo-back", geojson=export.content
+        )
+    )
     assert again.n_labels == 6
-    assert store.ExportLabels(pb.ExportLabelsRequest(project_id="wsi-a", dataset_id="cmu")).csv == before
+    assert (
+        store.ExportLabels(pb.ExportLabelsRequest(project_id="wsi-a", dataset_id="cmu")).csv
+        == before
+    )
 
-    query = store.ExportLabels(pb.ExportLabelsRequest(
-        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_QUERY_SET, format=pb.EXPORT_FORMAT_GEOJSON))
+    query = store.ExportLabels(
+        pb.ExportLabelsRequest(
+            project_id="wsi-a",
+            dataset_id="cmu",
+            kind=pb.EXPORT_KIND_QUERY_SET,
+            format=pb.EXPORT_FORMAT_GEOJSON,
+        )
+    )
     features = json.loads(query.content)["features"]
     assert [f["properties"]["measurements"]["query_rank"] for f in features] == list(range(1, 7))
     assert {f["properties"]["classification"]["name"] for f in features} == {"help"}
-    png = store.ExportLabels(pb.ExportLabelsRequest(
-        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_QUERY_SET, format=pb.EXPORT_FORMAT_PNG))
+    png = store.ExportLabels(
+        pb.ExportLabelsRequest(
+            project_id="wsi-a",
+            dataset_id="cmu",
+            kind=pb.EXPORT_KIND_QUERY_SET,
+            format=pb.EXPORT_FORMAT_PNG,
+        )
+    )
     image = Image.open(io.BytesIO(png.content))
     assert png.media_type == "image/png" and png.n_rows == 6 and max(image.size) >= 1000
-    predictions = store.ExportLabels(pb.ExportLabelsRequest(
-        project_id="wsi-a", dataset_id="cmu", kind=pb.EXPORT_KIND_PREDICTIONS, format=pb.EXPORT_FORMAT_GEOJSON))
-    assert {f["properties"]["objectType"] for f in json.loads(predictions.content)["features"]} == {"detection"}
+    predictions = store.ExportLabels(
+        pb.ExportLabelsRequest(
+            project_id="wsi-a",
+            dataset_id="cmu",
+            kind=pb.EXPORT_KIND_PREDICTIONS,
+            format=pb.EXPORT_FORMAT_GEOJSON,
+        )
+    )
+    assert {f["properties"]["objectType"] for f in json.loads(predictions.content)["features"]} == {
+        "detection"
+    }

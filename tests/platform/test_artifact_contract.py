@@ -58,7 +58,13 @@ def _minio_store(s3, bucket: str, **kwargs) -> MinioArtifactStore:
 
 
 def _raw_client(s3) -> Minio:
-    return Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=False, region=s3.region)
+    return Minio(
+        s3.endpoint,
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        secure=False,
+        region=s3.region,
+    )
 
 
 @pytest.fixture(params=["local", "minio"], ids=["local", "minio"])
@@ -90,7 +96,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 class PatternReader(io.RawIOBase):
     """``size`` bytes of a seeded pseudo-random block repeated, made on demand (never all in memory)."""
 
-    def __init__(self, size: int, *, seed: int = 7, block: int = 1 * MiB + 17, max_read: int | None = None) -> None:
+    def __init__(
+        self, size: int, *, seed: int = 7, block: int = 1 * MiB + 17, max_read: int | None = None
+    ) -> None:
         super().__init__()
         self._block = random.Random(seed).randbytes(block)
         self._size = size
@@ -125,7 +133,9 @@ def sha_of_pattern(size: int, **kwargs) -> str:
 
 
 def artifact_bytes(direction: str) -> float:
-    return REGISTRY.get_sample_value("histoloop_artifact_bytes_total", {"direction": direction}) or 0.0
+    return (
+        REGISTRY.get_sample_value("histoloop_artifact_bytes_total", {"direction": direction}) or 0.0
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -140,13 +150,24 @@ def test_round_trip_bytes(backend: Backend) -> None:
         metadata={"producer": "embedding", "Model-Version": "uni-2", "note": "µm, ünïcode"},
     )
     assert artifact_bytes("out") == before + len(data)
-    assert (info.key, info.size, info.sha256) == ("embeddings/p1/v1/emb.h5ad", len(data), hashlib.sha256(data).hexdigest())
+    assert (info.key, info.size, info.sha256) == (
+        "embeddings/p1/v1/emb.h5ad",
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+    )
     assert info.content_type == "application/x-hdf5"
-    assert dict(info.metadata) == {"producer": "embedding", "Model-Version": "uni-2", "note": "µm, ünïcode"}
+    assert dict(info.metadata) == {
+        "producer": "embedding",
+        "Model-Version": "uni-2",
+        "note": "µm, ünïcode",
+    }
     assert store.get("embeddings/p1/v1/emb.h5ad") == data
     stat = store.stat("embeddings/p1/v1/emb.h5ad")
     assert (stat.size, stat.sha256, stat.content_type, dict(stat.metadata)) == (
-        info.size, info.sha256, info.content_type, dict(info.metadata)
+        info.size,
+        info.sha256,
+        info.content_type,
+        dict(info.metadata),
     )
     assert stat.created.tzinfo is not None
     store.ping()
@@ -202,12 +223,19 @@ def test_stat_exists_and_list_by_prefix_in_key_order(backend: Backend) -> None:
         store.put(key, key.encode())
     assert [i.key for i in store.list()] == sorted(keys)
     assert [i.key for i in store.list("models/p1/")] == [
-        "models/p1/v1/model.pt", "models/p1/v10/model.pt", "models/p1/v2/model.pt"
+        "models/p1/v1/model.pt",
+        "models/p1/v10/model.pt",
+        "models/p1/v2/model.pt",
     ]
-    assert [i.key for i in store.list("models/p1")] == sorted(k for k in keys if k.startswith("models/p1"))
+    assert [i.key for i in store.list("models/p1")] == sorted(
+        k for k in keys if k.startswith("models/p1")
+    )
     assert list(store.list("nothing/")) == []
     infos = {i.key: i for i in store.list("predictions/")}
-    assert infos["predictions/p1/v1/pred.csv"].sha256 == hashlib.sha256(b"predictions/p1/v1/pred.csv").hexdigest()
+    assert (
+        infos["predictions/p1/v1/pred.csv"].sha256
+        == hashlib.sha256(b"predictions/p1/v1/pred.csv").hexdigest()
+    )
     assert store.exists("z.txt") and not store.exists("z.tx") and not store.exists("models/p1")
     assert store.stat("models/p2/v1/model.pt").size == len(b"models/p2/v1/model.pt")
 
@@ -229,7 +257,9 @@ def test_large_object_streams_in_and_out(backend: Backend) -> None:
     assert (total, digest.hexdigest()) == (size, expected)
     assert artifact_bytes("in") - before == size
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    assert grown < size, f"peak memory grew by {grown / MiB:.0f} MiB for a {size / MiB:.0f} MiB object"
+    assert grown < size, (
+        f"peak memory grew by {grown / MiB:.0f} MiB for a {size / MiB:.0f} MiB object"
+    )
     assert time.monotonic() - started < 120
 
 
@@ -262,7 +292,9 @@ def test_missing_key_is_not_found(backend: Backend) -> None:
     assert store.exists("no/such/key") is False
 
 
-@pytest.mark.parametrize("key", ["../x", "/abs", "", "a//b", "a/./b", "a/", "a/../b", "sp ace", "!tmp/x"])
+@pytest.mark.parametrize(
+    "key", ["../x", "/abs", "", "a//b", "a/./b", "a/", "a/../b", "sp ace", "!tmp/x"]
+)
 def test_invalid_keys_are_rejected(backend: Backend, key: str) -> None:
     store = backend.store
     with pytest.raises(InvalidKey):
@@ -281,7 +313,12 @@ def test_uri_round_trip(backend: Backend) -> None:
     uri = store.uri("models/p1/v3/model.pt")
     assert uri.startswith("file://" if backend.kind == "local" else "s3://")
     assert store.key_from_uri(uri) == "models/p1/v3/model.pt"
-    for foreign in ["s3://another-bucket/models/p1/v3/model.pt", "file:///etc/passwd", "models/p1", ""]:
+    for foreign in [
+        "s3://another-bucket/models/p1/v3/model.pt",
+        "file:///etc/passwd",
+        "models/p1",
+        "",
+    ]:
         with pytest.raises(InvalidKey):
             store.key_from_uri(foreign)
     with pytest.raises(InvalidKey):
@@ -306,8 +343,15 @@ def test_minio_bucket_is_created_on_start(s3_server) -> None:
 def test_minio_unreachable_endpoint_is_unavailable_quickly() -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    store = MinioArtifactStore(endpoint, access_key="k", secret_key="s3cr3t-value", bucket="histoloop")
-    for call in (store.ping, lambda: store.put("a/b", b"x"), lambda: store.stat("a/b"), lambda: list(store.list())):
+    store = MinioArtifactStore(
+        endpoint, access_key="k", secret_key="s3cr3t-value", bucket="histoloop"
+    )
+    for call in (
+        store.ping,
+        lambda: store.put("a/b", b"x"),
+        lambda: store.stat("a/b"),
+        lambda: list(store.list()),
+    ):
         with pytest.raises(Unavailable) as info:
             call()
         assert endpoint in str(info.value)
@@ -318,7 +362,9 @@ def test_minio_unreachable_endpoint_is_unavailable_quickly() -> None:
 
 def test_minio_waits_for_a_late_server_and_fails_fast_when_it_stops() -> None:
     port = free_port()
-    store = MinioArtifactStore(f"127.0.0.1:{port}", access_key="k", secret_key="s", bucket="late-bucket")
+    store = MinioArtifactStore(
+        f"127.0.0.1:{port}", access_key="k", secret_key="s", bucket="late-bucket"
+    )
     with pytest.raises(Unavailable):
         store.ping()
     with start_moto_s3(port=port) as server:

@@ -26,7 +26,11 @@ pytestmark = pytest.mark.timeout(120)
 
 # Faster group membership than Kafka's defaults; the mock's first join takes 3 s and a
 # rejoin takes session_timeout - 1 s, and a session below ~3.5 s times out the first join.
-FAST_GROUPS = {"session_timeout_ms": 4_000, "heartbeat_interval_ms": 400, "max_poll_interval_ms": 30_000}
+FAST_GROUPS = {
+    "session_timeout_ms": 4_000,
+    "heartbeat_interval_ms": 400,
+    "max_poll_interval_ms": 30_000,
+}
 
 
 @dataclass
@@ -74,7 +78,9 @@ def names() -> Callable[[str], str]:
     return lambda base: f"{base}-{suffix}"
 
 
-def drain(consumer: Consumer, count: int, *, timeout: float = 30.0, settle: float = 0.0) -> list[Record]:
+def drain(
+    consumer: Consumer, count: int, *, timeout: float = 30.0, settle: float = 0.0
+) -> list[Record]:
     """Poll until ``count`` records arrived (then ``settle`` s more, to catch extras)."""
     records: list[Record] = []
     deadline = time.monotonic() + timeout
@@ -87,7 +93,9 @@ def drain(consumer: Consumer, count: int, *, timeout: float = 30.0, settle: floa
     return records
 
 
-def publish_all(bus: EventBus, topic: str, items: Sequence[tuple[str, bytes]], tag: str = "e") -> list[str]:
+def publish_all(
+    bus: EventBus, topic: str, items: Sequence[tuple[str, bytes]], tag: str = "e"
+) -> list[str]:
     ids = []
     for i, (key, value) in enumerate(items):
         event_id = f"{tag}{i}-{uuid.uuid4().hex[:6]}"
@@ -112,7 +120,10 @@ def test_round_trip(backend: Backend, names: Callable[[str], str]) -> None:
     consumer = bus.consumer(names("g"), [topic])
     (record,) = drain(consumer, 1, settle=0.3)
     assert (record.topic, record.key, record.value, record.event_id) == (
-        topic, "project-1", b"\x00payload\xff", "ev-1"
+        topic,
+        "project-1",
+        b"\x00payload\xff",
+        "ev-1",
     )
     assert record.offset >= 0 and record.timestamp_ms > 0
     consumer.commit([record])
@@ -145,7 +156,9 @@ def test_order_per_key_with_interleaved_keys(backend: Backend, names: Callable[[
         last[(rec.topic, rec.partition)] = rec.offset
 
 
-def test_restart_resumes_after_committed_offset(backend: Backend, names: Callable[[str], str]) -> None:
+def test_restart_resumes_after_committed_offset(
+    backend: Backend, names: Callable[[str], str]
+) -> None:
     topic, group = names("model.trained"), names("training")
     bus = backend.bus()
     first = publish_all(bus, topic, [(f"p{i % 3}", b"a") for i in range(9)], tag="a")
@@ -233,7 +246,9 @@ def test_lag_counts_uncommitted_events(backend: Backend, names: Callable[[str], 
     consumer.commit(records)
     assert consumer.lag() == {topic: 0, other: 0}
     if backend.kind == "kafka":
-        gauge = REGISTRY.get_sample_value("histoloop_consumer_lag", {"topic": topic, "group": group})
+        gauge = REGISTRY.get_sample_value(
+            "histoloop_consumer_lag", {"topic": topic, "group": group}
+        )
         assert gauge == 0
     consumer.close()
 
@@ -288,8 +303,13 @@ def test_a_stopped_bus_is_unavailable_quickly(
         stop: Callable[[], None] = bus.close
     else:
         broker = request.getfixturevalue("private_kafka_broker")
-        bus = KafkaBus(broker.bootstrap, api_version=broker.api_version, publish_timeout=3,
-                       operation_timeout_ms=2_000, **FAST_GROUPS)
+        bus = KafkaBus(
+            broker.bootstrap,
+            api_version=broker.api_version,
+            publish_timeout=3,
+            operation_timeout_ms=2_000,
+            **FAST_GROUPS,
+        )
         backend.buses.append(bus)
         stop = lambda: broker.stop(kill=True)  # noqa: E731 - the broker dies
     bus.publish(topic, "p1", b"v", event_id="e1")
@@ -314,10 +334,14 @@ def test_a_stopped_bus_is_unavailable_quickly(
     assert time.monotonic() - started < 5
 
 
-def test_kafka_publish_recovers_after_a_broker_outage(private_kafka_broker, names: Callable[[str], str]) -> None:
+def test_kafka_publish_recovers_after_a_broker_outage(
+    private_kafka_broker, names: Callable[[str], str]
+) -> None:
     """A frozen broker: publish fails within its timeout, then works again; nothing acked is lost."""
     broker = private_kafka_broker
-    bus = KafkaBus(broker.bootstrap, api_version=broker.api_version, publish_timeout=3, **FAST_GROUPS)
+    bus = KafkaBus(
+        broker.bootstrap, api_version=broker.api_version, publish_timeout=3, **FAST_GROUPS
+    )
     topic = names("labels.committed")
     bus.publish(topic, "p1", b"before", event_id="before")
     broker.pause()
@@ -362,7 +386,9 @@ def test_kafka_wire_format(kafka_broker, names: Callable[[str], str]) -> None:
     from kafka import KafkaConsumer
 
     prefix = f"w{uuid.uuid4().hex[:6]}."
-    bus = KafkaBus(kafka_broker.bootstrap, topic_prefix=prefix, api_version=kafka_broker.api_version)
+    bus = KafkaBus(
+        kafka_broker.bootstrap, topic_prefix=prefix, api_version=kafka_broker.api_version
+    )
     topic = names("labels.committed")
     for i in range(6):
         bus.publish(topic, "project-9", str(i).encode(), event_id=f"id-{i}")

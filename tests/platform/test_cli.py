@@ -12,7 +12,9 @@ from histoloop.config import load_settings
 from histoloop.server import Server
 
 
-def test_tile_a_real_slide(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tile_a_real_slide(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
     assert main(["tile", str(slide), "--out", str(tmp_path), "--mpp", "1.0", "--workers", "1"]) == 0
     store = LocalArtifactStore(tmp_path)
@@ -34,8 +36,13 @@ def test_health_probe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     server.start()
     try:
         address = f"127.0.0.1:{server.port}"
-        assert main(["health", "--address", address, "--service", "histoloop.v1.AcquisitionService"]) == 0
+        assert (
+            main(["health", "--address", address, "--service", "histoloop.v1.AcquisitionService"])
+            == 0
+        )
         assert "SERVING" in capsys.readouterr().out
-        assert main(["health", "--address", address, "--service", "histoloop.v1.NoSuchService"]) == 1
+        assert (
+            main(["health", "--address", address, "--service", "histoloop.v1.NoSuchService"]) == 1
+        )
     finally:
         server.stop(1)

@@ -43,8 +43,10 @@ PIPELINE: dict[str, list[tuple[str, type | None]]] = {
     "embedding": [(events.TILES_READY, events_pb2.EmbeddingsReady)],
     "training": [(events.LABELS_COMMITTED, events_pb2.ModelTrained)],
     "prediction": [(events.MODEL_TRAINED, events_pb2.PredictionsReady)],
-    "acquisition": [(events.EMBEDDINGS_READY, events_pb2.QuerySetReady),
-                    (events.PREDICTIONS_READY, events_pb2.QuerySetReady)],
+    "acquisition": [
+        (events.EMBEDDINGS_READY, events_pb2.QuerySetReady),
+        (events.PREDICTIONS_READY, events_pb2.QuerySetReady),
+    ],
 }
 
 
@@ -52,6 +54,7 @@ PIPELINE: dict[str, list[tuple[str, type | None]]] = {
 def make_bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], EventBus]]:
     buses: list[EventBus] = []
     if request.param == "embedded":
+
         def new() -> EventBus:
             buses.append(EmbeddedBus(tmp_path / "events.sqlite"))
             return buses[-1]
@@ -60,9 +63,18 @@ def make_bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callabl
         prefix = f"iso{uuid.uuid4().hex[:8]}."
 
         def new() -> EventBus:
-            buses.append(KafkaBus(broker.bootstrap, topic_prefix=prefix, client_id="isolation-test",
-                                  api_version=broker.api_version, publish_timeout=10, **FAST_GROUPS))
+            buses.append(
+                KafkaBus(
+                    broker.bootstrap,
+                    topic_prefix=prefix,
+                    client_id="isolation-test",
+                    api_version=broker.api_version,
+                    publish_timeout=10,
+                    **FAST_GROUPS,
+                )
+            )
             return buses[-1]
+
     yield new
     for bus in buses:
         bus.close()
@@ -73,9 +85,18 @@ def _stage_handler(bus: EventBus, out: type) -> Callable:
         meta = message.meta
         if meta.project == "bad":
             raise RuntimeError(f"{record.topic}: broken input of project bad")
-        events.publish(bus, out(meta=events.new_meta(
-            project=meta.project, dataset=meta.dataset, producer="test",
-            event_id=events.derived_id(meta.event_id, record.topic))))
+        events.publish(
+            bus,
+            out(
+                meta=events.new_meta(
+                    project=meta.project,
+                    dataset=meta.dataset,
+                    producer="test",
+                    event_id=events.derived_id(meta.event_id, record.topic),
+                )
+            ),
+        )
+
     return handle
 
 
@@ -85,12 +106,28 @@ def test_poison_in_every_stage_never_delays_another_project(make_bus, tmp_path: 
     workers = []
     for stage, routes in PIPELINE.items():
         bus = make_bus()
-        workers.append(EventWorker(
-            group=stage, bus=bus, store=store, poll_timeout=0.05, max_attempts=MAX_ATTEMPTS,
-            backoff=BACKOFF, handlers={topic: _stage_handler(bus, out) for topic, out in routes}))
-    workers.append(EventWorker(  # the annotation store: records query sets
-        group="annotation_store", bus=make_bus(), store=store, poll_timeout=0.05,
-        handlers={events.QUERYSET_READY: lambda m, r: arrivals.put((m.meta.project, time.monotonic()))}))
+        workers.append(
+            EventWorker(
+                group=stage,
+                bus=bus,
+                store=store,
+                poll_timeout=0.05,
+                max_attempts=MAX_ATTEMPTS,
+                backoff=BACKOFF,
+                handlers={topic: _stage_handler(bus, out) for topic, out in routes},
+            )
+        )
+    workers.append(
+        EventWorker(  # the annotation store: records query sets
+            group="annotation_store",
+            bus=make_bus(),
+            store=store,
+            poll_timeout=0.05,
+            handlers={
+                events.QUERYSET_READY: lambda m, r: arrivals.put((m.meta.project, time.monotonic()))
+            },
+        )
+    )
     for worker in workers:
         worker.start()
     client = make_bus()
@@ -98,25 +135,38 @@ def test_poison_in_every_stage_never_delays_another_project(make_bus, tmp_path: 
     try:
         # the poison first, in every stage, so that it sits in front of everything of "good"
         poison = {}
-        for topic, cls in [(events.DATASET_REGISTERED, events_pb2.DatasetRegistered),
-                           (events.TILES_READY, events_pb2.TilesReady),
-                           (events.LABELS_COMMITTED, events_pb2.LabelsCommitted),
-                           (events.MODEL_TRAINED, events_pb2.ModelTrained),
-                           (events.EMBEDDINGS_READY, events_pb2.EmbeddingsReady)]:
-            poison[topic] = events.publish(client, cls(meta=events.new_meta(
-                project="bad", dataset="d1", producer="test")))
+        for topic, cls in [
+            (events.DATASET_REGISTERED, events_pb2.DatasetRegistered),
+            (events.TILES_READY, events_pb2.TilesReady),
+            (events.LABELS_COMMITTED, events_pb2.LabelsCommitted),
+            (events.MODEL_TRAINED, events_pb2.ModelTrained),
+            (events.EMBEDDINGS_READY, events_pb2.EmbeddingsReady),
+        ]:
+            poison[topic] = events.publish(
+                client, cls(meta=events.new_meta(project="bad", dataset="d1", producer="test"))
+            )
         started = time.monotonic()
-        events.publish(client, events_pb2.DatasetRegistered(meta=events.new_meta(
-            project="good", dataset="d1", producer="test")))
+        events.publish(
+            client,
+            events_pb2.DatasetRegistered(
+                meta=events.new_meta(project="good", dataset="d1", producer="test")
+            ),
+        )
         assert arrivals.get(timeout=60)[0] == "good"  # cold start
         for round_ in range(1, ROUNDS + 1):
-            events.publish(client, events_pb2.LabelsCommitted(
-                meta=events.new_meta(project="good", dataset="d1", producer="test"), label_version=round_))
+            events.publish(
+                client,
+                events_pb2.LabelsCommitted(
+                    meta=events.new_meta(project="good", dataset="d1", producer="test"),
+                    label_version=round_,
+                ),
+            )
             assert arrivals.get(timeout=60)[0] == "good"
         good_done = time.monotonic()
         # nothing of "bad" was parked yet: the good project never waited for its retries
-        assert not any(list_dead_letters(store, "bad", stage) for stage in STAGES), \
+        assert not any(list_dead_letters(store, "bad", stage) for stage in STAGES), (
             f"good project took {good_done - started:.1f}s, longer than bad's retries"
+        )
         deadline = time.monotonic() + 60
         while sum(len(list_dead_letters(store, "bad", s)) for s in STAGES) < len(poison):
             assert time.monotonic() < deadline, "bad events were not parked"
@@ -128,8 +178,13 @@ def test_poison_in_every_stage_never_delays_another_project(make_bus, tmp_path: 
     assert {t: d.event_id for t, d in letters.items()} == poison
     assert all(d.attempts == MAX_ATTEMPTS and "broken input" in d.error for d in letters.values())
     states = {(r.stage, r.state) for r in latest_states(read_states(store, "bad"))}
-    assert {("tiling", "parked"), ("embedding", "parked"), ("training", "parked"),
-            ("prediction", "parked"), ("acquisition", "parked")} <= states
+    assert {
+        ("tiling", "parked"),
+        ("embedding", "parked"),
+        ("training", "parked"),
+        ("prediction", "parked"),
+        ("acquisition", "parked"),
+    } <= states
     good = {r.stage: r.state for r in latest_states(read_states(store, "good"))}
     assert all(good[s] == "done" for s in STAGES)
     assert _sample("histoloop_stage_failures_total", "training") - failures_before == MAX_ATTEMPTS
@@ -153,13 +208,25 @@ def test_deferred_event_survives_a_restart_and_succeeds_once_fixed(tmp_path: Pat
         seen.append(message.label_version)
 
     def worker() -> EventWorker:
-        return EventWorker(group="training", bus=bus, store=store, poll_timeout=0.05, max_attempts=50,
-                           backoff=0.05, max_backoff=0.1, handlers={events.LABELS_COMMITTED: handler})
+        return EventWorker(
+            group="training",
+            bus=bus,
+            store=store,
+            poll_timeout=0.05,
+            max_attempts=50,
+            backoff=0.05,
+            max_backoff=0.1,
+            handlers={events.LABELS_COMMITTED: handler},
+        )
 
     first = worker()
     first.start()
-    events.publish(bus, events_pb2.LabelsCommitted(
-        meta=events.new_meta(project="p", producer="test"), label_version=3))
+    events.publish(
+        bus,
+        events_pb2.LabelsCommitted(
+            meta=events.new_meta(project="p", producer="test"), label_version=3
+        ),
+    )
     deadline = time.monotonic() + 10
     while not list(store.list("_retry/training/")):
         assert time.monotonic() < deadline
@@ -183,10 +250,18 @@ def test_deferred_event_survives_a_restart_and_succeeds_once_fixed(tmp_path: Pat
 def test_dead_letter_body_names_project_stage_and_error(tmp_path: Path) -> None:
     bus = EmbeddedBus(tmp_path / "events.sqlite")
     store = LocalArtifactStore(tmp_path / "artifacts")
-    w = EventWorker(group="prediction", bus=bus, store=store, poll_timeout=0.05, max_attempts=1,
-                    handlers={events.MODEL_TRAINED: lambda m, r: 1 / 0})
+    w = EventWorker(
+        group="prediction",
+        bus=bus,
+        store=store,
+        poll_timeout=0.05,
+        max_attempts=1,
+        handlers={events.MODEL_TRAINED: lambda m, r: 1 / 0},
+    )
     w.start()
-    event_id = events.publish(bus, events_pb2.ModelTrained(meta=events.new_meta(project="p", producer="t")))
+    event_id = events.publish(
+        bus, events_pb2.ModelTrained(meta=events.new_meta(project="p", producer="t"))
+    )
     deadline = time.monotonic() + 10
     while not store.exists(f"_deadletter/prediction/p/{event_id}.json"):
         assert time.monotonic() < deadline

@@ -22,9 +22,13 @@ def test_stubs_match_protos(tmp_path: Path) -> None:
     in_tree = REPO / "services" / "common" / "histoloop" / "v1"
     assert fresh, "protoc produced nothing"
     names = sorted(p.name for p in fresh)
-    assert names == sorted(p.name for p in in_tree.glob("*_pb2*.py*")), "stub set differs: run `make protos`"
+    assert names == sorted(p.name for p in in_tree.glob("*_pb2*.py*")), (
+        "stub set differs: run `make protos`"
+    )
     for path in fresh:
-        assert path.read_bytes() == (in_tree / path.name).read_bytes(), f"{path.name} is stale: run `make protos`"
+        assert path.read_bytes() == (in_tree / path.name).read_bytes(), (
+            f"{path.name} is stale: run `make protos`"
+        )
 
 
 def test_every_service_and_event_is_defined() -> None:
@@ -50,9 +54,16 @@ def test_every_service_and_event_is_defined() -> None:
         assert module.DESCRIPTOR.package == "histoloop.v1"
         assert name in module.DESCRIPTOR.services_by_name
     assert set(TOPICS) == {
-        "dataset.registered", "tiles.ready", "embeddings.ready", "labels.committed",
-        "model.trained", "predictions.ready", "queryset.ready",
+        "dataset.registered",
+        "tiles.ready",
+        "embeddings.ready",
+        "labels.committed",
+        "model.trained",
+        "predictions.ready",
+        "queryset.ready",
     }
     for cls in TOPICS.values():
         meta = cls.DESCRIPTOR.fields_by_name["meta"].message_type
-        assert {"event_id", "project", "dataset", "source_versions", "created_at"} <= set(meta.fields_by_name)
+        assert {"event_id", "project", "dataset", "source_versions", "created_at"} <= set(
+            meta.fields_by_name
+        )

@@ -16,8 +16,12 @@ from histoloop.server import Server
 from histoloop.v1 import training_pb2, training_pb2_grpc
 
 ALL_SERVICES = {
-    "histoloop.v1.AnnotationStoreService", "histoloop.v1.TilingService", "histoloop.v1.EmbeddingService",
-    "histoloop.v1.TrainingService", "histoloop.v1.PredictionService", "histoloop.v1.AcquisitionService",
+    "histoloop.v1.AnnotationStoreService",
+    "histoloop.v1.TilingService",
+    "histoloop.v1.EmbeddingService",
+    "histoloop.v1.TrainingService",
+    "histoloop.v1.PredictionService",
+    "histoloop.v1.AcquisitionService",
 }
 
 
@@ -45,7 +49,9 @@ def test_health_serving_for_every_service(channel: grpc.Channel) -> None:
 
 def test_reflection_lists_all_six_services(channel: grpc.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = {s.name for s in next(replies).list_services_response.service}
     assert ALL_SERVICES <= names
     assert "grpc.health.v1.Health" in names
@@ -57,9 +63,16 @@ def test_metrics_endpoint_serves_prometheus_text(server: Server, channel: grpc.C
         stub.GetModel(training_pb2.GetModelRequest(project_id="no-such-project"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no-such-project" in err.value.details()
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
     assert "# TYPE histoloop_rpc_requests_total counter" in body
-    assert 'histoloop_rpc_requests_total{code="NOT_FOUND",method="GetModel",service="TrainingService"}' in body
+    assert (
+        'histoloop_rpc_requests_total{code="NOT_FOUND",method="GetModel",service="TrainingService"}'
+        in body
+    )
     assert "histoloop_rpc_latency_seconds_bucket" in body
 
 
@@ -71,8 +84,13 @@ def test_stop_twice_is_safe(tmp_path: Path) -> None:
 
 
 def test_tokens_required_when_auth_is_on(tmp_path: Path) -> None:
-    settings = load_settings(data_dir=tmp_path, grpc_port=0, metrics_port=0, auth="token",
-                             service_token="svc-token-for-tests")
+    settings = load_settings(
+        data_dir=tmp_path,
+        grpc_port=0,
+        metrics_port=0,
+        auth="token",
+        service_token="svc-token-for-tests",
+    )
     srv = Server(settings, ["training"])
     srv.start()
     try:
@@ -86,9 +104,13 @@ def test_tokens_required_when_auth_is_on(tmp_path: Path) -> None:
                 stub.GetModel(request, timeout=5, metadata=[("authorization", "Bearer wrong")])
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as err:
-                stub.GetModel(request, timeout=5, metadata=[("authorization", "Bearer svc-token-for-tests")])
+                stub.GetModel(
+                    request, timeout=5, metadata=[("authorization", "Bearer svc-token-for-tests")]
+                )
             assert err.value.code() == grpc.StatusCode.NOT_FOUND  # past auth, into the service
-            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
     finally:
         srv.stop(1)

@@ -39,29 +39,56 @@ def _prepare(data: Path) -> None:
     rows, cols = np.divmod(np.arange(n), 60)
     centers = rng.normal(size=(3, 64)) * 3
     y = rng.integers(0, 3, n)
-    obs = pd.DataFrame({"array_row": rows, "array_col": cols * 2 + rows % 2},
-                       index=[f"s{i}" for i in range(n)])
-    adata = ad.AnnData(obs=obs, obsm={"X_expr": (centers[y] + rng.normal(size=(n, 64))).astype(np.float32)})
+    obs = pd.DataFrame(
+        {"array_row": rows, "array_col": cols * 2 + rows % 2}, index=[f"s{i}" for i in range(n)]
+    )
+    adata = ad.AnnData(
+        obs=obs, obsm={"X_expr": (centers[y] + rng.normal(size=(n, 64))).astype(np.float32)}
+    )
     for project in PROJECTS:
         uri = write_anndata(store, f"embeddings/{project}/d1/e.h5ad", adata)
         labelled = rng.choice(n, 600, replace=False)
-        doc = ('{"classes":[' + ",".join(f'{{"color":"","name":"{c}"}}' for c in CLASSES)
-               + '],"consensus":"majority","datasets":{"d1":{"disagreement":{},"labels":{'
-               + ",".join(f'"s{i}":"{CLASSES[y[i]]}"' for i in labelled)
-               + '}}},"label_version":1,"n_labelled_spots":600,"project":"' + project + '"}')
+        doc = (
+            '{"classes":['
+            + ",".join(f'{{"color":"","name":"{c}"}}' for c in CLASSES)
+            + '],"consensus":"majority","datasets":{"d1":{"disagreement":{},"labels":{'
+            + ",".join(f'"s{i}":"{CLASSES[y[i]]}"' for i in labelled)
+            + '}}},"label_version":1,"n_labelled_spots":600,"project":"'
+            + project
+            + '"}'
+        )
         store.put(f"labels/{project}/v1.json", doc.encode())
-        events.publish(bus, events_pb2.LabelsCommitted(
-            meta=events.new_meta(project=project, producer="test"), batch_id="b1", label_version=1,
-            labels_uri=store.uri(f"labels/{project}/v1.json"), embeddings_uris=[uri], classes=CLASSES,
-            config=common_pb2.LoopConfig(head="mlp", features=common_pb2.FEATURE_SET_EXPRESSION)))
+        events.publish(
+            bus,
+            events_pb2.LabelsCommitted(
+                meta=events.new_meta(project=project, producer="test"),
+                batch_id="b1",
+                label_version=1,
+                labels_uri=store.uri(f"labels/{project}/v1.json"),
+                embeddings_uris=[uri],
+                classes=CLASSES,
+                config=common_pb2.LoopConfig(
+                    head="mlp", features=common_pb2.FEATURE_SET_EXPRESSION
+                ),
+            ),
+        )
     bus.close()
 
 
 def _start(data: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HISTOLOOP_DATA_DIR": str(data), "HISTOLOOP_GRPC_PORT": "0",
-           "HISTOLOOP_METRICS_PORT": "0", "HISTOLOOP_GRACE_SECONDS": "30"}
-    return subprocess.Popen([sys.executable, "-m", "histoloop.cli", "run", "training"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+    env = {
+        **os.environ,
+        "HISTOLOOP_DATA_DIR": str(data),
+        "HISTOLOOP_GRPC_PORT": "0",
+        "HISTOLOOP_METRICS_PORT": "0",
+        "HISTOLOOP_GRACE_SECONDS": "30",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "histoloop.cli", "run", "training"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
+    )
 
 
 def _models(data: Path) -> dict[str, int]:

@@ -33,8 +33,11 @@ STORE = "histoloop.v1.AnnotationStoreService"
 
 def _status(port: int, service: str) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=3).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
+            .status
+        )
 
 
 def _wait(predicate, timeout: float = 15.0) -> None:
@@ -45,8 +48,10 @@ def _wait(predicate, timeout: float = 15.0) -> None:
 
 
 def test_a_stage_stuck_on_an_event_is_not_ready_but_alive(tmp_path: Path) -> None:
-    server = Server(load_settings(data_dir=tmp_path, grpc_port=0, metrics_port=0, stall_seconds=1.0),
-                    ["annotation_store"])
+    server = Server(
+        load_settings(data_dir=tmp_path, grpc_port=0, metrics_port=0, stall_seconds=1.0),
+        ["annotation_store"],
+    )
     server.start()
     release = threading.Event()
     try:
@@ -55,12 +60,25 @@ def test_a_stage_stuck_on_an_event_is_not_ready_but_alive(tmp_path: Path) -> Non
         worker._handlers[events.QUERYSET_READY] = lambda message, record: release.wait(30)
         serving = health_pb2.HealthCheckResponse.SERVING
         _wait(lambda: _status(server.port, STORE) == serving)
-        events.publish(server.runtime.bus, events_pb2.QuerySetReady(
-            meta=events.new_meta(project="p", producer="test"), queryset_id="q1"))
+        events.publish(
+            server.runtime.bus,
+            events_pb2.QuerySetReady(
+                meta=events.new_meta(project="p", producer="test"), queryset_id="q1"
+            ),
+        )
         _wait(lambda: _status(server.port, STORE) == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert _status(server.port, "") == serving  # liveness unchanged
-        _wait(lambda: (REGISTRY.get_sample_value("histoloop_oldest_unhandled_event_age_seconds",
-                                                 {"stage": "recording"}) or 0) > 0)
+        _wait(
+            lambda: (
+                (
+                    REGISTRY.get_sample_value(
+                        "histoloop_oldest_unhandled_event_age_seconds", {"stage": "recording"}
+                    )
+                    or 0
+                )
+                > 0
+            )
+        )
         release.set()
         _wait(lambda: _status(server.port, STORE) == serving)
     finally:
@@ -85,17 +103,25 @@ def test_metrics_port_restart_binds_and_a_held_port_is_a_clear_error(tmp_path: P
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    first = Server(load_settings(data_dir=tmp_path / "a", grpc_port=0, metrics_port=port), ["acquisition"])
+    first = Server(
+        load_settings(data_dir=tmp_path / "a", grpc_port=0, metrics_port=port), ["acquisition"]
+    )
     first.start()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         assert b"histoloop_" in reply.read()
     first.stop(1)  # the scrape's connection is left in TIME_WAIT on the server side
-    again = Server(load_settings(data_dir=tmp_path / "b", grpc_port=0, metrics_port=port), ["acquisition"])
+    again = Server(
+        load_settings(data_dir=tmp_path / "b", grpc_port=0, metrics_port=port), ["acquisition"]
+    )
     again.start()
     try:
         assert again.metrics_port == port
-        third = Server(load_settings(data_dir=tmp_path / "c", grpc_port=0, metrics_port=port), ["acquisition"])
-        with pytest.raises(ConfigError, match=f"HISTOLOOP_METRICS_PORT: cannot listen on 127.0.0.1:{port}"):
+        third = Server(
+            load_settings(data_dir=tmp_path / "c", grpc_port=0, metrics_port=port), ["acquisition"]
+        )
+        with pytest.raises(
+            ConfigError, match=f"HISTOLOOP_METRICS_PORT: cannot listen on 127.0.0.1:{port}"
+        ):
             third.start()
         third.stop(0)
     finally:

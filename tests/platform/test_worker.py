@@ -30,8 +30,14 @@ def _wait(predicate, timeout: float = 10.0) -> None:
 def _worker(tmp_path: Path, handler, **kwargs) -> tuple[EventWorker, EmbeddedBus]:
     bus = EmbeddedBus(tmp_path / "events.sqlite")
     store = LocalArtifactStore(tmp_path / "artifacts")
-    worker = EventWorker(group="training", bus=bus, store=store,
-                         handlers={events.LABELS_COMMITTED: handler}, poll_timeout=0.05, **kwargs)
+    worker = EventWorker(
+        group="training",
+        bus=bus,
+        store=store,
+        handlers={events.LABELS_COMMITTED: handler},
+        poll_timeout=0.05,
+        **kwargs,
+    )
     return worker, bus
 
 

@@ -29,5 +29,13 @@ def small_h5ad(small_adata, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def config() -> SimulationConfig:
     """Fast: logreg on 10 PCs + neighbour means, 3 strategies, 2 seeds, 4 rounds of 20."""
-    return SimulationConfig(label_column="layer", pca=10, neighbours=6, heads=("logreg",),
-                            strategies=("random", "entropy", "typiclust"), seeds=2, query_size=20, rounds=4)
+    return SimulationConfig(
+        label_column="layer",
+        pca=10,
+        neighbours=6,
+        heads=("logreg",),
+        strategies=("random", "entropy", "typiclust"),
+        seeds=2,
+        query_size=20,
+        rounds=4,
+    )

@@ -22,8 +22,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(load_settings(data_dir=tmp_path_factory.mktemp("serve"), grpc_port=0, metrics_port=0),
-                 ["simulation"])
+    srv = Server(
+        load_settings(data_dir=tmp_path_factory.mktemp("serve"), grpc_port=0, metrics_port=0),
+        ["simulation"],
+    )
     srv.start()
     yield srv
     srv.stop(2)
@@ -36,14 +38,25 @@ def stub(server: Server) -> Iterator[simulation_pb2_grpc.SimulationServiceStub]:
 
 
 def _request(**kw) -> simulation_pb2.SimulateRequest:
-    base = dict(label_column="layer", pca_components=10, neighbours=6, heads=["logreg"],
-                strategies=["random", "entropy"], seeds=2, query_size=20, rounds=3)
+    base = dict(
+        label_column="layer",
+        pca_components=10,
+        neighbours=6,
+        heads=["logreg"],
+        strategies=["random", "entropy"],
+        seeds=2,
+        query_size=20,
+        rounds=3,
+    )
     base.update(kw)
     return simulation_pb2.SimulateRequest(**base)
 
 
-FINISHED = (simulation_pb2.SIMULATION_STATE_SUCCEEDED, simulation_pb2.SIMULATION_STATE_FAILED,
-            simulation_pb2.SIMULATION_STATE_CANCELLED)
+FINISHED = (
+    simulation_pb2.SIMULATION_STATE_SUCCEEDED,
+    simulation_pb2.SIMULATION_STATE_FAILED,
+    simulation_pb2.SIMULATION_STATE_CANCELLED,
+)
 
 
 def _wait(stub, job_id: str, timeout: float = 120) -> simulation_pb2.SimulationJob:
@@ -60,7 +73,9 @@ def _wait(stub, job_id: str, timeout: float = 120) -> simulation_pb2.SimulationJ
 
 
 def _simulate(stub, request: simulation_pb2.SimulateRequest) -> simulation_pb2.SimulateResponse:
-    started = stub.StartSimulation(request, timeout=10)  # returns at once: the campaign runs off the RPC thread
+    started = stub.StartSimulation(
+        request, timeout=10
+    )  # returns at once: the campaign runs off the RPC thread
     job = _wait(stub, started.job_id)
     assert job.state == simulation_pb2.SIMULATION_STATE_SUCCEEDED, job.error
     assert job.rounds_done == job.rounds_total > 0
@@ -71,14 +86,29 @@ def test_simulate_rpc_on_a_server_local_file(stub, server: Server, small_h5ad: P
     reply = _simulate(stub, _request(dataset_path=str(small_h5ad)))
     assert reply.campaign_id.startswith("sim-")
     assert reply.metric == "macro_f1" and reply.target == pytest.approx(0.95)
-    assert {(r.head, r.strategy) for r in reply.rows} == {("logreg", "random"), ("logreg", "entropy")}
+    assert {(r.head, r.strategy) for r in reply.rows} == {
+        ("logreg", "random"),
+        ("logreg", "entropy"),
+    }
     assert 0.0 < reply.full_supervision["logreg"] <= 1.0
     entropy = next(r for r in reply.rows if r.strategy == "entropy")
-    assert 0.0 < entropy.aulc <= 1.0 and set(entropy.metric_at) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+    assert 0.0 < entropy.aulc <= 1.0 and set(entropy.metric_at) == {
+        "0.1",
+        "0.3",
+        "0.5",
+        "0.7",
+        "0.9",
+    }
     assert math.isnan(entropy.metric_at["0.9"])  # beyond the 3 rounds
     store = server.runtime.store
-    for name in ("learning_curves.png", "efficiency.png", "comparison.json", "comparison.md",
-                 "comparison.tex", "rounds.jsonl"):
+    for name in (
+        "learning_curves.png",
+        "efficiency.png",
+        "comparison.json",
+        "comparison.md",
+        "comparison.tex",
+        "rounds.jsonl",
+    ):
         assert store.get(store.key_from_uri(reply.artifacts[name])), name
     assert store.get(store.key_from_uri(reply.artifacts["learning_curves.png"]))[:8] == PNG_MAGIC
     again = _simulate(stub, _request(dataset_path=str(small_h5ad)))  # the same job: nothing to run
@@ -92,22 +122,37 @@ def test_simulate_rpc_on_an_embeddings_artifact(stub, server: Server, small_adat
 
     adata.obsm["X_expr"] = log1p_normalise(adata.X)[:, :50]
     uri = write_anndata(server.runtime.store, "embeddings/sim-test/small/e1.h5ad", adata)
-    reply = _simulate(stub, _request(embeddings_uri=uri, obsm_keys=["X_expr"], pca_components=0, neighbours=0,
-                                     strategies=["margin"], rounds=2, campaign="named-campaign"))
+    reply = _simulate(
+        stub,
+        _request(
+            embeddings_uri=uri,
+            obsm_keys=["X_expr"],
+            pca_components=0,
+            neighbours=0,
+            strategies=["margin"],
+            rounds=2,
+            campaign="named-campaign",
+        ),
+    )
     assert reply.campaign_id == "named-campaign"
     assert [r.strategy for r in reply.rows] == ["margin"]
     assert math.isnan(reply.rows[0].ratio_to_random)  # no random arm to compare with
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"label_column": ""}, "label_column"),
-    ({"strategies": ["nope"]}, "strategies"),
-    ({"schedule": [0.5, 0.1]}, "schedule"),
-    ({"dataset_path": ""}, "dataset_path"),
-    ({"dataset_path": "/nowhere/x.h5ad"}, "dataset_path"),
-    ({"embeddings_uri": "file:///x"}, "embeddings_uri"),
-])
-def test_start_rejects_bad_requests_at_once(stub, small_h5ad: Path, change: dict, field: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"label_column": ""}, "label_column"),
+        ({"strategies": ["nope"]}, "strategies"),
+        ({"schedule": [0.5, 0.1]}, "schedule"),
+        ({"dataset_path": ""}, "dataset_path"),
+        ({"dataset_path": "/nowhere/x.h5ad"}, "dataset_path"),
+        ({"embeddings_uri": "file:///x"}, "embeddings_uri"),
+    ],
+)
+def test_start_rejects_bad_requests_at_once(
+    stub, small_h5ad: Path, change: dict, field: str
+) -> None:
     request = _request(dataset_path=str(small_h5ad))
     for key, value in change.items():
         if isinstance(value, list):
@@ -130,12 +175,17 @@ def test_start_rejects_loop_settings_a_campaign_cannot_take(stub, small_h5ad: Pa
     assert "loop: query_size cannot be set here" in err.value.details()
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"label_column": "nope"}, "label_column"),
-    ({"obsm_keys": ["X_nope"]}, "obsm"),
-    ({"seeds": 200, "rounds": 100}, "rounds"),  # too big for a server job
-])
-def test_a_job_fails_on_what_only_the_data_tell(stub, small_h5ad: Path, change: dict, field: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"label_column": "nope"}, "label_column"),
+        ({"obsm_keys": ["X_nope"]}, "obsm"),
+        ({"seeds": 200, "rounds": 100}, "rounds"),  # too big for a server job
+    ],
+)
+def test_a_job_fails_on_what_only_the_data_tell(
+    stub, small_h5ad: Path, change: dict, field: str
+) -> None:
     request = _request(dataset_path=str(small_h5ad), **change)
     job = _wait(stub, stub.StartSimulation(request, timeout=10).job_id, timeout=60)
     assert job.state == simulation_pb2.SIMULATION_STATE_FAILED
@@ -144,7 +194,9 @@ def test_a_job_fails_on_what_only_the_data_tell(stub, small_h5ad: Path, change: 
 
 
 def test_cancel_stops_a_running_job_and_start_resumes_it(stub, small_h5ad: Path) -> None:
-    request = _request(dataset_path=str(small_h5ad), strategies=["random"], rounds=12, campaign="to-cancel")
+    request = _request(
+        dataset_path=str(small_h5ad), strategies=["random"], rounds=12, campaign="to-cancel"
+    )
     job_id = stub.StartSimulation(request, timeout=10).job_id
     assert job_id == "to-cancel"
     deadline = time.monotonic() + 60
@@ -165,35 +217,90 @@ def test_cancel_stops_a_running_job_and_start_resumes_it(stub, small_h5ad: Path)
 
 def test_cli_simulate(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    args = ["simulate", "--data", str(small_h5ad), "--label-column", "layer", "--pca", "10",
-            "--strategies", "random,least_confidence", "--seeds", "2", "--head", "logreg", "--query-size", "20",
-            "--budget", "60", "--schedule", "0.5", "--neighbours", "6", "--out", str(out), "--workers", "1",
-            "--loop", '{"stop_patience": 1}']
+    args = [
+        "simulate",
+        "--data",
+        str(small_h5ad),
+        "--label-column",
+        "layer",
+        "--pca",
+        "10",
+        "--strategies",
+        "random,least_confidence",
+        "--seeds",
+        "2",
+        "--head",
+        "logreg",
+        "--query-size",
+        "20",
+        "--budget",
+        "60",
+        "--schedule",
+        "0.5",
+        "--neighbours",
+        "6",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--loop",
+        '{"stop_patience": 1}',
+    ]
     assert main(args) == 0
     assert json.loads((out / "campaign.json").read_text())["config"]["loop"] == {"stop_patience": 1}
     printed = capsys.readouterr().out
     assert "least_confidence" in printed and "full supervision" in printed
-    for name in ("learning_curves.png", "efficiency.png", "comparison.md", "comparison.tex", "comparison.json"):
+    for name in (
+        "learning_curves.png",
+        "efficiency.png",
+        "comparison.md",
+        "comparison.tex",
+        "comparison.json",
+    ):
         assert (out / name).stat().st_size > 0
     assert main(args) == 2  # the folder holds a campaign: --resume or another folder
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
 
 
-@pytest.mark.parametrize(("extra", "field"), [
-    (["--strategies", "entropy,nope"], "strategies"),
-    (["--label-column", "nope"], "label_column"),
-    (["--obsm", "X_nope"], "obsm"),
-    (["--schedule", "0.9:0.1:0.1"], "schedule"),
-    (["--head", "forest"], "heads"),
-    (["--loop", "hybrid_share=0.5"], "--loop: not JSON"),
-    (["--loop", '{"strategy": "margin"}'], "loop: strategy cannot be set here"),
-])
-def test_cli_rejects_bad_arguments(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   extra: list[str], field: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--strategies", "entropy,nope"], "strategies"),
+        (["--label-column", "nope"], "label_column"),
+        (["--obsm", "X_nope"], "obsm"),
+        (["--schedule", "0.9:0.1:0.1"], "schedule"),
+        (["--head", "forest"], "heads"),
+        (["--loop", "hybrid_share=0.5"], "--loop: not JSON"),
+        (["--loop", '{"strategy": "margin"}'], "loop: strategy cannot be set here"),
+    ],
+)
+def test_cli_rejects_bad_arguments(
+    small_h5ad: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    field: str,
+) -> None:
     out = tmp_path / "never"
-    code = main(["simulate", "--data", str(small_h5ad), "--out", str(out), "--head", "logreg", "--seeds", "1",
-                 "--rounds", "1", "--label-column", "layer", *extra])
+    code = main(
+        [
+            "simulate",
+            "--data",
+            str(small_h5ad),
+            "--out",
+            str(out),
+            "--head",
+            "logreg",
+            "--seeds",
+            "1",
+            "--rounds",
+            "1",
+            "--label-column",
+            "layer",
+            *extra,
+        ]
+    )
     assert code == 2
     assert field in capsys.readouterr().err
     assert not out.exists()

@@ -37,9 +37,17 @@ def _records(folder: Path) -> list[dict]:
 
 def test_reference_is_never_below_an_arm_at_the_whole_pool(tiny, tmp_path: Path) -> None:
     """MLP arms trained round by round up to 100 % of the pool never beat the reference."""
-    cfg = SimulationConfig(label_column="layer", pca=10, heads=("mlp",), strategies=("random", "entropy"),
-                           seeds=1, query_size=60, rounds=1, schedule=(1.0,),
-                           hyperparameters={"mlp": {"hidden": 32, "batch_size": 32}})  # a smaller MLP: fast
+    cfg = SimulationConfig(
+        label_column="layer",
+        pca=10,
+        heads=("mlp",),
+        strategies=("random", "entropy"),
+        seeds=1,
+        query_size=60,
+        rounds=1,
+        schedule=(1.0,),
+        hyperparameters={"mlp": {"hidden": 32, "batch_size": 32}},
+    )  # a smaller MLP: fast
     result = run_campaign(tiny, cfg, tmp_path / "c", workers=1, progress=False)
     records = _records(result.folder)
     yardstick = result.comparison["full_supervision"]["mlp"]
@@ -48,8 +56,16 @@ def test_reference_is_never_below_an_arm_at_the_whole_pool(tiny, tmp_path: Path)
     last = [r for r in records if r["strategy"] != "full" and r["fraction"] == 1.0]
     assert len(last) == 2  # both strategies reach the whole pool
     for rec in last:
-        assert full[rec["seed"]] >= rec["macro_f1"], (rec["strategy"], rec["seed"], full, rec["macro_f1"])
-    for seed, value in full.items():  # the trained reference, or a better arm model on the whole pool
+        assert full[rec["seed"]] >= rec["macro_f1"], (
+            rec["strategy"],
+            rec["seed"],
+            full,
+            rec["macro_f1"],
+        )
+    for (
+        seed,
+        value,
+    ) in full.items():  # the trained reference, or a better arm model on the whole pool
         assert value == max([trained[seed]] + [r["macro_f1"] for r in last if r["seed"] == seed])
     assert yardstick["from_arms"] == sum(full[s] > trained[s] for s in full)
     hp = reference_hyperparameters("mlp", {"lr": 1e-4, "max_epochs": 50})
@@ -57,21 +73,35 @@ def test_reference_is_never_below_an_arm_at_the_whole_pool(tiny, tmp_path: Path)
     assert hp["lr_drops"] >= 1
 
 
-def test_bandit_campaign_resumes_exactly_and_reports_the_stopping_signal(tiny, tmp_path: Path) -> None:
-    cfg = SimulationConfig(label_column="layer", pca=10, neighbours=6, heads=("logreg",),
-                           strategies=("random", "bandit"), seeds=1, query_size=20, rounds=5)
+def test_bandit_campaign_resumes_exactly_and_reports_the_stopping_signal(
+    tiny, tmp_path: Path
+) -> None:
+    cfg = SimulationConfig(
+        label_column="layer",
+        pca=10,
+        neighbours=6,
+        heads=("logreg",),
+        strategies=("random", "bandit"),
+        seeds=1,
+        query_size=20,
+        rounds=5,
+    )
     whole = run_campaign(tiny, cfg, tmp_path / "whole", workers=1, progress=False)
     killed = tmp_path / "killed"
     run_campaign(tiny, cfg, killed, workers=1, progress=False, max_new_rounds=3)
     resumed = run_campaign(tiny, cfg, killed, workers=1, progress=False, resume=True)
 
     def numbers(folder: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _records(folder)]
+        return [
+            {k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _records(folder)
+        ]
 
     assert numbers(resumed.folder) == numbers(whole.folder)
     bandit = [r for r in _records(whole.folder) if r["strategy"] == "bandit"]
     assert all("stop" in r and "pool_predicted" not in r for r in bandit)
-    assert sum(bandit[-1]["strategy_state"]["plays"]) == len(bandit) - 1  # one arm per round after the first
+    assert (
+        sum(bandit[-1]["strategy_state"]["plays"]) == len(bandit) - 1
+    )  # one arm per round after the first
     row = next(r for r in whole.comparison["rows"] if r["strategy"] == "bandit")
     assert set(row["stop"]) == {"seeds", "labels", "share_of_full"}
     assert "stop signal" in (whole.folder / "comparison.md").read_text()
@@ -79,7 +109,13 @@ def test_bandit_campaign_resumes_exactly_and_reports_the_stopping_signal(tiny, t
 
 def test_label_column_is_required(tiny, tmp_path: Path, small_h5ad: Path) -> None:
     with pytest.raises(InvalidArgument, match="label_column"):
-        run_campaign(tiny, SimulationConfig(pca=10, heads=("logreg",)), tmp_path / "x", workers=1, progress=False)
+        run_campaign(
+            tiny,
+            SimulationConfig(pca=10, heads=("logreg",)),
+            tmp_path / "x",
+            workers=1,
+            progress=False,
+        )
     with pytest.raises(SystemExit):
         main(["simulate", "--data", str(small_h5ad), "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -96,7 +132,9 @@ def test_normalised_x_is_used_as_it_is_and_said(tiny, caplog: pytest.LogCaptureF
     with caplog.at_level("WARNING"):
         again = prepare_data(normalised, cfg)
     assert again.x_values == "normalised" and "already normalised" in caplog.text
-    np.testing.assert_allclose(again.problem.X, counts.problem.X, atol=1e-3)  # not log1p'd a second time
+    np.testing.assert_allclose(
+        again.problem.X, counts.problem.X, atol=1e-3
+    )  # not log1p'd a second time
     with pytest.raises(InvalidArgument, match="x_values"):
         prepare_data(normalised, replace(cfg, x_values="counts"))
 
@@ -109,8 +147,15 @@ def test_query_size_is_relative_to_the_pool_by_default() -> None:
 
 
 def test_resume_message_matches_what_resume_accepts(tiny, tmp_path: Path) -> None:
-    cfg = SimulationConfig(label_column="layer", pca=10, heads=("logreg",), strategies=("random",), seeds=1,
-                           query_size=20, rounds=1)
+    cfg = SimulationConfig(
+        label_column="layer",
+        pca=10,
+        heads=("logreg",),
+        strategies=("random",),
+        seeds=1,
+        query_size=20,
+        rounds=1,
+    )
     folder = tmp_path / "c"
     run_campaign(tiny, cfg, folder, workers=1, progress=False)
     with pytest.raises(InvalidArgument) as other:
@@ -126,20 +171,49 @@ def test_project_default_config_is_what_create_project_gives() -> None:
 
     cfg = project_default_config("layer", seeds=2)
     store = LoopSettings.with_defaults()
-    assert cfg.heads == (store.head,) and cfg.strategies[0] == store.strategy and "random" in cfg.strategies
+    assert (
+        cfg.heads == (store.head,)
+        and cfg.strategies[0] == store.strategy
+        and "random" in cfg.strategies
+    )
     assert cfg.neighbours == store.spatial_neighbours and cfg.initial == store.cold_start_strategy
     paper = project_default_config("layer", preset="activevisium")
     assert paper.heads == ("mlp",) and paper.strategies == ("activevisium", "random")
-    assert paper.loop == {"preset": "activevisium"} and paper.head_hyperparameters("mlp")["lr"] == 1e-4
-    assert loop_defaults("activevisium")["head"] == LoopSettings.with_defaults(preset="activevisium").head
+    assert (
+        paper.loop == {"preset": "activevisium"} and paper.head_hyperparameters("mlp")["lr"] == 1e-4
+    )
+    assert (
+        loop_defaults("activevisium")["head"]
+        == LoopSettings.with_defaults(preset="activevisium").head
+    )
 
 
-def test_cli_default_mode_prints_the_default_against_random_last(tiny, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_default_mode_prints_the_default_against_random_last(
+    tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, out = tmp_path / "tiny.h5ad", tmp_path / "default"
     tiny.write_h5ad(data)
-    code = main(["simulate", "--data", str(data), "--label-column", "layer", "--pca", "10", "--seeds", "1",
-                 "--rounds", "2", "--query-size", "20", "--out", str(out), "--workers", "1"])
+    code = main(
+        [
+            "simulate",
+            "--data",
+            str(data),
+            "--label-column",
+            "layer",
+            "--pca",
+            "10",
+            "--seeds",
+            "1",
+            "--rounds",
+            "2",
+            "--query-size",
+            "20",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     d = loop_defaults()
@@ -149,30 +223,59 @@ def test_cli_default_mode_prints_the_default_against_random_last(tiny, tmp_path:
 
 
 def test_semi_supervised_arm_is_measured_beside_the_same_head(tiny, tmp_path: Path) -> None:
-    cfg = SimulationConfig(label_column="layer", pca=10, neighbours=6, heads=("logreg", "logreg+ssl"),
-                           strategies=("random",), seeds=1, query_size=20, rounds=2)
+    cfg = SimulationConfig(
+        label_column="layer",
+        pca=10,
+        neighbours=6,
+        heads=("logreg", "logreg+ssl"),
+        strategies=("random",),
+        seeds=1,
+        query_size=20,
+        rounds=2,
+    )
     result = run_campaign(tiny, cfg, tmp_path / "ssl", workers=1, progress=False)
     records = _records(result.folder)
     plain = [r["macro_f1"] for r in records if r["head"] == "logreg" and r["strategy"] == "random"]
-    semi = [r["macro_f1"] for r in records if r["head"] == "logreg+ssl" and r["strategy"] == "random"]
-    picked = {h: [r["picked"] for r in records if r["head"] == h and r["round"] == 0] for h in cfg.heads}
+    semi = [
+        r["macro_f1"] for r in records if r["head"] == "logreg+ssl" and r["strategy"] == "random"
+    ]
+    picked = {
+        h: [r["picked"] for r in records if r["head"] == h and r["round"] == 0] for h in cfg.heads
+    }
     assert picked["logreg"] == picked["logreg+ssl"]  # same start, same random picks
     assert plain != semi  # the pseudo-labels changed the model
     full = result.comparison["full_supervision"]
-    assert full["logreg"]["per_seed"] == full["logreg+ssl"]["per_seed"]  # every pool spot is labelled there
-    assert all(r["classes_labelled"] == 7 for r in records
-               if r["strategy"] != "full")
+    assert (
+        full["logreg"]["per_seed"] == full["logreg+ssl"]["per_seed"]
+    )  # every pool spot is labelled there
+    assert all(r["classes_labelled"] == 7 for r in records if r["strategy"] != "full")
     with pytest.raises(InvalidArgument, match="heads"):
         replace(cfg, heads=("forest+ssl",)).validate()
 
 
-def test_labels_of_one_class_are_followed_by_the_live_loops_more_spots(tiny, tmp_path: Path) -> None:
+def test_labels_of_one_class_are_followed_by_the_live_loops_more_spots(
+    tiny, tmp_path: Path
+) -> None:
     """An initial set of one class has no model: every arm asks by coverage next, as the live loop does."""
-    cfg = SimulationConfig(label_column="layer", pca=10, heads=("logreg",), strategies=("random", "entropy"),
-                           seeds=1, initial="random", initial_size=1, query_size=5, rounds=1)
+    cfg = SimulationConfig(
+        label_column="layer",
+        pca=10,
+        heads=("logreg",),
+        strategies=("random", "entropy"),
+        seeds=1,
+        initial="random",
+        initial_size=1,
+        query_size=5,
+        rounds=1,
+    )
     result = run_campaign(tiny, cfg, tmp_path / "c", workers=1, progress=False)
-    arms = {(r["strategy"], r["round"]): r for r in _records(result.folder) if r["strategy"] != "full"}
-    assert arms[("random", 0)]["picked"] == arms[("entropy", 0)]["picked"] and arms[("random", 0)]["labels"] == 1
+    arms = {
+        (r["strategy"], r["round"]): r for r in _records(result.folder) if r["strategy"] != "full"
+    }
+    assert (
+        arms[("random", 0)]["picked"] == arms[("entropy", 0)]["picked"]
+        and arms[("random", 0)]["labels"] == 1
+    )
     # random would draw at random, entropy would rank a constant model's ties: both ask by coverage instead
     assert arms[("random", 1)]["picked"] == arms[("entropy", 1)]["picked"]
     assert arms[("random", 1)]["classes_labelled"] > 1

@@ -28,10 +28,13 @@ def _jpeg_tiles(img: np.ndarray, subsampling: str) -> list[bytes]:
     for ty in range(0, h, TILE):
         for tx in range(0, w, TILE):
             tile = np.full((TILE, TILE, 3), 255, np.uint8)
-            part = img[ty:ty + TILE, tx:tx + TILE]
-            tile[:part.shape[0], :part.shape[1]] = part
-            tiles.append(simplejpeg.encode_jpeg(tile, quality=90, colorspace="RGB",
-                                                colorsubsampling=subsampling))
+            part = img[ty : ty + TILE, tx : tx + TILE]
+            tile[: part.shape[0], : part.shape[1]] = part
+            tiles.append(
+                simplejpeg.encode_jpeg(
+                    tile, quality=90, colorspace="RGB", colorsubsampling=subsampling
+                )
+            )
     return tiles
 
 
@@ -51,18 +54,33 @@ def write_pyramid(
     pyramid = [base]
     for _ in range(levels - 1):
         prev = pyramid[-1]
-        pyramid.append(np.asarray(Image.fromarray(prev).resize(
-            (prev.shape[1] // 2, prev.shape[0] // 2), Image.Resampling.BOX)))
-    resolution = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp),
-                                         "resolutionunit": "CENTIMETER"}
+        pyramid.append(
+            np.asarray(
+                Image.fromarray(prev).resize(
+                    (prev.shape[1] // 2, prev.shape[0] // 2), Image.Resampling.BOX
+                )
+            )
+        )
+    resolution = (
+        {}
+        if mpp is None
+        else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    )
     if compression == "jpeg":
         _precompressed()
     with tifffile.TiffWriter(path) as tw:
         for i, img in enumerate(pyramid):
             common = dict(tile=(TILE, TILE), subfiletype=1 if i else 0, **resolution)
             if compression == "jpeg":
-                tw.write(iter(_jpeg_tiles(img, "420")), shape=img.shape, dtype=np.uint8,
-                         compression="jpeg", photometric="ycbcr", subsampling=(2, 2), **common)
+                tw.write(
+                    iter(_jpeg_tiles(img, "420")),
+                    shape=img.shape,
+                    dtype=np.uint8,
+                    compression="jpeg",
+                    photometric="ycbcr",
+                    subsampling=(2, 2),
+                    **common,
+                )
             else:
                 tw.write(img, photometric="rgb", **common)
     return path

@@ -53,12 +53,20 @@ def test_png_reads_by_region_padded_with_white(a1: Path, a1_pixels: np.ndarray) 
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"], ids=["memmap", "deflate"])
-def test_stripped_tiff_is_read_where_openslide_refuses_it(tmp_path: Path, a1_pixels: np.ndarray,
-                                                          compression: str | None) -> None:
+def test_stripped_tiff_is_read_where_openslide_refuses_it(
+    tmp_path: Path, a1_pixels: np.ndarray, compression: str | None
+) -> None:
     crop = a1_pixels[800:1312, 600:1112]
     path = tmp_path / "he.tif"
-    tifffile.imwrite(path, crop, photometric="rgb", compression=compression, rowsperstrip=64,
-                     resolution=(1e4 / 3.4767, 1e4 / 3.4767), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        crop,
+        photometric="rgb",
+        compression=compression,
+        rowsperstrip=64,
+        resolution=(1e4 / 3.4767, 1e4 / 3.4767),
+        resolutionunit="CENTIMETER",
+    )
     with open_slide(path) as slide:
         assert isinstance(slide, PlainImageReader)
         assert slide.vendor == ("plain-tiff-memmap" if compression is None else "plain-tiff")
@@ -66,7 +74,9 @@ def test_stripped_tiff_is_read_where_openslide_refuses_it(tmp_path: Path, a1_pix
         np.testing.assert_array_equal(slide.read(0, 10, 20, 100, 50), crop[20:70, 10:110])
 
 
-def test_jpeg_and_pyramids_pick_their_reader(tmp_path: Path, a1_pixels: np.ndarray, shared_data: Path) -> None:
+def test_jpeg_and_pyramids_pick_their_reader(
+    tmp_path: Path, a1_pixels: np.ndarray, shared_data: Path
+) -> None:
     path = tmp_path / "he.jpg"
     Image.fromarray(a1_pixels[:256, :256]).save(path, quality=95)
     with open_slide(path) as slide:
@@ -84,8 +94,14 @@ def test_truncated_png_fails_naming_the_file(tmp_path: Path, a1: Path) -> None:
 
 def test_legacy_st_selection_reads_as_space_ranger_positions(a1: Path, tmp_path: Path) -> None:
     spots = read_selection(a1 / "A1_selection.tsv")
-    assert list(spots.columns) == ["barcode", "in_tissue", "array_row", "array_col",
-                                   "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    assert list(spots.columns) == [
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+    ]
     assert len(spots) == 348 and spots["barcode"].iloc[0] == "22x12" and spots["in_tissue"].all()
     # ST spots: 100 µm across on a 200 µm pitch; 31 px in the 2000-px PNG (SOURCES.md)
     assert spot_diameter(spots) * 2000 / 6954 == pytest.approx(31, abs=3)
@@ -102,7 +118,9 @@ def test_legacy_st_selection_reads_as_space_ranger_positions(a1: Path, tmp_path:
         read_spatial(bad)
 
 
-def test_visium_hires_png_is_the_slide_with_its_scale_factor(shared_data: Path, tmp_path: Path) -> None:
+def test_visium_hires_png_is_the_slide_with_its_scale_factor(
+    shared_data: Path, tmp_path: Path
+) -> None:
     """A spatial/ folder with only tissue_hires_image.png tiles at slide_scale = tissue_hires_scalef."""
     source = shared_data / "dlpfc" / "151673" / "spatial"
     spatial = tmp_path / "spatial"
@@ -115,14 +133,24 @@ def test_visium_hires_png_is_the_slide_with_its_scale_factor(shared_data: Path, 
     scale = hires_scale(spatial)
     assert scale == factors["tissue_hires_scalef"]
     store = LocalArtifactStore(tmp_path / "store")
-    result = tile_visium(spatial / "tissue_hires_image.png", spatial, store, "p/hires", scale=scale,
-                         patch_size=32, workers=1, chunk_size=4096)
+    result = tile_visium(
+        spatial / "tissue_hires_image.png",
+        spatial,
+        store,
+        "p/hires",
+        scale=scale,
+        patch_size=32,
+        workers=1,
+        chunk_size=4096,
+    )
     patches = PatchSet.open(store, result.prefix)
     assert result.n_patches == 3639 and patches.patch_size == 32
     assert patches.index["on_tissue_mask"].mean() > 0.9
 
 
-def test_tiling_step_uses_the_hires_png_when_no_slide_is_registered(shared_data: Path, tmp_path: Path) -> None:
+def test_tiling_step_uses_the_hires_png_when_no_slide_is_registered(
+    shared_data: Path, tmp_path: Path
+) -> None:
     from histoloop import events
     from histoloop.bus.embedded import EmbeddedBus
     from histoloop.tiling.step import TilingStep
@@ -139,12 +167,18 @@ def test_tiling_step_uses_the_hires_png_when_no_slide_is_registered(shared_data:
     buffer = tmp_path / "hires.png"
     hires.save(buffer)
     store.put("in/spatial/tissue_hires_image.png", buffer.read_bytes())
-    store.put("in/spatial/tissue_positions_list.csv", positions.to_csv(header=False, index=False).encode())
+    store.put(
+        "in/spatial/tissue_positions_list.csv", positions.to_csv(header=False, index=False).encode()
+    )
     store.put("in/spatial/scalefactors_json.json", json.dumps(factors).encode())
     bus = EmbeddedBus(tmp_path / "events.sqlite")
-    TilingStep(store, bus, workers=1).on_registered(events_pb2.DatasetRegistered(
-        meta=events.new_meta(project="p", dataset="d", producer="test"), kind=common_pb2.DATASET_KIND_VISIUM,
-        spatial_uri_prefix=store.uri("in/spatial")))
+    TilingStep(store, bus, workers=1).on_registered(
+        events_pb2.DatasetRegistered(
+            meta=events.new_meta(project="p", dataset="d", producer="test"),
+            kind=common_pb2.DATASET_KIND_VISIUM,
+            spatial_uri_prefix=store.uri("in/spatial"),
+        )
+    )
     (record,) = bus.consumer("t", [events.TILES_READY]).poll(1.0)
     ready = events.decode(record)
     assert ready.n_tiles == len(positions) and ready.patches_uri  # patches cut from the hires PNG

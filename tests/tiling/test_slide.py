@@ -33,8 +33,11 @@ def test_direct_level0_equals_openslide(slide: str, request: pytest.FixtureReque
         for x, y, w, h in _random_regions(rng, width, height, 40):
             direct = reader.read(0, x, y, w, h)
             assert direct.shape == (h, w, 3) and direct.dtype == np.uint8
-            np.testing.assert_array_equal(direct, reader.read_openslide(0, x, y, w, h),
-                                          err_msg=f"{path.name} region {(x, y, w, h)}")
+            np.testing.assert_array_equal(
+                direct,
+                reader.read_openslide(0, x, y, w, h),
+                err_msg=f"{path.name} region {(x, y, w, h)}",
+            )
 
 
 def test_direct_upper_levels_equal_openslide_when_downsample_is_exact(exact_pyramid: Path) -> None:
@@ -44,8 +47,9 @@ def test_direct_upper_levels_equal_openslide_when_downsample_is_exact(exact_pyra
         assert reader.direct_levels == [0, 1, 2]
         for level, (width, height) in enumerate(reader.level_dimensions):
             for x, y, w, h in _random_regions(rng, width, height, 15):
-                np.testing.assert_array_equal(reader.read(level, x, y, w, h),
-                                              reader.read_openslide(level, x, y, w, h))
+                np.testing.assert_array_equal(
+                    reader.read(level, x, y, w, h), reader.read_openslide(level, x, y, w, h)
+                )
 
 
 def test_fractional_downsample_levels_use_openslide(generic_tiff: Path) -> None:
@@ -53,8 +57,9 @@ def test_fractional_downsample_levels_use_openslide(generic_tiff: Path) -> None:
     with SlideReader(generic_tiff) as reader:
         assert reader.level_downsamples[1] != 2.0
         assert 1 not in reader.direct_levels and 2 not in reader.direct_levels
-        np.testing.assert_array_equal(reader.read(1, 100, 100, 64, 64),
-                                      reader.read_openslide(1, 100, 100, 64, 64))
+        np.testing.assert_array_equal(
+            reader.read(1, 100, 100, 64, 64), reader.read_openslide(1, 100, 100, 64, 64)
+        )
 
 
 def test_j2k_slide_falls_back_to_openslide(tcga_svs: Path) -> None:
@@ -75,12 +80,14 @@ def test_verification_disables_a_level_that_decodes_differently(
     monkeypatch.setattr(_jpeg, "_adobe_app14", lambda transform: real(1 - transform))
     with SlideReader(cmu_svs) as reader:
         assert reader.direct_levels == []
-        np.testing.assert_array_equal(reader.read(0, 10, 10, 50, 50),
-                                      reader.read_openslide(0, 10, 10, 50, 50))
+        np.testing.assert_array_equal(
+            reader.read(0, 10, 10, 50, 50), reader.read_openslide(0, 10, 10, 50, 50)
+        )
     with SlideReader(cmu_svs, verify=False) as reader:
         assert reader.direct_levels == [0]
-        assert not np.array_equal(reader.read(0, 900, 900, 50, 50),
-                                  reader.read_openslide(0, 900, 900, 50, 50))
+        assert not np.array_equal(
+            reader.read(0, 900, 900, 50, 50), reader.read_openslide(0, 900, 900, 50, 50)
+        )
 
 
 def test_openslide_backend_never_reads_directly(cmu_svs: Path) -> None:
@@ -131,8 +138,9 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("slide", ["cmu_svs", "generic_tiff"])
 @pytest.mark.parametrize("fraction", [0.5, 0.97])
-def test_truncated_slide(slide: str, fraction: float, tmp_path: Path,
-                         request: pytest.FixtureRequest) -> None:
+def test_truncated_slide(
+    slide: str, fraction: float, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     src: Path = request.getfixturevalue(slide)
     data = src.read_bytes()
     path = tmp_path / f"truncated{src.suffix}"

@@ -41,7 +41,12 @@ def test_real_dlpfc_spatial(shared_data: Path) -> None:
     assert len(data.positions) == 4992
     assert int(data.positions["in_tissue"].sum()) == 4634
     assert list(data.positions.columns) == [
-        "barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
     ]
     assert data.positions["array_row"].between(0, 77).all()
     assert data.positions["array_col"].between(0, 127).all()
@@ -112,8 +117,12 @@ def test_positions_without_header_and_too_few_columns(visium: Path) -> None:
 
 @pytest.mark.parametrize(
     ("column", "value", "match"),
-    [(4, "abc", "pxl_row_in_fullres"), (1, "2", "in_tissue"), (2, "1.5", "array_row"),
-     (0, "", "barcode")],
+    [
+        (4, "abc", "pxl_row_in_fullres"),
+        (1, "2", "in_tissue"),
+        (2, "1.5", "array_row"),
+        (0, "", "barcode"),
+    ],
 )
 def test_positions_with_bad_values(visium: Path, column: int, value: str, match: str) -> None:
     path = visium / "tissue_positions.csv"
@@ -132,8 +141,15 @@ def test_positions_with_bad_values(visium: Path, column: int, value: str, match:
 
 def test_tile_visium_end_to_end(visium: Path, cmu_svs: Path, store: LocalArtifactStore) -> None:
     progress: list[tuple[int, int]] = []
-    result = tile_visium(cmu_svs, visium, store, "proj/ds1/tiles", chunk_size=32, workers=1,
-                         on_progress=lambda done, total: progress.append((done, total)))
+    result = tile_visium(
+        cmu_svs,
+        visium,
+        store,
+        "proj/ds1/tiles",
+        chunk_size=32,
+        workers=1,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
     positions = _positions(visium)
     n_in = int(positions["in_tissue"].sum())
     assert result.n_patches == n_in > 30
@@ -183,20 +199,29 @@ def test_direct_and_openslide_paths_give_identical_patches(
 
 
 @pytest.mark.integration  # spawns worker processes
-def test_parallel_workers_give_the_same_result(visium: Path, cmu_svs: Path,
-                                               store: LocalArtifactStore) -> None:
+def test_parallel_workers_give_the_same_result(
+    visium: Path, cmu_svs: Path, store: LocalArtifactStore
+) -> None:
     calls: list[int] = []
     tile_visium(cmu_svs, visium, store, "one", chunk_size=16, workers=1)
-    tile_visium(cmu_svs, visium, store, "two", chunk_size=16, workers=2,
-                on_progress=lambda done, total: calls.append(done))
+    tile_visium(
+        cmu_svs,
+        visium,
+        store,
+        "two",
+        chunk_size=16,
+        workers=2,
+        on_progress=lambda done, total: calls.append(done),
+    )
     one, two = PatchSet.open(store, "one"), PatchSet.open(store, "two")
     pd.testing.assert_frame_equal(one.index, two.index)
     np.testing.assert_array_equal(one.read_all(), two.read_all())
     assert calls[-1] == two.n and len(calls) == len(two.chunk_keys) + 1
 
 
-def test_csv_flavours_and_scale_factor(tmp_path: Path, cmu_svs: Path,
-                                       store: LocalArtifactStore) -> None:
+def test_csv_flavours_and_scale_factor(
+    tmp_path: Path, cmu_svs: Path, store: LocalArtifactStore
+) -> None:
     # Space Ranger's image at twice the slide's resolution → scale 0.5 gives the same patches
     same = make_visium(cmu_svs, tmp_path / "same", flavour="list")
     double = make_visium(cmu_svs, tmp_path / "double", flavour="header", fullres_factor=2.0)
@@ -207,26 +232,38 @@ def test_csv_flavours_and_scale_factor(tmp_path: Path, cmu_svs: Path,
     np.testing.assert_array_equal(a.index["id"], b.index["id"])
 
 
-def test_level_choice_for_large_context(exact_pyramid: Path, tmp_path: Path,
-                                        store: LocalArtifactStore) -> None:
+def test_level_choice_for_large_context(
+    exact_pyramid: Path, tmp_path: Path, store: LocalArtifactStore
+) -> None:
     # spots of 110 px × context 4 = 441 px → 112 px patches: downsample 3.9 → level 1 (ds 2)
     spatial = make_visium(exact_pyramid, tmp_path / "v")
-    result = tile_visium(exact_pyramid, spatial, store, "ctx", workers=1, context=4,
-                         patch_size=112, outside="skip", check_tissue=False)
+    result = tile_visium(
+        exact_pyramid,
+        spatial,
+        store,
+        "ctx",
+        workers=1,
+        context=4,
+        patch_size=112,
+        outside="skip",
+        check_tissue=False,
+    )
     assert result.level == 1 and result.downsample == 2.0 and result.direct
     assert result.region_size == round(55 / 0.5 * 4 / 2)
 
 
-def test_most_spots_outside_means_wrong_scale(visium: Path, cmu_svs: Path,
-                                              store: LocalArtifactStore) -> None:
+def test_most_spots_outside_means_wrong_scale(
+    visium: Path, cmu_svs: Path, store: LocalArtifactStore
+) -> None:
     with pytest.raises(ScaleMismatch, match="scale") as err:
         tile_visium(cmu_svs, visium, store, "x", scale=3.0, workers=1)
     assert "outside" in str(err.value) and "tissue_positions.csv" in str(err.value)
     assert isinstance(err.value, InvalidArgument)
 
 
-def test_most_spots_on_background_means_wrong_scale(visium: Path, cmu_svs: Path,
-                                                    store: LocalArtifactStore) -> None:
+def test_most_spots_on_background_means_wrong_scale(
+    visium: Path, cmu_svs: Path, store: LocalArtifactStore
+) -> None:
     # scale 0.3 squeezes every spot into the slide's empty top-left corner
     with pytest.raises(ScaleMismatch, match="fall on tissue"):
         tile_visium(cmu_svs, visium, store, "x", scale=0.3, workers=1)
@@ -234,8 +271,9 @@ def test_most_spots_on_background_means_wrong_scale(visium: Path, cmu_svs: Path,
     assert result.n_patches > 0
 
 
-def test_some_spots_outside_the_slide(visium: Path, cmu_svs: Path,
-                                      store: LocalArtifactStore) -> None:
+def test_some_spots_outside_the_slide(
+    visium: Path, cmu_svs: Path, store: LocalArtifactStore
+) -> None:
     path = visium / "tissue_positions.csv"
     df = pd.read_csv(path)
     first = df.index[df["in_tissue"] == 1][0]
@@ -250,27 +288,48 @@ def test_some_spots_outside_the_slide(visium: Path, cmu_svs: Path,
     assert barcode in result.warnings[0]
 
 
-def test_real_dlpfc_positions_on_the_lowres_image(shared_data: Path, tmp_path: Path,
-                                                  store: LocalArtifactStore) -> None:
+def test_real_dlpfc_positions_on_the_lowres_image(
+    shared_data: Path, tmp_path: Path, store: LocalArtifactStore
+) -> None:
     # no full-res DLPFC image exists here: the lowres PNG (as a tiled TIFF) stands in for
     # the slide, and tissue_lowres_scalef maps the full-res positions onto it
     spatial = shared_data / "dlpfc" / "151510" / "spatial"
     image = np.asarray(Image.open(spatial / "tissue_lowres_image.png").convert("RGB"))
     slide = write_pyramid(tmp_path / "lowres.tiff", image, levels=1, mpp=None, compression="none")
     factors = read_spatial(spatial).scalefactors
-    result = tile_visium(slide, spatial, store, "dlpfc", scale=factors.tissue_lowres_scalef,
-                         patch_size=16, workers=1, chunk_size=1024)
+    result = tile_visium(
+        slide,
+        spatial,
+        store,
+        "dlpfc",
+        scale=factors.tissue_lowres_scalef,
+        patch_size=16,
+        workers=1,
+        chunk_size=1024,
+    )
     assert result.n_patches == 4634 and not result.direct
     index = PatchSet.open(store, "dlpfc").index
     assert index["on_tissue_mask"].mean() > 0.5
     # the hires scale factor instead puts almost every spot off the 600 px image
     with pytest.raises(ScaleMismatch, match="4634"):
-        tile_visium(slide, spatial, store, "bad", scale=factors.tissue_hires_scalef,
-                    patch_size=16, workers=1)
+        tile_visium(
+            slide,
+            spatial,
+            store,
+            "bad",
+            scale=factors.tissue_hires_scalef,
+            patch_size=16,
+            workers=1,
+        )
 
 
 def test_bad_options(visium: Path, cmu_svs: Path, store: LocalArtifactStore) -> None:
-    for kwargs in ({"context": 0}, {"patch_size": -1}, {"scale": float("nan")},
-                   {"outside": "ignore"}, {"workers": 0}):
+    for kwargs in (
+        {"context": 0},
+        {"patch_size": -1},
+        {"scale": float("nan")},
+        {"outside": "ignore"},
+        {"workers": 0},
+    ):
         with pytest.raises(InvalidArgument):
             tile_visium(cmu_svs, visium, store, "x", **kwargs)

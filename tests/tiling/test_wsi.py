@@ -43,8 +43,16 @@ def test_tissue_mask_of_blank_glass_is_empty() -> None:
 
 def test_tile_wsi_level0(cmu_svs: Path, store: LocalArtifactStore) -> None:
     progress: list[int] = []
-    result = tile_wsi(cmu_svs, store, "wsi/cmu", mpp=0.5, tile_size=224, workers=1,
-                      chunk_size=20, on_progress=lambda done, total: progress.append(done))
+    result = tile_wsi(
+        cmu_svs,
+        store,
+        "wsi/cmu",
+        mpp=0.5,
+        tile_size=224,
+        workers=1,
+        chunk_size=20,
+        on_progress=lambda done, total: progress.append(done),
+    )
     assert result.kind == "wsi" and result.level == 0 and result.direct
     assert result.region_size == round(224 * 0.5 / 0.499)
     patches = PatchSet.open(store, "wsi/cmu")
@@ -67,15 +75,24 @@ def test_tile_wsi_picks_a_lower_level(generic_tiff: Path, store: LocalArtifactSt
     assert result.region_size == round(128 * 1.0 / 0.499 / result.downsample)
 
 
-def test_tile_wsi_exact_pyramid_upper_level_is_direct(exact_pyramid: Path,
-                                                      store: LocalArtifactStore) -> None:
-    fast = tile_wsi(exact_pyramid, store, "fast", mpp=2.0, tile_size=64, min_tissue=0.1,
-                    workers=1)
-    slow = tile_wsi(exact_pyramid, store, "slow", mpp=2.0, tile_size=64, min_tissue=0.1,
-                    workers=1, backend="openslide")
+def test_tile_wsi_exact_pyramid_upper_level_is_direct(
+    exact_pyramid: Path, store: LocalArtifactStore
+) -> None:
+    fast = tile_wsi(exact_pyramid, store, "fast", mpp=2.0, tile_size=64, min_tissue=0.1, workers=1)
+    slow = tile_wsi(
+        exact_pyramid,
+        store,
+        "slow",
+        mpp=2.0,
+        tile_size=64,
+        min_tissue=0.1,
+        workers=1,
+        backend="openslide",
+    )
     assert fast.level == 2 and fast.direct and not slow.direct
-    np.testing.assert_array_equal(PatchSet.open(store, "fast").read_all(),
-                                  PatchSet.open(store, "slow").read_all())
+    np.testing.assert_array_equal(
+        PatchSet.open(store, "fast").read_all(), PatchSet.open(store, "slow").read_all()
+    )
 
 
 def test_slide_without_mpp(tcga_svs: Path, store: LocalArtifactStore) -> None:
@@ -89,8 +106,7 @@ def test_slide_without_mpp(tcga_svs: Path, store: LocalArtifactStore) -> None:
 
 
 def test_no_tissue(tmp_path: Path, store: LocalArtifactStore) -> None:
-    blank = write_pyramid(tmp_path / "blank.tiff", np.full((512, 512, 3), 245, np.uint8),
-                          levels=1)
+    blank = write_pyramid(tmp_path / "blank.tiff", np.full((512, 512, 3), 245, np.uint8), levels=1)
     with pytest.raises(NoTissueFound, match="blank.tiff"):
         tile_wsi(blank, store, "b", mpp=0.5, tile_size=128, workers=1)
 
@@ -101,8 +117,9 @@ def test_bad_options(cmu_svs: Path, store: LocalArtifactStore) -> None:
             tile_wsi(cmu_svs, store, "x", **kwargs)
 
 
-def test_native_resolution_needs_no_mpp(tmp_path: Path, cmu_svs: Path,
-                                        store: LocalArtifactStore) -> None:
+def test_native_resolution_needs_no_mpp(
+    tmp_path: Path, cmu_svs: Path, store: LocalArtifactStore
+) -> None:
     import openslide
 
     with openslide.OpenSlide(str(cmu_svs)) as osr:

@@ -49,11 +49,12 @@ def make_visium(
             if x >= width or y >= height:
                 continue
             ty, tx = min(int(y / t_ds), sat.shape[0] - 1), min(int(x / t_ds), sat.shape[1] - 1)
-            in_tissue = int(sat[max(ty - 1, 0):ty + 2, max(tx - 1, 0):tx + 2].mean() > 0.08)
+            in_tissue = int(sat[max(ty - 1, 0) : ty + 2, max(tx - 1, 0) : tx + 2].mean() > 0.08)
             code = "".join(rng.choice(list("ACGT"), 16))
             # positions are whole pixels at the slide's resolution, then scaled
-            rows.append((f"{code}-1", in_tissue, r, c, round(y) * fullres_factor,
-                         round(x) * fullres_factor))
+            rows.append(
+                (f"{code}-1", in_tissue, r, c, round(y) * fullres_factor, round(x) * fullres_factor)
+            )
     spatial = out / "spatial"
     spatial.mkdir(parents=True, exist_ok=True)
     lines = [f"{b},{t},{r},{c},{round(py)},{round(px)}" for b, t, r, c, py, px in rows]
@@ -61,10 +62,14 @@ def make_visium(
         (spatial / "tissue_positions.csv").write_text("\n".join([HEADER, *lines]) + "\n")
     else:
         (spatial / "tissue_positions_list.csv").write_text("\n".join(lines) + "\n")
-    (spatial / "scalefactors_json.json").write_text(json.dumps({
-        "spot_diameter_fullres": spot_px * fullres_factor,
-        "tissue_hires_scalef": 2000 / (max(width, height) * fullres_factor),
-        "fiducial_diameter_fullres": spot_px * fullres_factor * 1.5,
-        "tissue_lowres_scalef": 600 / (max(width, height) * fullres_factor),
-    }))
+    (spatial / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "spot_diameter_fullres": spot_px * fullres_factor,
+                "tissue_hires_scalef": 2000 / (max(width, height) * fullres_factor),
+                "fiducial_diameter_fullres": spot_px * fullres_factor * 1.5,
+                "tissue_lowres_scalef": 600 / (max(width, height) * fullres_factor),
+            }
+        )
+    )
     return spatial

@@ -51,8 +51,9 @@ class Stack:
     def wait_round(self, project: str, after: int, timeout: float = 120.0) -> pb.QuerySet:
         """The first query set of ``project`` with a round above ``after``."""
         arrivals: queue.Queue = queue.Queue()
-        stream = self.store.WatchQuerySets(pb.WatchQuerySetsRequest(project_id=project, include_latest=True),
-                                           metadata=self.admin)
+        stream = self.store.WatchQuerySets(
+            pb.WatchQuerySetsRequest(project_id=project, include_latest=True), metadata=self.admin
+        )
 
         def pump() -> None:
             try:
@@ -74,9 +75,17 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[Stack]:
     admin_token = secrets.token_hex(16)
-    settings = load_settings(data_dir=tmp_path_factory.mktemp("web"), grpc_port=0, metrics_port=0, web_port=0,
-                             auth="token", service_token=secrets.token_hex(16), admin_token=admin_token,
-                             web_viewers="viewer", web_max_batch=500)
+    settings = load_settings(
+        data_dir=tmp_path_factory.mktemp("web"),
+        grpc_port=0,
+        metrics_port=0,
+        web_port=0,
+        auth="token",
+        service_token=secrets.token_hex(16),
+        admin_token=admin_token,
+        web_viewers="viewer",
+        web_max_batch=500,
+    )
     server = Server(settings)
     server.start()
     web = WebServer(settings, store_address=f"127.0.0.1:{server.port}")
@@ -91,27 +100,58 @@ def stack(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterat
     st.truth = truth[truth.notna()].astype(str)
     classes = [common_pb2.ClassDef(name=n, color=c) for n, c in zip(LAYERS, COLOURS, strict=True)]
     for project in (PROJECT, OTHER):
-        store.CreateProject(pb.CreateProjectRequest(
-            project_id=project, name=f"DLPFC 151510 ({project})", classes=classes,
-            config=common_pb2.LoopConfig(features=common_pb2.FEATURE_SET_EXPRESSION, query_size=10)),
-            metadata=admin)
-    store.RegisterDataset(pb.RegisterDatasetRequest(
-        project_id=PROJECT, dataset_id=DATASET, kind=common_pb2.DATASET_KIND_VISIUM,
-        spatial_dir=str(folder / "spatial"), expression_path=str(folder / "dlpfc151510_500genes.h5ad")),
-        metadata=admin)
-    store.CreateProject(pb.CreateProjectRequest(
-        project_id=WSI_PROJECT, name="CMU-1 small region", classes=classes[:3],
-        config=common_pb2.LoopConfig(query_size=10)), metadata=admin)
-    store.RegisterDataset(pb.RegisterDatasetRequest(
-        project_id=WSI_PROJECT, dataset_id="cmu1", kind=common_pb2.DATASET_KIND_WSI,
-        slide_path=str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), tile_size=224),
-        metadata=admin)
-    for name, role, projects in (("ann-a", pb.ANNOTATOR_ROLE_ANNOTATOR, [PROJECT, WSI_PROJECT]),
-                                 ("ann-b", pb.ANNOTATOR_ROLE_ANNOTATOR, [PROJECT]),
-                                 ("viewer", pb.ANNOTATOR_ROLE_ANNOTATOR, [PROJECT]),
-                                 ("other", pb.ANNOTATOR_ROLE_ANNOTATOR, [OTHER])):
-        reply = store.RegisterAnnotator(pb.RegisterAnnotatorRequest(
-            annotator_id=name, display_name=name, role=role, projects=projects), metadata=admin)
+        store.CreateProject(
+            pb.CreateProjectRequest(
+                project_id=project,
+                name=f"DLPFC 151510 ({project})",
+                classes=classes,
+                config=common_pb2.LoopConfig(
+                    features=common_pb2.FEATURE_SET_EXPRESSION, query_size=10
+                ),
+            ),
+            metadata=admin,
+        )
+    store.RegisterDataset(
+        pb.RegisterDatasetRequest(
+            project_id=PROJECT,
+            dataset_id=DATASET,
+            kind=common_pb2.DATASET_KIND_VISIUM,
+            spatial_dir=str(folder / "spatial"),
+            expression_path=str(folder / "dlpfc151510_500genes.h5ad"),
+        ),
+        metadata=admin,
+    )
+    store.CreateProject(
+        pb.CreateProjectRequest(
+            project_id=WSI_PROJECT,
+            name="CMU-1 small region",
+            classes=classes[:3],
+            config=common_pb2.LoopConfig(query_size=10),
+        ),
+        metadata=admin,
+    )
+    store.RegisterDataset(
+        pb.RegisterDatasetRequest(
+            project_id=WSI_PROJECT,
+            dataset_id="cmu1",
+            kind=common_pb2.DATASET_KIND_WSI,
+            slide_path=str(shared_data / "wsi" / "CMU-1-Small-Region.svs"),
+            tile_size=224,
+        ),
+        metadata=admin,
+    )
+    for name, role, projects in (
+        ("ann-a", pb.ANNOTATOR_ROLE_ANNOTATOR, [PROJECT, WSI_PROJECT]),
+        ("ann-b", pb.ANNOTATOR_ROLE_ANNOTATOR, [PROJECT]),
+        ("viewer", pb.ANNOTATOR_ROLE_ANNOTATOR, [PROJECT]),
+        ("other", pb.ANNOTATOR_ROLE_ANNOTATOR, [OTHER]),
+    ):
+        reply = store.RegisterAnnotator(
+            pb.RegisterAnnotatorRequest(
+                annotator_id=name, display_name=name, role=role, projects=projects
+            ),
+            metadata=admin,
+        )
         st.tokens[name] = reply.token
     st.wait_round(PROJECT, -1)
     yield st

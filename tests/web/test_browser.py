@@ -18,13 +18,24 @@ from histoloop.v1 import annotation_store_pb2 as pb
 from tests.web.conftest import COLOURS, DATASET, LAYERS, PROJECT, WSI_PROJECT, Stack
 
 CHROMIUM = os.environ.get("HISTOLOOP_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed"
+)
 if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-    pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; make test does it as root)",
-                allow_module_level=True)
+    pytest.skip(
+        f"no browser: {CHROMIUM} is missing (apt-get install chromium; make test does it as root)",
+        allow_module_level=True,
+    )
 
 OVERLAY_SIGNATURE = """() => {
   const c = document.getElementById('overlay');
@@ -101,27 +112,41 @@ RASTER_AND_PATHS = """(size) => {
 
 
 def _rgb(colour: str) -> list[int]:
-    return [int(colour[k:k + 2], 16) for k in (1, 3, 5)]
+    return [int(colour[k : k + 2], 16) for k in (1, 3, 5)]
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                    args=ARGS)
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+            args=ARGS,
+        )
         yield browser
         browser.close()
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = Path(os.environ.get("HISTOLOOP_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder = Path(
+        os.environ.get("HISTOLOOP_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots")
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only: bool = False, pixel_ratio: float = 1):
-    context = browser.new_context(viewport={"width": 1400, "height": 860}, device_scale_factor=pixel_ratio)
+def _open(
+    browser,
+    stack: Stack,
+    who: str,
+    project: str = PROJECT,
+    *,
+    view_only: bool = False,
+    pixel_ratio: float = 1,
+):
+    context = browser.new_context(
+        viewport={"width": 1400, "height": 860}, device_scale_factor=pixel_ratio
+    )
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -130,7 +155,9 @@ def _open(browser, stack: Stack, who: str, project: str = PROJECT, *, view_only:
     if view_only:
         page.check("#signin-view-only")
     page.click("#signin-form button[type=submit]")
-    page.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page.wait_for_function(
+        "() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000
+    )
     page.wait_for_timeout(300)
     assert not errors, errors
     return context, page
@@ -159,7 +186,9 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     round_before = page.evaluate("window.__histoloop.round")
     page.select_option("#colour-mode", "consensus")
     before = page.evaluate(OVERLAY_SIGNATURE)
-    consensus_before = page.evaluate("Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length")
+    consensus_before = page.evaluate(
+        "Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length"
+    )
     page.screenshot(path=str(shots / "web-query.png"))
     labelled = _label_query_with_hotkeys(page, stack)
     page.keyboard.press("s")
@@ -168,7 +197,9 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     banner = page.text_content("#banner")
     assert banner.startswith(f"round {round_before + 1}:") and "new spots" in banner
     page.wait_for_timeout(200)
-    consensus_after = page.evaluate("Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length")
+    consensus_after = page.evaluate(
+        "Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length"
+    )
     assert consensus_after >= consensus_before + labelled
     after = page.evaluate(OVERLAY_SIGNATURE)
     assert after != before, "the overlay did not change after the next round arrived"
@@ -231,11 +262,20 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
     # two annotators disagree on a spot: the adjudication panel lists both labels
     unit = str(stack.truth.index[-1])
     for who, label in (("ann-a", "Layer1"), ("ann-b", "Layer2")):
-        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
-            project_id=PROJECT, dataset_id=DATASET, batch_id=f"dispute-{who}", annotator_id=who,
-            labels=[pb.SpotLabel(barcode=unit, label=label)]), metadata=stack.admin)
+        stack.store.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=PROJECT,
+                dataset_id=DATASET,
+                batch_id=f"dispute-{who}",
+                annotator_id=who,
+                labels=[pb.SpotLabel(barcode=unit, label=label)],
+            ),
+            metadata=stack.admin,
+        )
     page_b.reload()
-    page_b.wait_for_function("() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000)
+    page_b.wait_for_function(
+        "() => window.__histoloop && window.__histoloop.ready === true", timeout=60_000
+    )
     page_b.wait_for_selector(f"#adjudication tr[data-unit]:has-text('{unit}')", timeout=30_000)
     row = page_b.text_content(f"#adjudication tr[data-unit]:has-text('{unit}')")
     assert "ann-a: Layer1" in row and "ann-b: Layer2" in row
@@ -276,7 +316,9 @@ def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
     banner = page.text_content("#banner")
     assert banner.startswith(f"round {round_before + 1}:") and "new tiles" in banner
     page.wait_for_timeout(200)
-    assert page.evaluate(OVERLAY_SIGNATURE) != before, "the overlay did not change after the next round"
+    assert page.evaluate(OVERLAY_SIGNATURE) != before, (
+        "the overlay did not change after the next round"
+    )
     page.screenshot(path=str(shots / "web-wsi-next-round.png"))
     context.close()
 
@@ -284,11 +326,22 @@ def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
 def test_key_r_adds_the_proposed_region_as_one_undo_step(browser, stack: Stack) -> None:
     status = stack.store.GetStatus(pb.GetStatusRequest(project_id=PROJECT), metadata=stack.admin)
     if not status.latest_model_version:  # alone, this test runs before the project's first model
-        query_set = stack.store.GetQuerySet(pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin)
-        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
-            project_id=PROJECT, dataset_id=DATASET, batch_id="region-key",
-            labels=[pb.SpotLabel(barcode=s.barcode, label=stack.truth[s.barcode]) for s in query_set.spots
-                    if s.barcode in stack.truth.index]), metadata=stack.admin)
+        query_set = stack.store.GetQuerySet(
+            pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin
+        )
+        stack.store.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=PROJECT,
+                dataset_id=DATASET,
+                batch_id="region-key",
+                labels=[
+                    pb.SpotLabel(barcode=s.barcode, label=stack.truth[s.barcode])
+                    for s in query_set.spots
+                    if s.barcode in stack.truth.index
+                ],
+            ),
+            metadata=stack.admin,
+        )
         stack.wait_round(PROJECT, query_set.round)
     context, page = _open(browser, stack, "ann-a")
     page.click(".class-button[data-cls='2']")
@@ -298,7 +351,9 @@ def test_key_r_adds_the_proposed_region_as_one_undo_step(browser, stack: Stack) 
     page.wait_for_function("() => window.__histoloop.pending.size > 0", timeout=30_000)
     region = page.evaluate(f"""async () => (await (await fetch(
         '/api/projects/{PROJECT}/datasets/{DATASET}/region?unit={unit}')).json()).units""")
-    pending = page.evaluate("[...window.__histoloop.pending].map(([i, c]) => [window.__histoloop.layer.ids[i], c])")
+    pending = page.evaluate(
+        "[...window.__histoloop.pending].map(([i, c]) => [window.__histoloop.layer.ids[i], c])"
+    )
     assert sorted(u for u, _ in pending) == sorted(region) and region[0] == unit
     assert {c for _, c in pending} == {2}
     assert "region of" in page.text_content("#status-line")
@@ -307,16 +362,31 @@ def test_key_r_adds_the_proposed_region_as_one_undo_step(browser, stack: Stack) 
     context.close()
 
 
-def test_key_r_proposes_as_the_signed_in_annotator_when_the_model_knows_them(browser, stack: Stack) -> None:
+def test_key_r_proposes_as_the_signed_in_annotator_when_the_model_knows_them(
+    browser, stack: Stack
+) -> None:
     """Two annotators label the same spots differently; the next model carries a per-annotator
     model, and ``r`` asks for the region as the signed-in annotator."""
-    query_set = stack.store.GetQuerySet(pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin)
+    query_set = stack.store.GetQuerySet(
+        pb.GetQuerySetRequest(project_id=PROJECT), metadata=stack.admin
+    )
     spots = [s.barcode for s in query_set.spots if s.barcode in stack.truth.index]
     for name, shift in (("ann-a", 0), ("ann-b", 1)):
-        stack.store.SubmitLabels(pb.SubmitLabelsRequest(
-            project_id=PROJECT, dataset_id=DATASET, batch_id=f"raters-{name}",
-            labels=[pb.SpotLabel(barcode=b, label=LAYERS[(LAYERS.index(stack.truth[b]) + shift) % len(LAYERS)])
-                    for b in spots]), metadata=[("authorization", f"Bearer {stack.tokens[name]}")])
+        stack.store.SubmitLabels(
+            pb.SubmitLabelsRequest(
+                project_id=PROJECT,
+                dataset_id=DATASET,
+                batch_id=f"raters-{name}",
+                labels=[
+                    pb.SpotLabel(
+                        barcode=b,
+                        label=LAYERS[(LAYERS.index(stack.truth[b]) + shift) % len(LAYERS)],
+                    )
+                    for b in spots
+                ],
+            ),
+            metadata=[("authorization", f"Bearer {stack.tokens[name]}")],
+        )
     stack.wait_round(PROJECT, query_set.round)
     context, page = _open(browser, stack, "ann-a")
     page.wait_for_function("() => window.__histoloop.raters.includes('ann-a')", timeout=30_000)
@@ -326,14 +396,18 @@ def test_key_r_proposes_as_the_signed_in_annotator_when_the_model_knows_them(bro
     page.wait_for_function("() => window.__histoloop.pending.size > 0", timeout=30_000)
     region = page.evaluate(f"""async () => (await (await fetch(
         '/api/projects/{PROJECT}/datasets/{DATASET}/region?unit={unit}&as=ann-a')).json()).units""")
-    pending = page.evaluate("[...window.__histoloop.pending].map(([i]) => window.__histoloop.layer.ids[i])")
+    pending = page.evaluate(
+        "[...window.__histoloop.pending].map(([i]) => window.__histoloop.layer.ids[i])"
+    )
     assert sorted(pending) == sorted(region)
     assert "as ann-a" in page.text_content("#status-line")
     context.close()
 
 
 @pytest.mark.parametrize("pixel_ratio", [1, 2])
-def test_raster_redraw_draws_the_colours_and_agrees_with_paths(browser, stack: Stack, pixel_ratio: float) -> None:
+def test_raster_redraw_draws_the_colours_and_agrees_with_paths(
+    browser, stack: Stack, pixel_ratio: float
+) -> None:
     """Units under 4 px are written as pixels: each class's colour and alpha where a unit is, nothing where
     none is drawn, and at every unit on screen the same pixels as the per-unit canvas paths."""
     context, page = _open(browser, stack, "ann-a", pixel_ratio=pixel_ratio)
@@ -341,15 +415,25 @@ def test_raster_redraw_draws_the_colours_and_agrees_with_paths(browser, stack: S
     context.close()
     consensus, uncertainty = result["consensus"], result["uncertainty"]
     assert 2 <= result["onScreen"] < 4 and result["n"] > 1000, result
-    assert (consensus["rasterUsed"], consensus["pathUsed"], consensus["autoUsed"]) == ("raster", "path", "raster")
+    assert (consensus["rasterUsed"], consensus["pathUsed"], consensus["autoUsed"]) == (
+        "raster",
+        "path",
+        "raster",
+    )
     assert result["zoomedUsed"] == "path"  # 12 px units: paths (circles)
     for c, (r, g, b, a) in consensus["known"]:
-        assert all(abs(x - y) <= 2 for x, y in zip((r, g, b), _rgb(COLOURS[c]), strict=True)), (c, r, g, b)
+        assert all(abs(x - y) <= 2 for x, y in zip((r, g, b), _rgb(COLOURS[c]), strict=True)), (
+            c,
+            r,
+            g,
+            b,
+        )
         assert abs(a - 153) <= 1  # 0.6
     assert consensus["blank"] == [0, 0, 0, 0]
     assert uncertainty["pending"][3] == 153 and uncertainty["none"] == [0, 0, 0, 0]
     assert uncertainty["half"][3] == 128 and all(
-        abs(x - y) <= 2 for x, y in zip(uncertainty["half"][:3], _rgb(COLOURS[1]), strict=True))
+        abs(x - y) <= 2 for x, y in zip(uncertainty["half"][:3], _rgb(COLOURS[1]), strict=True)
+    )
     for picture in (consensus, uncertainty):
         assert picture["worst"] <= 2, picture["worst"]
         assert 0.85 <= picture["coverage"] <= 1.15, picture["coverage"]

@@ -15,9 +15,23 @@ import httpx
 def test_serve_prints_the_workspace_url_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "HISTOLOOP_METRICS_PORT": "0", "HISTOLOOP_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "histoloop.cli", "serve", "--port", "0", "--web-port", "0",
-         "--data-dir", str(tmp_path / "state")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "histoloop.cli",
+            "serve",
+            "--port",
+            "0",
+            "--web-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "state"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         url = ""
         deadline = time.monotonic() + 120
@@ -34,7 +48,9 @@ def test_serve_prints_the_workspace_url_and_stops_on_sigterm(tmp_path: Path) -> 
         assert ready.status_code in (200, 503)  # the store may still be starting its checks
         me = httpx.get(url + "api/me", timeout=10).json()
         assert me == {"auth": False, "signed_in": True, "subject": "local", "read_only": False}
-        reply = httpx.get(url + "api/projects/nope/status", timeout=10)  # the local admin: a plain 404
+        reply = httpx.get(
+            url + "api/projects/nope/status", timeout=10
+        )  # the local admin: a plain 404
         assert reply.status_code == 404 and "nope" in reply.json()["error"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

@@ -50,7 +50,9 @@ LOCAL_ADMIN = Identity(subject="local", role="admin")
 TokenResolver = Callable[[str], Identity | None]
 """Maps a bearer token to an identity, or None if this resolver does not know it."""
 
-_current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("histoloop_identity", default=None)
+_current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "histoloop_identity", default=None
+)
 
 
 def hash_token(token: str) -> str:

@@ -38,7 +38,9 @@ def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
     if settings.tls_ca is None and settings.tls_cert is None:
         return None
     if (settings.tls_cert is None) != (settings.tls_key is None):
-        raise ConfigError("a TLS client certificate needs both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY")
+        raise ConfigError(
+            "a TLS client certificate needs both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY"
+        )
     return grpc.ssl_channel_credentials(
         root_certificates=_read("HISTOLOOP_TLS_CA", settings.tls_ca),
         private_key=_read("HISTOLOOP_TLS_KEY", settings.tls_key),
@@ -67,13 +69,17 @@ def make_channel(
     """
     if token is None:
         token = settings.service_token.get_secret_value() if settings.service_token else ""
-    opts = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES), *options]
+    opts = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        *options,
+    ]
     credentials = channel_credentials(settings)
     if credentials is not None:
         if token:
             credentials = grpc.composite_channel_credentials(
-                credentials, grpc.access_token_call_credentials(token))
+                credentials, grpc.access_token_call_credentials(token)
+            )
         return grpc.secure_channel(address, credentials, options=opts)
     channel = grpc.insecure_channel(address, options=opts)
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
@@ -101,8 +107,12 @@ class _CallDetails(_Details, grpc.ClientCallDetails):
     """Call details with the token header added."""
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds ``authorization: Bearer <token>`` to calls on a plaintext channel."""
 
     def __init__(self, token: str) -> None:
@@ -112,18 +122,31 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         metadata = list(details.metadata or ())
         if any(key == "authorization" for key, _ in metadata):
             return details  # the caller chose a token for this call
-        return _CallDetails(details.method, details.timeout, [*metadata, self._header],
-                            details.credentials, getattr(details, "wait_for_ready", None),
-                            getattr(details, "compression", None))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*metadata, self._header],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
         return continuation(self._details(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
         return continuation(self._details(details), request)
 
-    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
         return continuation(self._details(details), requests)
 
-    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
         return continuation(self._details(details), requests)

@@ -191,7 +191,9 @@ class Settings(BaseSettings):
             if not self.triton_url:
                 problems.append("HISTOLOOP_TRITON_URL (Triton gRPC host:port)")
         if self.embedder_backend == "onnx" and self.model_path is None:
-            problems.append("HISTOLOOP_MODEL_PATH (exported ONNX model for the in-process embedder)")
+            problems.append(
+                "HISTOLOOP_MODEL_PATH (exported ONNX model for the in-process embedder)"
+            )
         if self.auth_mode == "token":
             problems += _secret_problem("service_token", self.service_token)
         if problems:
@@ -210,7 +212,9 @@ def _secret_problem(name: str, value: SecretStr | None) -> list[str]:
     return []
 
 
-def load_settings(env_file: str | os.PathLike[str] | None = None, /, **overrides: object) -> Settings:
+def load_settings(
+    env_file: str | os.PathLike[str] | None = None, /, **overrides: object
+) -> Settings:
     """Read settings from the environment, ``HISTOLOOP_CONFIG_FILE`` (dotenv format) or ``env_file``.
 
     Raises:
@@ -223,6 +227,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = None, /, **overrides
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg, arg-type]
     except ValidationError as exc:
         details = "; ".join(
-            f"HISTOLOOP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            f"HISTOLOOP_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {details}") from None

@@ -47,8 +47,12 @@ def write_anndata(store: ArtifactStore, key: str, adata: ad.AnnData) -> str:
     with tempfile.TemporaryDirectory(prefix="histoloop-h5ad-") as tmp:
         path = Path(tmp) / "data.h5ad"
         adata.write_h5ad(path)
-        store.put_file(key, path, content_type="application/x-hdf5",
-                       metadata={"n_obs": str(adata.n_obs), "dim": str(embedding_dim(adata.obsm))})
+        store.put_file(
+            key,
+            path,
+            content_type="application/x-hdf5",
+            metadata={"n_obs": str(adata.n_obs), "dim": str(embedding_dim(adata.obsm))},
+        )
     return store.uri(key)
 
 
@@ -59,7 +63,9 @@ def read_anndata(store: ArtifactStore, uri: str) -> ad.AnnData:
         return ad.read_h5ad(path)
 
 
-def feature_blocks(adata: ad.AnnData, features: int, spatial_neighbours: int = 0) -> dict[str, np.ndarray]:
+def feature_blocks(
+    adata: ad.AnnData, features: int, spatial_neighbours: int = 0
+) -> dict[str, np.ndarray]:
     """The feature blocks a project's ``LoopConfig`` asks for: ``{"image": …, "genes": …}``.
 
     Each block is one row per ``adata.obs`` spot; with ``spatial_neighbours`` = k > 0 each
@@ -81,9 +87,13 @@ def feature_blocks(adata: ad.AnnData, features: int, spatial_neighbours: int = 0
     if spatial_neighbours:
         positions = unit_positions(adata)
         if positions is None:
-            raise FailedPrecondition("spatial_neighbours: the dataset's units have no positions "
-                                     "(array_row/array_col, grid_row/grid_col or obsm['spatial']); set it to 0")
-        neighbours = neighbour_indices(positions, min(spatial_neighbours, max(len(positions) - 1, 1)))
+            raise FailedPrecondition(
+                "spatial_neighbours: the dataset's units have no positions "
+                "(array_row/array_col, grid_row/grid_col or obsm['spatial']); set it to 0"
+            )
+        neighbours = neighbour_indices(
+            positions, min(spatial_neighbours, max(len(positions) - 1, 1))
+        )
     blocks: dict[str, np.ndarray] = {}
     for key, name, wanted in (("image", OBSM_MORPH, want_morph), ("genes", OBSM_EXPR, want_expr)):
         if not wanted:
@@ -139,7 +149,9 @@ class Predictions:
             FailedPrecondition: the model has no per-annotator model.
             NotFound: the model knows no such annotator (the message names ``annotator_id``).
         """
-        index = rater_index(self.raters if self.rater_predicted is not None else (), annotator, self.model_version)
+        index = rater_index(
+            self.raters if self.rater_predicted is not None else (), annotator, self.model_version
+        )
         assert self.rater_predicted is not None
         return np.asarray(self.classes)[self.rater_predicted[index]]
 
@@ -159,11 +171,15 @@ def rater_disagreement(predicted: np.ndarray) -> np.ndarray:
     m = predicted.shape[0]
     if m < 2:
         return np.zeros(predicted.shape[1])
-    differ = sum((predicted[i] != predicted[j]).astype(np.float64) for i in range(m) for j in range(i + 1, m))
+    differ = sum(
+        (predicted[i] != predicted[j]).astype(np.float64) for i in range(m) for j in range(i + 1, m)
+    )
     return differ / (m * (m - 1) / 2)
 
 
-def predicted_classes(predictions: Predictions, dataset_id: str, annotator: str = "") -> dict[str, str]:
+def predicted_classes(
+    predictions: Predictions, dataset_id: str, annotator: str = ""
+) -> dict[str, str]:
     """Barcode → predicted class of one dataset's spots, by the consensus model or as ``annotator``.
 
     Raises:
@@ -171,9 +187,13 @@ def predicted_classes(predictions: Predictions, dataset_id: str, annotator: str 
         NotFound: ``annotator`` unknown to the model.
     """
     predicted = predictions.predicted_as(annotator) if annotator else predictions.predicted
-    return {str(barcode): str(label)
-            for dataset, barcode, label in zip(predictions.datasets, predictions.barcodes, predicted, strict=True)
-            if str(dataset) == dataset_id}
+    return {
+        str(barcode): str(label)
+        for dataset, barcode, label in zip(
+            predictions.datasets, predictions.barcodes, predicted, strict=True
+        )
+        if str(dataset) == dataset_id
+    }
 
 
 def write_predictions(store: ArtifactStore, key: str, predictions: Predictions) -> str:
@@ -209,8 +229,12 @@ def read_predictions(store: ArtifactStore, uri: str) -> Predictions:
             barcodes=npz["barcodes"],
             probabilities=npz["probabilities"],
             hidden=npz["hidden"],
-            member_probabilities=npz["member_probabilities"] if "member_probabilities" in npz else None,
+            member_probabilities=npz["member_probabilities"]
+            if "member_probabilities" in npz
+            else None,
             positions=npz["positions"] if "positions" in npz else None,
             raters=[str(r) for r in npz["raters"]] if "raters" in npz else [],
-            rater_predicted=npz["rater_predicted"].astype(np.int64) if "rater_predicted" in npz else None,
+            rater_predicted=npz["rater_predicted"].astype(np.int64)
+            if "rater_predicted" in npz
+            else None,
         )

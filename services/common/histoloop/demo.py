@@ -45,8 +45,13 @@ __all__ = ["DemoRound", "run_demo"]
 log = logging.getLogger(__name__)
 
 LAYER_COLOURS = {
-    "Layer1": "#f0e442", "Layer2": "#e69f00", "Layer3": "#56b4e9", "Layer4": "#009e73",
-    "Layer5": "#0072b2", "Layer6": "#d55e00", "WM": "#7f7f7f",
+    "Layer1": "#f0e442",
+    "Layer2": "#e69f00",
+    "Layer3": "#56b4e9",
+    "Layer4": "#009e73",
+    "Layer5": "#0072b2",
+    "Layer6": "#d55e00",
+    "WM": "#7f7f7f",
 }
 PROJECT = "dlpfc-demo"
 DATASET = "151510"
@@ -64,8 +69,9 @@ class DemoRound:
     model_version: str
 
 
-def _watch(stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub, project: str = PROJECT
-           ) -> tuple[queue.Queue, Callable[[], None]]:
+def _watch(
+    stub: annotation_store_pb2_grpc.AnnotationStoreServiceStub, project: str = PROJECT
+) -> tuple[queue.Queue, Callable[[], None]]:
     """Query sets as they arrive, from the server-streaming WatchQuerySets."""
     arrivals: queue.Queue = queue.Queue()
     stream = stub.WatchQuerySets(pb.WatchQuerySetsRequest(project_id=project, include_latest=True))
@@ -87,7 +93,9 @@ def _next_query_set(arrivals: queue.Queue, after_round: int, timeout: float) -> 
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise FailedPrecondition(f"no query set after round {after_round} within {timeout:.0f}s")
+            raise FailedPrecondition(
+                f"no query set after round {after_round} within {timeout:.0f}s"
+            )
         item = arrivals.get(timeout=remaining)
         if isinstance(item, Exception):
             raise item
@@ -95,12 +103,16 @@ def _next_query_set(arrivals: queue.Queue, after_round: int, timeout: float) -> 
             return item
 
 
-def _predictions(channel: grpc.Channel, project: str = PROJECT, dataset: str = DATASET) -> pd.Series:
+def _predictions(
+    channel: grpc.Channel, project: str = PROJECT, dataset: str = DATASET
+) -> pd.Series:
     """The latest model's predicted class of every spot, via the Embedding and Prediction services."""
     embeddings = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedDataset(
-        embedding_pb2.EmbedDatasetRequest(project_id=project, dataset_id=dataset))
+        embedding_pb2.EmbedDatasetRequest(project_id=project, dataset_id=dataset)
+    )
     reply = prediction_pb2_grpc.PredictionServiceStub(channel).Predict(
-        prediction_pb2.PredictRequest(project_id=project, embeddings_uri=embeddings.embeddings_uri))
+        prediction_pb2.PredictRequest(project_id=project, embeddings_uri=embeddings.embeddings_uri)
+    )
     return pd.Series(list(reply.predicted), index=list(reply.barcodes))
 
 
@@ -136,49 +148,86 @@ def run_demo(
     state = out_dir / "state"
     shutil.rmtree(state, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(data_dir=state, grpc_port=0, metrics_port=0,
-                             **({} if "HISTOLOOP_WEB_PORT" in os.environ else {"web_port": 0}))
+    settings = load_settings(
+        data_dir=state,
+        grpc_port=0,
+        metrics_port=0,
+        **({} if "HISTOLOOP_WEB_PORT" in os.environ else {"web_port": 0}),
+    )
     server = Server(settings)
     if on_workspace is not None:
         from histoloop.web import WorkspaceCompanion
 
-        server.companions.append(WorkspaceCompanion(
-            server, settings, on_ready=lambda url: on_workspace(f"{url}?project={PROJECT}")))
+        server.companions.append(
+            WorkspaceCompanion(
+                server, settings, on_ready=lambda url: on_workspace(f"{url}?project={PROJECT}")
+            )
+        )
     server.start()
     results: list[DemoRound] = []
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = annotation_store_pb2_grpc.AnnotationStoreServiceStub(channel)
-            stub.CreateProject(pb.CreateProjectRequest(
-                project_id=PROJECT, name="DLPFC 151510 cortical layers",
-                classes=[common_pb2.ClassDef(name=n, color=c) for n, c in LAYER_COLOURS.items()],
-                config=common_pb2.LoopConfig(
-                    strategy=strategy, cold_start_strategy="coldstart_kmeans", query_size=query_size,
-                    seed=seed, head=head, features=common_pb2.FEATURE_SET_EXPRESSION,
-                    spatial_neighbours=spatial_neighbours),
-            ))
+            stub.CreateProject(
+                pb.CreateProjectRequest(
+                    project_id=PROJECT,
+                    name="DLPFC 151510 cortical layers",
+                    classes=[
+                        common_pb2.ClassDef(name=n, color=c) for n, c in LAYER_COLOURS.items()
+                    ],
+                    config=common_pb2.LoopConfig(
+                        strategy=strategy,
+                        cold_start_strategy="coldstart_kmeans",
+                        query_size=query_size,
+                        seed=seed,
+                        head=head,
+                        features=common_pb2.FEATURE_SET_EXPRESSION,
+                        spatial_neighbours=spatial_neighbours,
+                    ),
+                )
+            )
             arrivals, cancel = _watch(stub)
-            stub.RegisterDataset(pb.RegisterDatasetRequest(
-                project_id=PROJECT, dataset_id=DATASET, kind=common_pb2.DATASET_KIND_VISIUM,
-                spatial_dir=str(spatial), expression_path=str(h5ad)))
+            stub.RegisterDataset(
+                pb.RegisterDatasetRequest(
+                    project_id=PROJECT,
+                    dataset_id=DATASET,
+                    kind=common_pb2.DATASET_KIND_VISIUM,
+                    spatial_dir=str(spatial),
+                    expression_path=str(h5ad),
+                )
+            )
             query_set = _next_query_set(arrivals, -1, timeout)
             n_labels = 0
             for _ in _rounds(rounds):
-                answers = [pb.SpotLabel(barcode=s.barcode, label=truth[s.barcode])
-                           for s in query_set.spots if s.barcode in truth.index]
+                answers = [
+                    pb.SpotLabel(barcode=s.barcode, label=truth[s.barcode])
+                    for s in query_set.spots
+                    if s.barcode in truth.index
+                ]
                 n_labels += len(answers)
                 started = time.perf_counter()
-                stub.SubmitLabels(pb.SubmitLabelsRequest(
-                    project_id=PROJECT, dataset_id=DATASET, batch_id=f"demo-round-{query_set.round}",
-                    labels=answers, queryset_id=query_set.queryset_id))
+                stub.SubmitLabels(
+                    pb.SubmitLabelsRequest(
+                        project_id=PROJECT,
+                        dataset_id=DATASET,
+                        batch_id=f"demo-round-{query_set.round}",
+                        labels=answers,
+                        queryset_id=query_set.queryset_id,
+                    )
+                )
                 query_set = _next_query_set(arrivals, query_set.round, timeout)
                 latency = time.perf_counter() - started
                 predicted = _predictions(channel).reindex(truth.index)
                 row = DemoRound(
-                    round=query_set.round, labels=n_labels,
-                    macro_f1=float(f1_score(truth, predicted, average="macro", labels=sorted(LAYER_COLOURS))),
+                    round=query_set.round,
+                    labels=n_labels,
+                    macro_f1=float(
+                        f1_score(truth, predicted, average="macro", labels=sorted(LAYER_COLOURS))
+                    ),
                     balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
-                    seconds_to_next_query=latency, model_version=query_set.model_version)
+                    seconds_to_next_query=latency,
+                    model_version=query_set.model_version,
+                )
                 results.append(row)
                 on_round(row)
             _write_outputs(stub, channel, out_dir, results, data_dir, truth)
@@ -193,20 +242,40 @@ def _rounds(n: int) -> Iterator[int]:
     yield from range(1, n + 1)
 
 
-def _write_outputs(stub, channel: grpc.Channel, out_dir: Path, results: list[DemoRound], data_dir: Path, truth: pd.Series) -> None:
-    for kind, name in ((pb.EXPORT_KIND_QUERY_SET, "loupe_query_set.csv"),
-                       (pb.EXPORT_KIND_PREDICTIONS, "loupe_predictions.csv"),
-                       (pb.EXPORT_KIND_LABELS, "loupe_labels.csv")):
-        reply = stub.ExportLabels(pb.ExportLabelsRequest(project_id=PROJECT, dataset_id=DATASET, kind=kind))
+def _write_outputs(
+    stub,
+    channel: grpc.Channel,
+    out_dir: Path,
+    results: list[DemoRound],
+    data_dir: Path,
+    truth: pd.Series,
+) -> None:
+    for kind, name in (
+        (pb.EXPORT_KIND_QUERY_SET, "loupe_query_set.csv"),
+        (pb.EXPORT_KIND_PREDICTIONS, "loupe_predictions.csv"),
+        (pb.EXPORT_KIND_LABELS, "loupe_labels.csv"),
+    ):
+        reply = stub.ExportLabels(
+            pb.ExportLabelsRequest(project_id=PROJECT, dataset_id=DATASET, kind=kind)
+        )
         (out_dir / name).write_bytes(reply.csv)
     _learning_curve(out_dir / "learning_curve.png", results)
     _prediction_map(out_dir / "prediction_map.png", _predictions(channel), truth, data_dir)
     with open(out_dir / "rounds.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["round", "labels", "macro_f1", "balanced_accuracy", "seconds_to_next_query"])
+        writer.writerow(
+            ["round", "labels", "macro_f1", "balanced_accuracy", "seconds_to_next_query"]
+        )
         for r in results:
-            writer.writerow([r.round, r.labels, f"{r.macro_f1:.4f}", f"{r.balanced_accuracy:.4f}",
-                             f"{r.seconds_to_next_query:.3f}"])
+            writer.writerow(
+                [
+                    r.round,
+                    r.labels,
+                    f"{r.macro_f1:.4f}",
+                    f"{r.balanced_accuracy:.4f}",
+                    f"{r.seconds_to_next_query:.3f}",
+                ]
+            )
 
 
 def _learning_curve(path: Path, results: list[DemoRound]) -> None:
@@ -241,19 +310,25 @@ def _prediction_map(path: Path, predicted: pd.Series, truth: pd.Series, data_dir
 
     spatial = data_dir / "spatial"
     scale = json.loads((spatial / "scalefactors_json.json").read_text())["tissue_lowres_scalef"]
-    positions = pd.read_csv(spatial / "tissue_positions_list.csv", header=None,
-                            names=["barcode", "in_tissue", "row", "col", "pxl_row", "pxl_col"]).set_index("barcode")
+    positions = pd.read_csv(
+        spatial / "tissue_positions_list.csv",
+        header=None,
+        names=["barcode", "in_tissue", "row", "col", "pxl_row", "pxl_col"],
+    ).set_index("barcode")
     image = np.asarray(Image.open(spatial / "tissue_lowres_image.png").convert("RGB"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5), dpi=120)
-    for ax, (title, labels) in zip(axes, (("predicted", predicted), ("pathologist (ground truth)", truth)),
-                                   strict=True):
+    for ax, (title, labels) in zip(
+        axes, (("predicted", predicted), ("pathologist (ground truth)", truth)), strict=True
+    ):
         ax.imshow(image)
         spots = positions.loc[positions.index.intersection(labels.index)]
         colours = [LAYER_COLOURS.get(str(labels[b]), "#000000") for b in spots.index]
         ax.scatter(spots.pxl_col * scale, spots.pxl_row * scale, c=colours, s=6, linewidths=0)
         ax.set_title(title)
         ax.axis("off")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=n) for n, c in LAYER_COLOURS.items()]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=c, label=n) for n, c in LAYER_COLOURS.items()
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)

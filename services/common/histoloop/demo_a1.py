@@ -103,9 +103,21 @@ def run_a1_demo(
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = annotation_store_pb2_grpc.AnnotationStoreServiceStub(channel)
             for mode in modes:
-                results += _run_mode(stub, channel, mode, sample, counts, truth, rounds=rounds,
-                                     query_size=query_size, strategy=strategy, views=augment_views,
-                                     seed=seed, timeout=timeout, on_round=on_round)
+                results += _run_mode(
+                    stub,
+                    channel,
+                    mode,
+                    sample,
+                    counts,
+                    truth,
+                    rounds=rounds,
+                    query_size=query_size,
+                    strategy=strategy,
+                    views=augment_views,
+                    seed=seed,
+                    timeout=timeout,
+                    on_round=on_round,
+                )
     finally:
         server.stop(5)
     pd.DataFrame([r.__dict__ for r in results]).to_csv(out_dir / "a1_rounds.csv", index=False)
@@ -113,41 +125,94 @@ def run_a1_demo(
     return results
 
 
-def _run_mode(stub, channel: grpc.Channel, mode: str, sample, counts: Path, truth: pd.Series, *,
-              rounds: int, query_size: int, strategy: str, views: int, seed: int, timeout: float,
-              on_round: Callable[[A1Round], None]) -> list[A1Round]:
+def _run_mode(
+    stub,
+    channel: grpc.Channel,
+    mode: str,
+    sample,
+    counts: Path,
+    truth: pd.Series,
+    *,
+    rounds: int,
+    query_size: int,
+    strategy: str,
+    views: int,
+    seed: int,
+    timeout: float,
+    on_round: Callable[[A1Round], None],
+) -> list[A1Round]:
     head, features = MODES[mode]
     project = _project(mode)
-    stub.CreateProject(pb.CreateProjectRequest(
-        project_id=project, name=f"her2st A1 ({mode})",
-        classes=[common_pb2.ClassDef(name=n, color=c) for n, c in zip(HER2ST_CLASSES, _COLOURS, strict=True)],
-        config=common_pb2.LoopConfig(strategy=strategy, cold_start_strategy="coldstart_kmeans",
-                                     query_size=query_size, seed=seed, head=head, features=features,
-                                     augment_views=views)))
+    stub.CreateProject(
+        pb.CreateProjectRequest(
+            project_id=project,
+            name=f"her2st A1 ({mode})",
+            classes=[
+                common_pb2.ClassDef(name=n, color=c)
+                for n, c in zip(HER2ST_CLASSES, _COLOURS, strict=True)
+            ],
+            config=common_pb2.LoopConfig(
+                strategy=strategy,
+                cold_start_strategy="coldstart_kmeans",
+                query_size=query_size,
+                seed=seed,
+                head=head,
+                features=features,
+                augment_views=views,
+            ),
+        )
+    )
     arrivals, cancel = _watch(stub, project)
-    stub.RegisterDataset(pb.RegisterDatasetRequest(
-        project_id=project, dataset_id=DATASET, kind=common_pb2.DATASET_KIND_VISIUM,
-        spatial_dir=str(sample.selection), positions_format="legacy-st", slide_path=str(sample.image),
-        slide_scale=A1_SLIDE_SCALE, expression_path=str(counts) if head == "multimodal" else ""))
+    stub.RegisterDataset(
+        pb.RegisterDatasetRequest(
+            project_id=project,
+            dataset_id=DATASET,
+            kind=common_pb2.DATASET_KIND_VISIUM,
+            spatial_dir=str(sample.selection),
+            positions_format="legacy-st",
+            slide_path=str(sample.image),
+            slide_scale=A1_SLIDE_SCALE,
+            expression_path=str(counts) if head == "multimodal" else "",
+        )
+    )
     query_set = _next_query_set(arrivals, -1, timeout)
     rows: list[A1Round] = []
     n_labels = 0
     try:
         for _ in range(rounds):
-            answers = [pb.SpotLabel(barcode=s.barcode, label=truth[s.barcode]) for s in query_set.spots]
+            answers = [
+                pb.SpotLabel(barcode=s.barcode, label=truth[s.barcode]) for s in query_set.spots
+            ]
             n_labels += len(answers)
             started = time.perf_counter()
-            stub.SubmitLabels(pb.SubmitLabelsRequest(
-                project_id=project, dataset_id=DATASET, batch_id=f"a1-{mode}-{query_set.round}",
-                labels=answers, queryset_id=query_set.queryset_id))
+            stub.SubmitLabels(
+                pb.SubmitLabelsRequest(
+                    project_id=project,
+                    dataset_id=DATASET,
+                    batch_id=f"a1-{mode}-{query_set.round}",
+                    labels=answers,
+                    queryset_id=query_set.queryset_id,
+                )
+            )
             query_set = _next_query_set(arrivals, query_set.round, timeout)
             latency = time.perf_counter() - started
             predicted = _predictions(channel, project, DATASET).reindex(truth.index)
-            row = A1Round(mode=mode, round=query_set.round, labels=n_labels,
-                          macro_f1=float(f1_score(truth, predicted, average="macro",
-                                                  labels=sorted(set(truth)), zero_division=0)),
-                          balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
-                          seconds_to_next_query=latency)
+            row = A1Round(
+                mode=mode,
+                round=query_set.round,
+                labels=n_labels,
+                macro_f1=float(
+                    f1_score(
+                        truth,
+                        predicted,
+                        average="macro",
+                        labels=sorted(set(truth)),
+                        zero_division=0,
+                    )
+                ),
+                balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
+                seconds_to_next_query=latency,
+            )
             rows.append(row)
             on_round(row)
     finally:
@@ -164,7 +229,9 @@ def _plot(path: Path, results: list[A1Round]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for mode in dict.fromkeys(r.mode for r in results):
         rows = [r for r in results if r.mode == mode]
-        ax.plot([r.labels for r in rows], [r.macro_f1 for r in rows], "o-", label=f"{mode}: macro-F1")
+        ax.plot(
+            [r.labels for r in rows], [r.macro_f1 for r in rows], "o-", label=f"{mode}: macro-F1"
+        )
     ax.set_xlabel("labelled spots")
     ax.set_ylabel("macro-F1 on all 348 spots")
     ax.set_ylim(0, 1)

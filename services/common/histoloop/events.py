@@ -95,7 +95,9 @@ def publish(bus: EventBus, message: Message) -> str:
     meta = message.meta  # type: ignore[attr-defined]
     if not meta.event_id or not meta.project:
         raise InvalidArgument("event meta needs event_id and project")
-    bus.publish(topic_of(message), meta.project, message.SerializeToString(), event_id=meta.event_id)
+    bus.publish(
+        topic_of(message), meta.project, message.SerializeToString(), event_id=meta.event_id
+    )
     return str(meta.event_id)
 
 
@@ -112,5 +114,7 @@ def decode(record: Record) -> Message:
     try:
         message.ParseFromString(record.value)
     except DecodeError as exc:
-        raise InvalidArgument(f"event {record.event_id} on {record.topic} does not parse: {exc}") from exc
+        raise InvalidArgument(
+            f"event {record.event_id} on {record.topic} does not parse: {exc}"
+        ) from exc
     return message

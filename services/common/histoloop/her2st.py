@@ -88,9 +88,16 @@ def load_a1(folder: str | Path) -> A1Sample:
     missing = [b for b, k in zip(spots["barcode"], spot_key, strict=True) if k not in by_coord]
     if missing:
         raise InvalidArgument(f"her2st A1: {len(missing)} spot(s) have no label, e.g. {missing[0]}")
-    labels = pd.Series([by_coord[k] for k in spot_key], index=spots["barcode"].to_numpy(), name="label")
-    return A1Sample(folder=folder, image=files["image"], selection=files["selection"],
-                    counts=files["counts"], labels=labels)
+    labels = pd.Series(
+        [by_coord[k] for k in spot_key], index=spots["barcode"].to_numpy(), name="label"
+    )
+    return A1Sample(
+        folder=folder,
+        image=files["image"],
+        selection=files["selection"],
+        counts=files["counts"],
+        labels=labels,
+    )
 
 
 def _coordinate_key(x: pd.Series, y: pd.Series) -> list[tuple[float, float]]:
@@ -120,9 +127,11 @@ def write_counts_h5ad(sample: A1Sample, path: str | Path, *, pad_missing: bool =
         table = pd.concat([table, pd.DataFrame(0, index=missing, columns=table.columns)])
     genes = pd.Index(table.columns.astype(str))
     keep = ~genes.duplicated()
-    adata = ad.AnnData(X=sp.csr_matrix(table.to_numpy(dtype=np.float32)[:, keep]),
-                       obs=pd.DataFrame(index=table.index.rename("barcode")),
-                       var=pd.DataFrame(index=genes[keep].rename("gene")))
+    adata = ad.AnnData(
+        X=sp.csr_matrix(table.to_numpy(dtype=np.float32)[:, keep]),
+        obs=pd.DataFrame(index=table.index.rename("barcode")),
+        var=pd.DataFrame(index=genes[keep].rename("gene")),
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(path)

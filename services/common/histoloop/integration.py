@@ -36,7 +36,9 @@ DEFAULT_PCS = 30
 """Principal components of the expression block that Harmony integrates."""
 
 
-def harmonize(blocks: Sequence[np.ndarray], *, n_pcs: int = DEFAULT_PCS, seed: int = 0) -> list[np.ndarray]:
+def harmonize(
+    blocks: Sequence[np.ndarray], *, n_pcs: int = DEFAULT_PCS, seed: int = 0
+) -> list[np.ndarray]:
     """Integrate one feature block per dataset with Harmony.
 
     Args:
@@ -68,7 +70,9 @@ def harmonize(blocks: Sequence[np.ndarray], *, n_pcs: int = DEFAULT_PCS, seed: i
     _, _, vt = np.linalg.svd(X[:: max(1, X.shape[0] // 20_000)], full_matrices=False)
     pcs = X @ vt[:k].T
     batch = np.concatenate([np.full(len(b), i) for i, b in enumerate(blocks)]).astype(str)
-    result = harmonypy.run_harmony(pcs, {"dataset": batch}, "dataset", random_state=seed, verbose=False)
+    result = harmonypy.run_harmony(
+        pcs, {"dataset": batch}, "dataset", random_state=seed, verbose=False
+    )
     Z = np.asarray(result.Z_corr, dtype=np.float32)
     if Z.shape != pcs.shape:
         Z = Z.T
@@ -106,7 +110,10 @@ def project_feature_blocks(
         Per dataset, ``{"image": …, "genes": …}`` as :func:`histoloop.datasets.feature_blocks`
         gives them, with ``genes`` replaced by ``(n, n_pcs)`` integrated PCs when Harmony ran.
     """
-    blocks = [feature_blocks(read_anndata(store, uri), features, spatial_neighbours) for uri in embeddings_uris]
+    blocks = [
+        feature_blocks(read_anndata(store, uri), features, spatial_neighbours)
+        for uri in embeddings_uris
+    ]
     if not harmony or len(blocks) < 2 or any("genes" not in b for b in blocks):
         if harmony and len(blocks) >= 2:
             log.info("harmony asked for but the features have no expression block; not integrated")
@@ -123,6 +130,10 @@ def project_feature_blocks(
             store.put(key, buffer.getvalue(), content_type="application/octet-stream")
         except ArtifactExists:
             pass  # the other service stored the same result first
-        log.info("harmony: integrated %d datasets (%d spots) into %d PCs", len(blocks),
-                 sum(len(z) for z in integrated), integrated[0].shape[1])
+        log.info(
+            "harmony: integrated %d datasets (%d spots) into %d PCs",
+            len(blocks),
+            sum(len(z) for z in integrated),
+            integrated[0].shape[1],
+        )
     return [{**b, "genes": z} for b, z in zip(blocks, integrated, strict=True)]

@@ -24,8 +24,11 @@ __all__ = ["ServerInterceptor"]
 log = logging.getLogger(__name__)
 
 # probes must work without a token
-_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                  "/grpc.reflection.v1.ServerReflection/")
+_OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
@@ -75,8 +78,9 @@ class ServerInterceptor(grpc.ServerInterceptor):
         raise Unauthenticated("unknown or revoked token")
 
     @contextmanager
-    def _guard(self, service: str, name: str, metadata: dict[str, Any],
-               context: grpc.ServicerContext) -> Iterator[None]:
+    def _guard(
+        self, service: str, name: str, metadata: dict[str, Any], context: grpc.ServicerContext
+    ) -> Iterator[None]:
         start = time.perf_counter()
         code = "OK"
         try:
@@ -96,16 +100,18 @@ class ServerInterceptor(grpc.ServerInterceptor):
             RPC_REQUESTS.labels(service=service, method=name, code=code).inc()
             RPC_LATENCY.labels(service=service, method=name).observe(time.perf_counter() - start)
 
-    def _wrap_unary(self, behavior: Callable[..., Any], service: str, name: str,
-                    metadata: dict[str, Any]) -> Callable[..., Any]:
+    def _wrap_unary(
+        self, behavior: Callable[..., Any], service: str, name: str, metadata: dict[str, Any]
+    ) -> Callable[..., Any]:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             with self._guard(service, name, metadata, context):
                 return behavior(request, context)
 
         return wrapper
 
-    def _wrap_stream(self, behavior: Callable[..., Any], service: str, name: str,
-                     metadata: dict[str, Any]) -> Callable[..., Any]:
+    def _wrap_stream(
+        self, behavior: Callable[..., Any], service: str, name: str, metadata: dict[str, Any]
+    ) -> Callable[..., Any]:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             with self._guard(service, name, metadata, context):
                 yield from behavior(request, context)

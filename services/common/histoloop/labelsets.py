@@ -63,26 +63,40 @@ class LabelSnapshot:
             classes = [str(c["name"]) for c in raw["classes"]]
             datasets = raw["datasets"]
             project, version = str(raw["project"]), int(raw["label_version"])
-            batches = tuple((int(b["label_version"]), str(b["batch_id"])) for b in raw.get("batches", []))
+            batches = tuple(
+                (int(b["label_version"]), str(b["batch_id"])) for b in raw.get("batches", [])
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"not a label snapshot: {exc}") from exc
         known = set(classes)
         labels = {d: dict(v.get("labels", {})) for d, v in datasets.items()}
-        votes = {d: {b: dict(by) for b, by in v.get("votes", {}).items()} for d, v in datasets.items()}
+        votes = {
+            d: {b: dict(by) for b, by in v.get("votes", {}).items()} for d, v in datasets.items()
+        }
         for dataset, given in labels.items():
             used = set(given.values()) | {c for by in votes[dataset].values() for c in by.values()}
             bad = sorted(used - known)
             if bad:
-                raise InvalidArgument(f"snapshot labels of dataset {dataset!r} use unknown classes {bad}")
-        return cls(project=project, label_version=version, classes=classes, labels=labels,
-                   disagreement={d: dict(v.get("disagreement", {})) for d, v in datasets.items()},
-                   consensus=str(raw.get("consensus", "")), batches=batches,
-                   votes={d: v for d, v in votes.items() if v})
+                raise InvalidArgument(
+                    f"snapshot labels of dataset {dataset!r} use unknown classes {bad}"
+                )
+        return cls(
+            project=project,
+            label_version=version,
+            classes=classes,
+            labels=labels,
+            disagreement={d: dict(v.get("disagreement", {})) for d, v in datasets.items()},
+            consensus=str(raw.get("consensus", "")),
+            batches=batches,
+            votes={d: v for d, v in votes.items() if v},
+        )
 
     @property
     def annotators(self) -> tuple[str, ...]:
         """Every annotator with a vote in the snapshot, sorted."""
-        return tuple(sorted({a for by_spot in self.votes.values() for by in by_spot.values() for a in by}))
+        return tuple(
+            sorted({a for by_spot in self.votes.values() for by in by_spot.values() for a in by})
+        )
 
     @property
     def n_labelled(self) -> int:
@@ -92,7 +106,12 @@ class LabelSnapshot:
     def labelled_classes(self, datasets: Iterable[str] | None = None) -> set[str]:
         """The classes with at least one label (in ``datasets`` only, when given)."""
         wanted = None if datasets is None else set(datasets)
-        return {c for d, given in self.labels.items() if wanted is None or d in wanted for c in given.values()}
+        return {
+            c
+            for d, given in self.labels.items()
+            if wanted is None or d in wanted
+            for c in given.values()
+        }
 
 
 def read_snapshot(store: ArtifactStore, uri: str) -> LabelSnapshot:

@@ -23,7 +23,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "thread": record.threadName,
         }
-        payload.update({k: v for k, v in vars(record).items() if k not in _STANDARD and k != "message"})
+        payload.update(
+            {k: v for k, v in vars(record).items() if k not in _STANDARD and k != "message"}
+        )
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)

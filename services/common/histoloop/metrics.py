@@ -108,5 +108,7 @@ TRITON_LATENCY = Histogram(
     "histoloop_triton_request_seconds", "Latency of one Triton inference request.", ["model"]
 )
 TRITON_ERRORS = Counter(
-    "histoloop_triton_errors_total", "Triton requests that failed (after retries: final).", ["model"]
+    "histoloop_triton_errors_total",
+    "Triton requests that failed (after retries: final).",
+    ["model"],
 )

@@ -91,8 +91,9 @@ class LoadedModel:
             NotFound: the model knows no such annotator (the message names ``annotator_id``).
             InvalidArgument: ``x`` has the wrong number of columns.
         """
-        index = rater_index(self.card.raters if self.raters_module is not None else (), annotator,
-                            self.card.version)
+        index = rater_index(
+            self.card.raters if self.raters_module is not None else (), annotator, self.card.version
+        )
         assert self.raters_module is not None
         return self._rater(self.raters_module, self._check(x), index)
 
@@ -105,18 +106,26 @@ class LoadedModel:
         if self.raters_module is None:
             raise FailedPrecondition(f"model {self.card.version} has no per-annotator model")
         x = self._check(x)
-        return np.stack([self._rater(self.raters_module, x, r) for r in range(len(self.card.raters))])
+        return np.stack(
+            [self._rater(self.raters_module, x, r) for r in range(len(self.card.raters))]
+        )
 
     @staticmethod
-    def _rater(module: torch.jit.ScriptModule, x: np.ndarray, rater: int, batch: int = 65536) -> np.ndarray:
+    def _rater(
+        module: torch.jit.ScriptModule, x: np.ndarray, rater: int, batch: int = 65536
+    ) -> np.ndarray:
         parts = []
         with torch.inference_mode():
             for start in range(0, max(len(x), 1), batch):
-                chunk = torch.from_numpy(x[start:start + batch])
-                parts.append(module(chunk, torch.full((len(chunk),), rater, dtype=torch.int64)).numpy())
+                chunk = torch.from_numpy(x[start : start + batch])
+                parts.append(
+                    module(chunk, torch.full((len(chunk),), rater, dtype=torch.int64)).numpy()
+                )
         return np.concatenate(parts)
 
-    def predict(self, x: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(
+        self, x: np.ndarray, batch: int = 65536
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(probabilities, hidden, member_probabilities)`` for rows of ``x``.
 
         Raises:
@@ -126,10 +135,13 @@ class LoadedModel:
         outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         with torch.inference_mode():
             for start in range(0, max(len(x), 1), batch):
-                probs, hidden, members = self.module(torch.from_numpy(x[start:start + batch]))
+                probs, hidden, members = self.module(torch.from_numpy(x[start : start + batch]))
                 outs.append((probs.numpy(), hidden.numpy(), members.numpy()))
-        return (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]),
-                np.concatenate([o[2] for o in outs], axis=1))
+        return (
+            np.concatenate([o[0] for o in outs]),
+            np.concatenate([o[1] for o in outs]),
+            np.concatenate([o[2] for o in outs], axis=1),
+        )
 
 
 def _put_module(store: ArtifactStore, key: str, module: torch.jit.ScriptModule) -> None:
@@ -139,8 +151,12 @@ def _put_module(store: ArtifactStore, key: str, module: torch.jit.ScriptModule) 
         store.put(key, buffer.getvalue())
 
 
-def save_model(store: ArtifactStore, card: ModelCard, module: torch.jit.ScriptModule,
-               raters_module: torch.jit.ScriptModule | None = None) -> str:
+def save_model(
+    store: ArtifactStore,
+    card: ModelCard,
+    module: torch.jit.ScriptModule,
+    raters_module: torch.jit.ScriptModule | None = None,
+) -> str:
     """Store a model (modules first, card last: a card always points at a complete model).
 
     ``raters_module`` is the per-annotator module, required when ``card.raters`` is set.
@@ -150,14 +166,19 @@ def save_model(store: ArtifactStore, card: ModelCard, module: torch.jit.ScriptMo
         InvalidArgument: ``card.raters`` and ``raters_module`` do not come together.
     """
     if bool(card.raters) != (raters_module is not None):
-        raise InvalidArgument("raters: a card lists raters exactly when a per-annotator module is saved with it")
+        raise InvalidArgument(
+            "raters: a card lists raters exactly when a per-annotator module is saved with it"
+        )
     card_at = card_key(card.project, card.version)
     _put_module(store, module_key(card.project, card.version), module)
     if raters_module is not None:
         _put_module(store, raters_key(card.project, card.version), raters_module)
     if not store.exists(card_at):
-        store.put(card_at, json.dumps(asdict(card), sort_keys=True).encode(),
-                  content_type="application/json")
+        store.put(
+            card_at,
+            json.dumps(asdict(card), sort_keys=True).encode(),
+            content_type="application/json",
+        )
     return store.uri(card_at)
 
 
@@ -169,19 +190,26 @@ def load_model(store: ArtifactStore, card_uri: str) -> LoadedModel:
     """Load a model by its card URI."""
     key = store.key_from_uri(card_uri)
     card = _card(store.get(key))
-    module = torch.jit.load(io.BytesIO(store.get(sibling_key(key, MODULE_FILE))), map_location="cpu")
+    module = torch.jit.load(
+        io.BytesIO(store.get(sibling_key(key, MODULE_FILE))), map_location="cpu"
+    )
     module.eval()
     raters = None
     if card.raters:
-        raters = torch.jit.load(io.BytesIO(store.get(sibling_key(key, RATERS_FILE))), map_location="cpu")
+        raters = torch.jit.load(
+            io.BytesIO(store.get(sibling_key(key, RATERS_FILE))), map_location="cpu"
+        )
         raters.eval()
     return LoadedModel(card=card, module=module, raters_module=raters)
 
 
 def list_cards(store: ArtifactStore, project: str) -> list[tuple[str, ModelCard]]:
     """``(card URI, card)`` of every model of a project, oldest first."""
-    cards = [(store.uri(i.key), _card(store.get(i.key)))
-             for i in store.list(models_prefix(project)) if i.key.endswith(f"/{CARD_FILE}")]
+    cards = [
+        (store.uri(i.key), _card(store.get(i.key)))
+        for i in store.list(models_prefix(project))
+        if i.key.endswith(f"/{CARD_FILE}")
+    ]
     return sorted(cards, key=lambda c: (c[1].created_ms, c[1].version))
 
 
@@ -205,4 +233,6 @@ def latest_card(store: ArtifactStore, project: str, version: str = "") -> tuple[
 def check_classes(card: ModelCard, classes: Sequence[str]) -> None:
     """A warm start needs the same classes in the same order."""
     if list(card.classes) != list(classes):
-        raise FailedPrecondition(f"model {card.version} has classes {list(card.classes)}, not {list(classes)}")
+        raise FailedPrecondition(
+            f"model {card.version} has classes {list(card.classes)}, not {list(classes)}"
+        )

@@ -33,14 +33,16 @@ from histoloop.formats.vocab import (
 
 __all__ = ["DEFAULTS", "PRESETS", "head_hyperparameters", "loop_defaults"]
 
-DEFAULTS: Mapping[str, Any] = MappingProxyType({
-    "strategy": DEFAULT_STRATEGY,
-    "cold_start_strategy": DEFAULT_COLD_START,
-    "query_size": DEFAULT_QUERY_SIZE,
-    "head": DEFAULT_HEAD,
-    "spatial_neighbours": DEFAULT_SPATIAL_NEIGHBOURS,
-    "augment_views": DEFAULT_AUGMENT_VIEWS,
-})
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "strategy": DEFAULT_STRATEGY,
+        "cold_start_strategy": DEFAULT_COLD_START,
+        "query_size": DEFAULT_QUERY_SIZE,
+        "head": DEFAULT_HEAD,
+        "spatial_neighbours": DEFAULT_SPATIAL_NEIGHBOURS,
+        "augment_views": DEFAULT_AUGMENT_VIEWS,
+    }
+)
 """Project defaults (no preset): the loop fields a ``CreateProject`` without them gets.
 
 Chosen on 5-seed campaigns on DLPFC 151510 and HER2+ A1 (benchmarks/README.md, "Defaults
@@ -54,27 +56,47 @@ two-stage activevisium query was at least as good as entropy in all three compar
 The bandit beat random but not the best fixed strategy; k-means and coverage cold starts
 were split (one section each), so k-means stays; query size was not varied."""
 
-_PAPER_MLP: Mapping[str, Any] = MappingProxyType({
-    "lr": 1e-4, "batch_size": 16, "max_epochs": 50, "patience": 10, "weight_decay": 0.0,
-    "weight_decay_per_label": 0.0,
-})
+_PAPER_MLP: Mapping[str, Any] = MappingProxyType(
+    {
+        "lr": 1e-4,
+        "batch_size": 16,
+        "max_epochs": 50,
+        "patience": 10,
+        "weight_decay": 0.0,
+        "weight_decay_per_label": 0.0,
+    }
+)
 
-PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "activevisium": MappingProxyType({
-        "loop": MappingProxyType({
-            "strategy": "activevisium", "cold_start_strategy": "coldstart_kmeans", "query_size": 20,
-            "head": "mlp", "spatial_neighbours": 0, "augment_views": 10,
-        }),
-        "hyperparameters": MappingProxyType({"mlp": _PAPER_MLP, "multimodal": _PAPER_MLP, "ensemble": _PAPER_MLP}),
-    }),
-})
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "activevisium": MappingProxyType(
+            {
+                "loop": MappingProxyType(
+                    {
+                        "strategy": "activevisium",
+                        "cold_start_strategy": "coldstart_kmeans",
+                        "query_size": 20,
+                        "head": "mlp",
+                        "spatial_neighbours": 0,
+                        "augment_views": 10,
+                    }
+                ),
+                "hyperparameters": MappingProxyType(
+                    {"mlp": _PAPER_MLP, "multimodal": _PAPER_MLP, "ensemble": _PAPER_MLP}
+                ),
+            }
+        ),
+    }
+)
 """Named presets: loop fields and per-head hyper-parameters."""
 
 
 def _check(preset: str) -> str:
     preset = (preset or "").strip()
     if preset and preset not in PRESETS:
-        raise InvalidArgument(f"config.preset: {preset!r} is not one of '', {', '.join(sorted(PRESETS))}")
+        raise InvalidArgument(
+            f"config.preset: {preset!r} is not one of '', {', '.join(sorted(PRESETS))}"
+        )
     return preset
 
 

@@ -50,5 +50,10 @@ class ProgressBoard:
             entry = self._entries.get((project, dataset))
             if entry is None:
                 return common_pb2.Progress(stage="not started"), False, ""
-            return (common_pb2.Progress(stage=entry.stage, done=entry.done, total=entry.total,
-                                        message=entry.message), entry.finished, entry.error)
+            return (
+                common_pb2.Progress(
+                    stage=entry.stage, done=entry.done, total=entry.total, message=entry.message
+                ),
+                entry.finished,
+                entry.error,
+            )

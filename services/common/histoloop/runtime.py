@@ -21,7 +21,14 @@ from histoloop.artifacts.base import ArtifactStore
 from histoloop.bus.base import EventBus, Record
 from histoloop.config import Settings
 
-__all__ = ["EDGE_SERVICE_NAMES", "SERVICE_NAMES", "Background", "Handler", "Runtime", "ServiceParts"]
+__all__ = [
+    "EDGE_SERVICE_NAMES",
+    "SERVICE_NAMES",
+    "Background",
+    "Handler",
+    "Runtime",
+    "ServiceParts",
+]
 
 SERVICE_NAMES = ("annotation_store", "tiling", "embedding", "training", "prediction", "acquisition")
 EDGE_SERVICE_NAMES = ("simulation",)

@@ -61,14 +61,19 @@ class Server:
         settings.validate_for_start(self.names[0] if len(self.names) == 1 else None)
         self._credentials = server_credentials(settings)
         client_id = "histoloop-" + ("all" if len(self.names) > 1 else self.names[0])
-        self.runtime = Runtime(settings=settings, bus=make_bus(settings, client_id=client_id),
-                               store=make_store(settings))
+        self.runtime = Runtime(
+            settings=settings,
+            bus=make_bus(settings, client_id=client_id),
+            store=make_store(settings),
+        )
         self.interceptor = ServerInterceptor(
             auth_required=settings.auth_mode == "token",
-            resolvers=[settings_resolver(
-                settings.service_token.get_secret_value() if settings.service_token else None,
-                settings.admin_token.get_secret_value() if settings.admin_token else None,
-            )],
+            resolvers=[
+                settings_resolver(
+                    settings.service_token.get_secret_value() if settings.service_token else None,
+                    settings.admin_token.get_secret_value() if settings.admin_token else None,
+                )
+            ],
         )
         self.parts: list[ServiceParts] = []
         self.workers: list[EventWorker] = []
@@ -122,24 +127,33 @@ class Server:
         try:
             # SO_REUSEADDR (prometheus_client's server sets it): a connection left in
             # TIME_WAIT by the previous run does not block a restart on the same port
-            self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
+            self._metrics_server, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.grpc_host
+            )
         except OSError as exc:
             self._grpc.stop(0)
-            raise ConfigError(f"HISTOLOOP_METRICS_PORT: cannot listen on {self.settings.grpc_host}:"
-                              f"{self.settings.metrics_port} ({exc.strerror}); another process holds it — "
-                              "stop it or choose another port (0 picks a free one)") from None
+            raise ConfigError(
+                f"HISTOLOOP_METRICS_PORT: cannot listen on {self.settings.grpc_host}:"
+                f"{self.settings.metrics_port} ({exc.strerror}); another process holds it — "
+                "stop it or choose another port (0 picks a free one)"
+            ) from None
         self.metrics_port = self._metrics_server.server_port
         self._grpc.start()
         for parts in self.parts:
             for loop in parts.background:
                 loop.start()
             if parts.handlers:
-                worker = EventWorker(group=parts.name, bus=self.runtime.bus, store=self.runtime.store,
-                                     handlers=parts.handlers, coalesce=parts.coalesce,
-                                     stopping=self.runtime.stopping,
-                                     max_attempts=self.settings.max_attempts,
-                                     backoff=self.settings.retry_backoff,
-                                     stall_seconds=self.settings.stall_seconds)
+                worker = EventWorker(
+                    group=parts.name,
+                    bus=self.runtime.bus,
+                    store=self.runtime.store,
+                    handlers=parts.handlers,
+                    coalesce=parts.coalesce,
+                    stopping=self.runtime.stopping,
+                    max_attempts=self.settings.max_attempts,
+                    backoff=self.settings.retry_backoff,
+                    stall_seconds=self.settings.stall_seconds,
+                )
                 worker.start()
                 self.workers.append(worker)
         self._check_health()
@@ -147,9 +161,16 @@ class Server:
         self._checker.start()
         for companion in self.companions:
             companion.start()
-        log.info("serving %s on %s:%d (%s; metrics on :%d, %s bus, %s artifacts)",
-                 ",".join(self.names), self.settings.grpc_host, self.port, _tls_mode(self.settings),
-                 self.metrics_port, self.settings.bus_backend, self.settings.artifact_backend)
+        log.info(
+            "serving %s on %s:%d (%s; metrics on :%d, %s bus, %s artifacts)",
+            ",".join(self.names),
+            self.settings.grpc_host,
+            self.port,
+            _tls_mode(self.settings),
+            self.metrics_port,
+            self.settings.bus_backend,
+            self.settings.artifact_backend,
+        )
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(_CHECK_INTERVAL):
@@ -234,17 +255,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """
     if settings.tls_cert is None and settings.tls_key is None:
         if settings.tls_client_ca is not None:
-            raise ConfigError("HISTOLOOP_TLS_CLIENT_CA (mutual TLS) needs HISTOLOOP_TLS_CERT and "
-                              "HISTOLOOP_TLS_KEY (server TLS) as well")
+            raise ConfigError(
+                "HISTOLOOP_TLS_CLIENT_CA (mutual TLS) needs HISTOLOOP_TLS_CERT and "
+                "HISTOLOOP_TLS_KEY (server TLS) as well"
+            )
         return None
     if settings.tls_cert is None or settings.tls_key is None:
         raise ConfigError("TLS needs both HISTOLOOP_TLS_CERT and HISTOLOOP_TLS_KEY")
     cert = _read_pem("HISTOLOOP_TLS_CERT", settings.tls_cert)
     key = _read_pem("HISTOLOOP_TLS_KEY", settings.tls_key)
-    client_ca = (_read_pem("HISTOLOOP_TLS_CLIENT_CA", settings.tls_client_ca)
-                 if settings.tls_client_ca is not None else None)
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    client_ca = (
+        _read_pem("HISTOLOOP_TLS_CLIENT_CA", settings.tls_client_ca)
+        if settings.tls_client_ca is not None
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _read_pem(variable: str, path: Path) -> bytes:
@@ -264,4 +291,6 @@ def _tls_mode(settings: Settings) -> str:
 
 
 def _status(ok: bool) -> int:
-    return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    return (
+        health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    )

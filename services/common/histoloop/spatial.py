@@ -43,7 +43,9 @@ def unit_positions(adata: object) -> np.ndarray | None:
     if {"array_row", "array_col"} <= set(obs.columns):
         return visium_array_positions(obs["array_row"].to_numpy(), obs["array_col"].to_numpy())
     if {"grid_row", "grid_col"} <= set(obs.columns):
-        return np.stack([obs["grid_col"].to_numpy(np.float64), obs["grid_row"].to_numpy(np.float64)], axis=1)
+        return np.stack(
+            [obs["grid_col"].to_numpy(np.float64), obs["grid_row"].to_numpy(np.float64)], axis=1
+        )
     obsm = adata.obsm  # type: ignore[attr-defined]
     if "spatial" in obsm:
         return np.asarray(obsm["spatial"], dtype=np.float64)[:, :2]
@@ -109,9 +111,7 @@ def neighbour_indices(
 def _neighbour_mean(values: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     nb = np.asarray(neighbours, dtype=np.int64)
     if nb.ndim != 2 or nb.shape[0] != values.shape[0]:
-        raise InvalidArgument(
-            f"neighbours must be ({values.shape[0]}, k), got shape {nb.shape}"
-        )
+        raise InvalidArgument(f"neighbours must be ({values.shape[0]}, k), got shape {nb.shape}")
     if nb.size and nb.max() >= values.shape[0]:
         raise InvalidArgument("neighbour index out of range")
     valid = nb >= 0

@@ -96,8 +96,17 @@ class DeadLetter:
     def dataset(self) -> str:
         """The dataset the parked event names (empty: project-wide, or it does not parse)."""
         try:
-            message = events.decode(Record(topic=self.topic, key=self.project, value=self.value,
-                                           event_id=self.event_id, partition=0, offset=0, timestamp_ms=0))
+            message = events.decode(
+                Record(
+                    topic=self.topic,
+                    key=self.project,
+                    value=self.value,
+                    event_id=self.event_id,
+                    partition=0,
+                    offset=0,
+                    timestamp_ms=0,
+                )
+            )
         except InvalidArgument:
             return ""
         return str(message.meta.dataset)  # type: ignore[attr-defined]
@@ -113,15 +122,19 @@ def write_state(store: ArtifactStore, record: StageRecord) -> None:
     """Append ``record`` (its ``at_ms`` set to now if 0) under the project's stage prefix."""
     at = record.at_ms or int(time.time() * 1000)
     record = StageRecord(**{**asdict(record), "at_ms": at})
-    key = (f"_stages/{key_part(record.project)}/{key_part(record.stage)}/{key_part(record.dataset or _NO_DATASET)}/"
-           f"{at:013d}-{next(_seq):06d}-{key_part(record.event_id)}-{record.state}.json")
+    key = (
+        f"_stages/{key_part(record.project)}/{key_part(record.stage)}/{key_part(record.dataset or _NO_DATASET)}/"
+        f"{at:013d}-{next(_seq):06d}-{key_part(record.event_id)}-{record.state}.json"
+    )
     try:
         store.put(key, json.dumps(asdict(record)).encode(), content_type="application/json")
     except ArtifactExists:
         pass
 
 
-def read_states(store: ArtifactStore, project: str, *, latest_only: bool = False) -> Iterator[StageRecord]:
+def read_states(
+    store: ArtifactStore, project: str, *, latest_only: bool = False
+) -> Iterator[StageRecord]:
     """The stage records of ``project`` (oldest first per stage and dataset).
 
     With ``latest_only``, only the newest record of each (stage, dataset) is read: keys sort
@@ -165,9 +178,18 @@ def park_event(store: ArtifactStore, stage: str, record: Record, error: str, att
     """
     key = dead_letter_key(stage, record.key, record.event_id)
     if not store.exists(key):
-        body = json.dumps({"topic": record.topic, "key": record.key, "event_id": record.event_id,
-                           "offset": record.offset, "error": error, "attempts": attempts,
-                           "at_ms": int(time.time() * 1000), "value_hex": record.value.hex()})
+        body = json.dumps(
+            {
+                "topic": record.topic,
+                "key": record.key,
+                "event_id": record.event_id,
+                "offset": record.offset,
+                "error": error,
+                "attempts": attempts,
+                "at_ms": int(time.time() * 1000),
+                "value_hex": record.value.hex(),
+            }
+        )
         try:
             store.put(key, body.encode(), content_type="application/json")
         except ArtifactExists:
@@ -186,18 +208,32 @@ def list_dead_letters(store: ArtifactStore, project: str, stage: str = "") -> li
     for name in stages:
         for info in store.list(f"_deadletter/{key_part(name)}/{key_part(project)}/"):
             body = json.loads(store.get(info.key))
-            found.append(DeadLetter(
-                stage=name, project=project, event_id=body["event_id"], topic=body["topic"],
-                error=body.get("error", ""), attempts=int(body.get("attempts", 1)),
-                at_ms=int(body.get("at_ms", 0)),
-                retried=store.exists(_retried_key(name, project, body["event_id"])),
-                value=bytes.fromhex(body.get("value_hex", ""))))
+            found.append(
+                DeadLetter(
+                    stage=name,
+                    project=project,
+                    event_id=body["event_id"],
+                    topic=body["topic"],
+                    error=body.get("error", ""),
+                    attempts=int(body.get("attempts", 1)),
+                    at_ms=int(body.get("at_ms", 0)),
+                    retried=store.exists(_retried_key(name, project, body["event_id"])),
+                    value=bytes.fromhex(body.get("value_hex", "")),
+                )
+            )
     return sorted(found, key=lambda d: d.at_ms)
 
 
-def retry_parked(store: ArtifactStore, bus: EventBus, project: str, stage: str, *,
-                 dataset: str = "", producer: str = "annotation_store",
-                 config: Message | None = None) -> list[str]:
+def retry_parked(
+    store: ArtifactStore,
+    bus: EventBus,
+    project: str,
+    stage: str,
+    *,
+    dataset: str = "",
+    producer: str = "annotation_store",
+    config: Message | None = None,
+) -> list[str]:
     """Publish the parked events of ``project`` in ``stage`` again; returns the new event ids.
 
     Each is republished once (a marker records it) under an id derived from the parked
@@ -209,16 +245,32 @@ def retry_parked(store: ArtifactStore, bus: EventBus, project: str, stage: str, 
         InvalidArgument: ``stage`` is not a stage.
     """
     if stage not in STAGE_OF_GROUP.values():
-        raise InvalidArgument(f"stage: {stage!r} is not one of {', '.join(STAGE_OF_GROUP.values())}")
+        raise InvalidArgument(
+            f"stage: {stage!r} is not one of {', '.join(STAGE_OF_GROUP.values())}"
+        )
     republished: list[str] = []
     for letter in list_dead_letters(store, project, stage):
         if letter.retried:
             continue
         try:
-            message = events.decode(Record(topic=letter.topic, key=project, value=letter.value,
-                                           event_id=letter.event_id, partition=0, offset=0, timestamp_ms=0))
+            message = events.decode(
+                Record(
+                    topic=letter.topic,
+                    key=project,
+                    value=letter.value,
+                    event_id=letter.event_id,
+                    partition=0,
+                    offset=0,
+                    timestamp_ms=0,
+                )
+            )
         except InvalidArgument:
-            log.info("parked event %s of %s/%s does not parse; left parked", letter.event_id, project, stage)
+            log.info(
+                "parked event %s of %s/%s does not parse; left parked",
+                letter.event_id,
+                project,
+                stage,
+            )
             continue
         meta = message.meta  # type: ignore[attr-defined]
         if dataset and meta.dataset != dataset:
@@ -229,11 +281,23 @@ def retry_parked(store: ArtifactStore, bus: EventBus, project: str, stage: str, 
             message.config.CopyFrom(config)  # type: ignore[attr-defined]
         events.publish(bus, message)  # a concurrent retry publishes the same id: consumers dedupe
         try:
-            store.put(_retried_key(stage, project, letter.event_id), meta.event_id.encode(),
-                      content_type="text/plain")
+            store.put(
+                _retried_key(stage, project, letter.event_id),
+                meta.event_id.encode(),
+                content_type="text/plain",
+            )
         except ArtifactExists:
             pass
-        write_state(store, StageRecord(project=project, dataset=meta.dataset, stage=stage, state="pending",
-                                       event_id=meta.event_id, topic=letter.topic))
+        write_state(
+            store,
+            StageRecord(
+                project=project,
+                dataset=meta.dataset,
+                stage=stage,
+                state="pending",
+                event_id=meta.event_id,
+                topic=letter.topic,
+            ),
+        )
         republished.append(meta.event_id)
     return republished

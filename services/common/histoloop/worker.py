@@ -109,7 +109,9 @@ class EventWorker:
         self._max_backoff = max(max_backoff, backoff)
         self._stall_seconds = stall_seconds
         for metric in (DEAD_LETTERS, STAGE_FAILURES):
-            metric.labels(stage=self.stage)  # exported (as 0) from the start: alerts need the series
+            metric.labels(
+                stage=self.stage
+            )  # exported (as 0) from the start: alerts need the series
         # computed at each scrape, so a handler that hangs still shows its event ageing
         OLDEST_UNHANDLED.labels(stage=self.stage).set_function(self.oldest_unhandled_age)
         self._deferred: dict[str, _Deferred] = {}
@@ -143,7 +145,11 @@ class EventWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("worker %s still busy after %.1fs; its event will be redelivered", self.group, timeout)
+                log.warning(
+                    "worker %s still busy after %.1fs; its event will be redelivered",
+                    self.group,
+                    timeout,
+                )
             self._thread = None
         if self._consumer is not None:
             self._consumer.close()
@@ -182,8 +188,10 @@ class EventWorker:
                 if self._stopping():
                     break
                 if superseded:
-                    done, _ = self._retrying(f"record superseded event {record.event_id}",
-                                             partial(self._mark_done, record))
+                    done, _ = self._retrying(
+                        f"record superseded event {record.event_id}",
+                        partial(self._mark_done, record),
+                    )
                 else:
                     done = self._handle_with_retry(record)
                 if not done:
@@ -197,8 +205,11 @@ class EventWorker:
                     consumer.commit(handled)
                 except HistoloopError as exc:
                     # handled events are in the ledger: their redelivery is skipped
-                    log.warning("worker %s cannot commit offsets (%s); events will be redelivered",
-                                self.group, exc)
+                    log.warning(
+                        "worker %s cannot commit offsets (%s); events will be redelivered",
+                        self.group,
+                        exc,
+                    )
             self._report_lag(consumer)
 
     def _top_up(self, consumer: Consumer, records: list[Record]) -> list[Record]:
@@ -255,7 +266,9 @@ class EventWorker:
             try:
                 return True, step()
             except HistoloopError as exc:
-                log.warning("worker %s cannot %s (%s); retrying in %.1fs", self.group, what, exc, backoff)
+                log.warning(
+                    "worker %s cannot %s (%s); retrying in %.1fs", self.group, what, exc, backoff
+                )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
         return False, None
@@ -287,8 +300,12 @@ class EventWorker:
             self.busy.set()
             try:
                 if self._already_done(record):
-                    log.info("worker %s skips duplicate event %s on %s", self.group, record.event_id,
-                             record.topic)
+                    log.info(
+                        "worker %s skips duplicate event %s on %s",
+                        self.group,
+                        record.event_id,
+                        record.topic,
+                    )
                     self._deferred.pop(record.event_id, None)
                     return True
                 if message is None:
@@ -304,8 +321,14 @@ class EventWorker:
                 EVENTS_FAILED.labels(topic=record.topic, group=self.group).inc()
                 if not is_transient(exc):
                     return self._failed(record, message, exc, prior + 1)
-                log.warning("worker %s: a dependency is down handling event %s (%s): %s; retrying in %.1fs",
-                            self.group, record.event_id, record.topic, exc, backoff)
+                log.warning(
+                    "worker %s: a dependency is down handling event %s (%s): %s; retrying in %.1fs",
+                    self.group,
+                    record.event_id,
+                    record.topic,
+                    exc,
+                    backoff,
+                )
                 if self._consumer is not None:
                     self._report_lag(self._consumer)  # the lag shows what waits behind it
                 self._stop.wait(backoff)
@@ -320,26 +343,42 @@ class EventWorker:
             return True
         return False
 
-    def _failed(self, record: Record, message: Message | None, exc: Exception, attempts: int) -> bool:
+    def _failed(
+        self, record: Record, message: Message | None, exc: Exception, attempts: int
+    ) -> bool:
         """Count a failed attempt: defer the event, or park it once attempts run out."""
         STAGE_FAILURES.labels(stage=self.stage).inc()
         if attempts >= self._max_attempts:
             return self._give_up(record, message, exc, attempts)
         delay = min(self._backoff * 2 ** (attempts - 1), self._max_backoff)
-        log.warning("worker %s: attempt %d of %d at event %s (%s, project %s) failed; next in %.1fs: %s",
-                    self.group, attempts, self._max_attempts, record.event_id, record.topic, record.key,
-                    delay, exc, exc_info=attempts == 1)
-        done, _ = self._retrying(f"defer event {record.event_id}",
-                                 partial(self._persist_retry, record, attempts, str(exc)))
+        log.warning(
+            "worker %s: attempt %d of %d at event %s (%s, project %s) failed; next in %.1fs: %s",
+            self.group,
+            attempts,
+            self._max_attempts,
+            record.event_id,
+            record.topic,
+            record.key,
+            delay,
+            exc,
+            exc_info=attempts == 1,
+        )
+        done, _ = self._retrying(
+            f"defer event {record.event_id}",
+            partial(self._persist_retry, record, attempts, str(exc)),
+        )
         if not done:
             return False
         self._deferred[record.event_id] = _Deferred(record, attempts, time.monotonic() + delay)
         self._state(record, message, "failed", attempts=attempts, error=str(exc))
         return True
 
-    def _give_up(self, record: Record, message: Message | None, exc: Exception, attempts: int) -> bool:
-        done, _ = self._retrying(f"park dead letter {record.event_id}",
-                                 partial(self._dead_letter, record, exc, attempts))
+    def _give_up(
+        self, record: Record, message: Message | None, exc: Exception, attempts: int
+    ) -> bool:
+        done, _ = self._retrying(
+            f"park dead letter {record.event_id}", partial(self._dead_letter, record, exc, attempts)
+        )
         if done:
             self._deferred.pop(record.event_id, None)
             self._state(record, message, "parked", attempts=attempts, error=str(exc))
@@ -347,8 +386,15 @@ class EventWorker:
 
     def _dead_letter(self, record: Record, exc: Exception, attempts: int) -> None:
         DEAD_LETTERS.labels(stage=self.stage).inc()
-        log.error("worker %s parks event %s (%s, project %s) as a dead letter after %d attempt(s): %s",
-                  self.group, record.event_id, record.topic, record.key, attempts, exc)
+        log.error(
+            "worker %s parks event %s (%s, project %s) as a dead letter after %d attempt(s): %s",
+            self.group,
+            record.event_id,
+            record.topic,
+            record.key,
+            attempts,
+            exc,
+        )
         park_event(self._store, self.stage, record, str(exc), attempts)
         self._mark_done(record)
 
@@ -359,8 +405,11 @@ class EventWorker:
     def _persist_retry(self, record: Record, attempts: int, error: str) -> None:
         body = json.dumps({**asdict(record), "value": record.value.hex(), "error": error})
         try:
-            self._store.put(self._retry_key(record.event_id, attempts), body.encode(),
-                            content_type="application/json")
+            self._store.put(
+                self._retry_key(record.event_id, attempts),
+                body.encode(),
+                content_type="application/json",
+            )
         except ArtifactExists:
             pass
 
@@ -378,7 +427,9 @@ class EventWorker:
                 body.pop("error", None)
                 record = Record(**{**body, "value": bytes.fromhex(body["value"])})
             except (ValueError, TypeError, KeyError) as exc:
-                log.error("worker %s cannot read deferred event %s (%s); skipped", self.group, key, exc)
+                log.error(
+                    "worker %s cannot read deferred event %s (%s); skipped", self.group, key, exc
+                )
                 continue
             if not self._already_done(record):
                 self._deferred[record.event_id] = _Deferred(record, attempts, time.monotonic())
@@ -412,33 +463,67 @@ class EventWorker:
         for item in list(self._deferred.values()):
             old = item.record
             old_created = _created_ms(old)
-            if (old.topic, old.key) == (record.topic, record.key) and old_created is not None \
-                    and old_created <= created:
-                done, _ = self._retrying(f"record superseded event {old.event_id}",
-                                         partial(self._mark_done, old))
+            if (
+                (old.topic, old.key) == (record.topic, record.key)
+                and old_created is not None
+                and old_created <= created
+            ):
+                done, _ = self._retrying(
+                    f"record superseded event {old.event_id}", partial(self._mark_done, old)
+                )
                 if done:
                     self._deferred.pop(old.event_id, None)
-                    self._state(old, None, "done", attempts=item.attempts, progress=1.0,
-                                error=f"superseded by {record.event_id}")
+                    self._state(
+                        old,
+                        None,
+                        "done",
+                        attempts=item.attempts,
+                        progress=1.0,
+                        error=f"superseded by {record.event_id}",
+                    )
 
     # visible state -----------------------------------------------------------------------
-    def _state(self, record: Record, message: Message | None, state: str, *, attempts: int = 0,
-               error: str = "", progress: float = 0.0) -> None:
+    def _state(
+        self,
+        record: Record,
+        message: Message | None,
+        state: str,
+        *,
+        attempts: int = 0,
+        error: str = "",
+        progress: float = 0.0,
+    ) -> None:
         """Write the stage record; best effort (the event's own handling decides its fate)."""
         meta = getattr(message, "meta", None)
         try:
-            write_state(self._store, StageRecord(
-                project=(meta.project if meta is not None and meta.project else record.key),
-                dataset=meta.dataset if meta is not None else "", stage=self.stage, state=state,
-                event_id=record.event_id, topic=record.topic, attempts=attempts, error=error[:2000],
-                progress=progress))
+            write_state(
+                self._store,
+                StageRecord(
+                    project=(meta.project if meta is not None and meta.project else record.key),
+                    dataset=meta.dataset if meta is not None else "",
+                    stage=self.stage,
+                    state=state,
+                    event_id=record.event_id,
+                    topic=record.topic,
+                    attempts=attempts,
+                    error=error[:2000],
+                    progress=progress,
+                ),
+            )
         except HistoloopError as exc:
-            log.warning("worker %s cannot record %s state of event %s: %s", self.group, state,
-                        record.event_id, exc)
+            log.warning(
+                "worker %s cannot record %s state of event %s: %s",
+                self.group,
+                state,
+                record.event_id,
+                exc,
+            )
 
     def oldest_unhandled_age(self) -> float:
         """Seconds since the oldest event this worker holds (in hand or deferred) was published."""
-        stamps = list(self._in_hand.values()) + [d.record.timestamp_ms for d in list(self._deferred.values())]
+        stamps = list(self._in_hand.values()) + [
+            d.record.timestamp_ms for d in list(self._deferred.values())
+        ]
         return max(0.0, time.time() - min(stamps) / 1000) if stamps else 0.0
 
     def check_stalled(self) -> None:
@@ -451,8 +536,10 @@ class EventWorker:
         idle = time.monotonic() - self._last_progress
         if in_hand and idle > self._stall_seconds:
             event_id = next(iter(in_hand))
-            raise Unavailable(f"stage {self.stage} has not progressed past event {event_id} for "
-                              f"{idle:.0f}s (threshold {self._stall_seconds:.0f}s)")
+            raise Unavailable(
+                f"stage {self.stage} has not progressed past event {event_id} for "
+                f"{idle:.0f}s (threshold {self._stall_seconds:.0f}s)"
+            )
 
     # idempotency ledger -----------------------------------------------------------------
     def _ledger_key(self, record: Record) -> str:
@@ -463,7 +550,9 @@ class EventWorker:
 
     def _mark_done(self, record: Record) -> None:
         try:
-            self._store.put(self._ledger_key(record), record.topic.encode(), content_type="text/plain")
+            self._store.put(
+                self._ledger_key(record), record.topic.encode(), content_type="text/plain"
+            )
         except ArtifactExists:
             pass
 
@@ -510,7 +599,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     code = getattr(exc, "code", None)
     if isinstance(exc, grpc.RpcError) and callable(code):
-        return code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                          grpc.StatusCode.RESOURCE_EXHAUSTED)
+        return code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
     return False
-

@@ -75,7 +75,9 @@ def exp3_probabilities(log_weights: np.ndarray, gamma: float) -> np.ndarray:
     return (1.0 - gamma) * w / w.sum() + gamma / len(w)
 
 
-def exp3_update(log_weights: np.ndarray, arm: int, reward: float, probability: float, eta: float) -> np.ndarray:
+def exp3_update(
+    log_weights: np.ndarray, arm: int, reward: float, probability: float, eta: float
+) -> np.ndarray:
     """The importance-weighted EXP3 update of the arm that was played.
 
     Args:
@@ -97,19 +99,32 @@ class Bandit(Strategy):
     """Active learning by learning: EXP3 over strategies, rewarded without a test set."""
 
     name = "bandit"
-    description = ("learns per project which strategy to use (EXP3 over uncertainty, activevisium, "
-                   "diversity and random; reward: gain on a random share; Hsu & Lin 2015)")
+    description = (
+        "learns per project which strategy to use (EXP3 over uncertainty, activevisium, "
+        "diversity and random; reward: gain on a random share; Hsu & Lin 2015)"
+    )
     needs_model = True
 
-    def __init__(self, *, arms: str = DEFAULT_ARMS, random_share: float = 0.1, min_random: int = 2,
-                 gamma: float = 0.1, eta: float = 1.0, smoothing: float = 0.5, burn_in: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        arms: str = DEFAULT_ARMS,
+        random_share: float = 0.1,
+        min_random: int = 2,
+        gamma: float = 0.1,
+        eta: float = 1.0,
+        smoothing: float = 0.5,
+        burn_in: int = 2,
+    ) -> None:
         names = tuple(a.strip() for a in str(arms).split(",") if a.strip())
         if len(names) < 2 or len(set(names)) != len(names):
             raise InvalidArgument(f"arms: give at least two different strategies, got {arms!r}")
         for a in names:
             if a not in STRATEGIES or a in (self.name, "bald"):
-                raise InvalidArgument(f"arms: {a!r} cannot be an arm; choose registered strategies other than "
-                                      "bandit and bald")
+                raise InvalidArgument(
+                    f"arms: {a!r} cannot be an arm; choose registered strategies other than "
+                    "bandit and bald"
+                )
         if not 0.0 <= random_share < 1.0:
             raise InvalidArgument(f"random_share must be in [0, 1), got {random_share}")
         if min_random < 0:
@@ -123,16 +138,31 @@ class Bandit(Strategy):
         if not 0.0 < smoothing <= 1.0:
             raise InvalidArgument(f"smoothing must be in (0, 1], got {smoothing}")
         self.arms = names
-        self.random_share, self.min_random, self.gamma, self.eta = random_share, int(min_random), gamma, eta
+        self.random_share, self.min_random, self.gamma, self.eta = (
+            random_share,
+            int(min_random),
+            gamma,
+            eta,
+        )
         self.smoothing, self.burn_in = smoothing, int(burn_in)
         self._strategies = {a: get_strategy(a) for a in names}
         self._state = self._fresh()
 
     # state ---------------------------------------------------------------------------
     def _fresh(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "arms": list(self.arms), "log_weights": [0.0] * len(self.arms),
-                "plays": [0] * len(self.arms), "rewards": [], "last": None, "next_eval": None,
-                "pending": None, "n": None, "baseline": None, "spread": None}
+        return {
+            "format": _STATE_FORMAT,
+            "arms": list(self.arms),
+            "log_weights": [0.0] * len(self.arms),
+            "plays": [0] * len(self.arms),
+            "rewards": [],
+            "last": None,
+            "next_eval": None,
+            "pending": None,
+            "n": None,
+            "baseline": None,
+            "spread": None,
+        }
 
     def get_state(self) -> dict[str, Any]:
         """See :meth:`Strategy.get_state`."""
@@ -140,7 +170,11 @@ class Bandit(Strategy):
 
     def set_state(self, state: dict[str, Any] | None) -> None:
         """See :meth:`Strategy.set_state`; a state for other arms starts afresh."""
-        if not state or state.get("format") != _STATE_FORMAT or list(state.get("arms", [])) != list(self.arms):
+        if (
+            not state
+            or state.get("format") != _STATE_FORMAT
+            or list(state.get("arms", [])) != list(self.arms)
+        ):
             self._state = self._fresh()
             return
         self._state = _json_copy(state)
@@ -152,8 +186,10 @@ class Bandit(Strategy):
     def reward(self, arm: int, reward: float, probability: float) -> None:
         """Credit ``reward`` to ``arm``, played with ``probability`` (the EXP3 update)."""
         st = self._state
-        st["log_weights"] = [float(x) for x in exp3_update(np.asarray(st["log_weights"]), arm, reward,
-                                                            probability, self.eta)]
+        st["log_weights"] = [
+            float(x)
+            for x in exp3_update(np.asarray(st["log_weights"]), arm, reward, probability, self.eta)
+        ]
 
     def credit(self, arm: int, gain: float, probability: float) -> float:
         """Judge a measured ``gain`` against the recent gains, credit it; returns the reward."""
@@ -200,10 +236,13 @@ class Bandit(Strategy):
             rows = np.asarray(nxt["rows"], dtype=np.int64)
             keep = ~ctx.labelled[rows]
             if keep.any():
-                st["pending"] = {"arm": last["arm"], "probability": last["probability"],
-                                 "rows": rows[keep].tolist(),
-                                 "old": np.asarray(nxt["old"])[keep].round(6).tolist(),
-                                 "new": P[rows[keep]].astype(np.float64).round(6).tolist()}
+                st["pending"] = {
+                    "arm": last["arm"],
+                    "probability": last["probability"],
+                    "rows": rows[keep].tolist(),
+                    "old": np.asarray(nxt["old"])[keep].round(6).tolist(),
+                    "new": P[rows[keep]].astype(np.float64).round(6).tolist(),
+                }
 
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         """See :meth:`Strategy.select`: the random share, then the chosen arm's picks."""
@@ -213,12 +252,19 @@ class Bandit(Strategy):
         st = self._state
         free = ctx.unlabelled
         # this round's random share: the spots drawn last round (their reward is measured), else fresh ones
-        want = max(self.min_random, int(math.ceil(self.random_share * k))) if self.random_share > 0 else 0
+        want = (
+            max(self.min_random, int(math.ceil(self.random_share * k)))
+            if self.random_share > 0
+            else 0
+        )
         share = min(len(free), k - 1, want)
         planned = np.asarray(st["pending"]["rows"] if st["pending"] else [], dtype=np.int64)[:share]
         extra = np.setdiff1d(free, planned)
-        more = rng.choice(extra, size=min(share - len(planned), len(extra)), replace=False) \
-            if share > len(planned) else np.empty(0, np.int64)
+        more = (
+            rng.choice(extra, size=min(share - len(planned), len(extra)), replace=False)
+            if share > len(planned)
+            else np.empty(0, np.int64)
+        )
         random_rows = np.concatenate([planned, more]).astype(np.int64)
         # the arm
         probs = self.probabilities()
@@ -231,19 +277,36 @@ class Bandit(Strategy):
         if rest > 0 and len(free) > len(random_rows):
             labelled = ctx.labelled.copy()
             labelled[random_rows] = True
-            inner = QueryContext(features=ctx.features, labelled=labelled, probabilities=ctx.probabilities,
-                                 member_probabilities=ctx.member_probabilities, positions=ctx.positions,
-                                 disagreement=ctx.disagreement, round=ctx.round, labels=ctx.labels)
+            inner = QueryContext(
+                features=ctx.features,
+                labelled=labelled,
+                probabilities=ctx.probabilities,
+                member_probabilities=ctx.member_probabilities,
+                positions=ctx.positions,
+                disagreement=ctx.disagreement,
+                round=ctx.round,
+                labels=ctx.labels,
+            )
             sel = self._strategies[self.arms[arm]].select(inner, rest, rng)
             picked, scores = sel.indices, sel.scores
         rows = np.concatenate([picked, random_rows]).astype(np.int64)
         # next round's random share, drawn now so that this model's view of it is known
         left = np.setdiff1d(free, rows)
-        nxt = rng.choice(left, size=min(share, len(left)), replace=False) if share else np.empty(0, np.int64)
-        st["next_eval"] = {"rows": nxt.tolist(), "old": P[nxt].astype(np.float64).round(6).tolist()} \
-            if len(nxt) else None
-        return Selection(indices=rows, scores=np.concatenate([scores, np.zeros(len(random_rows))]),
-                         strategy=self.name)  # the arm played is in the state ("last")
+        nxt = (
+            rng.choice(left, size=min(share, len(left)), replace=False)
+            if share
+            else np.empty(0, np.int64)
+        )
+        st["next_eval"] = (
+            {"rows": nxt.tolist(), "old": P[nxt].astype(np.float64).round(6).tolist()}
+            if len(nxt)
+            else None
+        )
+        return Selection(
+            indices=rows,
+            scores=np.concatenate([scores, np.zeros(len(random_rows))]),
+            strategy=self.name,
+        )  # the arm played is in the state ("last")
 
 
 def _json_copy(state: dict[str, Any]) -> dict[str, Any]:

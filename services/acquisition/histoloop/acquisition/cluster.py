@@ -195,9 +195,7 @@ def _kmeans_pp(X: np.ndarray, x_sq: np.ndarray, k: int, rng: np.random.Generator
 
 def _centroid_sums(X: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = X.shape[0]
-    onehot = sparse.csr_matrix(
-        (np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n)
-    )
+    onehot = sparse.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
     sums = np.asarray(onehot @ X, dtype=np.float32)
     counts = np.bincount(labels, minlength=k).astype(np.float32)
     return sums, counts

@@ -142,14 +142,16 @@ def probcover_select(
     n = len(labelled)
     considered = np.arange(n)
     if n > max_points:
-        lab = np.flatnonzero(labelled)[:max_points // 2]
+        lab = np.flatnonzero(labelled)[: max_points // 2]
         free = rng.choice(np.flatnonzero(~labelled), size=max_points - len(lab), replace=False)
         considered = np.sort(np.concatenate([lab, free]))
         log.debug("probcover: coverage over %d of %d spots", len(considered), n)
     Z = _unit_rows(np.asarray(features)[considered])
     if delta == 0.0:
         c = int(min(len(considered), n_clusters or max(k, 2)))
-        fits = [cluster.kmeans(Z, c, rng, max_fit_samples=max(10_000, 100 * c)) for _ in range(_N_INIT)]
+        fits = [
+            cluster.kmeans(Z, c, rng, max_fit_samples=max(10_000, 100 * c)) for _ in range(_N_INIT)
+        ]
         best = min(fits, key=lambda km: float(km.sq_distances.sum()))
         delta = coverage_radius(Z, best.labels, purity)
     A = _ball_graph(Z, delta)

@@ -120,9 +120,7 @@ class QueryContext:
         if self.member_probabilities is not None:
             mp = np.asarray(self.member_probabilities)
             if mp.ndim != 3 or mp.shape[1] != n or mp.shape[2] < 2:
-                raise InvalidArgument(
-                    f"member_probabilities must be (M, {n}, C≥2), got {mp.shape}"
-                )
+                raise InvalidArgument(f"member_probabilities must be (M, {n}, C≥2), got {mp.shape}")
             object.__setattr__(self, "member_probabilities", mp)
         if self.positions is not None:
             pos = np.asarray(self.positions, dtype=np.float64)
@@ -493,8 +491,10 @@ class RaterDisagreement(_ScoringStrategy):
     def note(self, ctx: QueryContext) -> str:
         if ctx.rater_disagreement is not None:
             return ""
-        return ("rater_disagreement: the model has no per-annotator model (labels from fewer than two "
-                "annotators); ranked by entropy instead")
+        return (
+            "rater_disagreement: the model has no per-annotator model (labels from fewer than two "
+            "annotators); ranked by entropy instead"
+        )
 
     def score(self, ctx: QueryContext, rng: np.random.Generator) -> np.ndarray:
         u = uncertainty(_need_probabilities(ctx, self.name), "entropy").astype(np.float64)
@@ -729,8 +729,10 @@ class TypiClust(Strategy):
             if len(free) == 0:
                 exhausted[c] = True
                 continue
-            cand = free if len(free) <= self.max_candidates else rng.choice(
-                free, size=self.max_candidates, replace=False
+            cand = (
+                free
+                if len(free) <= self.max_candidates
+                else rng.choice(free, size=self.max_candidates, replace=False)
             )
             ref = members
             if len(members) > self.max_reference:
@@ -742,7 +744,9 @@ class TypiClust(Strategy):
             scores.append(float(typ[best]))
             taken[row] = True
             covered[c] += 1
-        return _finish(ctx, self.name, k, np.asarray(picked, dtype=np.int64), np.asarray(scores), rng)
+        return _finish(
+            ctx, self.name, k, np.asarray(picked, dtype=np.int64), np.asarray(scores), rng
+        )
 
 
 class ProbCover(Strategy):
@@ -783,11 +787,21 @@ class ProbCover(Strategy):
     def select(self, ctx: QueryContext, k: int, rng: np.random.Generator) -> Selection:
         k = _check_k(k)
         plan = probcover_select(
-            ctx.features, ctx.labelled, k, rng, purity=self.purity, n_clusters=self.n_clusters,
-            delta=self.delta, max_points=self.max_points,
+            ctx.features,
+            ctx.labelled,
+            k,
+            rng,
+            purity=self.purity,
+            n_clusters=self.n_clusters,
+            delta=self.delta,
+            max_points=self.max_points,
         )
-        log.debug("probcover: delta %.4f, coverage %.3f after %d picks",
-                  plan.delta, plan.coverage, len(plan.rows))
+        log.debug(
+            "probcover: delta %.4f, coverage %.3f after %d picks",
+            plan.delta,
+            plan.coverage,
+            len(plan.rows),
+        )
         return _finish(ctx, self.name, k, plan.rows, plan.gains.astype(np.float64), rng)
 
 

@@ -230,7 +230,11 @@ def dawid_skene(
     cell = oa * n_cls + ol  # (annotator, given) of each observation
 
     # initialise the class posteriors with the (soft) majority vote
-    post = np.bincount(oi * n_cls + ol, minlength=n_items * n_cls).reshape(n_items, n_cls).astype(float)
+    post = (
+        np.bincount(oi * n_cls + ol, minlength=n_items * n_cls)
+        .reshape(n_items, n_cls)
+        .astype(float)
+    )
     post /= post.sum(axis=1, keepdims=True)
 
     confusion = np.zeros((n_ann, n_cls, n_cls))
@@ -243,9 +247,9 @@ def dawid_skene(
         )  # [annotator, given, true]
         weights = post[oi]
         for k in range(n_cls):
-            counts[:, :, k] += np.bincount(cell, weights=weights[:, k], minlength=n_ann * n_cls).reshape(
-                n_ann, n_cls
-            )
+            counts[:, :, k] += np.bincount(
+                cell, weights=weights[:, k], minlength=n_ann * n_cls
+            ).reshape(n_ann, n_cls)
         confusion = counts.transpose(0, 2, 1)
         confusion = confusion / confusion.sum(axis=2, keepdims=True)
         # E-step: posterior of the true class of each item

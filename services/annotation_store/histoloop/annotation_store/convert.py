@@ -46,7 +46,9 @@ def loop_settings_from_proto(config: common_pb2.LoopConfig) -> LoopSettings:
         seed=config.seed,
         head=config.head,
         features=FEATURES_FROM_PROTO.get(config.features, ""),
-        spatial_neighbours=config.spatial_neighbours if config.HasField("spatial_neighbours") else None,
+        spatial_neighbours=config.spatial_neighbours
+        if config.HasField("spatial_neighbours")
+        else None,
         resampling=config.resampling,
         consensus=config.consensus,
         adjudication_share=config.adjudication_share,
@@ -158,7 +160,9 @@ _SOURCES_TO_PROTO = {
 }
 
 
-def history_query_from_proto(request: annotation_store_pb2.ListLabelEventsRequest) -> LabelHistoryQuery:
+def history_query_from_proto(
+    request: annotation_store_pb2.ListLabelEventsRequest,
+) -> LabelHistoryQuery:
     """The label-history query a ``ListLabelEvents`` request asks for."""
     return LabelHistoryQuery(
         project_id=request.project_id,
@@ -183,8 +187,12 @@ def history_page_to_proto(page: LabelHistoryPage) -> annotation_store_pb2.ListLa
                 barcode=e.barcode,
                 label=e.label,
                 annotator_id=e.annotator_id,
-                annotator_role=_ROLES_TO_PROTO.get(e.annotator_role, annotation_store_pb2.ANNOTATOR_ROLE_UNSPECIFIED),
-                source=_SOURCES_TO_PROTO.get(e.source, annotation_store_pb2.LABEL_SOURCE_UNSPECIFIED),
+                annotator_role=_ROLES_TO_PROTO.get(
+                    e.annotator_role, annotation_store_pb2.ANNOTATOR_ROLE_UNSPECIFIED
+                ),
+                source=_SOURCES_TO_PROTO.get(
+                    e.source, annotation_store_pb2.LABEL_SOURCE_UNSPECIFIED
+                ),
                 batch_id=e.batch_id,
                 label_version=e.label_version,
                 created_at=timestamp(e.created_at),

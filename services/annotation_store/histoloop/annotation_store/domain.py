@@ -199,8 +199,11 @@ class LoopSettings:
         The defaults are those of ``given["preset"]`` (:func:`histoloop.presets.loop_defaults`).
         """
         base = cls(**loop_defaults(str(given.get("preset") or "")))  # type: ignore[arg-type]
-        values = {k: v for k, v in given.items()
-                  if v not in (None, "", 0, 0.0) or (k in _ZERO_IS_A_VALUE and v is not None)}
+        values = {
+            k: v
+            for k, v in given.items()
+            if v not in (None, "", 0, 0.0) or (k in _ZERO_IS_A_VALUE and v is not None)
+        }
         merged = cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
         return merged.validate()
 
@@ -244,7 +247,9 @@ class LoopSettings:
         _check_issue17_settings(self)
         loop_defaults(self.preset)  # raises naming config.preset
         if not 0.0 <= self.semi_supervised < 1.0:
-            raise InvalidArgument(f"config.semi_supervised: {self.semi_supervised} is not in [0, 1)")
+            raise InvalidArgument(
+                f"config.semi_supervised: {self.semi_supervised} is not in [0, 1)"
+            )
         if not 0 <= self.augment_views <= MAX_AUGMENT_VIEWS:
             raise InvalidArgument(
                 f"config.augment_views: {self.augment_views} is not in 0..{MAX_AUGMENT_VIEWS}"

@@ -30,7 +30,9 @@ _NEEDS = {
 _WHAT = {"slide_path": "a slide (image embeddings)", "expression_path": "gene-expression counts"}
 
 
-def check_feeds_features(*, features: str, kind: str, slide_path: str, expression_path: str) -> None:
+def check_feeds_features(
+    *, features: str, kind: str, slide_path: str, expression_path: str
+) -> None:
     """Refuse a dataset that cannot feed the project's feature set.
 
     Args:
@@ -46,12 +48,14 @@ def check_feeds_features(*, features: str, kind: str, slide_path: str, expressio
     if kind == "wsi" and features != "morphology":
         raise FailedPrecondition(
             f"kind: a whole-slide image has no expression counts, but the project learns from "
-            f"{features} (config.features); use a morphology project or UpdateProject")
+            f"{features} (config.features); use a morphology project or UpdateProject"
+        )
     for field_name in _NEEDS.get(features, ()):
         if not given[field_name]:
             raise FailedPrecondition(
                 f"{field_name}: the project learns from {features} (config.features), which needs "
-                f"{_WHAT[field_name]}; give {field_name}, or change config.features with UpdateProject")
+                f"{_WHAT[field_name]}; give {field_name}, or change config.features with UpdateProject"
+            )
 
 
 def slide_size(path: str | Path) -> tuple[int, int] | None:
@@ -77,8 +81,9 @@ def slide_size(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
-def check_spots_on_slide(rows: Sequence[SpotRow], size: tuple[int, int], *, scale: float,
-                         source: str) -> None:
+def check_spots_on_slide(
+    rows: Sequence[SpotRow], size: tuple[int, int], *, scale: float, source: str
+) -> None:
     """Refuse positions whose in-tissue spots lie off the slide (e.g. swapped columns).
 
     Args:
@@ -105,10 +110,13 @@ def check_spots_on_slide(rows: Sequence[SpotRow], size: tuple[int, int], *, scal
         return
     swapped = sum(off(r.pxl_col, r.pxl_row) for r in spots)
     first = outside[0]
-    hint = (" — pxl_row and pxl_col look swapped (with them exchanged every spot fits)"
-            if swapped <= MAX_OUTSIDE_SHARE * len(spots) else
-            "; check slide_scale (slide px per full-res px) and that the slide is this sample's")
+    hint = (
+        " — pxl_row and pxl_col look swapped (with them exchanged every spot fits)"
+        if swapped <= MAX_OUTSIDE_SHARE * len(spots)
+        else "; check slide_scale (slide px per full-res px) and that the slide is this sample's"
+    )
     raise InvalidArgument(
         f"{source}: {len(outside)} of {len(spots)} spots lie outside the {width}×{height} slide "
         f"(e.g. {first.barcode} at pxl_row={first.pxl_row:g}, pxl_col={first.pxl_col:g}, "
-        f"slide_scale={scale:g}){hint}")
+        f"slide_scale={scale:g}){hint}"
+    )

@@ -225,12 +225,13 @@ def parse_geojson(
         except (ValueError, TypeError, AttributeError, IndexError) as exc:
             raise InvalidArgument(f"features[{i}]: malformed coordinates ({exc})") from None
         if polygon.is_empty or not polygon.is_valid:
-            raise InvalidArgument(
-                f"features[{i}]: invalid polygon ({explain_validity(polygon)})"
-            )
+            raise InvalidArgument(f"features[{i}]: invalid polygon ({explain_validity(polygon)})")
         x0, y0, x1, y1 = polygon.bounds
-        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x0 < 0 or y0 < 0 or (
-            frame is not None and (x1 > frame[0] or y1 > frame[1])
+        if (
+            not all(math.isfinite(v) for v in (x0, y0, x1, y1))
+            or x0 < 0
+            or y0 < 0
+            or (frame is not None and (x1 > frame[0] or y1 > frame[1]))
         ):
             where = f"the {frame[0]:.0f}×{frame[1]:.0f} slide" if frame else "the slide"
             raise InvalidArgument(
@@ -245,7 +246,9 @@ def parse_geojson(
     unit_idx, poly_idx = tree.query(points, predicate="covered_by") if len(units) else ([], [])
     chosen: dict[int, int] = {}  # unit → the feature giving its class
     helped: set[int] = set()  # units under a ``help`` placeholder
-    for u, p in sorted(zip(np.asarray(unit_idx).tolist(), np.asarray(poly_idx).tolist(), strict=True)):
+    for u, p in sorted(
+        zip(np.asarray(unit_idx).tolist(), np.asarray(poly_idx).tolist(), strict=True)
+    ):
         if classes[p].lower() == HELP_LABEL:
             helped.add(u)
             continue

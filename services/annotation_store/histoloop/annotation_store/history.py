@@ -117,7 +117,11 @@ def _check(query: LabelHistoryQuery) -> tuple[int, int]:
     size = query.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise InvalidArgument(f"page_size: {query.page_size} is not in 0..{MAX_PAGE_SIZE}")
-    if query.since is not None and query.until is not None and _utc(query.until) <= _utc(query.since):
+    if (
+        query.since is not None
+        and query.until is not None
+        and _utc(query.until) <= _utc(query.since)
+    ):
         raise InvalidArgument("until: must be later than since")
     return size, _after(query.page_token)
 
@@ -146,8 +150,17 @@ def list_label_events(db: Database, query: LabelHistoryQuery) -> LabelHistoryPag
     )
     stmt = (
         select(
-            E.c.id, D.c.dataset_id, S.c.barcode, C.c.name, E.c.annotator_id, E.c.annotator_role,
-            E.c.source, B.c.batch_id, E.c.label_version, E.c.created_at, B.c.queryset_id,
+            E.c.id,
+            D.c.dataset_id,
+            S.c.barcode,
+            C.c.name,
+            E.c.annotator_id,
+            E.c.annotator_role,
+            E.c.source,
+            B.c.batch_id,
+            E.c.label_version,
+            E.c.created_at,
+            B.c.queryset_id,
         )
         .select_from(
             E.join(B, B.c.id == E.c.batch_pk)
@@ -174,23 +187,40 @@ def list_label_events(db: Database, query: LabelHistoryQuery) -> LabelHistoryPag
     with db.read() as s:
         if s.get(m.Project, query.project_id) is None:
             raise NotFound(f"project {query.project_id!r} not found")
-        if query.dataset_id and s.scalars(
-            select(m.Dataset.id).where(
-                m.Dataset.project_id == query.project_id, m.Dataset.dataset_id == query.dataset_id
+        if (
+            query.dataset_id
+            and s.scalars(
+                select(m.Dataset.id).where(
+                    m.Dataset.project_id == query.project_id,
+                    m.Dataset.dataset_id == query.dataset_id,
+                )
+            ).first()
+            is None
+        ):
+            raise NotFound(
+                f"dataset {query.dataset_id!r} not found in project {query.project_id!r}"
             )
-        ).first() is None:
-            raise NotFound(f"dataset {query.dataset_id!r} not found in project {query.project_id!r}")
         rows = s.execute(stmt).all()
     entries = tuple(
         LabelHistoryEntry(
-            sequence=int(r[0]), dataset_id=r[1], barcode=r[2], label=r[3], annotator_id=r[4],
-            annotator_role=r[5], source=r[6], batch_id=r[7], label_version=int(r[8]),
-            created_at=_utc(r[9]), queryset_id=r[10] or "",
+            sequence=int(r[0]),
+            dataset_id=r[1],
+            barcode=r[2],
+            label=r[3],
+            annotator_id=r[4],
+            annotator_role=r[5],
+            source=r[6],
+            batch_id=r[7],
+            label_version=int(r[8]),
+            created_at=_utc(r[9]),
+            queryset_id=r[10] or "",
         )
         for r in rows[:size]
     )
     more = len(rows) > size
-    return LabelHistoryPage(entries=entries, next_page_token=_token(entries[-1].sequence) if more else "")
+    return LabelHistoryPage(
+        entries=entries, next_page_token=_token(entries[-1].sequence) if more else ""
+    )
 
 
 def label_batches(

@@ -67,7 +67,9 @@ class Base(DeclarativeBase):
     """Declarative base with a naming convention (stable constraint names for migrations)."""
 
     metadata = MetaData(naming_convention=NAMING)
-    __table__: ClassVar[Table]  # every model here maps one table (SQLAlchemy types it as any FromClause)
+    __table__: ClassVar[
+        Table
+    ]  # every model here maps one table (SQLAlchemy types it as any FromClause)
 
 
 class Project(Base):

@@ -60,12 +60,20 @@ def rater_confusions(
             continue
         for annotator, vote in votes.items():
             if vote.label in index:
-                matrix = counts.setdefault(annotator, np.zeros((len(classes), len(classes)), dtype=np.int64))
+                matrix = counts.setdefault(
+                    annotator, np.zeros((len(classes), len(classes)), dtype=np.int64)
+                )
                 matrix[index[vote.label], index[agreed.label]] += 1
     out = []
     for annotator in sorted(counts):
         matrix = counts[annotator]
         n = int(matrix.sum())
-        out.append(RaterConfusion(annotator=annotator, counts=matrix, n_spots=n,
-                                  agreement=float(np.trace(matrix) / n) if n else 0.0))
+        out.append(
+            RaterConfusion(
+                annotator=annotator,
+                counts=matrix,
+                n_spots=n,
+                agreement=float(np.trace(matrix) / n) if n else 0.0,
+            )
+        )
     return out

@@ -32,8 +32,9 @@ __all__ = ["Recovery", "merge_config"]
 log = logging.getLogger(__name__)
 
 
-def merge_config(current: LoopSettings, update: common_pb2.LoopConfig,
-                 reset_fields: Sequence[str] = ()) -> LoopSettings:
+def merge_config(
+    current: LoopSettings, update: common_pb2.LoopConfig, reset_fields: Sequence[str] = ()
+) -> LoopSettings:
     """``current`` with the fields ``update`` sets, validated (UpdateProject).
 
     Fields ``update`` leaves empty/zero keep their current value, except those named in
@@ -46,8 +47,10 @@ def merge_config(current: LoopSettings, update: common_pb2.LoopConfig,
     names = set(common_pb2.LoopConfig.DESCRIPTOR.fields_by_name)
     for i, name in enumerate(reset_fields):
         if name not in names:
-            raise InvalidArgument(f"reset_fields[{i}]: {name!r} is not a LoopConfig field "
-                                  f"({', '.join(sorted(names))})")
+            raise InvalidArgument(
+                f"reset_fields[{i}]: {name!r} is not a LoopConfig field "
+                f"({', '.join(sorted(names))})"
+            )
         merged.ClearField(name)
     for field, value in update.ListFields():
         setattr(merged, field.name, value)
@@ -82,14 +85,24 @@ class Recovery:
             FailedPrecondition: nothing of that stage is parked.
         """
         if stage not in STAGE_OF_GROUP.values():
-            raise InvalidArgument(f"stage: {stage!r} is not one of {', '.join(STAGE_OF_GROUP.values())}")
+            raise InvalidArgument(
+                f"stage: {stage!r} is not one of {', '.join(STAGE_OF_GROUP.values())}"
+            )
         project = self._repo.get_project(project_id)
         if self._bus is None:
             raise FailedPrecondition("this annotation store has no event bus to republish on")
-        ids = retry_parked(self._repo.artifacts, self._bus, project_id, stage, dataset=dataset_id,
-                           config=loop_settings_to_proto(project.config))
+        ids = retry_parked(
+            self._repo.artifacts,
+            self._bus,
+            project_id,
+            stage,
+            dataset=dataset_id,
+            config=loop_settings_to_proto(project.config),
+        )
         if not ids:
             where = f" for dataset {dataset_id!r}" if dataset_id else ""
-            raise FailedPrecondition(f"stage: nothing of project {project_id!r} is parked in {stage}{where}")
+            raise FailedPrecondition(
+                f"stage: nothing of project {project_id!r} is parked in {stage}{where}"
+            )
         log.info("project %s: %d parked %s event(s) republished", project_id, len(ids), stage)
         return ids

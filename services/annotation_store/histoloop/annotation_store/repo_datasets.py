@@ -314,7 +314,9 @@ class DatasetsMixin(RepositoryBase):
                     f"dataset {dataset_id!r}: its tiles are not known yet (tiling still running?)"
                 )
             # add_tiles stores every tile's side (extent is empty only for spots)
-            units = tuple(Unit(b, x, y, size or 0.0, "square", bool(t)) for b, x, y, size, t in rows)
+            units = tuple(
+                Unit(b, x, y, size or 0.0, "square", bool(t)) for b, x, y, size, t in rows
+            )
         else:
             diameter = self._spot_diameter(spatial) * scale
             units = tuple(

@@ -94,8 +94,13 @@ class EventHandlers:
         assert isinstance(message, events_pb2.EmbeddingsReady)
         meta = message.meta
         if not self._repo.set_embeddings(
-            meta.project, meta.dataset, message.embeddings_uri, meta.event_id or record.event_id,
-            model=message.model_name, model_version=message.model_version, dim=message.dim,
+            meta.project,
+            meta.dataset,
+            message.embeddings_uri,
+            meta.event_id or record.event_id,
+            model=message.model_name,
+            model_version=message.model_version,
+            dim=message.dim,
         ):
             log.info(
                 "embeddings event %s for %s/%s: unknown dataset or seen before",

@@ -181,9 +181,12 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         with spaceranger_folder(request.spatial_dir, request.positions_format) as spatial_dir:
             # Space Ranger's hires image serves as the slide when none is given (tiling uses it)
             hires = Path(spatial_dir) / HIRES_IMAGE if spatial_dir else None
-            check_feeds_features(features=self._repo.get_project(request.project_id).config.features,
-                                 kind=kind, expression_path=request.expression_path,
-                                 slide_path=request.slide_path or (str(hires) if hires and hires.is_file() else ""))
+            check_feeds_features(
+                features=self._repo.get_project(request.project_id).config.features,
+                kind=kind,
+                expression_path=request.expression_path,
+                slide_path=request.slide_path or (str(hires) if hires and hires.is_file() else ""),
+            )
             info = self._repo.register_dataset(
                 DatasetSpec(
                     project_id=request.project_id,
@@ -298,7 +301,9 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         if request.format not in _EXPORT_FORMATS:
             raise InvalidArgument(f"format: unknown value {request.format}")
         if request.annotator_id and kind != "predictions":
-            raise InvalidArgument(f"annotator_id: only predictions are exported as an annotator, not {kind}")
+            raise InvalidArgument(
+                f"annotator_id: only predictions are exported as an annotator, not {kind}"
+            )
         if request.format in (pb.EXPORT_FORMAT_GEOJSON, pb.EXPORT_FORMAT_PNG):
             if request.format == pb.EXPORT_FORMAT_GEOJSON:
                 exported = export_geojson(
@@ -527,8 +532,12 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
             disputed_barcodes=list(report.disputed),
             annotator_reliability=dict(report.reliability),
             rater_confusion=[
-                pb.RaterConfusion(annotator_id=r.annotator, counts=r.counts.ravel().tolist(),
-                                  n_spots=r.n_spots, agreement=r.agreement)
+                pb.RaterConfusion(
+                    annotator_id=r.annotator,
+                    counts=r.counts.ravel().tolist(),
+                    n_spots=r.n_spots,
+                    agreement=r.agreement,
+                )
                 for r in report.rater_confusion
             ],
             confusion_classes=list(report.confusion_classes),
@@ -541,6 +550,7 @@ class AnnotationStoreServicer(pb_grpc.AnnotationStoreServiceServicer):
         require_project(request.project_id)
         page = list_label_events(self._repo.db, history_query_from_proto(request))
         return history_page_to_proto(page)
+
     def GetUnitLayer(
         self, request: pb.GetUnitLayerRequest, context: grpc.ServicerContext
     ) -> pb.UnitLayer:

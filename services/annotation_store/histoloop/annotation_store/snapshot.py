@@ -212,7 +212,12 @@ class SnapshotBuilder:
                 name: (d.labels, d.disagreement, d.votes) for name, d in state.datasets.items()
             }
             data = render_snapshot(
-                project_id, label_version, state.consensus.rule, classes, datasets, state.n_labelled,
+                project_id,
+                label_version,
+                state.consensus.rule,
+                classes,
+                datasets,
+                state.n_labelled,
                 [b for b in state.batches if b[0] <= label_version],
             )
             return data, state.n_labelled

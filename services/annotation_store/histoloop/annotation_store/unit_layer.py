@@ -74,7 +74,9 @@ class _Predicted:
     _cache: OrderedDict[tuple[str, str], tuple[str, dict[str, tuple[str, float]]]] = OrderedDict()
 
     @classmethod
-    def load(cls, store: ArtifactStore, uri: str, dataset_id: str) -> tuple[str, dict[str, tuple[str, float]]]:
+    def load(
+        cls, store: ArtifactStore, uri: str, dataset_id: str
+    ) -> tuple[str, dict[str, tuple[str, float]]]:
         key = (uri, dataset_id)
         with cls._lock:
             if key in cls._cache:
@@ -107,7 +109,11 @@ def _spot_diameter(store: ArtifactStore, spatial_uri_prefix: str, pxl: np.ndarra
             key = store.key_from_uri(spatial_uri_prefix).rstrip("/") + "/" + SCALEFACTORS_FILE
             return parse_scalefactors(store.get(key), source=key).spot_diameter_fullres
         except (HistoloopError, OSError) as exc:
-            log.info("no spot diameter in %s (%s); estimating it from the spot pitch", spatial_uri_prefix, exc)
+            log.info(
+                "no spot diameter in %s (%s); estimating it from the spot pitch",
+                spatial_uri_prefix,
+                exc,
+            )
     if len(pxl) < 2:
         return 1.0
     sample = pxl[: min(len(pxl), 2000)]
@@ -216,7 +222,9 @@ def unit_layer(
             ids = [b for b, *_rest in spots]
             units = _Units(
                 ids=ids,
-                pxl=np.array([(c, r) for _b, c, r, _e, _t in spots], dtype=np.float64).reshape(len(spots), 2),
+                pxl=np.array([(c, r) for _b, c, r, _e, _t in spots], dtype=np.float64).reshape(
+                    len(spots), 2
+                ),
                 extent=np.array([e or 0.0 for _b, _c, _r, e, _t in spots], dtype=np.float64),
                 in_tissue=np.array([bool(t) for *_rest, t in spots], dtype=bool),
                 index={b: i for i, b in enumerate(ids)},
@@ -229,7 +237,10 @@ def unit_layer(
             result = compute_consensus(votes, project.consensus)
             labels = _Labels(
                 consensus={b: (c.label, c.disputed) for (_ds, b), c in result.labels.items()},
-                latest={b: {a: v.label for a, v in by.items()} for (_ds, b), by in latest_votes(votes).items()},
+                latest={
+                    b: {a: v.label for a, v in by.items()}
+                    for (_ds, b), by in latest_votes(votes).items()
+                },
             )
             _LABELS.put(labels_key, labels)
         tile_size = dataset.tile_size
@@ -255,7 +266,11 @@ def unit_layer(
         columns = _label_columns(units, labels, class_index)
         _COLUMNS.put(columns_key, columns)
     assert isinstance(columns, _Columns)
-    layer.consensus, layer.disputed, layer.votes = columns.consensus, columns.disputed, columns.votes
+    layer.consensus, layer.disputed, layer.votes = (
+        columns.consensus,
+        columns.disputed,
+        columns.votes,
+    )
     mine = columns.mine.get(caller)
     if mine is None:
         mine = np.full(n, -1, np.int32)
@@ -284,7 +299,9 @@ def unit_layer(
             if i is not None:
                 layer.query_rank[i] = rank
         if record.predictions_uri:
-            layer.model_version, table = _Predicted.load(repo.artifacts, record.predictions_uri, dataset_id)
+            layer.model_version, table = _Predicted.load(
+                repo.artifacts, record.predictions_uri, dataset_id
+            )
             for barcode, (label, uncertainty) in table.items():
                 i = index.get(barcode)
                 if i is not None:

@@ -52,7 +52,9 @@ class InvalidKey(InvalidArgument):
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise :class:`InvalidKey`."""
     if not isinstance(key, str) or not key or len(key) > 900 or not _KEY.match(key):
-        raise InvalidKey(f"invalid artifact key {key!r}: use relative paths of [A-Za-z0-9_.=+@-] parts")
+        raise InvalidKey(
+            f"invalid artifact key {key!r}: use relative paths of [A-Za-z0-9_.=+@-] parts"
+        )
     if any(part in (".", "..") for part in key.split("/")):
         raise InvalidKey(f"invalid artifact key {key!r}: '.' and '..' parts are not allowed")
     return key

@@ -101,7 +101,9 @@ class LocalArtifactStore(ArtifactStore):
     def open(self, key: str) -> Iterator[BinaryIO]:
         info = self.stat(key)
         with open(self._path(key), "rb") as fh:
-            reader = VerifyingReader(fh, key=key, expected_sha256=info.sha256, expected_size=info.size)
+            reader = VerifyingReader(
+                fh, key=key, expected_sha256=info.sha256, expected_size=info.size
+            )
             yield reader  # type: ignore[misc]
 
     def stat(self, key: str) -> ArtifactInfo:
@@ -120,8 +122,7 @@ class LocalArtifactStore(ArtifactStore):
         if ".." in prefix.split("/") or not folder.is_dir():
             return
         keys = sorted(
-            p.relative_to(self._meta).as_posix()[: -len(".json")]
-            for p in folder.rglob("*.json")
+            p.relative_to(self._meta).as_posix()[: -len(".json")] for p in folder.rglob("*.json")
         )
         for key in keys:
             if key.startswith(prefix):

@@ -190,7 +190,9 @@ class MinioArtifactStore(ArtifactStore):
         if isinstance(exc, (ServerError, InvalidResponseError)):
             return Unavailable(f"S3 at {self.endpoint} failed {what}: {exc}")
         if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
-            return Unavailable(f"S3 at {self.endpoint} unreachable ({what}): {type(exc).__name__}: {exc}")
+            return Unavailable(
+                f"S3 at {self.endpoint} unreachable ({what}): {type(exc).__name__}: {exc}"
+            )
         return Unavailable(f"S3 at {self.endpoint} failed {what}: {exc}")
 
     def _ensure_bucket(self) -> None:
@@ -222,14 +224,18 @@ class MinioArtifactStore(ArtifactStore):
                     ENABLED,
                     rule_filter=Filter(prefix=""),
                     rule_id="histoloop-abort-incomplete-uploads",
-                    abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(days_after_initiation=1),
+                    abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(
+                        days_after_initiation=1
+                    ),
                 ),
             ]
         )
         try:
             self._call("lifecycle setup", self._client.set_bucket_lifecycle, self.bucket, config)
         except Unavailable as exc:  # optional housekeeping; the store works without it
-            log.warning("cannot set the temporary-object lifecycle on bucket %s: %s", self.bucket, exc)
+            log.warning(
+                "cannot set the temporary-object lifecycle on bucket %s: %s", self.bucket, exc
+            )
 
     def _head(self, key: str) -> Any:
         return self._call(f"stat of {key!r}", self._client.stat_object, self.bucket, key)
@@ -268,7 +274,9 @@ class MinioArtifactStore(ArtifactStore):
         ARTIFACT_BYTES.labels(direction="out").inc(size)
         return self.stat(key)
 
-    def _put_stream(self, key: str, data: BinaryIO, content_type: str, user_meta: str) -> tuple[str, int]:
+    def _put_stream(
+        self, key: str, data: BinaryIO, content_type: str, user_meta: str
+    ) -> tuple[str, int]:
         tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
         reader = _HashingReader(data)
         try:
@@ -301,7 +309,9 @@ class MinioArtifactStore(ArtifactStore):
             try:
                 self._call(f"removal of {tmp}", self._client.remove_object, self.bucket, tmp)
             except (Unavailable, ArtifactNotFound) as exc:
-                log.warning("temporary object %s left behind (the lifecycle rule expires it): %s", tmp, exc)
+                log.warning(
+                    "temporary object %s left behind (the lifecycle rule expires it): %s", tmp, exc
+                )
         return sha, size
 
     @contextmanager
@@ -313,7 +323,9 @@ class MinioArtifactStore(ArtifactStore):
             headers = response.headers
             sha = headers.get(_SHA)
             if not sha:
-                raise ChecksumMismatch(f"artifact {key!r} has no recorded checksum; it was not written by histoloop")
+                raise ChecksumMismatch(
+                    f"artifact {key!r} has no recorded checksum; it was not written by histoloop"
+                )
             size = int(headers.get(_SIZE) or headers.get("Content-Length") or -1)
             raw = _ResponseReader(response, self.endpoint, key)
             yield VerifyingReader(raw, key=key, expected_sha256=sha, expected_size=size)  # type: ignore[misc]
@@ -341,7 +353,9 @@ class MinioArtifactStore(ArtifactStore):
         """
         self._ensure_bucket()
         what = f"listing of {prefix!r}"
-        objects = self._call(what, self._client.list_objects, self.bucket, prefix=prefix or None, recursive=True)
+        objects = self._call(
+            what, self._client.list_objects, self.bucket, prefix=prefix or None, recursive=True
+        )
         while (obj := self._call(what, next, objects, None)) is not None:
             name = obj.object_name
             if not name or name.startswith(TMP_PREFIX) or _invalid_key(name):
@@ -396,7 +410,9 @@ def _encode_user_metadata(metadata: Mapping[str, str] | None) -> str:
         raise InvalidArgument("artifact metadata must map strings to strings")
     encoded = quote(json.dumps(dict(metadata), sort_keys=True, separators=(",", ":")), safe="")
     if len(encoded) > _MAX_USER_METADATA:
-        raise InvalidArgument(f"artifact metadata too large for S3 ({len(encoded)} > {_MAX_USER_METADATA} bytes encoded)")
+        raise InvalidArgument(
+            f"artifact metadata too large for S3 ({len(encoded)} > {_MAX_USER_METADATA} bytes encoded)"
+        )
     return encoded
 
 
@@ -483,4 +499,6 @@ class _ResponseReader:
                 return bytes(self._response.read())
             return bytes(self._response.read(size))
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise Unavailable(f"S3 at {self._endpoint}: reading {self._key!r} failed: {exc}") from exc
+            raise Unavailable(
+                f"S3 at {self._endpoint}: reading {self._key!r} failed: {exc}"
+            ) from exc

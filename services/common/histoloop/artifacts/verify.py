@@ -20,7 +20,9 @@ class Readable(Protocol):
 class VerifyingReader:
     """Read-only stream over an artifact; raises :class:`ChecksumMismatch` at its end if corrupt."""
 
-    def __init__(self, raw: Readable, *, key: str, expected_sha256: str, expected_size: int) -> None:
+    def __init__(
+        self, raw: Readable, *, key: str, expected_sha256: str, expected_size: int
+    ) -> None:
         self._raw = raw
         self._key = key
         self._expected = expected_sha256

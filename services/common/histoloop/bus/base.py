@@ -22,7 +22,9 @@ _TOPIC = re.compile(r"^[a-z][a-z0-9._-]{0,200}$")
 def validate_topic(topic: str) -> str:
     """Return ``topic`` if it is a valid logical topic name, else raise InvalidArgument."""
     if not isinstance(topic, str) or not _TOPIC.match(topic):
-        raise InvalidArgument(f"invalid topic name {topic!r}: lower-case letters, digits, '.', '_', '-'")
+        raise InvalidArgument(
+            f"invalid topic name {topic!r}: lower-case letters, digits, '.', '_', '-'"
+        )
     return topic
 
 

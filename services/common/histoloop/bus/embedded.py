@@ -57,7 +57,9 @@ class EmbeddedBus(EventBus):
             raise Unavailable("the embedded bus is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
@@ -127,13 +129,25 @@ class _EmbeddedConsumer(Consumer):
             params: list[object] = []
             for topic in self._topics:
                 params += [topic, self._position[topic]]
-            rows = self._bus._conn().execute(
-                f"SELECT seq, topic, key, event_id, value, ts_ms FROM events WHERE {clauses} "
-                "ORDER BY seq LIMIT ?",
-                (*params, max_records),
-            ).fetchall()
+            rows = (
+                self._bus._conn()
+                .execute(
+                    f"SELECT seq, topic, key, event_id, value, ts_ms FROM events WHERE {clauses} "
+                    "ORDER BY seq LIMIT ?",
+                    (*params, max_records),
+                )
+                .fetchall()
+            )
             records = [
-                Record(topic=t, key=k, value=bytes(v), event_id=e, partition=0, offset=s, timestamp_ms=ts)
+                Record(
+                    topic=t,
+                    key=k,
+                    value=bytes(v),
+                    event_id=e,
+                    partition=0,
+                    offset=s,
+                    timestamp_ms=ts,
+                )
                 for s, t, k, e, v, ts in rows
             ]
             for rec in records:
@@ -167,10 +181,14 @@ class _EmbeddedConsumer(Consumer):
     def seek_to_committed(self) -> None:
         """Rewind the in-memory position to the committed offsets (redeliver uncommitted)."""
         with self._lock:
-            rows = self._bus._conn().execute(
-                f"SELECT topic, seq FROM offsets WHERE grp = ? AND topic IN ({_marks(self._topics)})",
-                (self._group, *self._topics),
-            ).fetchall()
+            rows = (
+                self._bus._conn()
+                .execute(
+                    f"SELECT topic, seq FROM offsets WHERE grp = ? AND topic IN ({_marks(self._topics)})",
+                    (self._group, *self._topics),
+                )
+                .fetchall()
+            )
             committed = dict(rows)
             self._position = {t: committed.get(t, 0) for t in self._topics}
 

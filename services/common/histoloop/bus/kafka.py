@@ -103,7 +103,9 @@ class KafkaBus(EventBus):
         if not servers:
             raise InvalidArgument("Kafka bootstrap servers must not be empty")
         if not _PREFIX.match(topic_prefix):
-            raise InvalidArgument(f"invalid Kafka topic prefix {topic_prefix!r}: use [A-Za-z0-9._-]")
+            raise InvalidArgument(
+                f"invalid Kafka topic prefix {topic_prefix!r}: use [A-Za-z0-9._-]"
+            )
         if publish_timeout <= 0:
             raise InvalidArgument("publish_timeout must be positive")
         self.bootstrap = ",".join(servers)
@@ -117,12 +119,14 @@ class KafkaBus(EventBus):
             "session_timeout_ms": session_timeout_ms,
             "heartbeat_interval_ms": heartbeat_interval_ms,
             "max_poll_interval_ms": max_poll_interval_ms,
-            "request_timeout_ms": request_timeout_ms or max(max_poll_interval_ms, session_timeout_ms) + 5_000,
+            "request_timeout_ms": request_timeout_ms
+            or max(max_poll_interval_ms, session_timeout_ms) + 5_000,
         }
         # kafka-python refuses a consumer whose request timeout is not below the idle-connection
         # limit (default 9 min); long handlers (max_poll_interval_ms = 30 min) need it raised
         self._consumer_timing["connections_max_idle_ms"] = max(
-            540_000, self._consumer_timing["request_timeout_ms"] + 60_000)
+            540_000, self._consumer_timing["request_timeout_ms"] + 60_000
+        )
         self.operation_timeout_ms = operation_timeout_ms
         self._lock = threading.Lock()
         self._producer_instance: KafkaProducer | None = None
@@ -136,7 +140,11 @@ class KafkaBus(EventBus):
 
     def logical_topic(self, wire_topic: str) -> str:
         """The logical topic of a broker topic name (the prefix removed)."""
-        return wire_topic[len(self.topic_prefix) :] if wire_topic.startswith(self.topic_prefix) else wire_topic
+        return (
+            wire_topic[len(self.topic_prefix) :]
+            if wire_topic.startswith(self.topic_prefix)
+            else wire_topic
+        )
 
     def _unavailable(self, what: str, exc: BaseException | str) -> Unavailable:
         return Unavailable(f"Kafka at {self.bootstrap}: {what}: {exc}")
@@ -189,7 +197,9 @@ class KafkaBus(EventBus):
             )
             future.get(timeout=max(deadline - time.monotonic(), 0.1) + 1.0)
         except kafka_errors.MessageSizeTooLargeError as exc:
-            raise InvalidArgument(f"event {event_id} on {topic} is too large for Kafka: {exc}") from exc
+            raise InvalidArgument(
+                f"event {event_id} on {topic} is too large for Kafka: {exc}"
+            ) from exc
         except kafka_errors.KafkaError as exc:
             raise self._unavailable(f"publishing event {event_id} to {wire} failed", exc) from exc
         EVENTS_PRODUCED.labels(topic=topic).inc()
@@ -280,7 +290,9 @@ class _KafkaConsumer(Consumer):
             if self._closed:
                 return []
             try:
-                batches = self._consumer.poll(timeout_ms=int(max(timeout, 0.0) * 1000), max_records=max_records)
+                batches = self._consumer.poll(
+                    timeout_ms=int(max(timeout, 0.0) * 1000), max_records=max_records
+                )
             except kafka_errors.KafkaError as exc:
                 raise self._bus._unavailable(f"poll in group {self._group!r} failed", exc) from exc
         records: list[Record] = []
@@ -361,7 +373,9 @@ class _KafkaConsumer(Consumer):
             future = client.cluster.request_update()
             client.poll(future=future, timeout_ms=self._timeout_ms)
             if not future.is_done:
-                raise kafka_errors.KafkaTimeoutError(f"no metadata for {wire} within {self._timeout_ms} ms")
+                raise kafka_errors.KafkaTimeoutError(
+                    f"no metadata for {wire} within {self._timeout_ms} ms"
+                )
             partitions = client.cluster.partitions_for_topic(wire)
         return set(partitions or ())
 

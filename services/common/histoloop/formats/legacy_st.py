@@ -146,14 +146,16 @@ def read_selection(path: str | Path, *, keep_extra: bool = False) -> pd.DataFram
             f"{df['selected'].iloc[i]!r}, not 0 or 1"
         )
     x, y = numbers["x"].astype(np.int64), numbers["y"].astype(np.int64)
-    out = pd.DataFrame({
-        "barcode": [f"{a}x{b}" for a, b in zip(x.tolist(), y.tolist(), strict=True)],
-        "in_tissue": selected.astype(np.int64),
-        "array_row": y,
-        "array_col": x,
-        "pxl_row_in_fullres": numbers["pixel_y"],
-        "pxl_col_in_fullres": numbers["pixel_x"],
-    })
+    out = pd.DataFrame(
+        {
+            "barcode": [f"{a}x{b}" for a, b in zip(x.tolist(), y.tolist(), strict=True)],
+            "in_tissue": selected.astype(np.int64),
+            "array_row": y,
+            "array_col": x,
+            "pxl_row_in_fullres": numbers["pixel_y"],
+            "pxl_col_in_fullres": numbers["pixel_x"],
+        }
+    )
     dup = out["barcode"].duplicated()
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
@@ -205,12 +207,17 @@ def write_spaceranger(selection: str | Path, out_dir: str | Path) -> Path:
     diameter = spot_diameter(positions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    positions.to_csv(out / "tissue_positions.csv", index=False, quoting=csv.QUOTE_MINIMAL,
-                     float_format="%.4f")
-    (out / "scalefactors_json.json").write_text(json.dumps({
-        "spot_diameter_fullres": diameter,
-        "legacy_st_source": Path(selection).name,
-    }))
+    positions.to_csv(
+        out / "tissue_positions.csv", index=False, quoting=csv.QUOTE_MINIMAL, float_format="%.4f"
+    )
+    (out / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "spot_diameter_fullres": diameter,
+                "legacy_st_source": Path(selection).name,
+            }
+        )
+    )
     return out
 
 

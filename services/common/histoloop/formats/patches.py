@@ -92,8 +92,9 @@ class PatchSet:
     patch in memory.
     """
 
-    def __init__(self, store: ArtifactStore, prefix: str, manifest: dict[str, Any],
-                 index: pd.DataFrame) -> None:
+    def __init__(
+        self, store: ArtifactStore, prefix: str, manifest: dict[str, Any], index: pd.DataFrame
+    ) -> None:
         self.store = store
         self.prefix = prefix
         self.manifest = manifest

@@ -58,7 +58,9 @@ def build_embedding_anndata(
 
     n = len(index)
     if morph is None and (morph_aug is not None or expr is None):
-        raise InvalidArgument("an embeddings AnnData needs morphology vectors or expression features")
+        raise InvalidArgument(
+            "an embeddings AnnData needs morphology vectors or expression features"
+        )
     if morph is not None:
         morph = np.asarray(morph, dtype=np.float32)
         if morph.ndim != 2 or morph.shape[0] != n:

@@ -41,8 +41,9 @@ def _augment_one(patch: np.ndarray, rng: np.random.Generator, max_noise: float =
     return (y + 0.5).astype(np.uint8)
 
 
-def augment_patches(patches: np.ndarray, view: int, *, seed: int = 0, start: int = 0,
-                    max_noise: float = 8.0) -> np.ndarray:
+def augment_patches(
+    patches: np.ndarray, view: int, *, seed: int = 0, start: int = 0, max_noise: float = 8.0
+) -> np.ndarray:
     """One augmented view of every patch.
 
     Args:
@@ -85,5 +86,7 @@ def embed_views(
     embed = embedder.embed if isinstance(embedder, Embedder) else embedder
     views = [embed(patches)]
     for view in range(1, n_augment + 1):
-        views.append(embed(augment_patches(patches, view, seed=seed, start=start, max_noise=max_noise)))
+        views.append(
+            embed(augment_patches(patches, view, seed=seed, start=start, max_noise=max_noise))
+        )
     return np.stack(views).astype(np.float32, copy=False)

@@ -133,8 +133,13 @@ class EfficientNetEmbedder(Embedder):
 
     name = EFFICIENTNET_NAME
 
-    def __init__(self, *, batch_size: int = 32, threads: int | None = None,
-                 runtime: Literal["onnxruntime", "torch"] = "onnxruntime") -> None:
+    def __init__(
+        self,
+        *,
+        batch_size: int = 32,
+        threads: int | None = None,
+        runtime: Literal["onnxruntime", "torch"] = "onnxruntime",
+    ) -> None:
         import torch
 
         if runtime not in ("onnxruntime", "torch"):
@@ -151,8 +156,14 @@ class EfficientNetEmbedder(Embedder):
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self.runtime = runtime
         self._session = self._onnx_session() if runtime == "onnxruntime" else None
-        log.info("EfficientNet-Lite0 embedder (version %s): %d-d, batch %d, %d thread(s), %s",
-                 self.version, EFFICIENTNET_DIM, self.batch_size, self.threads, runtime)
+        log.info(
+            "EfficientNet-Lite0 embedder (version %s): %d-d, batch %d, %d thread(s), %s",
+            self.version,
+            EFFICIENTNET_DIM,
+            self.batch_size,
+            self.threads,
+            runtime,
+        )
 
     def _onnx_session(self):  # type: ignore[no-untyped-def]
         """Export the network with its normalisation (uint8 NHWC ``pixels`` in) and open it."""
@@ -163,7 +174,9 @@ class EfficientNetEmbedder(Embedder):
             mean: torch.Tensor
             std: torch.Tensor
 
-            def __init__(self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+            def __init__(
+                self, network: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor
+            ) -> None:
                 super().__init__()
                 self.network = network
                 self.register_buffer("mean", mean)
@@ -177,9 +190,16 @@ class EfficientNetEmbedder(Embedder):
         sample = torch.zeros((1, *EFFICIENTNET_SIZE, 3), dtype=torch.uint8)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's notices
-            torch.onnx.export(Pixels(self._model, self._mean, self._std).eval(), (sample,), buffer, dynamo=False, opset_version=17,
-                              input_names=["pixels"], output_names=["embedding"],
-                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+            torch.onnx.export(
+                Pixels(self._model, self._mean, self._std).eval(),
+                (sample,),
+                buffer,
+                dynamo=False,
+                opset_version=17,
+                input_names=["pixels"],
+                output_names=["embedding"],
+                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
@@ -199,9 +219,9 @@ class EfficientNetEmbedder(Embedder):
         out = np.empty((len(patches), EFFICIENTNET_DIM), dtype=np.float32)
         if self._session is not None:
             for start in range(0, len(patches), self.batch_size):
-                batch = np.ascontiguousarray(patches[start:start + self.batch_size])
+                batch = np.ascontiguousarray(patches[start : start + self.batch_size])
                 (vectors,) = self._session.run(["embedding"], {"pixels": batch})
-                out[start:start + len(batch)] = vectors
+                out[start : start + len(batch)] = vectors
             return out
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
@@ -209,12 +229,12 @@ class EfficientNetEmbedder(Embedder):
             with torch.inference_mode():
                 for start in range(0, len(patches), self.batch_size):
                     pixels = torch.from_numpy(
-                        np.ascontiguousarray(patches[start:start + self.batch_size])
+                        np.ascontiguousarray(patches[start : start + self.batch_size])
                     )
                     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
                     x = (x - self._mean) / self._std
                     features = self._model(x)
-                    out[start:start + len(pixels)] = features.numpy()
+                    out[start : start + len(pixels)] = features.numpy()
         finally:
             torch.set_num_threads(previous)
         return out

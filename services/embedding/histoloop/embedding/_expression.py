@@ -68,8 +68,9 @@ class ExpressionMatrix:
                 f"{self.source}: {len(missing)} of {len(where)} barcodes have no expression "
                 f"row, e.g. {missing[0]!r}"
             )
-        return ExpressionMatrix(self.counts[where], self.barcodes[where], self.gene_ids,
-                                self.gene_names, self.source)
+        return ExpressionMatrix(
+            self.counts[where], self.barcodes[where], self.gene_ids, self.gene_names, self.source
+        )
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
@@ -96,7 +97,9 @@ def read_10x_h5(path: str | Path) -> ExpressionMatrix:
             else:
                 genomes = [k for k in f if isinstance(f[k], h5py.Group)]
                 if not genomes:
-                    raise InvalidArgument(f"{path}: no 'matrix' group (10x HDF5 v3) or genome group (v2)")
+                    raise InvalidArgument(
+                        f"{path}: no 'matrix' group (10x HDF5 v3) or genome group (v2)"
+                    )
                 group = f[genomes[0]]
                 need = ["barcodes", "data", "indices", "indptr", "shape", "genes"]
             for name in need:
@@ -111,8 +114,11 @@ def read_10x_h5(path: str | Path) -> ExpressionMatrix:
             if "features" in group:
                 ids = _strings(group["features/id"][:])
                 names = _strings(group["features/name"][:]) if "name" in group["features"] else ids
-                types = (_strings(group["features/feature_type"][:])
-                         if "feature_type" in group["features"] else None)
+                types = (
+                    _strings(group["features/feature_type"][:])
+                    if "feature_type" in group["features"]
+                    else None
+                )
             else:
                 ids = _strings(group["genes"][:])
                 names = _strings(group["gene_names"][:]) if "gene_names" in group else ids
@@ -154,8 +160,11 @@ def read_h5ad_counts(path: str | Path) -> ExpressionMatrix:
     if sample.size and not np.allclose(sample, np.round(sample)):
         log.warning("%s: expression values are not whole numbers; expected raw counts", path)
     var = adata.var
-    ids = _strings(var["gene_ids"].to_numpy()) if "gene_ids" in var else _strings(
-        var.index.to_numpy())
+    ids = (
+        _strings(var["gene_ids"].to_numpy())
+        if "gene_ids" in var
+        else _strings(var.index.to_numpy())
+    )
     names = ids
     for column in ("gene_name", "gene_symbols", "name"):
         if column in var:
@@ -204,7 +213,7 @@ def highly_variable_genes(log_norm: sp.spmatrix, n_top: int, *, n_bins: int = 20
     mean = np.asarray(x.mean(axis=0)).ravel()
     sq = x.multiply(x)
     mean_sq = np.asarray(sq.mean(axis=0)).ravel()
-    var = (mean_sq - mean ** 2) * (n / max(n - 1, 1))
+    var = (mean_sq - mean**2) * (n / max(n - 1, 1))
     mean = np.where(mean == 0, 1e-12, mean)
     dispersion = var / mean
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -264,7 +273,8 @@ class ExpressionParams:
     def to_uns(self) -> dict[str, Any]:
         """A dict that AnnData can store in ``uns`` (h5ad-serialisable)."""
         out: dict[str, Any] = {
-            "method": "normalize_total+log1p+hvg_seurat" + ("+scale" if self.scale else "")
+            "method": "normalize_total+log1p+hvg_seurat"
+            + ("+scale" if self.scale else "")
             + ("+pca" if self.pca_components is not None else ""),
             "gene_ids": np.asarray(self.gene_ids, dtype=str),
             "gene_names": np.asarray(self.gene_names, dtype=str),
@@ -282,6 +292,7 @@ class ExpressionParams:
     @classmethod
     def from_uns(cls, uns: dict[str, Any]) -> ExpressionParams:
         """Inverse of :meth:`to_uns`."""
+
         def arr(name: str) -> np.ndarray | None:
             return np.asarray(uns[name], dtype=np.float32) if name in uns else None
 
@@ -338,15 +349,25 @@ def fit_expression(
     norm = log_normalize(expr.counts, target_sum)
     if n_genes <= n_top_genes:
         if n_genes < n_top_genes:
-            log.warning("%s has %d genes, fewer than the %d highly variable genes asked for; "
-                        "using all %d", expr.source, n_genes, n_top_genes, n_genes)
+            log.warning(
+                "%s has %d genes, fewer than the %d highly variable genes asked for; using all %d",
+                expr.source,
+                n_genes,
+                n_top_genes,
+                n_genes,
+            )
         hvg = np.arange(n_genes)
     else:
         hvg = highly_variable_genes(norm, n_top_genes, n_bins=n_bins)
     x = norm[:, hvg].toarray().astype(np.float32)
-    params = ExpressionParams(gene_ids=expr.gene_ids[hvg], gene_names=expr.gene_names[hvg],
-                              target_sum=float(target_sum), n_genes_input=int(n_genes),
-                              scale=scale, n_bins=n_bins)
+    params = ExpressionParams(
+        gene_ids=expr.gene_ids[hvg],
+        gene_names=expr.gene_names[hvg],
+        target_sum=float(target_sum),
+        n_genes_input=int(n_genes),
+        scale=scale,
+        n_bins=n_bins,
+    )
     if scale:
         params.mean = x.mean(axis=0)
         std = x.std(axis=0, ddof=1) if n_spots > 1 else np.ones(x.shape[1], np.float32)
@@ -357,8 +378,13 @@ def fit_expression(
 
         k = min(int(n_pcs), n_spots, x.shape[1])
         if k < int(n_pcs):
-            log.warning("%s: %d principal components asked for, %d possible; using %d",
-                        expr.source, n_pcs, k, k)
+            log.warning(
+                "%s: %d principal components asked for, %d possible; using %d",
+                expr.source,
+                n_pcs,
+                k,
+                k,
+            )
         pca = PCA(n_components=k, svd_solver="full", random_state=seed).fit(x)
         params.pca_components = pca.components_.astype(np.float32)
         params.pca_mean = pca.mean_.astype(np.float32)
@@ -384,8 +410,12 @@ def transform_expression(expr: ExpressionMatrix, params: ExpressionParams) -> np
             "(gene ids must match, e.g. Ensembl ids on both datasets)"
         )
     if missing:
-        log.warning("%s lacks %d of the %d selected genes; their values are set to 0",
-                    expr.source, missing, len(where))
+        log.warning(
+            "%s lacks %d of the %d selected genes; their values are set to 0",
+            expr.source,
+            missing,
+            len(where),
+        )
     x = np.zeros((expr.counts.shape[0], len(where)), dtype=np.float32)
     present = where >= 0
     x[:, present] = norm[:, where[present]].toarray()

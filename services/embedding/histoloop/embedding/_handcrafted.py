@@ -46,14 +46,26 @@ _MIN_BLOB = 4
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"rgb_{s}_{c}" for s in ("mean", "std") for c in "rgb"),
-    *(f"{stain}_{s}" for stain in ("hema", "eosin", "dab")
-      for s in ("mean", "std", "p10", "p50", "p90")),
-    "hema_strong_frac", "eosin_strong_frac", "tissue_frac", "blobs_per_kpx", "blob_mean_area",
+    *(
+        f"{stain}_{s}"
+        for stain in ("hema", "eosin", "dab")
+        for s in ("mean", "std", "p10", "p50", "p90")
+    ),
+    "hema_strong_frac",
+    "eosin_strong_frac",
+    "tissue_frac",
+    "blobs_per_kpx",
+    "blob_mean_area",
     *(f"glcm_{p}_d{d}" for d in _DISTANCES for p in _GLCM_PROPS),
     *(f"lbp_{i}" for i in range(10)),
-    "od_mean", "od_std", "dark_frac",
-    "grey_entropy", "grad_mean",
-    "hema_skew", "eosin_skew", "grey_skew",
+    "od_mean",
+    "od_std",
+    "dark_frac",
+    "grey_entropy",
+    "grad_mean",
+    "hema_skew",
+    "eosin_skew",
+    "grey_skew",
 )
 
 
@@ -99,13 +111,13 @@ def glcm_features(grey_levels: np.ndarray, levels: int = _LEVELS) -> np.ndarray:
             r0, r1 = max(0, -dr), min(h, h - dr)
             c0, c1 = max(0, -dc), min(w, w - dc)
             a = q[:, r0:r1, c0:c1]
-            b = q[:, r0 + dr:r1 + dr, c0 + dc:c1 + dc]
+            b = q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]
             counts = np.bincount((base + a * levels + b).ravel(), minlength=n * levels * levels)
             p = counts.reshape(n, levels, levels).astype(np.float64)
             p = p + p.transpose(0, 2, 1)
             total = p.sum(axis=(1, 2), keepdims=True)
             p = p / np.where(total == 0, 1, total)
-            asm = (p ** 2).sum(axis=(1, 2))
+            asm = (p**2).sum(axis=(1, 2))
             mu_i = (p * ii).sum(axis=(1, 2))
             mu_j = (p * jj).sum(axis=(1, 2))
             var_i = (p * (ii - mu_i[:, None, None]) ** 2).sum(axis=(1, 2))
@@ -114,14 +126,17 @@ def glcm_features(grey_levels: np.ndarray, levels: int = _LEVELS) -> np.ndarray:
             denom = np.sqrt(var_i * var_j)
             flat = denom < 1e-15
             corr = np.where(flat, 1.0, cov / np.where(flat, 1.0, denom))
-            out[:, di] += np.stack([
-                (p * diff ** 2).sum(axis=(1, 2)),
-                (p * np.abs(diff)).sum(axis=(1, 2)),
-                (p / (1.0 + diff ** 2)).sum(axis=(1, 2)),
-                np.sqrt(asm),
-                corr,
-                asm,
-            ], axis=1)
+            out[:, di] += np.stack(
+                [
+                    (p * diff**2).sum(axis=(1, 2)),
+                    (p * np.abs(diff)).sum(axis=(1, 2)),
+                    (p / (1.0 + diff**2)).sum(axis=(1, 2)),
+                    np.sqrt(asm),
+                    corr,
+                    asm,
+                ],
+                axis=1,
+            )
     return (out / len(_ANGLES)).reshape(n, -1)
 
 
@@ -151,10 +166,10 @@ def lbp_histogram(grey: np.ndarray) -> np.ndarray:
     """
     n, h, w = grey.shape
     g = grey.astype(np.int16)
-    centre = g[:, 1:h - 1, 1:w - 1]
+    centre = g[:, 1 : h - 1, 1 : w - 1]
     code = np.zeros(centre.shape, dtype=np.int64)
     for bit, (dr, dc) in enumerate(_NEIGHBOURS):
-        neighbour = g[:, 1 + dr:h - 1 + dr, 1 + dc:w - 1 + dc]
+        neighbour = g[:, 1 + dr : h - 1 + dr, 1 + dc : w - 1 + dc]
         code |= (neighbour >= centre).astype(np.int64) << bit
     bins = _LBP_LUT[code].reshape(n, -1)
     base = (np.arange(n, dtype=np.int64) * 10)[:, None]
@@ -191,7 +206,7 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sq = centred * centred
     var = sq.mean(axis=-1, dtype=np.float64)
     third = (sq * centred).mean(axis=-1, dtype=np.float64)
-    skew = np.divide(third, var ** 1.5, out=np.zeros_like(third), where=var > 1e-12)
+    skew = np.divide(third, var**1.5, out=np.zeros_like(third), where=var > 1e-12)
     return mean, np.sqrt(var), skew
 
 
@@ -216,8 +231,8 @@ class HandcraftedEmbedder(Embedder):
         check_patches(patches)
         out = np.empty((len(patches), self.dim), dtype=np.float32)
         for start in range(0, len(patches), self.batch_size):
-            out[start:start + self.batch_size] = self._features(
-                patches[start:start + self.batch_size]
+            out[start : start + self.batch_size] = self._features(
+                patches[start : start + self.batch_size]
             )
         return out
 
@@ -226,8 +241,9 @@ class HandcraftedEmbedder(Embedder):
         if min(h, w) >= 128:  # halve by 2×2 means
             h2, w2 = h // 2 * 2, w // 2 * 2
             x = rgb[:, :h2, :w2].astype(np.uint16)
-            rgb = ((x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]
-                    + 2) >> 2).astype(np.uint8)
+            rgb = (
+                (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2] + 2) >> 2
+            ).astype(np.uint8)
             h, w = h2 // 2, w2 // 2
         # channel-major, contiguous copies make every reduction below fast
         chans = np.ascontiguousarray(rgb.reshape(n, -1, 3).transpose(0, 2, 1)).astype(np.float32)
@@ -245,20 +261,33 @@ class HandcraftedEmbedder(Embedder):
         od_mean, od_std, _ = _moments(od)
         _, _, grey_skew = _moments(grey)
         base = (np.arange(n, dtype=np.int64) * _LEVELS)[:, None]
-        hist = np.bincount((grey_u8 // (256 // _LEVELS) + base).ravel(),
-                           minlength=n * _LEVELS).reshape(n, _LEVELS) / (h * w)
+        hist = np.bincount(
+            (grey_u8 // (256 // _LEVELS) + base).ravel(), minlength=n * _LEVELS
+        ).reshape(n, _LEVELS) / (h * w)
         entropy = -(hist * np.log2(np.where(hist > 0, hist, 1))).sum(axis=1)
         grey_img = grey.reshape(n, h, w)
         gy, gx = np.gradient(grey_img, axis=(1, 2))
-        features = np.concatenate([
-            rgb_mean, rgb_std,
-            stains,
-            np.stack([strong_h.mean(1), (hed[:, 1] > _STRONG_E).mean(1),
-                      (grey < _WHITE).mean(1), blobs, blob_area], axis=1),
-            glcm_features(grey_u8.reshape(n, h, w) // (256 // _LEVELS)),
-            lbp_histogram(grey_u8.reshape(n, h, w)),
-            np.stack([od_mean, od_std, (grey < 128).mean(1)], axis=1),
-            np.stack([entropy, np.hypot(gx, gy).reshape(n, -1).mean(1)], axis=1),
-            np.stack([hed_skew[:, 0], hed_skew[:, 1], grey_skew], axis=1),
-        ], axis=1)
+        features = np.concatenate(
+            [
+                rgb_mean,
+                rgb_std,
+                stains,
+                np.stack(
+                    [
+                        strong_h.mean(1),
+                        (hed[:, 1] > _STRONG_E).mean(1),
+                        (grey < _WHITE).mean(1),
+                        blobs,
+                        blob_area,
+                    ],
+                    axis=1,
+                ),
+                glcm_features(grey_u8.reshape(n, h, w) // (256 // _LEVELS)),
+                lbp_histogram(grey_u8.reshape(n, h, w)),
+                np.stack([od_mean, od_std, (grey < 128).mean(1)], axis=1),
+                np.stack([entropy, np.hypot(gx, gy).reshape(n, -1).mean(1)], axis=1),
+                np.stack([hed_skew[:, 0], hed_skew[:, 1], grey_skew], axis=1),
+            ],
+            axis=1,
+        )
         return features.astype(np.float32)

@@ -88,16 +88,25 @@ class ModelIO:
                 f"model {model!r}: output {output_name!r} has per-item shape "
                 f"{list(output_shape)}; expected one vector per patch, [D]"
             )
-        return cls(model=model, input_name=input_name, input_dtype=dtype,  # type: ignore[arg-type]
-                   layout=layout, height=height, width=width, output_name=output_name,
-                   dim=out[0])
+        return cls(
+            model=model,
+            input_name=input_name,
+            input_dtype=dtype,  # type: ignore[arg-type]
+            layout=layout,
+            height=height,
+            width=width,
+            output_name=output_name,
+            dim=out[0],
+        )
 
     @property
     def input_size(self) -> tuple[int, int] | None:
         """(H, W) the model takes, None if dynamic."""
         return (self.height, self.width) if self.height > 0 and self.width > 0 else None
 
-    def prepare(self, patches: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    def prepare(
+        self, patches: np.ndarray, mean: Sequence[float], std: Sequence[float]
+    ) -> np.ndarray:
         """uint8 NHWC patches → the model's input tensor."""
         if self.input_dtype == "UINT8":
             x = patches

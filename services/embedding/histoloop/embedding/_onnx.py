@@ -41,8 +41,9 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     """onnxruntime's own exception types (Fail, InvalidProtobuf, NoSuchFile, …)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    found = tuple(v for v in vars(state).values()
-                  if isinstance(v, type) and issubclass(v, Exception))
+    found = tuple(
+        v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)
+    )
     return (*found, OSError, ValueError)
 
 
@@ -102,7 +103,9 @@ class OnnxEmbedder(Embedder):
             )
         parent = path.parent
         self.name = name or (parent.parent.name if parent.name.isdigit() else path.stem)
-        self.version = version if version is not None else (parent.name if parent.name.isdigit() else "")
+        self.version = (
+            version if version is not None else (parent.name if parent.name.isdigit() else "")
+        )
         self.io = ModelIO.from_shapes(
             self.name,
             input_name=inputs[0].name,
@@ -124,9 +127,15 @@ class OnnxEmbedder(Embedder):
                 f"ONNX model {path} returns {self._dim}-d vectors; expected {expected_dim}"
             )
         self.path = path
-        log.info("ONNX embedder %s (version %r): %s %s input, %d-d output, batch %d",
-                 self.name, self.version, self.io.layout, self.io.input_dtype, self._dim,
-                 self.batch_size)
+        log.info(
+            "ONNX embedder %s (version %r): %s %s input, %d-d output, batch %d",
+            self.name,
+            self.version,
+            self.io.layout,
+            self.io.input_dtype,
+            self._dim,
+            self.batch_size,
+        )
 
     @property
     def dim(self) -> int:
@@ -149,5 +158,7 @@ class OnnxEmbedder(Embedder):
         check_patches(patches, size=self.io.input_size)
         out = np.empty((len(patches), self.dim), dtype=np.float32)
         for start in range(0, len(patches), self.batch_size):
-            out[start:start + self.batch_size] = self._run(patches[start:start + self.batch_size])
+            out[start : start + self.batch_size] = self._run(
+                patches[start : start + self.batch_size]
+            )
         return out

@@ -116,7 +116,7 @@ def embed_dataset(
             raise EmbeddingShapeError(
                 f"embedder {embedder.name!r} returned {out.shape}; expected {(n_augment + 1, k, dim)}"
             )
-        views[:, done:done + k] = out
+        views[:, done : done + k] = out
         order.append(rows.index.to_numpy())
         done += k
         if on_progress is not None:
@@ -148,8 +148,23 @@ def embed_dataset(
     )
     write_embeddings(store, out_key, adata)
     seconds = time.perf_counter() - started
-    log.info("embedded %d patches of %s with %s (%d-d, %d views) in %.1fs → %s",
-             n, patches_prefix, embedder.name, dim, n_augment + 1, seconds, out_key)
-    return EmbeddingResult(key=out_key, n=n, dim=dim, model=embedder.name,
-                           version=embedder.version, n_views=n_augment + 1,
-                           expr_dim=0 if expr is None else int(expr.shape[1]), seconds=seconds)
+    log.info(
+        "embedded %d patches of %s with %s (%d-d, %d views) in %.1fs → %s",
+        n,
+        patches_prefix,
+        embedder.name,
+        dim,
+        n_augment + 1,
+        seconds,
+        out_key,
+    )
+    return EmbeddingResult(
+        key=out_key,
+        n=n,
+        dim=dim,
+        model=embedder.name,
+        version=embedder.version,
+        n_views=n_augment + 1,
+        expr_dim=0 if expr is None else int(expr.shape[1]),
+        seconds=seconds,
+    )

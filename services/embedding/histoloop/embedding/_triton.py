@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # gRPC status codes worth retrying: the server is down, restarting or overloaded
-_RETRYABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
-              "StatusCode.RESOURCE_EXHAUSTED"}
+_RETRYABLE = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+}
 
 
 class TritonEmbedder(Embedder):
@@ -94,12 +97,24 @@ class TritonEmbedder(Embedder):
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
-        meta = self._call("read model metadata", lambda c: c.get_model_metadata(
-            model_name, model_version=self.model_version, as_json=True,
-            client_timeout=self.timeout_s))
-        config = self._call("read model config", lambda c: c.get_model_config(
-            model_name, model_version=self.model_version, as_json=True,
-            client_timeout=self.timeout_s)).get("config", {})
+        meta = self._call(
+            "read model metadata",
+            lambda c: c.get_model_metadata(
+                model_name,
+                model_version=self.model_version,
+                as_json=True,
+                client_timeout=self.timeout_s,
+            ),
+        )
+        config = self._call(
+            "read model config",
+            lambda c: c.get_model_config(
+                model_name,
+                model_version=self.model_version,
+                as_json=True,
+                client_timeout=self.timeout_s,
+            ),
+        ).get("config", {})
         self.max_batch_size = int(config.get("max_batch_size", 0) or 0)
         if self.max_batch_size <= 0:
             raise EmbeddingShapeError(
@@ -138,9 +153,17 @@ class TritonEmbedder(Embedder):
                 f"Triton model {model_name!r} returns {self._dim}-d vectors; expected "
                 f"{expected_dim}"
             )
-        log.info("Triton embedder %s v%s at %s: %s %s input, %d-d output, batches of %d, "
-                 "%d in flight", model_name, self.version, url, self.io.layout,
-                 self.io.input_dtype, self._dim, self.batch_size, self.max_in_flight)
+        log.info(
+            "Triton embedder %s v%s at %s: %s %s input, %d-d output, batches of %d, %d in flight",
+            model_name,
+            self.version,
+            url,
+            self.io.layout,
+            self.io.input_dtype,
+            self._dim,
+            self.batch_size,
+            self.max_in_flight,
+        )
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -185,8 +208,15 @@ class TritonEmbedder(Embedder):
                         f"{self.name!r} after {attempt} attempts over "
                         f"{time.monotonic() - started:.1f}s: {message}"
                     ) from exc
-                log.warning("Triton at %s: %s failed (%s), attempt %d/%d; retrying in %.2fs",
-                            self.url, what, status or message, attempt, self.retries, delay)
+                log.warning(
+                    "Triton at %s: %s failed (%s), attempt %d/%d; retrying in %.2fs",
+                    self.url,
+                    what,
+                    status or message,
+                    attempt,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
         raise AssertionError("unreachable")
@@ -199,11 +229,19 @@ class TritonEmbedder(Embedder):
         inp = grpcclient.InferInput(self.io.input_name, list(x.shape), np_to_triton_dtype(x.dtype))
         inp.set_data_from_numpy(x)
         out = grpcclient.InferRequestedOutput(self.io.output_name)
-        result = self._call("infer", lambda c: c.infer(
-            self.name, [inp], model_version=self.model_version, outputs=[out],
-            client_timeout=self.timeout_s))
-        return self.io.check_output(result.as_numpy(self.io.output_name), len(batch),
-                                    getattr(self, "_dim", -1))
+        result = self._call(
+            "infer",
+            lambda c: c.infer(
+                self.name,
+                [inp],
+                model_version=self.model_version,
+                outputs=[out],
+                client_timeout=self.timeout_s,
+            ),
+        )
+        return self.io.check_output(
+            result.as_numpy(self.io.output_name), len(batch), getattr(self, "_dim", -1)
+        )
 
     # -- Embedder -------------------------------------------------------------------------
 
@@ -223,14 +261,14 @@ class TritonEmbedder(Embedder):
             return out
         if len(starts) == 1 or self.max_in_flight == 1:
             for s in starts:
-                out[s:s + self.batch_size] = self._infer(patches[s:s + self.batch_size])
+                out[s : s + self.batch_size] = self._infer(patches[s : s + self.batch_size])
             return out
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="triton")
-        futures = [self._pool.submit(self._infer, patches[s:s + self.batch_size]) for s in starts]
+        futures = [self._pool.submit(self._infer, patches[s : s + self.batch_size]) for s in starts]
         try:
             for s, fut in zip(starts, futures, strict=True):
-                out[s:s + self.batch_size] = fut.result()
+                out[s : s + self.batch_size] = fut.result()
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -239,9 +277,15 @@ class TritonEmbedder(Embedder):
 
     def ping(self) -> None:
         """Raise Unavailable unless Triton is live and the model is ready."""
-        ready = self._call("check readiness", lambda c: c.is_server_live(
-            client_timeout=self.timeout_s) and c.is_model_ready(
-            self.name, model_version=self.model_version, client_timeout=self.timeout_s))
+        ready = self._call(
+            "check readiness",
+            lambda c: (
+                c.is_server_live(client_timeout=self.timeout_s)
+                and c.is_model_ready(
+                    self.name, model_version=self.model_version, client_timeout=self.timeout_s
+                )
+            ),
+        )
         if not ready:
             raise Unavailable(f"Triton at {self.url}: model {self.name!r} is not ready")
 

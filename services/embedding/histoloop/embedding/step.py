@@ -70,8 +70,12 @@ def embedder_from_settings(settings: Settings) -> Embedder:
     handcrafted features, the last only when named)."""
     kind = settings.embedder_backend
     if kind == "triton":
-        return make_embedder("triton", url=settings.triton_url, model_name=settings.triton_model,
-                             model_version=settings.triton_model_version)
+        return make_embedder(
+            "triton",
+            url=settings.triton_url,
+            model_name=settings.triton_model,
+            model_version=settings.triton_model_version,
+        )
     if kind == "onnx":
         return make_embedder("onnx", model_path=settings.model_path)
     if kind == "efficientnet":
@@ -89,7 +93,9 @@ class EmbeddingStep:
         self.progress = ProgressBoard()
         self._embedder: Embedder | None = None
         self._lock = threading.Lock()
-        log.info("embedder: %s (HISTOLOOP_EMBEDDER=%s)", settings.embedder_backend, settings.embedder)
+        log.info(
+            "embedder: %s (HISTOLOOP_EMBEDDER=%s)", settings.embedder_backend, settings.embedder
+        )
 
     @property
     def embedder(self) -> Embedder:
@@ -117,7 +123,9 @@ class EmbeddingStep:
             self.progress.begin(project, dataset, "embedding")
             try:
                 with tempfile.TemporaryDirectory(prefix="histoloop-embedding-") as tmp:
-                    expression = self._fetch(msg.expression_uri, Path(tmp)) if msg.expression_uri else None
+                    expression = (
+                        self._fetch(msg.expression_uri, Path(tmp)) if msg.expression_uri else None
+                    )
                     self._embed(msg, key, expression)
             except Exception as exc:
                 self.progress.finish(project, dataset, error=str(exc))
@@ -127,12 +135,20 @@ class EmbeddingStep:
         dim = embedding_dim(adata.obsm)
         meta = dict(adata.uns.get("embedding", {}))
         message = events_pb2.EmbeddingsReady(
-            meta=events.new_meta(project=project, dataset=dataset, producer=PRODUCER,
-                                 event_id=events.derived_id(msg.meta.event_id, "embeddings"),
-                                 source_versions={**msg.meta.source_versions, "tiles": msg.meta.event_id},
-                                 trace_id=msg.meta.trace_id),
-            embeddings_uri=self.store.uri(key), model_name=str(meta.get("model", "")),
-            model_version=str(meta.get("version", "")), n_spots=adata.n_obs, dim=dim, config=msg.config,
+            meta=events.new_meta(
+                project=project,
+                dataset=dataset,
+                producer=PRODUCER,
+                event_id=events.derived_id(msg.meta.event_id, "embeddings"),
+                source_versions={**msg.meta.source_versions, "tiles": msg.meta.event_id},
+                trace_id=msg.meta.trace_id,
+            ),
+            embeddings_uri=self.store.uri(key),
+            model_name=str(meta.get("model", "")),
+            model_version=str(meta.get("version", "")),
+            n_spots=adata.n_obs,
+            dim=dim,
+            config=msg.config,
         )
         events.publish(self.bus, message)
         log.info("embeddings ready for %s/%s: %d spots, %d-d", project, dataset, adata.n_obs, dim)
@@ -143,7 +159,11 @@ class EmbeddingStep:
         Raises:
             NotFound: the dataset has no embeddings yet.
         """
-        infos = [i for i in self.store.list(embeddings_prefix(project, dataset)) if i.key.endswith(".h5ad")]
+        infos = [
+            i
+            for i in self.store.list(embeddings_prefix(project, dataset))
+            if i.key.endswith(".h5ad")
+        ]
         if not infos:
             raise NotFound(f"dataset {project}/{dataset} has no embeddings yet")
         latest = max(infos, key=lambda i: i.created)
@@ -159,8 +179,11 @@ class EmbeddingStep:
         Every later dataset of a project is mapped into the same gene space — genes matched by
         id, the ones it lacks set to zero — so one model serves all of them.
         """
-        others = [i for i in self.store.list(embeddings_prefix(project))
-                  if i.key.endswith(".h5ad") and parse_embeddings_key(i.key).dataset != dataset]
+        others = [
+            i
+            for i in self.store.list(embeddings_prefix(project))
+            if i.key.endswith(".h5ad") and parse_embeddings_key(i.key).dataset != dataset
+        ]
         if not others:
             return None
         first = min(others, key=lambda i: (i.created, i.key))
@@ -171,23 +194,41 @@ class EmbeddingStep:
         project, dataset = msg.meta.project, msg.meta.dataset
         reference = self.reference_expression(project, dataset) if expression is not None else None
         if msg.patches_uri:
+
             def on_progress(done: int, total: int) -> None:
                 self.progress.update(project, dataset, done, total)
 
             views = augment_views(msg.config, self.settings)
             if views:
-                log.info("embedding %s/%s with %d augmented views per spot: %d× the embedding cost "
-                         "of clean patches alone", project, dataset, views, views + 1)
-            result = embed_dataset(self.store, self.store.key_from_uri(msg.patches_uri), self.embedder, key,
-                                   expression=expression, expression_params=reference,
-                                   n_augment=views, seed=int(msg.config.seed),
-                                   on_progress=on_progress)
+                log.info(
+                    "embedding %s/%s with %d augmented views per spot: %d× the embedding cost "
+                    "of clean patches alone",
+                    project,
+                    dataset,
+                    views,
+                    views + 1,
+                )
+            result = embed_dataset(
+                self.store,
+                self.store.key_from_uri(msg.patches_uri),
+                self.embedder,
+                key,
+                expression=expression,
+                expression_params=reference,
+                n_augment=views,
+                seed=int(msg.config.seed),
+                on_progress=on_progress,
+            )
             EMBEDDED_PATCHES.labels(embedder=result.model).inc(result.n)
             return
         if expression is None or not msg.spots_uri:
-            raise FailedPrecondition(f"dataset {project}/{dataset} has no patches and no expression counts")
+            raise FailedPrecondition(
+                f"dataset {project}/{dataset} has no patches and no expression counts"
+            )
         spots = pd.read_csv(io.BytesIO(self.store.get(self.store.key_from_uri(msg.spots_uri))))
-        spots = spots[spots["in_tissue"] == 1].rename(columns={"barcode": "id"}).reset_index(drop=True)
+        spots = (
+            spots[spots["in_tissue"] == 1].rename(columns={"barcode": "id"}).reset_index(drop=True)
+        )
         counts = read_expression(expression).subset(spots["id"].astype(str))
         if reference is None:
             features, params = fit_expression(counts)
@@ -197,8 +238,14 @@ class EmbeddingStep:
             present = set(map(str, counts.gene_ids))
             missing = [str(g) for g in reference.gene_ids if str(g) not in present]
         self.progress.update(project, dataset, len(spots), len(spots), "expression features")
-        adata = build_embedding_anndata(spots, None, model_name="expression", expr=features.astype(np.float32),
-                                        expr_params=params, uns={"expression_source": expression.name})
+        adata = build_embedding_anndata(
+            spots,
+            None,
+            model_name="expression",
+            expr=features.astype(np.float32),
+            expr_params=params,
+            uns={"expression_source": expression.name},
+        )
         adata.uns["missing_genes"] = missing
         write_embeddings(self.store, key, adata)
 

@@ -50,8 +50,16 @@ def _has_artifacts(store: ArtifactStore, prefix: str) -> bool:
     return next(iter(store.list(prefix)), None) is not None
 
 
-def propose_clicked_region(store: ArtifactStore, project: str, dataset: str, unit: str, *,
-                           model_version: str = "", max_units: int = 0, annotator: str = "") -> RegionProposal:
+def propose_clicked_region(
+    store: ArtifactStore,
+    project: str,
+    dataset: str,
+    unit: str,
+    *,
+    model_version: str = "",
+    max_units: int = 0,
+    annotator: str = "",
+) -> RegionProposal:
     """The connected region of units the model gives the clicked unit's class.
 
     With ``annotator`` the classes are that annotator's, as the model's per-annotator
@@ -79,44 +87,75 @@ def propose_clicked_region(store: ArtifactStore, project: str, dataset: str, uni
         _, card = latest_card(store, project, model_version)
     except NotFound:
         if model_version:
-            raise NotFound(f"model_version: project {project!r} has no model {model_version!r}") from None
+            raise NotFound(
+                f"model_version: project {project!r} has no model {model_version!r}"
+            ) from None
         if not _has_artifacts(store, embeddings_prefix(project)):
-            raise NotFound(f"project_id: no project {project!r} with data (no embeddings, no models)") from None
-        raise FailedPrecondition(f"project {project!r} has no predictions yet: label the first query set "
-                                 "and wait for the first model") from None
+            raise NotFound(
+                f"project_id: no project {project!r} with data (no embeddings, no models)"
+            ) from None
+        raise FailedPrecondition(
+            f"project {project!r} has no predictions yet: label the first query set "
+            "and wait for the first model"
+        ) from None
     key = predictions_key(project, card.version)
     if not store.exists(key):
-        raise FailedPrecondition(f"model {card.version} of project {project!r} has no predictions yet; "
-                                 "try again when predictions.ready is announced")
+        raise FailedPrecondition(
+            f"model {card.version} of project {project!r} has no predictions yet; "
+            "try again when predictions.ready is announced"
+        )
     predictions = read_predictions(store, store.uri(key))
     every = predictions.predicted_as(annotator) if annotator else predictions.predicted
     rows = np.flatnonzero(predictions.datasets == dataset)
     if rows.size == 0:
         if not _has_artifacts(store, embeddings_prefix(project, dataset)):
             raise NotFound(f"dataset_id: project {project!r} has no dataset {dataset!r}")
-        raise FailedPrecondition(f"dataset {dataset!r} has no predictions from model {card.version} yet")
+        raise FailedPrecondition(
+            f"dataset {dataset!r} has no predictions from model {card.version} yet"
+        )
     barcodes = predictions.barcodes[rows].astype(str)
     clicked = np.flatnonzero(barcodes == unit)
     if clicked.size == 0:
         raise NotFound(f"unit: dataset {dataset!r} has no unit {unit!r}")
-    uri = next((u for u in card.embeddings_uris if parse_embeddings_key(u).dataset == dataset), None)
+    uri = next(
+        (u for u in card.embeddings_uris if parse_embeddings_key(u).dataset == dataset), None
+    )
     if uri is None:
         raise FailedPrecondition(f"model {card.version} names no embeddings of dataset {dataset!r}")
     adata = read_anndata(store, uri)
     positions = unit_positions(adata)
     if positions is None:
-        raise FailedPrecondition(f"dataset {dataset!r}: its units have no positions "
-                                 "(array_row/array_col, grid_row/grid_col or obsm['spatial'])")
+        raise FailedPrecondition(
+            f"dataset {dataset!r}: its units have no positions "
+            "(array_row/array_col, grid_row/grid_col or obsm['spatial'])"
+        )
     index = {str(b): i for i, b in enumerate(adata.obs_names)}
     missing = [b for b in barcodes if b not in index]
     if missing:
-        raise FailedPrecondition(f"dataset {dataset!r}: {len(missing)} predicted units are not in its "
-                                 f"embeddings (e.g. {missing[0]!r})")
+        raise FailedPrecondition(
+            f"dataset {dataset!r}: {len(missing)} predicted units are not in its "
+            f"embeddings (e.g. {missing[0]!r})"
+        )
     k = _TILE_NEIGHBOURS if {"grid_row", "grid_col"} <= set(adata.obs.columns) else _SPOT_NEIGHBOURS
     predicted = every[rows]
-    region = propose_region(positions[[index[b] for b in barcodes]], predicted, int(clicked[0]), k=k,
-                            max_units=max_units or DEFAULT_MAX_UNITS)
-    log.info("region of %d units around %s/%s/%s (model %s%s)", len(region), project, dataset, unit, card.version,
-             f", as {annotator}" if annotator else "")
-    return RegionProposal(units=[str(barcodes[i]) for i in region], class_name=str(predicted[clicked[0]]),
-                          model_version=card.version)
+    region = propose_region(
+        positions[[index[b] for b in barcodes]],
+        predicted,
+        int(clicked[0]),
+        k=k,
+        max_units=max_units or DEFAULT_MAX_UNITS,
+    )
+    log.info(
+        "region of %d units around %s/%s/%s (model %s%s)",
+        len(region),
+        project,
+        dataset,
+        unit,
+        card.version,
+        f", as {annotator}" if annotator else "",
+    )
+    return RegionProposal(
+        units=[str(barcodes[i]) for i in region],
+        class_name=str(predicted[clicked[0]]),
+        model_version=card.version,
+    )

@@ -54,8 +54,14 @@ class PredictionStep:
         self.store = store
         self.bus = bus
 
-    def predict_datasets(self, model: LoadedModel, embeddings_uris: list[str], *,
-                         smoothing: float = 0.0, neighbours: int = 0) -> Predictions:
+    def predict_datasets(
+        self,
+        model: LoadedModel,
+        embeddings_uris: list[str],
+        *,
+        smoothing: float = 0.0,
+        neighbours: int = 0,
+    ) -> Predictions:
         """Probabilities and hidden features for every spot of the given datasets.
 
         With ``smoothing`` = α > 0 each spot's probabilities become ``(1 − α)·own + α·mean of
@@ -65,39 +71,87 @@ class PredictionStep:
         every spot (smoothed alike), from which their disagreement follows.
         """
         parts = []
-        integrated = project_feature_blocks(
-            self.store, embeddings_uris, model.card.features, model.card.spatial_neighbours, harmony=True,
-            seed=model.card.seed) if model.card.extra.get("harmony") else None
+        integrated = (
+            project_feature_blocks(
+                self.store,
+                embeddings_uris,
+                model.card.features,
+                model.card.spatial_neighbours,
+                harmony=True,
+                seed=model.card.seed,
+            )
+            if model.card.extra.get("harmony")
+            else None
+        )
         for i, uri in enumerate(embeddings_uris):
             adata = read_anndata(self.store, uri)
-            x = np.hstack(list(integrated[i].values())) if integrated else \
-                feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
+            x = (
+                np.hstack(list(integrated[i].values()))
+                if integrated
+                else feature_matrix(adata, model.card.features, model.card.spatial_neighbours)
+            )
             probs, hidden, members = model.predict(x)
-            per_rater = model.predict_raters(x) if model.raters_module is not None else np.empty((0, len(x), 1))
+            per_rater = (
+                model.predict_raters(x)
+                if model.raters_module is not None
+                else np.empty((0, len(x), 1))
+            )
             if smoothing > 0 and {"array_row", "array_col"} <= set(adata.obs.columns):
-                nb = neighbour_indices(visium_array_positions(adata.obs["array_row"].to_numpy(),
-                                                              adata.obs["array_col"].to_numpy()),
-                                       min(neighbours or 6, len(x) - 1))
+                nb = neighbour_indices(
+                    visium_array_positions(
+                        adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+                    ),
+                    min(neighbours or 6, len(x) - 1),
+                )
                 probs = smooth_probabilities(probs, nb, smoothing)
-                per_rater = np.stack([smooth_probabilities(p, nb, smoothing) for p in per_rater]) \
-                    if len(per_rater) else per_rater
+                per_rater = (
+                    np.stack([smooth_probabilities(p, nb, smoothing) for p in per_rater])
+                    if len(per_rater)
+                    else per_rater
+                )
             dataset = str(adata.uns.get("dataset", parse_embeddings_key(uri).dataset))
-            positions = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64) \
-                if {"array_row", "array_col"} <= set(adata.obs.columns) else np.zeros((len(x), 2))
-            parts.append((np.full(len(x), dataset), np.asarray(adata.obs_names, dtype=str), probs, hidden,
-                          members, positions, per_rater.argmax(axis=2)))
+            positions = (
+                adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
+                if {"array_row", "array_col"} <= set(adata.obs.columns)
+                else np.zeros((len(x), 2))
+            )
+            parts.append(
+                (
+                    np.full(len(x), dataset),
+                    np.asarray(adata.obs_names, dtype=str),
+                    probs,
+                    hidden,
+                    members,
+                    positions,
+                    per_rater.argmax(axis=2),
+                )
+            )
         return Predictions(
-            model_version=model.card.version, classes=list(model.card.classes),
-            datasets=np.concatenate([p[0] for p in parts]), barcodes=np.concatenate([p[1] for p in parts]),
-            probabilities=np.concatenate([p[2] for p in parts]), hidden=np.concatenate([p[3] for p in parts]),
-            member_probabilities=np.concatenate([p[4] for p in parts], axis=1) if parts[0][4].shape[0] > 1 else None,
+            model_version=model.card.version,
+            classes=list(model.card.classes),
+            datasets=np.concatenate([p[0] for p in parts]),
+            barcodes=np.concatenate([p[1] for p in parts]),
+            probabilities=np.concatenate([p[2] for p in parts]),
+            hidden=np.concatenate([p[3] for p in parts]),
+            member_probabilities=np.concatenate([p[4] for p in parts], axis=1)
+            if parts[0][4].shape[0] > 1
+            else None,
             positions=np.concatenate([p[5] for p in parts]),
             raters=list(model.card.raters) if model.raters_module is not None else [],
-            rater_predicted=np.concatenate([p[6] for p in parts], axis=1) if model.raters_module is not None else None,
+            rater_predicted=np.concatenate([p[6] for p in parts], axis=1)
+            if model.raters_module is not None
+            else None,
         )
 
-    def predict_on_demand(self, project: str, model_version: str = "", *, vectors: np.ndarray | None = None,
-                          embeddings_uri: str = "", annotator: str = "") -> OnDemandPredictions:
+    def predict_on_demand(
+        self,
+        project: str,
+        model_version: str = "",
+        *,
+        vectors: np.ndarray | None = None,
+        embeddings_uri: str = "",
+        annotator: str = "",
+    ) -> OnDemandPredictions:
         """Probabilities from a project's model (the newest unless ``model_version``).
 
         Give ``vectors`` (``(n, input_dim)`` features) or ``embeddings_uri`` (a dataset's
@@ -121,8 +175,13 @@ class PredictionStep:
             barcodes = list(map(str, adata.obs_names))
             missing = [str(g) for g in adata.uns.get("missing_genes", [])]
         probs = model.predict_as(vectors, annotator) if annotator else model.predict(vectors)[0]
-        return OnDemandPredictions(model_version=model.card.version, classes=list(model.card.classes),
-                                   probabilities=probs, barcodes=barcodes, missing_genes=missing)
+        return OnDemandPredictions(
+            model_version=model.card.version,
+            classes=list(model.card.classes),
+            probabilities=probs,
+            barcodes=barcodes,
+            missing_genes=missing,
+        )
 
     def on_model(self, msg: events_pb2.ModelTrained, _record: object = None) -> None:
         """Handle ``model.trained``: predict, store, announce ``predictions.ready``."""
@@ -133,23 +192,40 @@ class PredictionStep:
             predictions = read_predictions(self.store, self.store.uri(key))
         else:
             model = load_model(self.store, msg.model_uri)
-            predictions = self.predict_datasets(model, list(msg.embeddings_uris), smoothing=msg.config.smoothing,
-                                                neighbours=msg.config.spatial_neighbours)
+            predictions = self.predict_datasets(
+                model,
+                list(msg.embeddings_uris),
+                smoothing=msg.config.smoothing,
+                neighbours=msg.config.spatial_neighbours,
+            )
             if not self.store.exists(map_key):
                 self.store.put(map_key, prediction_map_png(predictions), content_type="image/png")
             write_predictions(self.store, key, predictions)
         message = events_pb2.PredictionsReady(
-            meta=events.new_meta(project=project, dataset=msg.meta.dataset, producer=PRODUCER,
-                                 event_id=events.derived_id(msg.meta.event_id, "predictions"),
-                                 source_versions={**msg.meta.source_versions, "model": msg.model_version},
-                                 trace_id=msg.meta.trace_id),
-            model_version=msg.model_version, predictions_uri=self.store.uri(key),
-            label_version=msg.label_version, labels_uri=msg.labels_uri, config=msg.config,
-            classes=list(predictions.classes), metrics=msg.metrics,
+            meta=events.new_meta(
+                project=project,
+                dataset=msg.meta.dataset,
+                producer=PRODUCER,
+                event_id=events.derived_id(msg.meta.event_id, "predictions"),
+                source_versions={**msg.meta.source_versions, "model": msg.model_version},
+                trace_id=msg.meta.trace_id,
+            ),
+            model_version=msg.model_version,
+            predictions_uri=self.store.uri(key),
+            label_version=msg.label_version,
+            labels_uri=msg.labels_uri,
+            config=msg.config,
+            classes=list(predictions.classes),
+            metrics=msg.metrics,
             prediction_map_uri=self.store.uri(map_key) if self.store.exists(map_key) else "",
         )
         events.publish(self.bus, message)
-        log.info("predicted %d spots of %s with model %s", len(predictions.barcodes), project, msg.model_version)
+        log.info(
+            "predicted %d spots of %s with model %s",
+            len(predictions.barcodes),
+            project,
+            msg.model_version,
+        )
 
 
 def prediction_map_png(predictions: Predictions) -> bytes:
@@ -160,18 +236,32 @@ def prediction_map_png(predictions: Predictions) -> bytes:
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(predictions.datasets.tolist()))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 5.5), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(5.5 * len(datasets), 5.5), dpi=110, squeeze=False
+    )
     cmap = plt.get_cmap("tab10" if len(predictions.classes) <= 10 else "tab20")
     predicted = predictions.probabilities.argmax(axis=1)
-    positions = predictions.positions if predictions.positions is not None else np.zeros((len(predicted), 2))
+    positions = (
+        predictions.positions
+        if predictions.positions is not None
+        else np.zeros((len(predicted), 2))
+    )
     for ax, dataset in zip(axes[0], datasets, strict=True):
         rows = predictions.datasets == dataset
-        ax.scatter(positions[rows, 1], -positions[rows, 0], c=[cmap(i) for i in predicted[rows]], s=8,
-                   linewidths=0)
+        ax.scatter(
+            positions[rows, 1],
+            -positions[rows, 0],
+            c=[cmap(i) for i in predicted[rows]],
+            s=8,
+            linewidths=0,
+        )
         ax.set_title(f"{dataset} — model {predictions.model_version}")
         ax.set_aspect("equal")
         ax.axis("off")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(i), label=c) for i, c in enumerate(predictions.classes)]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=cmap(i), label=c)
+        for i, c in enumerate(predictions.classes)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     buffer = io.BytesIO()

@@ -142,7 +142,9 @@ class RunSpec:
 
 def settings_json(config: common_pb2.LoopConfig) -> str:
     """``config`` as canonical JSON (proto field names, sorted keys) for :attr:`RunSpec.settings`."""
-    return json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True), sort_keys=True)
+    return json.dumps(
+        json_format.MessageToDict(config, preserving_proto_field_name=True), sort_keys=True
+    )
 
 
 # --------------------------------------------------------------------------- records
@@ -297,8 +299,12 @@ class _Semi:
 
         self.settings = SemiSupervised()
         positions = None if problem.positions is None else problem.positions[pool]
-        self.graph = combined_graph(scaled_pool, positions, feature_neighbours=self.settings.feature_neighbours,
-                                    spatial_neighbours=self.settings.spatial_neighbours)
+        self.graph = combined_graph(
+            scaled_pool,
+            positions,
+            feature_neighbours=self.settings.feature_neighbours,
+            spatial_neighbours=self.settings.spatial_neighbours,
+        )
         self.pool = pool
 
     def rows(self, problem: Problem, labelled_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -311,14 +317,29 @@ class _Semi:
         labelled[where] = True
         y = np.zeros(len(self.pool), np.int64)
         y[where] = problem.y[labelled_rows]
-        spread = label_spreading(self.graph, labelled, y, len(problem.classes), alpha=s.alpha,
-                                 iterations=s.iterations, balanced=s.balanced)
-        rows, cls = pseudo_labels(spread, labelled, s.threshold, max_count=int(s.max_share * len(labelled_rows)))
+        spread = label_spreading(
+            self.graph,
+            labelled,
+            y,
+            len(problem.classes),
+            alpha=s.alpha,
+            iterations=s.iterations,
+            balanced=s.balanced,
+        )
+        rows, cls = pseudo_labels(
+            spread, labelled, s.threshold, max_count=int(s.max_share * len(labelled_rows))
+        )
         return self.pool[rows], cls
 
 
-def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedModel | None,
-           round_: int, semi: _Semi | None = None) -> tuple[TrainedModel | _Constant, float]:
+def _train(
+    problem: Problem,
+    spec: RunSpec,
+    rows: np.ndarray,
+    previous: TrainedModel | None,
+    round_: int,
+    semi: _Semi | None = None,
+) -> tuple[TrainedModel | _Constant, float]:
     t0 = time.perf_counter()
     y = problem.y[rows]
     if len(np.unique(y)) < 2:
@@ -333,10 +354,18 @@ def _train(problem: Problem, spec: RunSpec, rows: np.ndarray, previous: TrainedM
         hyperparameters = reference_hyperparameters(head, hyperparameters)
     loop = spec.loop
     model = fit_round(
-        {"features": problem.X}, rows, names, head=head, seed=spec.seed, classes=problem.classes,
-        resampling=loop.resampling or DEFAULT_RESAMPLING, scaling={"features": problem.scaling},
-        previous=previous if spec.warm_start else None, hyperparameters=hyperparameters,
-        validation_fraction=spec.validation_fraction, resampling_every=int(loop.resampling_every),
+        {"features": problem.X},
+        rows,
+        names,
+        head=head,
+        seed=spec.seed,
+        classes=problem.classes,
+        resampling=loop.resampling or DEFAULT_RESAMPLING,
+        scaling={"features": problem.scaling},
+        previous=previous if spec.warm_start else None,
+        hyperparameters=hyperparameters,
+        validation_fraction=spec.validation_fraction,
+        resampling_every=int(loop.resampling_every),
     )
     return model, time.perf_counter() - t0
 
@@ -351,7 +380,9 @@ def _predict(model: TrainedModel | _Constant, X: np.ndarray, scaled: np.ndarray)
     return p.probabilities, p.hidden, p.member_probabilities
 
 
-def _evaluate(problem: Problem, model: TrainedModel | _Constant, test: np.ndarray) -> dict[str, Any]:
+def _evaluate(
+    problem: Problem, model: TrainedModel | _Constant, test: np.ndarray
+) -> dict[str, Any]:
     P, _, _ = _predict(model, problem.X[test], problem.X[test])
     return classification_metrics(problem.y[test], P.argmax(axis=1), classes=problem.classes)
 
@@ -363,20 +394,38 @@ def _initial(problem: Problem, spec: RunSpec, pool: np.ndarray) -> np.ndarray:
         y = problem.y[pool]
         return np.array([rng.choice(pool[y == c]) for c in np.unique(y)], dtype=np.int64)
     # the live cold start: the raw features, no labels, round 0
-    ctx = QueryContext(features=problem.X[pool], labelled=np.zeros(len(pool), bool),
-                       positions=_pool_positions(problem, pool), round=0)
-    selection = select_query(ctx, strategy=spec.initial, query_size=spec.initial_size, seed=spec.seed,
-                             settings=spec.loop)
+    ctx = QueryContext(
+        features=problem.X[pool],
+        labelled=np.zeros(len(pool), bool),
+        positions=_pool_positions(problem, pool),
+        round=0,
+    )
+    selection = select_query(
+        ctx, strategy=spec.initial, query_size=spec.initial_size, seed=spec.seed, settings=spec.loop
+    )
     return pool[selection.indices]
 
 
-def _rater_disagreement(problem: Problem, spec: RunSpec, model: TrainedModel | _Constant | None,
-                        labelled_rows: Sequence[int], X_pool: np.ndarray) -> np.ndarray | None:
+def _rater_disagreement(
+    problem: Problem,
+    spec: RunSpec,
+    model: TrainedModel | _Constant | None,
+    labelled_rows: Sequence[int],
+    X_pool: np.ndarray,
+) -> np.ndarray | None:
     """The pool's disagreement of the simulated raters' per-annotator models (the live loop's,
     fitted on every rater's label of the labelled spots), where the strategy reads it."""
-    if spec.strategy != RaterDisagreement.name or not problem.raters or not isinstance(model, TrainedModel):
+    if (
+        spec.strategy != RaterDisagreement.name
+        or not problem.raters
+        or not isinstance(model, TrainedModel)
+    ):
         return None
-    votes = [(int(row), name, problem.classes[given[row]]) for name, given in problem.raters for row in labelled_rows]
+    votes = [
+        (int(row), name, problem.classes[given[row]])
+        for name, given in problem.raters
+        for row in labelled_rows
+    ]
     per_rater = fit_round_raters({"features": problem.X}, model, votes, seed=spec.seed)
     return per_rater.disagreement(scaled_inputs(model, X_pool))
 
@@ -385,18 +434,33 @@ def _pool_positions(problem: Problem, pool: np.ndarray) -> np.ndarray | None:
     return None if problem.positions is None else problem.positions[pool]
 
 
-def _record(spec: RunSpec, round_: int, labels: int, pool_size: int, metrics: dict[str, Any],
-            picked: Sequence[int] | np.ndarray, query_s: float, train_s: float,
-            predict_s: float = 0.0, validation: dict[str, Any] | None = None,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _record(
+    spec: RunSpec,
+    round_: int,
+    labels: int,
+    pool_size: int,
+    metrics: dict[str, Any],
+    picked: Sequence[int] | np.ndarray,
+    query_s: float,
+    train_s: float,
+    predict_s: float = 0.0,
+    validation: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One round: test metrics, the model's own validation metrics (what the live loop
     reports), timings (selection, training, pool prediction), picks and ``extra`` (the
     stopping signal, classes labelled, a stateful strategy's state)."""
     return {
-        "head": spec.head, "strategy": spec.strategy, "seed": spec.seed, "round": round_,
-        "labels": int(labels), "fraction": labels / pool_size,
-        **{m: metrics[m] for m in METRICS}, "per_class_f1": metrics["per_class_f1"],
-        "query_seconds": round(query_s, 6), "train_seconds": round(train_s, 6),
+        "head": spec.head,
+        "strategy": spec.strategy,
+        "seed": spec.seed,
+        "round": round_,
+        "labels": int(labels),
+        "fraction": labels / pool_size,
+        **{m: metrics[m] for m in METRICS},
+        "per_class_f1": metrics["per_class_f1"],
+        "query_seconds": round(query_s, 6),
+        "train_seconds": round(train_s, 6),
         "predict_seconds": round(predict_s, 6),
         "picked": [int(i) for i in picked],
         "validation": {m: (validation or {}).get(m) for m in METRICS},
@@ -413,18 +477,32 @@ def _unpack(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<u2").astype(np.int64)
 
 
-def _stopping(done: list[dict[str, Any]], P: np.ndarray, loop: common_pb2.LoopConfig) -> dict[str, Any]:
+def _stopping(
+    done: list[dict[str, Any]], P: np.ndarray, loop: common_pb2.LoopConfig
+) -> dict[str, Any]:
     """The live loop's stopping signal over the last rounds' pool predictions."""
-    history = [RoundPredictions(predicted=_unpack(r["pool_predicted"]))
-               for r in done[-(stopping_rounds(loop) - 1):] if r.get("pool_predicted")]
+    history = [
+        RoundPredictions(predicted=_unpack(r["pool_predicted"]))
+        for r in done[-(stopping_rounds(loop) - 1) :]
+        if r.get("pool_predicted")
+    ]
     history.append(RoundPredictions(predicted=P.argmax(axis=1), probabilities=P))
     signal = recommend_stop(history, **stopping_options(loop))
-    return {"stop": bool(signal.stop), "changed_fraction": signal.changed_share,
-            "pool_predicted": _pack(P.argmax(axis=1))}
+    return {
+        "stop": bool(signal.stop),
+        "changed_fraction": signal.changed_share,
+        "pool_predicted": _pack(P.argmax(axis=1)),
+    }
 
 
-def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | None = None,
-        on_round: Callable[[], None] | None = None) -> int:
+def run(
+    problem: Problem,
+    spec: RunSpec,
+    folder: Path,
+    *,
+    max_new_rounds: int | None = None,
+    on_round: Callable[[], None] | None = None,
+) -> int:
     """Run (or continue) one simulated campaign arm; returns the rounds it finished now.
 
     Args:
@@ -440,13 +518,22 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
     path = run_path(folder, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_records(path)
-    budget = spec.rounds - len(done) if max_new_rounds is None else min(max_new_rounds, spec.rounds - len(done))
+    budget = (
+        spec.rounds - len(done)
+        if max_new_rounds is None
+        else min(max_new_rounds, spec.rounds - len(done))
+    )
     if budget <= 0:
         return 0
     pool, test = problem.splits[spec.seed]
     if spec.strategy == FULL:
         model, train_s = _train(problem, spec, pool, None, 0)
-        _append(path, _record(spec, 0, len(pool), len(pool), _evaluate(problem, model, test), [], 0.0, train_s))
+        _append(
+            path,
+            _record(
+                spec, 0, len(pool), len(pool), _evaluate(problem, model, test), [], 0.0, train_s
+            ),
+        )
         if on_round is not None:
             on_round()
         return 1
@@ -460,9 +547,13 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
         if model_file.exists():
             previous = TrainedModel.from_bytes(model_file.read_bytes())
         else:  # trained on < 2 classes, or written by a run without a model file
-            previous, _ = _train(problem, spec, np.asarray(labelled_rows, dtype=np.int64), None, last)
+            previous, _ = _train(
+                problem, spec, np.asarray(labelled_rows, dtype=np.int64), None, last
+            )
             if isinstance(previous, TrainedModel):
-                log.warning("%s: no model file for round %d; retrained from scratch", spec.name, last)
+                log.warning(
+                    "%s: no model file for round %d; retrained from scratch", spec.name, last
+                )
     for stale in path.parent.glob(f"{path.stem}.r*.model"):
         if stale != _model_path(path, len(done) - 1):
             stale.unlink()  # left by a kill between two steps of a round
@@ -487,25 +578,56 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             labelled = np.zeros(len(pool), dtype=bool)
             labelled[[position[i] for i in labelled_rows]] = True
             assert previous is not None
-            P, hidden, members = cached if cached is not None else _predict(previous, X_pool, scaled_pool)
+            P, hidden, members = (
+                cached if cached is not None else _predict(previous, X_pool, scaled_pool)
+            )
             k = spec.targets[round_] - spec.targets[round_ - 1]
             t0 = time.perf_counter()
-            ctx = QueryContext(features=hidden if uses_model else scaled_pool, labelled=labelled,
-                               probabilities=P, member_probabilities=members, positions=positions,
-                               round=round_, labels=np.where(labelled, y_pool, -1),
-                               rater_disagreement=_rater_disagreement(problem, spec, previous, labelled_rows, X_pool))
-            if isinstance(previous, _Constant):  # no model (one class): the live loop asks for more spots
-                picked = pool[select_query(ctx, strategy=MORE_CLASSES_STRATEGY, query_size=k, seed=spec.seed,
-                                           settings=loop).indices]
+            ctx = QueryContext(
+                features=hidden if uses_model else scaled_pool,
+                labelled=labelled,
+                probabilities=P,
+                member_probabilities=members,
+                positions=positions,
+                round=round_,
+                labels=np.where(labelled, y_pool, -1),
+                rater_disagreement=_rater_disagreement(
+                    problem, spec, previous, labelled_rows, X_pool
+                ),
+            )
+            if isinstance(
+                previous, _Constant
+            ):  # no model (one class): the live loop asks for more spots
+                picked = pool[
+                    select_query(
+                        ctx,
+                        strategy=MORE_CLASSES_STRATEGY,
+                        query_size=k,
+                        seed=spec.seed,
+                        settings=loop,
+                    ).indices
+                ]
             else:
-                selection = select_query(ctx, strategy=spec.strategy, query_size=k, seed=spec.seed,
-                                         settings=loop, state=state)
+                selection = select_query(
+                    ctx,
+                    strategy=spec.strategy,
+                    query_size=k,
+                    seed=spec.seed,
+                    settings=loop,
+                    state=state,
+                )
                 picked, state = pool[selection.indices], selection.state
         query_s = time.perf_counter() - t0
         labelled_rows.extend(int(i) for i in picked)
         rows = np.asarray(labelled_rows, dtype=np.int64)
-        model, train_s = _train(problem, spec, rows,
-                                previous if isinstance(previous, TrainedModel) else None, round_, semi)
+        model, train_s = _train(
+            problem,
+            spec,
+            rows,
+            previous if isinstance(previous, TrainedModel) else None,
+            round_,
+            semi,
+        )
         metrics = _evaluate(problem, model, test)
         t0 = time.perf_counter()
         cached = _predict(model, X_pool, scaled_pool)
@@ -516,8 +638,19 @@ def run(problem: Problem, spec: RunSpec, folder: Path, *, max_new_rounds: int | 
             extra["strategy_state"] = state
         if isinstance(model, TrainedModel):
             _write_atomic(_model_path(path, round_), model.to_bytes())
-        record = _record(spec, round_, len(rows), len(pool), metrics, picked, query_s, train_s, predict_s,
-                         model.validation if isinstance(model, TrainedModel) else None, extra)
+        record = _record(
+            spec,
+            round_,
+            len(rows),
+            len(pool),
+            metrics,
+            picked,
+            query_s,
+            train_s,
+            predict_s,
+            model.validation if isinstance(model, TrainedModel) else None,
+            extra,
+        )
         _append(path, record)
         history = [*history, record][-kept:]
         stale = _model_path(path, round_ - 1)

@@ -120,8 +120,17 @@ SIMULATION_HEADS = ("mlp", "logreg", "ensemble")
 """Heads a simulation can train (the multimodal head needs two inputs; not simulated). Each
 also as ``<head>+ssl``: the same head trained with pseudo-labels from label spreading over the
 spatial and feature graphs (:mod:`histoloop.training.semi`), to measure it against the head."""
-LOOP_SETTINGS = ("hybrid_share", "kmeans_pick", "mc_dropout_samples", "stop_max_change", "stop_min_kappa",
-                 "stop_patience", "stop_max_uncertainty", "resampling_every", "preset")
+LOOP_SETTINGS = (
+    "hybrid_share",
+    "kmeans_pick",
+    "mc_dropout_samples",
+    "stop_max_change",
+    "stop_min_kappa",
+    "stop_patience",
+    "stop_max_uncertainty",
+    "resampling_every",
+    "preset",
+)
 """``LoopConfig`` fields a campaign takes in ``loop``: the strategy, stopping, MC-dropout and
 training settings of a project, used by the same functions as in the live loop. The others
 are the campaign's own fields (``strategies``, ``heads``, ``query_size``, ``neighbours``,
@@ -231,8 +240,10 @@ class SimulationConfig:
         """
         unknown = sorted(set(self.loop) - set(LOOP_SETTINGS))
         if unknown:
-            raise InvalidArgument(f"loop: {', '.join(unknown)} cannot be set here; a campaign takes "
-                                  f"{', '.join(LOOP_SETTINGS)} (the rest are its own fields)")
+            raise InvalidArgument(
+                f"loop: {', '.join(unknown)} cannot be set here; a campaign takes "
+                f"{', '.join(LOOP_SETTINGS)} (the rest are its own fields)"
+            )
         config = common_pb2.LoopConfig(compactness=self.compactness, resampling=self.resampling)
         try:
             json_format.ParseDict(dict(self.loop), config)
@@ -242,7 +253,10 @@ class SimulationConfig:
 
     def head_hyperparameters(self, head: str) -> dict[str, Any]:
         """What ``head`` trains with: the settings' (as the live training step) under ``hyperparameters``."""
-        return {**head_settings(self.settings, engine.split_head(head)[0]), **dict(self.hyperparameters.get(head, {}))}
+        return {
+            **head_settings(self.settings, engine.split_head(head)[0]),
+            **dict(self.hyperparameters.get(head, {})),
+        }
 
     @property
     def feature_pca(self) -> int:
@@ -260,13 +274,19 @@ class SimulationConfig:
             InvalidArgument: The message starts with the offending field's name.
         """
         if not self.label_column:
-            raise InvalidArgument("label_column is required: name the obs column with the ground truth")
+            raise InvalidArgument(
+                "label_column is required: name the obs column with the ground truth"
+            )
         if self.resampling not in RESAMPLING_MODES:
-            raise InvalidArgument(f"resampling: {self.resampling!r} is not one of {', '.join(RESAMPLING_MODES)}")
+            raise InvalidArgument(
+                f"resampling: {self.resampling!r} is not one of {', '.join(RESAMPLING_MODES)}"
+            )
         if not self.compactness >= 0.0:
             raise InvalidArgument(f"compactness must be ≥ 0, got {self.compactness}")
         if self.x_values not in _X_VALUES:
-            raise InvalidArgument(f"x_values must be one of {', '.join(_X_VALUES)}, got {self.x_values!r}")
+            raise InvalidArgument(
+                f"x_values must be one of {', '.join(_X_VALUES)}, got {self.x_values!r}"
+            )
         if self.pca < 0:
             raise InvalidArgument(f"pca must be ≥ 0, got {self.pca}")
         _check_raters(self.raters)
@@ -277,7 +297,9 @@ class SimulationConfig:
         if not 0.0 < self.test_fraction < 1.0:
             raise InvalidArgument(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.query_size < 0:
-            raise InvalidArgument(f"query_size must be ≥ 1 (or 0 = query_fraction of the pool), got {self.query_size}")
+            raise InvalidArgument(
+                f"query_size must be ≥ 1 (or 0 = query_fraction of the pool), got {self.query_size}"
+            )
         if not 0.0 < self.query_fraction <= 1.0:
             raise InvalidArgument(f"query_fraction must be in (0, 1], got {self.query_fraction}")
         if self.rounds < 0 or self.budget < 0:
@@ -286,36 +308,50 @@ class SimulationConfig:
             raise InvalidArgument("rounds and budget: give one of them, not both")
         _check_schedule(self.schedule)
         if self.metric not in METRICS:
-            raise InvalidArgument(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise InvalidArgument(
+                f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}"
+            )
         if not 0.0 < self.target <= 1.0:
-            raise InvalidArgument(f"target must be in (0, 1] (a share of full supervision), got {self.target}")
+            raise InvalidArgument(
+                f"target must be in (0, 1] (a share of full supervision), got {self.target}"
+            )
         if not self.heads:
             raise InvalidArgument("heads: give at least one head")
         for head in self.heads:
             if engine.split_head(head)[0] not in SIMULATION_HEADS:
                 raise InvalidArgument(
                     f"heads: {head!r} cannot be simulated; choose from {', '.join(SIMULATION_HEADS)} "
-                    f"(each also with {engine.SEMI_SUFFIX})")
+                    f"(each also with {engine.SEMI_SUFFIX})"
+                )
         if len(set(self.heads)) != len(self.heads):
             raise InvalidArgument("heads: a head is listed twice")
         unknown_hp = sorted(set(self.hyperparameters) - set(self.heads))
         if unknown_hp:
-            raise InvalidArgument(f"hyperparameters: given for heads not in the campaign: {unknown_hp}")
+            raise InvalidArgument(
+                f"hyperparameters: given for heads not in the campaign: {unknown_hp}"
+            )
         for entry in self.strategies:
             name, _, head = entry.partition("@")
             if name not in STRATEGIES:
                 raise UnknownStrategy(
-                    f"strategies: unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))}")
+                    f"strategies: unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))}"
+                )
             if head and head not in self.heads:
-                raise InvalidArgument(f"strategies: {entry!r} names head {head!r}, which is not in heads")
+                raise InvalidArgument(
+                    f"strategies: {entry!r} names head {head!r}, which is not in heads"
+                )
             if name == "bald" and head and not self._has_members(head):
-                raise InvalidArgument(f"strategies: {entry!r}: bald needs the 'ensemble' head "
-                                      "or mc_samples > 0 in the head's hyperparameters (MC-dropout)")
+                raise InvalidArgument(
+                    f"strategies: {entry!r}: bald needs the 'ensemble' head "
+                    "or mc_samples > 0 in the head's hyperparameters (MC-dropout)"
+                )
         if len(set(self.strategies)) != len(self.strategies):
             raise InvalidArgument("strategies: a strategy is listed twice")
         if "bald" in self.strategies and not any(self._has_members(h) for h in self.heads):
-            raise InvalidArgument("strategies: 'bald' needs the 'ensemble' head (per-member probabilities); "
-                                  "add ensemble to heads or drop bald")
+            raise InvalidArgument(
+                "strategies: 'bald' needs the 'ensemble' head (per-member probabilities); "
+                "add ensemble to heads or drop bald"
+            )
         for head in self.heads:
             if not self._names(head):
                 raise InvalidArgument(f"strategies: none left for head {head!r}")
@@ -325,7 +361,8 @@ class SimulationConfig:
                 cold = sorted(n for n, c in STRATEGIES.items() if not c.needs_model)
                 raise InvalidArgument(
                     f"initial must be 'per_class' or a cold-start strategy ({', '.join(cold)}), "
-                    f"got {self.initial!r}")
+                    f"got {self.initial!r}"
+                )
         if self.initial_size < 0:
             raise InvalidArgument(f"initial_size must be ≥ 0, got {self.initial_size}")
         from histoloop.training.heads import make_head
@@ -341,7 +378,9 @@ class SimulationConfig:
             raise InvalidArgument(f"loop: {exc}") from None
         for head in self.heads:
             try:
-                make_head(engine.split_head(head)[0], n_classes=2, **self.head_hyperparameters(head))
+                make_head(
+                    engine.split_head(head)[0], n_classes=2, **self.head_hyperparameters(head)
+                )
             except InvalidArgument as exc:
                 raise InvalidArgument(f"hyperparameters[{head!r}]: {exc}") from None
 
@@ -352,7 +391,9 @@ class SimulationConfig:
     def _names(self, head: str) -> list[str]:
         if not self.strategies:
             return list(default_strategies(head))
-        names = {s for s in self.strategies if "@" not in s and (s != "bald" or self._has_members(head))}
+        names = {
+            s for s in self.strategies if "@" not in s and (s != "bald" or self._has_members(head))
+        }
         names |= {s.partition("@")[0] for s in self.strategies if s.partition("@")[2] == head}
         return sorted(names)
 
@@ -363,7 +404,9 @@ class SimulationConfig:
 
 def _check_raters(raters: Sequence[str]) -> None:
     if len(raters) == 1:
-        raise InvalidArgument("raters: give none or at least two simulated raters (their models are compared)")
+        raise InvalidArgument(
+            "raters: give none or at least two simulated raters (their models are compared)"
+        )
     if len(set(raters)) != len(raters):
         raise InvalidArgument("raters: a rater is listed twice")
     for rater in raters:
@@ -372,11 +415,18 @@ def _check_raters(raters: Sequence[str]) -> None:
             continue
         if kind == "merge" and len(rest.split(":")) == 2 and all(rest.split(":")):
             continue
-        raise InvalidArgument(f"raters: {rater!r} is not 'exact', 'border' or 'merge:<class>:<into>'")
+        raise InvalidArgument(
+            f"raters: {rater!r} is not 'exact', 'border' or 'merge:<class>:<into>'"
+        )
 
 
-def simulated_raters(raters: Sequence[str], y: np.ndarray, classes: Sequence[str],
-                     positions: np.ndarray | None, seed: int = 17) -> tuple[tuple[str, np.ndarray], ...]:
+def simulated_raters(
+    raters: Sequence[str],
+    y: np.ndarray,
+    classes: Sequence[str],
+    positions: np.ndarray | None,
+    seed: int = 17,
+) -> tuple[tuple[str, np.ndarray], ...]:
     """Each simulated rater's label (class index) of every spot, built from the ground truth ``y``.
 
     Raises:
@@ -392,13 +442,19 @@ def simulated_raters(raters: Sequence[str], y: np.ndarray, classes: Sequence[str
         if kind == "merge":
             unknown = [c for c in rest.split(":") if c not in classes]
             if unknown:
-                raise InvalidArgument(f"raters: {rater!r} names classes {unknown} the labels do not have")
+                raise InvalidArgument(
+                    f"raters: {rater!r} names classes {unknown} the labels do not have"
+                )
             source, into = rest.split(":")
             given[given == list(classes).index(source)] = list(classes).index(into)
         elif kind == "border":
             if positions is None:
-                raise InvalidArgument(f"raters: {rater!r} needs spot positions (obs array_row/array_col)")
-            neighbours = neighbour_indices(visium_array_positions(positions[:, 0], positions[:, 1]), 6)
+                raise InvalidArgument(
+                    f"raters: {rater!r} needs spot positions (obs array_row/array_col)"
+                )
+            neighbours = neighbour_indices(
+                visium_array_positions(positions[:, 0], positions[:, 1]), 6
+            )
             for i in range(len(given)):
                 other = [j for j in neighbours[i] if y[j] != y[i]]
                 if other and rng.random() < 0.5:
@@ -419,7 +475,9 @@ def default_strategies(head: str) -> tuple[str, ...]:
     return tuple(sorted(n for n in STRATEGIES if n != "bald" or head == "ensemble"))
 
 
-def project_default_config(label_column: str, *, preset: str = "", **overrides: Any) -> SimulationConfig:
+def project_default_config(
+    label_column: str, *, preset: str = "", **overrides: Any
+) -> SimulationConfig:
     """The campaign that answers "does the project default beat random on my data?".
 
     Two arms with the head a ``CreateProject`` without settings gets (or ``preset``'s):
@@ -440,8 +498,11 @@ def project_default_config(label_column: str, *, preset: str = "", **overrides: 
     d = loop_defaults(preset)
     strategies = tuple(dict.fromkeys((d["strategy"], "random")))
     values: dict[str, Any] = {
-        "label_column": label_column, "heads": (d["head"],), "strategies": strategies,
-        "neighbours": d["spatial_neighbours"], "initial": d["cold_start_strategy"],
+        "label_column": label_column,
+        "heads": (d["head"],),
+        "strategies": strategies,
+        "neighbours": d["spatial_neighbours"],
+        "initial": d["cold_start_strategy"],
     }
     values.update(overrides)
     values["loop"] = {**({"preset": preset} if preset else {}), **dict(overrides.get("loop", {}))}
@@ -473,7 +534,9 @@ def parse_schedule(text: str) -> tuple[float, ...]:
         try:
             pieces = [float(p) for p in part.split(":")]
         except ValueError:
-            raise InvalidArgument(f"schedule: cannot read {part!r}; use start:stop:step or f1,f2,…") from None
+            raise InvalidArgument(
+                f"schedule: cannot read {part!r}; use start:stop:step or f1,f2,…"
+            ) from None
         if len(pieces) == 1:
             out.append(pieces[0])
         elif len(pieces) == 3:
@@ -546,7 +609,9 @@ def label_schedule(config: SimulationConfig, pool_size: int, initial_size: int) 
             targets.append(min(targets[-1] + step, pool_size))
     if budget:
         if budget <= initial_size:
-            raise InvalidArgument(f"budget ({budget}) must exceed the initial set ({initial_size} labels)")
+            raise InvalidArgument(
+                f"budget ({budget}) must exceed the initial set ({initial_size} labels)"
+            )
         cap = min(budget, pool_size)
         while targets[-1] < cap:
             targets.append(min(targets[-1] + step, cap))
@@ -556,7 +621,8 @@ def label_schedule(config: SimulationConfig, pool_size: int, initial_size: int) 
             targets.append(n)
     if len(targets) < 2:
         raise InvalidArgument(
-            f"schedule: nothing to query beyond the initial {initial_size} labels of a pool of {pool_size}")
+            f"schedule: nothing to query beyond the initial {initial_size} labels of a pool of {pool_size}"
+        )
     return tuple(targets)
 
 
@@ -598,14 +664,18 @@ def _x_values(X: Any, config: SimulationConfig) -> str:
     data = X.data if hasattr(X, "tocsr") else np.asarray(X)
     whole = bool(np.all(np.asarray(data) >= 0) and np.all(np.mod(np.asarray(data), 1.0) == 0.0))
     if config.x_values == "counts" and not whole:
-        raise InvalidArgument("x_values: 'counts' but X holds values that are not whole numbers ≥ 0 "
-                              "(already normalised?); use x_values 'normalised' or 'auto'")
+        raise InvalidArgument(
+            "x_values: 'counts' but X holds values that are not whole numbers ≥ 0 "
+            "(already normalised?); use x_values 'normalised' or 'auto'"
+        )
     if config.x_values != "auto":
         return config.x_values
     kind = "counts" if whole else "normalised"
     if kind == "normalised":
-        log.warning("X holds values that are not whole numbers: treated as already normalised and used as "
-                    "it is (no second log1p); give x_values='counts' to force normalisation")
+        log.warning(
+            "X holds values that are not whole numbers: treated as already normalised and used as "
+            "it is (no second log1p); give x_values='counts' to force normalisation"
+        )
     return kind
 
 
@@ -616,13 +686,19 @@ def _features(adata: Any, config: SimulationConfig) -> tuple[np.ndarray, str]:
         missing = [k for k in config.obsm if k not in adata.obsm]
         if missing:
             raise InvalidArgument(
-                f"obsm: key(s) {missing} not in the data; it has {sorted(adata.obsm.keys()) or 'none'}")
-        blocks = [np.asarray(adata.obsm[k], dtype=np.float32).reshape(adata.n_obs, -1) for k in config.obsm]
+                f"obsm: key(s) {missing} not in the data; it has {sorted(adata.obsm.keys()) or 'none'}"
+            )
+        blocks = [
+            np.asarray(adata.obsm[k], dtype=np.float32).reshape(adata.n_obs, -1)
+            for k in config.obsm
+        ]
         X = np.hstack(blocks)
         kind = "obsm"
     else:
         if adata.X is None or adata.n_vars == 0:
-            raise InvalidArgument("pca: the data has no matrix in X to reduce; give obsm keys instead")
+            raise InvalidArgument(
+                "pca: the data has no matrix in X to reduce; give obsm keys instead"
+            )
         from histoloop.training.scaling import log1p_normalise
 
         kind = _x_values(adata.X, config)
@@ -636,7 +712,9 @@ def _features(adata: Any, config: SimulationConfig) -> tuple[np.ndarray, str]:
     n_pca = config.feature_pca
     if n_pca:
         if n_pca > min(X.shape):
-            raise InvalidArgument(f"pca: {n_pca} components but the data is {X.shape[0]} × {X.shape[1]}")
+            raise InvalidArgument(
+                f"pca: {n_pca} components but the data is {X.shape[0]} × {X.shape[1]}"
+            )
         X = PCA(n_components=n_pca, svd_solver="full").fit_transform(X)
     return np.ascontiguousarray(X, dtype=np.float32), kind
 
@@ -645,10 +723,14 @@ def _positions(adata: Any) -> np.ndarray:
     from histoloop.spatial import visium_array_positions
 
     if {"array_row", "array_col"} <= set(adata.obs.columns):
-        return visium_array_positions(adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy())
+        return visium_array_positions(
+            adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+        )
     if "spatial" in adata.obsm:
         return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
-    raise InvalidArgument("neighbours: the data has neither obs array_row/array_col nor obsm['spatial']")
+    raise InvalidArgument(
+        "neighbours: the data has neither obs array_row/array_col nor obsm['spatial']"
+    )
 
 
 def load_anndata(data: Any) -> Any:
@@ -701,24 +783,31 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     if config.label_column not in adata.obs.columns:
         raise InvalidArgument(
             f"label_column: {config.label_column!r} is not an obs column; the data has "
-            f"{list(adata.obs.columns)}")
+            f"{list(adata.obs.columns)}"
+        )
     with engine.single_threaded():  # BLAS thread count changes the last bits of a PCA
         X, x_kind = _features(adata, config)
         if config.neighbours:
             if config.neighbours >= adata.n_obs:
-                raise InvalidArgument(f"neighbours: {config.neighbours} but only {adata.n_obs} spots")
+                raise InvalidArgument(
+                    f"neighbours: {config.neighbours} but only {adata.n_obs} spots"
+                )
             X = neighbour_mean_features(X, neighbour_indices(_positions(adata), config.neighbours))
     raw = adata.obs[config.label_column]
     keep = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
     labels = raw[keep].astype(str).to_numpy()
     classes = tuple(sorted(set(labels)))
     if len(classes) < 2:
-        raise InvalidArgument(f"label_column: {config.label_column!r} has {len(classes)} class(es); need ≥ 2")
+        raise InvalidArgument(
+            f"label_column: {config.label_column!r} has {len(classes)} class(es); need ≥ 2"
+        )
     y = np.searchsorted(np.asarray(classes), labels).astype(np.int64)
     counts = np.bincount(y, minlength=len(classes))
     if counts.min() < 2:
         rare = [c for c, n in zip(classes, counts, strict=True) if n < 2]
-        raise InvalidArgument(f"label_column: class(es) {rare} have < 2 spots; a stratified test split needs 2")
+        raise InvalidArgument(
+            f"label_column: class(es) {rare} have < 2 spots; a stratified test split needs 2"
+        )
     with engine.single_threaded():
         scaling = FeatureScaling.fit(X)  # on every spot, labelled or not, as the live loop
     positions = None
@@ -729,8 +818,9 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for seed in range(config.seeds):
         try:
-            pool, test = train_test_split(np.arange(n), test_size=config.test_fraction, stratify=y,
-                                          random_state=seed)
+            pool, test = train_test_split(
+                np.arange(n), test_size=config.test_fraction, stratify=y, random_state=seed
+            )
         except ValueError as exc:
             raise InvalidArgument(f"test_fraction: {exc}") from None
         splits[seed] = (np.sort(pool).astype(np.int64), np.sort(test).astype(np.int64))
@@ -747,12 +837,27 @@ def prepare_data(data: Any, config: SimulationConfig) -> SimulationData:
     for _name, given in raters:
         digest.update(given.tobytes())
     digest.update(json.dumps(classes).encode())
-    problem = engine.Problem(X=X, y=y, classes=classes, splits=splits, scaling=scaling, positions=positions,
-                             raters=raters)
+    problem = engine.Problem(
+        X=X,
+        y=y,
+        classes=classes,
+        splits=splits,
+        scaling=scaling,
+        positions=positions,
+        raters=raters,
+    )
     return SimulationData(
-        problem=problem, barcodes=np.asarray(adata.obs_names[keep]).astype(str), pool_size=pool_size,
-        test_size=test_size, initial_size=initial_size, targets=targets, fingerprint=digest.hexdigest(),
-        dropped=int((~keep).sum()), x_values=x_kind, query_size=query_size_for(config, pool_size))
+        problem=problem,
+        barcodes=np.asarray(adata.obs_names[keep]).astype(str),
+        pool_size=pool_size,
+        test_size=test_size,
+        initial_size=initial_size,
+        targets=targets,
+        fingerprint=digest.hexdigest(),
+        dropped=int((~keep).sum()),
+        x_values=x_kind,
+        query_size=query_size_for(config, pool_size),
+    )
 
 
 def campaign_id(config: SimulationConfig, fingerprint: str) -> str:
@@ -807,10 +912,19 @@ def _specs(config: SimulationConfig, prepared: SimulationData) -> list[engine.Ru
         names = [engine.FULL] + [s for h, s in arms if h == head]
         for strategy in names:
             for seed in range(config.seeds):
-                specs.append(engine.RunSpec(
-                    head=head, strategy=strategy, seed=seed, targets=prepared.targets,
-                    initial=config.initial, initial_size=prepared.initial_size,
-                    warm_start=config.warm_start, hyperparameters=params, settings=settings))
+                specs.append(
+                    engine.RunSpec(
+                        head=head,
+                        strategy=strategy,
+                        seed=seed,
+                        targets=prepared.targets,
+                        initial=config.initial,
+                        initial_size=prepared.initial_size,
+                        warm_start=config.warm_start,
+                        hyperparameters=params,
+                        settings=settings,
+                    )
+                )
     return specs
 
 
@@ -821,19 +935,28 @@ def _claim_folder(folder: Path, meta: dict[str, Any], resume: bool) -> None:
         # settings first: resume is suggested only where it would be accepted
         stored = json.loads(path.read_text())
         if stored.get("fingerprint") != meta["fingerprint"]:
-            raise InvalidArgument(f"out: {folder} holds a campaign on other data; choose another folder")
+            raise InvalidArgument(
+                f"out: {folder} holds a campaign on other data; choose another folder"
+            )
         if stored.get("config") != meta["config"]:
             keys = set(meta["config"]) | set(stored.get("config", {}))
-            diff = sorted(k for k in keys if stored.get("config", {}).get(k) != meta["config"].get(k))
-            raise InvalidArgument(f"out: {folder} holds a campaign with other settings ({', '.join(diff)}); "
-                                  "choose another folder (resume continues only the same settings)")
+            diff = sorted(
+                k for k in keys if stored.get("config", {}).get(k) != meta["config"].get(k)
+            )
+            raise InvalidArgument(
+                f"out: {folder} holds a campaign with other settings ({', '.join(diff)}); "
+                "choose another folder (resume continues only the same settings)"
+            )
         if not resume:
             raise InvalidArgument(
                 f"out: {folder} holds this campaign already (same settings and data); resume it "
-                "(resume/--resume) or choose another folder")
+                "(resume/--resume) or choose another folder"
+            )
         return
     if folder.exists() and any(folder.iterdir()):
-        raise InvalidArgument(f"out: {folder} exists and is not a campaign folder; choose an empty or new folder")
+        raise InvalidArgument(
+            f"out: {folder} exists and is not a campaign folder; choose an empty or new folder"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "runs").mkdir(exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -907,20 +1030,36 @@ def run_campaign(
     if max_total_rounds is not None and total > max_total_rounds:
         raise InvalidArgument(
             f"seeds/strategies/heads/rounds: the campaign has {total} rounds in all (at most {max_total_rounds} "
-            "here); make it smaller or run it with `histoloop simulate`")
+            "here); make it smaller or run it with `histoloop simulate`"
+        )
     meta = {
-        "format": _FORMAT, "campaign_id": cid, "config": config.to_dict(), "fingerprint": prepared.fingerprint,
-        "classes": list(prepared.problem.classes), "n_spots": int(len(prepared.problem.y)),
-        "n_features": int(prepared.problem.X.shape[1]), "dropped_unlabelled": prepared.dropped,
-        "pool_size": prepared.pool_size, "test_size": prepared.test_size,
-        "initial_size": prepared.initial_size, "targets": list(prepared.targets),
-        "x_values": prepared.x_values, "query_size": prepared.query_size,
+        "format": _FORMAT,
+        "campaign_id": cid,
+        "config": config.to_dict(),
+        "fingerprint": prepared.fingerprint,
+        "classes": list(prepared.problem.classes),
+        "n_spots": int(len(prepared.problem.y)),
+        "n_features": int(prepared.problem.X.shape[1]),
+        "dropped_unlabelled": prepared.dropped,
+        "pool_size": prepared.pool_size,
+        "test_size": prepared.test_size,
+        "initial_size": prepared.initial_size,
+        "targets": list(prepared.targets),
+        "x_values": prepared.x_values,
+        "query_size": prepared.query_size,
         "arms": [list(a) for a in config.arms()],
     }
     with _folder_lock(folder):
         _claim_folder(folder, meta, resume)
-        rounds_run = _execute(prepared.problem, specs, folder, workers=int(workers),
-                              max_new_rounds=max_new_rounds, progress=progress, on_progress=on_progress)
+        rounds_run = _execute(
+            prepared.problem,
+            specs,
+            folder,
+            workers=int(workers),
+            max_new_rounds=max_new_rounds,
+            progress=progress,
+            on_progress=on_progress,
+        )
         done = all(len(engine.read_records(engine.run_path(folder, s))) == s.rounds for s in specs)
         comparison: dict[str, Any] | None = None
         files: dict[str, Path] = {}
@@ -934,10 +1073,23 @@ def run_campaign(
         else:
             log.info("campaign %s stopped before the end; resume it to finish", cid)
     seconds = time.perf_counter() - t0
-    log.info("campaign %s: %d rounds run in %.1f s (%s)", cid, rounds_run, seconds,
-             "complete" if done else "incomplete")
-    return CampaignResult(campaign_id=cid, folder=folder, complete=done, rounds_run=rounds_run,
-                          comparison=comparison, files=files, uris=uris, seconds=seconds)
+    log.info(
+        "campaign %s: %d rounds run in %.1f s (%s)",
+        cid,
+        rounds_run,
+        seconds,
+        "complete" if done else "incomplete",
+    )
+    return CampaignResult(
+        campaign_id=cid,
+        folder=folder,
+        complete=done,
+        rounds_run=rounds_run,
+        comparison=comparison,
+        files=files,
+        uris=uris,
+        seconds=seconds,
+    )
 
 
 _LOCKS: dict[str, threading.Lock] = {}
@@ -958,23 +1110,41 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         lock.release()
 
 
-_CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".jsonl": "application/x-ndjson",
-                  ".md": "text/markdown", ".tex": "application/x-tex"}
+_CONTENT_TYPES = {
+    ".png": "image/png",
+    ".json": "application/json",
+    ".jsonl": "application/x-ndjson",
+    ".md": "text/markdown",
+    ".tex": "application/x-tex",
+}
 
 
 def _store_outputs(store: ArtifactStore, cid: str, files: Mapping[str, Path]) -> dict[str, str]:
     uris = {}
     for name, path in files.items():
         key = f"simulations/{cid}/{name}"
-        if not store.exists(key):  # artifacts are immutable; a resumed campaign keeps the first copy
-            store.put(key, path.read_bytes(), content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
+        if not store.exists(
+            key
+        ):  # artifacts are immutable; a resumed campaign keeps the first copy
+            store.put(
+                key,
+                path.read_bytes(),
+                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+            )
         uris[name] = store.uri(key)
     return uris
 
 
-def _execute(problem: engine.Problem, specs: list[engine.RunSpec], folder: Path, *, workers: int,
-             max_new_rounds: int | None, progress: bool,
-             on_progress: Callable[[int, int], None] | None) -> int:
+def _execute(
+    problem: engine.Problem,
+    specs: list[engine.RunSpec],
+    folder: Path,
+    *,
+    workers: int,
+    max_new_rounds: int | None,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None,
+) -> int:
     """Run every unfinished spec; returns the rounds finished now."""
     from tqdm import tqdm
 
@@ -985,9 +1155,17 @@ def _execute(problem: engine.Problem, specs: list[engine.RunSpec], folder: Path,
         return sum(min(engine.count_lines(p), s.rounds) for p, s in zip(paths, specs, strict=True))
 
     before = count()
-    pending = [s for s, p in zip(specs, paths, strict=True) if len(engine.read_records(p)) < s.rounds]
-    bar = tqdm(total=total, initial=before, desc="simulated rounds", unit="round", disable=not progress,
-               dynamic_ncols=True)
+    pending = [
+        s for s, p in zip(specs, paths, strict=True) if len(engine.read_records(p)) < s.rounds
+    ]
+    bar = tqdm(
+        total=total,
+        initial=before,
+        desc="simulated rounds",
+        unit="round",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     done = [before]  # a disabled bar does not count, so count here
 
     def one_more() -> None:
@@ -999,16 +1177,28 @@ def _execute(problem: engine.Problem, specs: list[engine.RunSpec], folder: Path,
         if workers == 1 or len(pending) <= 1:
             with engine.single_threaded():
                 for spec in pending:
-                    engine.run(problem, spec, folder, max_new_rounds=max_new_rounds, on_round=one_more)
+                    engine.run(
+                        problem, spec, folder, max_new_rounds=max_new_rounds, on_round=one_more
+                    )
         else:
-            context = multiprocessing.get_context("spawn")  # never fork a process that may run gRPC threads
-            with futures.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
-                                             initializer=engine.init_worker, initargs=(problem,)) as pool:
-                running = {pool.submit(engine.run_in_worker, s, str(folder), max_new_rounds) for s in pending}
+            context = multiprocessing.get_context(
+                "spawn"
+            )  # never fork a process that may run gRPC threads
+            with futures.ProcessPoolExecutor(
+                max_workers=min(workers, len(pending)),
+                mp_context=context,
+                initializer=engine.init_worker,
+                initargs=(problem,),
+            ) as pool:
+                running = {
+                    pool.submit(engine.run_in_worker, s, str(folder), max_new_rounds)
+                    for s in pending
+                }
                 try:
                     while running:
-                        finished, running = futures.wait(running, timeout=0.5,
-                                                         return_when=futures.FIRST_COMPLETED)
+                        finished, running = futures.wait(
+                            running, timeout=0.5, return_when=futures.FIRST_COMPLETED
+                        )
                         for f in finished:
                             f.result()  # re-raise a worker's error here
                         _tick(bar, count(), total, on_progress)

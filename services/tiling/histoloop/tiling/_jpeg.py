@@ -139,8 +139,14 @@ class JpegTileReader:
                     level = _page_level(page)
                     if level is not None:
                         by_size[key] = level
-        except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError,
-                struct.error) as exc:
+        except (
+            tifffile.TiffFileError,
+            ValueError,
+            OSError,
+            KeyError,
+            IndexError,
+            struct.error,
+        ) as exc:
             log.debug("%s: not readable by tifffile (%s); no direct JPEG levels", self.path, exc)
             by_size = {}
         for index, dims in enumerate(level_sizes):

@@ -44,15 +44,22 @@ def draw_overlay(
     if boxes is not None:
         x0, y0, side = boxes
         s = side / downsample
-        for x, y in zip((np.asarray(x0) / downsample).tolist(), (np.asarray(y0) / downsample).tolist(),
-                        strict=True):
+        for x, y in zip(
+            (np.asarray(x0) / downsample).tolist(),
+            (np.asarray(y0) / downsample).tolist(),
+            strict=True,
+        ):
             draw.rectangle((x, y, x + s, y + s), outline=_BLUE, width=1)
     if circles is not None:
         cx, cy, diameter = circles
         r = max(diameter / downsample / 2, 1.0)
         ok = np.ones(len(cx), bool) if circle_ok is None else np.asarray(circle_ok, bool)
-        for x, y, good in zip((np.asarray(cx) / downsample).tolist(),
-                              (np.asarray(cy) / downsample).tolist(), ok.tolist(), strict=True):
+        for x, y, good in zip(
+            (np.asarray(cx) / downsample).tolist(),
+            (np.asarray(cy) / downsample).tolist(),
+            ok.tolist(),
+            strict=True,
+        ):
             draw.ellipse((x - r, y - r, x + r, y + r), outline=_GREEN if good else _RED, width=1)
     buf = io.BytesIO()
     pil.save(buf, format="PNG", optimize=False)

@@ -111,12 +111,14 @@ class PlainImageReader(BaseSlide):
             SlideUnreadable: ``level`` is not 0 (a plain image has one level).
         """
         if level != 0:
-            raise SlideUnreadable(f"slide {self.path} is a plain image with one level; asked for level {level}")
+            raise SlideUnreadable(
+                f"slide {self.path} is a plain image with one level; asked for level {level}"
+            )
         width, height = self.level_dimensions[0]
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
         if x0 < x1 and y0 < y1:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._pixels[y0:y1, x0:x1, :3]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._pixels[y0:y1, x0:x1, :3]
         return out
 
     def read_openslide(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -156,9 +158,13 @@ def _tiff_mpp(page: object) -> float | None:
 
 def _as_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
     if pixels.dtype != np.uint8:
-        raise SlideUnreadable(f"slide {path}: {pixels.dtype} pixels; only 8-bit images are supported")
+        raise SlideUnreadable(
+            f"slide {path}: {pixels.dtype} pixels; only 8-bit images are supported"
+        )
     if pixels.ndim == 2:
         return np.repeat(pixels[..., None], 3, axis=2)
     if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
         return pixels if pixels.shape[2] == 3 else composite_on_white(np.asarray(pixels))
-    raise SlideUnreadable(f"slide {path}: pixel array of shape {pixels.shape}; expected (H, W[, 3|4])")
+    raise SlideUnreadable(
+        f"slide {path}: pixel array of shape {pixels.shape}; expected (H, W[, 3|4])"
+    )

@@ -31,8 +31,9 @@ def resize_batch(regions: np.ndarray, size: int) -> np.ndarray:
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     with torch.inference_mode():
         for start in range(0, n, _SUB_BATCH):
-            x = torch.from_numpy(regions[start:start + _SUB_BATCH]).permute(0, 3, 1, 2)
-            y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                              align_corners=False)
-            out[start:start + _SUB_BATCH] = y.permute(0, 2, 3, 1).numpy()
+            x = torch.from_numpy(regions[start : start + _SUB_BATCH]).permute(0, 3, 1, 2)
+            y = F.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+            out[start : start + _SUB_BATCH] = y.permute(0, 2, 3, 1).numpy()
     return out

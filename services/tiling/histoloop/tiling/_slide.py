@@ -197,20 +197,22 @@ class SlideReader(BaseSlide):
 
     def _open_direct(self, backend: Backend, cache_tiles: int, verify: bool) -> None:
         if backend != "openslide" and self.vendor in DIRECT_VENDORS:
-            self._direct = JpegTileReader(
-                self.path, self.level_dimensions, cache_tiles=cache_tiles
-            )
+            self._direct = JpegTileReader(self.path, self.level_dimensions, cache_tiles=cache_tiles)
             for level in list(self._direct.levels):
                 if not _integral(self.level_downsamples[level]):
                     log.debug(
                         "%s: level %d downsample %.6f is fractional; read through OpenSlide",
-                        self.path, level, self.level_downsamples[level],
+                        self.path,
+                        level,
+                        self.level_downsamples[level],
                     )
                     self._direct.disable(level)
                 elif verify and not self._verify_level(level):
                     log.warning(
                         "%s: direct JPEG decoding of level %d differs from OpenSlide; "
-                        "using OpenSlide for it", self.path, level,
+                        "using OpenSlide for it",
+                        self.path,
+                        level,
                     )
                     self._direct.disable(level)
         if backend == "direct" and not self.direct_levels:
@@ -268,8 +270,9 @@ class SlideReader(BaseSlide):
             ty, tx = divmod(index, lv.tiles_across)
             x, y = tx * lv.tile_width, ty * lv.tile_height
             w, h = min(lv.tile_width, lv.width - x), min(lv.tile_height, lv.height - y)
-            if not np.array_equal(self._direct.read(level, x, y, w, h),
-                                  self.read_openslide(level, x, y, w, h)):
+            if not np.array_equal(
+                self._direct.read(level, x, y, w, h), self.read_openslide(level, x, y, w, h)
+            ):
                 return False
         return True
 

@@ -164,8 +164,12 @@ def tile_visium(
         ArtifactExists: the prefix holds artifacts already.
     """
     started = time.perf_counter()
-    for name, value in (("context", context), ("patch_size", patch_size), ("scale", scale),
-                        ("chunk_size", chunk_size)):
+    for name, value in (
+        ("context", context),
+        ("patch_size", patch_size),
+        ("scale", scale),
+        ("chunk_size", chunk_size),
+    ):
         _check_positive(name, value)
     if outside not in ("error", "skip"):
         raise InvalidArgument(f"outside must be 'error' or 'skip', got {outside!r}")
@@ -223,27 +227,32 @@ def tile_visium(
         xl = np.round(cx / ds - side / 2).astype(np.int64)
         yl = np.round(cy / ds - side / 2).astype(np.int64)
 
-        index = pd.DataFrame({
-            "id": spots["barcode"].to_numpy(),
-            "level": level,
-            "x": np.round(xl * ds).astype(np.int64),
-            "y": np.round(yl * ds).astype(np.int64),
-            "size": side,
-            "size0": side * ds,
-            "cx": cx,
-            "cy": cy,
-            "in_tissue": spots["in_tissue"].to_numpy(),
-            "on_tissue_mask": on_tissue.astype(np.int8),
-            "array_row": spots["array_row"].to_numpy(),
-            "array_col": spots["array_col"].to_numpy(),
-            "pxl_row_in_fullres": spots["pxl_row_in_fullres"].to_numpy(),
-            "pxl_col_in_fullres": spots["pxl_col_in_fullres"].to_numpy(),
-        })
+        index = pd.DataFrame(
+            {
+                "id": spots["barcode"].to_numpy(),
+                "level": level,
+                "x": np.round(xl * ds).astype(np.int64),
+                "y": np.round(yl * ds).astype(np.int64),
+                "size": side,
+                "size0": side * ds,
+                "cx": cx,
+                "cy": cy,
+                "in_tissue": spots["in_tissue"].to_numpy(),
+                "on_tissue_mask": on_tissue.astype(np.int8),
+                "array_row": spots["array_row"].to_numpy(),
+                "array_col": spots["array_col"].to_numpy(),
+                "pxl_row_in_fullres": spots["pxl_row_in_fullres"].to_numpy(),
+                "pxl_col_in_fullres": spots["pxl_col_in_fullres"].to_numpy(),
+            }
+        )
         overlay = draw_overlay(
-            thumb, thumb_ds,
+            thumb,
+            thumb_ds,
             circles=(cx, cy, spatial.scalefactors.spot_diameter_fullres * scale),
             circle_ok=on_tissue,
-            boxes=(index["x"].to_numpy(), index["y"].to_numpy(), side * ds) if context != 1 else None,
+            boxes=(index["x"].to_numpy(), index["y"].to_numpy(), side * ds)
+            if context != 1
+            else None,
             mask=mask.mask,
         )
         params: dict[str, Any] = {
@@ -259,9 +268,24 @@ def tile_visium(
             "n_spots_total": int(len(positions)),
         }
         return _extract_and_store(
-            "visium", reader, store, prefix, index, xl, yl, level, side, patch_size,
-            chunk_size=chunk_size, workers=workers, backend=backend, cache_tiles=cache_tiles,
-            on_progress=on_progress, overlay=overlay, params=params, notes=notes,
+            "visium",
+            reader,
+            store,
+            prefix,
+            index,
+            xl,
+            yl,
+            level,
+            side,
+            patch_size,
+            chunk_size=chunk_size,
+            workers=workers,
+            backend=backend,
+            cache_tiles=cache_tiles,
+            on_progress=on_progress,
+            overlay=overlay,
+            params=params,
+            notes=notes,
             started=started,
         )
 
@@ -354,22 +378,22 @@ def tile_wsi(
         xl = np.round(x0[keep] / ds).astype(np.int64)
         yl = np.round(y0[keep] / ds).astype(np.int64)
         rr, cc = grid_r[keep], grid_c[keep]
-        index = pd.DataFrame({
-            "id": [f"r{r}_c{c}" for r, c in zip(rr.tolist(), cc.tolist(), strict=True)],
-            "level": level,
-            "x": np.round(xl * ds).astype(np.int64),
-            "y": np.round(yl * ds).astype(np.int64),
-            "size": side,
-            "size0": side * ds,
-            "cx": x0[keep] + side0 / 2,
-            "cy": y0[keep] + side0 / 2,
-            "grid_row": rr,
-            "grid_col": cc,
-            "tissue_fraction": frac[keep],
-        })
-        overlay = draw_overlay(
-            thumb, thumb_ds, boxes=(x0[keep], y0[keep], side0), mask=mask.mask
+        index = pd.DataFrame(
+            {
+                "id": [f"r{r}_c{c}" for r, c in zip(rr.tolist(), cc.tolist(), strict=True)],
+                "level": level,
+                "x": np.round(xl * ds).astype(np.int64),
+                "y": np.round(yl * ds).astype(np.int64),
+                "size": side,
+                "size0": side * ds,
+                "cx": x0[keep] + side0 / 2,
+                "cy": y0[keep] + side0 / 2,
+                "grid_row": rr,
+                "grid_col": cc,
+                "tissue_fraction": frac[keep],
+            }
         )
+        overlay = draw_overlay(thumb, thumb_ds, boxes=(x0[keep], y0[keep], side0), mask=mask.mask)
         params = {
             "mpp": mpp if mpp is not None else base_mpp,
             "slide_mpp": base_mpp,
@@ -380,9 +404,24 @@ def tile_wsi(
             "tissue_threshold": mask.threshold,
         }
         return _extract_and_store(
-            "wsi", reader, store, prefix, index, xl, yl, level, side, tile_size,
-            chunk_size=chunk_size, workers=workers, backend=backend, cache_tiles=cache_tiles,
-            on_progress=on_progress, overlay=overlay, params=params, notes=[],
+            "wsi",
+            reader,
+            store,
+            prefix,
+            index,
+            xl,
+            yl,
+            level,
+            side,
+            tile_size,
+            chunk_size=chunk_size,
+            workers=workers,
+            backend=backend,
+            cache_tiles=cache_tiles,
+            on_progress=on_progress,
+            overlay=overlay,
+            params=params,
+            notes=[],
             started=started,
         )
 
@@ -431,26 +470,47 @@ def _extract_and_store(
     index.insert(1, "chunk", np.arange(n) // chunk_size)
     index.insert(2, "offset", np.arange(n) % chunk_size)
     plans = [
-        ChunkPlan(chunk=c, level=level, side=side, patch_size=patch_size,
-                  xs=xl[c * chunk_size:(c + 1) * chunk_size],
-                  ys=yl[c * chunk_size:(c + 1) * chunk_size])
+        ChunkPlan(
+            chunk=c,
+            level=level,
+            side=side,
+            patch_size=patch_size,
+            xs=xl[c * chunk_size : (c + 1) * chunk_size],
+            ys=yl[c * chunk_size : (c + 1) * chunk_size],
+        )
         for c in range(-(-n // chunk_size))
     ]
     keys = [chunk_key(prefix, p.chunk) for p in plans]
 
     def on_chunk(chunk: int, patches: np.ndarray) -> None:
-        store.put(keys[chunk], array_to_npy(patches), content_type=_NPY,
-                  metadata={"n": str(len(patches))})
+        store.put(
+            keys[chunk], array_to_npy(patches), content_type=_NPY, metadata={"n": str(len(patches))}
+        )
 
     direct = level in reader.direct_levels
     log.info(
         "tiling %s: %d patches from level %d (downsample %.4g, region %d px → %d px) via %s, "
-        "%d worker(s)", reader.path, n, level, reader.level_downsamples[level], side, patch_size,
-        "direct JPEG" if direct else ("a plain image" if reader.vendor.startswith("plain-") else "OpenSlide"),
+        "%d worker(s)",
+        reader.path,
+        n,
+        level,
+        reader.level_downsamples[level],
+        side,
+        patch_size,
+        "direct JPEG"
+        if direct
+        else ("a plain image" if reader.vendor.startswith("plain-") else "OpenSlide"),
         workers,
     )
-    run_extraction(reader, plans, on_chunk, workers=workers, backend=backend,
-                   cache_tiles=cache_tiles, on_progress=on_progress)
+    run_extraction(
+        reader,
+        plans,
+        on_chunk,
+        workers=workers,
+        backend=backend,
+        cache_tiles=cache_tiles,
+        on_progress=on_progress,
+    )
     ikey, okey, mkey = index_key(prefix), overlay_key(prefix), manifest_key(prefix)
     store.put(ikey, index.to_csv(index=False).encode(), content_type="text/csv")
     store.put(okey, overlay, content_type="image/png")
@@ -482,8 +542,18 @@ def _extract_and_store(
     }
     store.put(mkey, json.dumps(manifest, indent=1).encode(), content_type="application/json")
     return TilingResult(
-        kind=kind, prefix=prefix, manifest_key=mkey, index_key=ikey, patch_keys=tuple(keys),
-        overlay_key=okey, n_patches=n, patch_size=patch_size, level=level,
-        downsample=reader.level_downsamples[level], region_size=side, direct=direct,
-        seconds=seconds, warnings=tuple(notes),
+        kind=kind,
+        prefix=prefix,
+        manifest_key=mkey,
+        index_key=ikey,
+        patch_keys=tuple(keys),
+        overlay_key=okey,
+        n_patches=n,
+        patch_size=patch_size,
+        level=level,
+        downsample=reader.level_downsamples[level],
+        region_size=side,
+        direct=direct,
+        seconds=seconds,
+        warnings=tuple(notes),
     )

@@ -85,7 +85,9 @@ def read_spatial(spatial_dir: str | Path) -> SpatialData:
         selection = find_selection_file(spatial_dir)
         if selection is not None:
             positions = read_selection(selection)
-            return SpatialData(positions, ScaleFactors(spot_diameter(positions), None, None), selection)
+            return SpatialData(
+                positions, ScaleFactors(spot_diameter(positions), None, None), selection
+            )
     except InvalidArgument as exc:
         raise BadPositionsFile(str(exc)) from exc
     if not spatial_dir.is_dir():

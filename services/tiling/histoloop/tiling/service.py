@@ -14,7 +14,9 @@ from histoloop.v1 import tiling_pb2, tiling_pb2_grpc
 __all__ = ["TilingServicer", "build"]
 
 
-def _ids(request: tiling_pb2.TileDatasetRequest | tiling_pb2.GetTilingStatusRequest) -> tuple[str, str]:
+def _ids(
+    request: tiling_pb2.TileDatasetRequest | tiling_pb2.GetTilingStatusRequest,
+) -> tuple[str, str]:
     if not request.project_id or not request.dataset_id:
         raise InvalidArgument("project_id and dataset_id are required")
     require_project(request.project_id)
@@ -27,14 +29,20 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
     def __init__(self, step: TilingStep) -> None:
         self.step = step
 
-    def TileDataset(self, request: tiling_pb2.TileDatasetRequest,
-                    context: grpc.ServicerContext) -> tiling_pb2.TileDatasetResponse:
+    def TileDataset(
+        self, request: tiling_pb2.TileDatasetRequest, context: grpc.ServicerContext
+    ) -> tiling_pb2.TileDatasetResponse:
         result = self.step.retile(*_ids(request))
-        return tiling_pb2.TileDatasetResponse(patches_uri=result["patches_uri"], index_uri=result["index_uri"],
-                                              overlay_uri=result["overlay_uri"], n_tiles=int(result["n_tiles"]))
+        return tiling_pb2.TileDatasetResponse(
+            patches_uri=result["patches_uri"],
+            index_uri=result["index_uri"],
+            overlay_uri=result["overlay_uri"],
+            n_tiles=int(result["n_tiles"]),
+        )
 
-    def GetTilingStatus(self, request: tiling_pb2.GetTilingStatusRequest,
-                        context: grpc.ServicerContext) -> tiling_pb2.TilingStatus:
+    def GetTilingStatus(
+        self, request: tiling_pb2.GetTilingStatusRequest, context: grpc.ServicerContext
+    ) -> tiling_pb2.TilingStatus:
         progress, done, error = self.step.progress.get(*_ids(request))
         return tiling_pb2.TilingStatus(progress=progress, done=done, error=error)
 
@@ -46,6 +54,8 @@ def build(runtime: Runtime) -> ServiceParts:
     return ServiceParts(
         name="tiling",
         grpc_service="histoloop.v1.TilingService",
-        register=lambda server: tiling_pb2_grpc.add_TilingServiceServicer_to_server(servicer, server),
+        register=lambda server: tiling_pb2_grpc.add_TilingServiceServicer_to_server(
+            servicer, server
+        ),
         handlers={events.DATASET_REGISTERED: step.on_registered},
     )

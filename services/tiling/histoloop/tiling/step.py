@@ -72,7 +72,9 @@ class TilingStep:
         """Tile a registered dataset again (the TileDataset RPC) and announce it."""
         key = self._registration_key(project, dataset)
         if not self.store.exists(key):
-            raise NotFound(f"dataset {project}/{dataset} was never registered with the tiling service")
+            raise NotFound(
+                f"dataset {project}/{dataset} was never registered with the tiling service"
+            )
         msg = events_pb2.DatasetRegistered.FromString(self.store.get(key))
         msg.meta.event_id = str(uuid.uuid4())  # a new run, not a redelivery
         self.on_registered(msg)
@@ -89,20 +91,34 @@ class TilingStep:
                 buffer = io.StringIO()
                 positions.to_csv(buffer, index=False)
                 self.store.put(spots_key, buffer.getvalue().encode(), content_type="text/csv")
-            result: dict = {"spots_uri": self.store.uri(spots_key) if spatial_dir is not None else "",
-                            "patches_uri": "", "index_uri": "", "overlay_uri": "", "n_tiles": 0}
+            result: dict = {
+                "spots_uri": self.store.uri(spots_key) if spatial_dir is not None else "",
+                "patches_uri": "",
+                "index_uri": "",
+                "overlay_uri": "",
+                "n_tiles": 0,
+            }
             hires = spatial_dir / HIRES_IMAGE if spatial_dir is not None else None
             scale = msg.slide_scale or 1.0
             if msg.slide_uri:
-                slide = self.store.get_file(self.store.key_from_uri(msg.slide_uri),
-                                            Path(tmp) / ("slide-" + msg.slide_uri.rsplit("/", 1)[-1]))
+                slide = self.store.get_file(
+                    self.store.key_from_uri(msg.slide_uri),
+                    Path(tmp) / ("slide-" + msg.slide_uri.rsplit("/", 1)[-1]),
+                )
             elif hires is not None and hires.is_file() and msg.kind != common_pb2.DATASET_KIND_WSI:
                 slide, scale = hires, msg.slide_scale or hires_scale(hires.parent)
-                log.info("tiling %s/%s: no slide registered; using spatial/%s with slide_scale %.6g",
-                         project, dataset, HIRES_IMAGE, scale)
+                log.info(
+                    "tiling %s/%s: no slide registered; using spatial/%s with slide_scale %.6g",
+                    project,
+                    dataset,
+                    HIRES_IMAGE,
+                    scale,
+                )
             else:
                 if spatial_dir is None:
-                    raise FailedPrecondition(f"dataset {dataset} has neither a slide nor Space Ranger files")
+                    raise FailedPrecondition(
+                        f"dataset {dataset} has neither a slide nor Space Ranger files"
+                    )
                 result["n_tiles"] = int((positions["in_tissue"] == 1).sum())
                 return result
 
@@ -111,17 +127,34 @@ class TilingStep:
 
             with _naming_the_slide(slide, msg.slide_uri):
                 if msg.kind == common_pb2.DATASET_KIND_WSI or spatial_dir is None:
-                    tiled = tile_wsi(slide, self.store, prefix + "/wsi", mpp=msg.mpp or None,
-                                     tile_size=msg.tile_size or 224, workers=self.workers,
-                                     on_progress=on_progress)
+                    tiled = tile_wsi(
+                        slide,
+                        self.store,
+                        prefix + "/wsi",
+                        mpp=msg.mpp or None,
+                        tile_size=msg.tile_size or 224,
+                        workers=self.workers,
+                        on_progress=on_progress,
+                    )
                 else:
-                    tiled = tile_visium(slide, spatial_dir, self.store, prefix + "/visium",
-                                        context=msg.context or 1.0, scale=scale,
-                                        workers=self.workers, on_progress=on_progress)
+                    tiled = tile_visium(
+                        slide,
+                        spatial_dir,
+                        self.store,
+                        prefix + "/visium",
+                        context=msg.context or 1.0,
+                        scale=scale,
+                        workers=self.workers,
+                        on_progress=on_progress,
+                    )
             for warning in tiled.warnings:
                 log.warning("tiling %s/%s: %s", project, dataset, warning)
-            result.update(patches_uri=self.store.uri(tiled.manifest_key), index_uri=self.store.uri(tiled.index_key),
-                          overlay_uri=self.store.uri(tiled.overlay_key), n_tiles=tiled.n_patches)
+            result.update(
+                patches_uri=self.store.uri(tiled.manifest_key),
+                index_uri=self.store.uri(tiled.index_key),
+                overlay_uri=self.store.uri(tiled.overlay_key),
+                n_tiles=tiled.n_patches,
+            )
             return result
 
     def _fetch_spatial(self, msg: events_pb2.DatasetRegistered, folder: Path) -> Path | None:
@@ -132,21 +165,29 @@ class TilingStep:
         if not infos:
             raise NotFound(f"no Space Ranger files under {msg.spatial_uri_prefix}")
         for info in infos:
-            self.store.get_file(info.key, folder / info.key[len(prefix):])
+            self.store.get_file(info.key, folder / info.key[len(prefix) :])
         return folder
 
     def _announce(self, msg: events_pb2.DatasetRegistered, result: dict) -> None:
         message = events_pb2.TilesReady(
-            meta=events.new_meta(project=msg.meta.project, dataset=msg.meta.dataset, producer=PRODUCER,
-                                 event_id=events.derived_id(msg.meta.event_id, "tiles"),
-                                 source_versions=dict(msg.meta.source_versions), trace_id=msg.meta.trace_id),
-            patches_uri=result["patches_uri"], index_uri=result["index_uri"], overlay_uri=result["overlay_uri"],
-            spots_uri=result["spots_uri"], expression_uri=msg.expression_uri, config=msg.config,
+            meta=events.new_meta(
+                project=msg.meta.project,
+                dataset=msg.meta.dataset,
+                producer=PRODUCER,
+                event_id=events.derived_id(msg.meta.event_id, "tiles"),
+                source_versions=dict(msg.meta.source_versions),
+                trace_id=msg.meta.trace_id,
+            ),
+            patches_uri=result["patches_uri"],
+            index_uri=result["index_uri"],
+            overlay_uri=result["overlay_uri"],
+            spots_uri=result["spots_uri"],
+            expression_uri=msg.expression_uri,
+            config=msg.config,
             n_tiles=int(result["n_tiles"]),
         )
         events.publish(self.bus, message)
         log.info("tiles ready for %s/%s: %d", msg.meta.project, msg.meta.dataset, result["n_tiles"])
-
 
 
 @contextmanager

@@ -37,11 +37,19 @@ def classification_metrics(
     yp = np.asarray(y_pred, dtype=np.int64)
     if yt.shape != yp.shape or yt.ndim != 1:
         raise InvalidArgument("y_true and y_pred must be 1-D of the same length")
-    n_classes = len(classes) if classes is not None else int(max(yt.max(initial=0), yp.max(initial=0))) + 1
+    n_classes = (
+        len(classes) if classes is not None else int(max(yt.max(initial=0), yp.max(initial=0))) + 1
+    )
     names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     if len(yt) == 0:
-        return {"n": 0, "accuracy": None, "balanced_accuracy": None, "macro_f1": None,
-                "kappa": None, "per_class_f1": dict.fromkeys(names)}
+        return {
+            "n": 0,
+            "accuracy": None,
+            "balanced_accuracy": None,
+            "macro_f1": None,
+            "kappa": None,
+            "per_class_f1": dict.fromkeys(names),
+        }
     present = np.union1d(yt, yp)
     f1 = metrics.f1_score(yt, yp, labels=np.arange(n_classes), average=None, zero_division=0)
     kappa = cohen_kappa(yt, yp)

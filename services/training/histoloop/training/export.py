@@ -107,14 +107,20 @@ class _MLPCore(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.net.encoder(z)
         p = torch.softmax(self.net.classifier(h), dim=1)
-        return p, h, _members(self.net.classifier.weight, self.net.classifier.bias, h, p, self.masks)
+        return (
+            p,
+            h,
+            _members(self.net.classifier.weight, self.net.classifier.bias, h, p, self.masks),
+        )
 
 
 class _MultimodalCore(nn.Module):
     if TYPE_CHECKING:
         masks: torch.Tensor
 
-    def __init__(self, net: MultimodalNet, image_dim: int, gene_dim: int, masks: torch.Tensor) -> None:
+    def __init__(
+        self, net: MultimodalNet, image_dim: int, gene_dim: int, masks: torch.Tensor
+    ) -> None:
         super().__init__()
         self.net = net
         self.dims: list[int] = [image_dim, gene_dim]
@@ -124,7 +130,11 @@ class _MultimodalCore(nn.Module):
         image, genes = torch.split(z, self.dims, dim=1)
         h = self.net.fusion(torch.cat([self.net.image(image), self.net.genes(genes)], dim=1))
         p = torch.softmax(self.net.classifier(h), dim=1)
-        return p, h, _members(self.net.classifier.weight, self.net.classifier.bias, h, p, self.masks)
+        return (
+            p,
+            h,
+            _members(self.net.classifier.weight, self.net.classifier.bias, h, p, self.masks),
+        )
 
 
 class _LogRegCore(nn.Module):
@@ -185,8 +195,12 @@ class _RaterCore(nn.Module):
     def __init__(self, raters: RaterModel) -> None:
         super().__init__()
         self.net = copy.deepcopy(raters.net).eval()
-        self.register_buffer("mean", torch.from_numpy(np.asarray(raters.mean, dtype=np.float32).copy()))
-        self.register_buffer("scale", torch.from_numpy(np.asarray(raters.scale, dtype=np.float32).copy()))
+        self.register_buffer(
+            "mean", torch.from_numpy(np.asarray(raters.mean, dtype=np.float32).copy())
+        )
+        self.register_buffer(
+            "scale", torch.from_numpy(np.asarray(raters.scale, dtype=np.float32).copy())
+        )
 
     def forward(self, z: torch.Tensor, rater: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net((z - self.mean) / self.scale, rater), dim=1)
@@ -232,7 +246,9 @@ def _core(head: Head) -> nn.Module:
         return _MLPCore(head.module, _mask_buffer(head))
     if isinstance(head, MultimodalHead):
         assert isinstance(head.module, MultimodalNet) and head.input_dims is not None
-        return _MultimodalCore(head.module, head.input_dims["image"], head.input_dims["genes"], _mask_buffer(head))
+        return _MultimodalCore(
+            head.module, head.input_dims["image"], head.input_dims["genes"], _mask_buffer(head)
+        )
     if isinstance(head, LogRegHead):
         return _LogRegCore(head)
     if isinstance(head, EnsembleHead):

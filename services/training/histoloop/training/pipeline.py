@@ -95,8 +95,10 @@ class TrainedModel:
             "resampling": self.resampling,
             "fit_report": self.fit_report,
             "scaling": {
-                key: {"names": None if s.names is None else list(s.names),
-                      "log1p_target_sum": s.log1p_target_sum}
+                key: {
+                    "names": None if s.names is None else list(s.names),
+                    "log1p_target_sum": s.log1p_target_sum,
+                }
                 for key, s in self.scaling.items()
             },
         }
@@ -149,7 +151,13 @@ class TrainedModel:
             }
             head_bytes = payload["head_bytes"].numpy().tobytes()
         except (
-            ValueError, KeyError, TypeError, AttributeError, EOFError, RuntimeError, OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            EOFError,
+            RuntimeError,
+            OSError,
             pickle.UnpicklingError,
         ) as exc:
             raise InvalidArgument(f"not a histoloop model artifact: {exc}") from None
@@ -223,7 +231,9 @@ def _encode_labels(
     labels: Sequence[Any] | np.ndarray, classes: Sequence[str] | None
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     raw = list(np.asarray(labels, dtype=object).ravel())
-    missing = [i for i, v in enumerate(raw) if v is None or (isinstance(v, float) and math.isnan(v))]
+    missing = [
+        i for i, v in enumerate(raw) if v is None or (isinstance(v, float) and math.isnan(v))
+    ]
     if missing:
         raise InvalidArgument(
             f"{len(missing)} labels are missing (first row {missing[0]}); drop them first"
@@ -298,7 +308,9 @@ def train_model(
     dims = feature_dims(features)
     X = prepare_features(features, scaling)
     hyper = dict(hyperparameters or {})
-    in_fit = resampling != "off" and head in HEADS and issubclass(HEADS[head].config_class, MLPConfig)
+    in_fit = (
+        resampling != "off" and head in HEADS and issubclass(HEADS[head].config_class, MLPConfig)
+    )
     if in_fit:  # the torch heads resample inside the fit, by the current latent
         hyper.setdefault("resampling", resampling)
         hyper.setdefault("resampling_clusters", resampling_clusters)
@@ -328,12 +340,16 @@ def train_model(
     hidden = None
     if resampling == "online" and init is not None and not in_fit:
         hidden = init.hidden(X_train)
-    weights = None if in_fit else resampling_weights(
-        resampling,
-        embeddings=_clean_first(X_train),
-        hidden=hidden,
-        n_clusters=resampling_clusters,
-        seed=seed,
+    weights = (
+        None
+        if in_fit
+        else resampling_weights(
+            resampling,
+            embeddings=_clean_first(X_train),
+            hidden=hidden,
+            n_clusters=resampling_clusters,
+            seed=seed,
+        )
     )
     report = model_head.fit(
         X_train, y_train, sample_weight=weights, X_val=X_val, y_val=y_val, init_from=init
@@ -344,8 +360,11 @@ def train_model(
         validation = classification_metrics(y_val, pred, classes=class_names)
     seconds = time.perf_counter() - t0
     log.info(
-        "trained %s head on %d spots (%d validation) in %.2f s", head, len(train_rows),
-        len(val_rows), seconds,
+        "trained %s head on %d spots (%d validation) in %.2f s",
+        head,
+        len(train_rows),
+        len(val_rows),
+        seconds,
     )
     return TrainedModel(
         head=head,

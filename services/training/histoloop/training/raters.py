@@ -28,7 +28,14 @@ from .export import scaled_inputs
 from .heads import _torch_threads, inverse_frequency_weights
 from .pipeline import TrainedModel
 
-__all__ = ["RaterModel", "RaterNet", "RaterVote", "fit_rater_model", "fit_round_raters", "vote_rows"]
+__all__ = [
+    "RaterModel",
+    "RaterNet",
+    "RaterVote",
+    "fit_rater_model",
+    "fit_round_raters",
+    "vote_rows",
+]
 
 RaterVote = tuple[int, str, str]
 """``(spot row, annotator, class name)``: one annotator's label of one spot."""
@@ -46,11 +53,20 @@ class RaterNet(nn.Module):
         negative_slope: LeakyReLU slope.
     """
 
-    def __init__(self, in_dim: int, n_raters: int, n_classes: int, hidden: int = 128, embed: int = 8,
-                 negative_slope: float = 0.02) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_raters: int,
+        n_classes: int,
+        hidden: int = 128,
+        embed: int = 8,
+        negative_slope: float = 0.02,
+    ) -> None:
         super().__init__()
         self.raters = nn.Embedding(n_raters, embed)
-        self.encoder = nn.Sequential(nn.Linear(in_dim + embed, hidden), nn.LeakyReLU(negative_slope))
+        self.encoder = nn.Sequential(
+            nn.Linear(in_dim + embed, hidden), nn.LeakyReLU(negative_slope)
+        )
         self.classifier = nn.Linear(hidden, n_classes)
 
     def forward(self, x: torch.Tensor, rater: torch.Tensor) -> torch.Tensor:
@@ -80,8 +96,10 @@ class RaterModel:
         try:
             return self.raters.index(rater)
         except ValueError:
-            raise NotFound(f"annotator {rater!r} gave no labels this model was trained on; "
-                           f"it knows {list(self.raters)}") from None
+            raise NotFound(
+                f"annotator {rater!r} gave no labels this model was trained on; "
+                f"it knows {list(self.raters)}"
+            ) from None
 
     def predict_proba(self, X: np.ndarray, rater: str) -> np.ndarray:
         """``(n, C)`` float32 class probabilities as ``rater`` would label the spots.
@@ -90,7 +108,9 @@ class RaterModel:
             NotFound: The model has not seen this rater.
         """
         idx = self._index(rater)
-        Z = torch.from_numpy(((np.asarray(X, dtype=np.float32) - self.mean) / self.scale).astype(np.float32))
+        Z = torch.from_numpy(
+            ((np.asarray(X, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)
+        )
         self.net.eval()
         with _torch_threads(1), torch.no_grad():
             logits = self.net(Z, torch.full((len(Z),), idx, dtype=torch.int64))
@@ -98,7 +118,9 @@ class RaterModel:
 
     def disagreement(self, X: np.ndarray) -> np.ndarray:
         """``(n,)`` share of rater pairs whose predicted classes differ, per spot (0 = all agree)."""
-        return rater_disagreement(np.stack([self.predict_proba(X, r).argmax(axis=1) for r in self.raters]))
+        return rater_disagreement(
+            np.stack([self.predict_proba(X, r).argmax(axis=1) for r in self.raters])
+        )
 
 
 def fit_rater_model(
@@ -139,7 +161,9 @@ def fit_rater_model(
     y = np.asarray(y, dtype=np.int64)
     names = [str(r) for r in raters]
     if X.ndim != 2 or len(X) == 0 or len(names) != len(X) or y.shape != (len(X),):
-        raise InvalidArgument(f"X {X.shape}, raters ({len(names)}) and y {y.shape} must describe the same labels")
+        raise InvalidArgument(
+            f"X {X.shape}, raters ({len(names)}) and y {y.shape} must describe the same labels"
+        )
     if y.min() < 0 or y.max() >= n_classes:
         raise InvalidArgument(f"labels must be in [0, {n_classes})")
     order = tuple(sorted(set(names)))
@@ -149,13 +173,38 @@ def fit_rater_model(
     scale[scale < 1e-8] = 1.0
     Z = torch.from_numpy((X - mean) / scale)
     with _torch_threads(1):
-        net = _train(X.shape[1], Z, r, y, len(order), n_classes, seed=seed, epochs=epochs, lr=lr,
-                     batch_size=batch_size, hidden=hidden, embed=embed)
+        net = _train(
+            X.shape[1],
+            Z,
+            r,
+            y,
+            len(order),
+            n_classes,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            hidden=hidden,
+            embed=embed,
+        )
     return RaterModel(net=net, raters=order, n_classes=n_classes, mean=mean, scale=scale)
 
 
-def _train(in_dim: int, Z: torch.Tensor, r: np.ndarray, y: np.ndarray, n_raters: int, n_classes: int, *,
-           seed: int, epochs: int, lr: float, batch_size: int, hidden: int, embed: int) -> RaterNet:
+def _train(
+    in_dim: int,
+    Z: torch.Tensor,
+    r: np.ndarray,
+    y: np.ndarray,
+    n_raters: int,
+    n_classes: int,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    hidden: int,
+    embed: int,
+) -> RaterNet:
     torch.manual_seed(seed)
     net = RaterNet(in_dim, n_raters, n_classes, hidden=hidden, embed=embed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -174,7 +223,9 @@ def _train(in_dim: int, Z: torch.Tensor, r: np.ndarray, y: np.ndarray, n_raters:
     return net.eval()
 
 
-def vote_rows(barcodes: Iterable[str], votes: Mapping[str, Mapping[str, str]], offset: int = 0) -> list[RaterVote]:
+def vote_rows(
+    barcodes: Iterable[str], votes: Mapping[str, Mapping[str, str]], offset: int = 0
+) -> list[RaterVote]:
     """Every annotator's vote on the spots of one dataset, as rows of the stacked feature matrix.
 
     Args:
@@ -182,13 +233,20 @@ def vote_rows(barcodes: Iterable[str], votes: Mapping[str, Mapping[str, str]], o
         votes: barcode → annotator → class (a label snapshot's ``votes`` of the dataset).
         offset: Row of the dataset's first spot in the stacked matrix.
     """
-    return [(offset + row, annotator, label)
-            for row, barcode in enumerate(barcodes)
-            for annotator, label in sorted(votes.get(str(barcode), {}).items())]
+    return [
+        (offset + row, annotator, label)
+        for row, barcode in enumerate(barcodes)
+        for annotator, label in sorted(votes.get(str(barcode), {}).items())
+    ]
 
 
-def fit_round_raters(features: Mapping[str, np.ndarray], model: TrainedModel, votes: Sequence[RaterVote], *,
-                     seed: int) -> RaterModel:
+def fit_round_raters(
+    features: Mapping[str, np.ndarray],
+    model: TrainedModel,
+    votes: Sequence[RaterVote],
+    *,
+    seed: int,
+) -> RaterModel:
     """The per-annotator model of one round, beside the round's consensus ``model``.
 
     It sees the spots as ``model`` does (its feature layout and source scaling, see
@@ -212,5 +270,10 @@ def fit_round_raters(features: Mapping[str, np.ndarray], model: TrainedModel, vo
     rows = np.array([row for row, _, _ in votes], dtype=np.int64)
     x = np.hstack([np.asarray(features[k], dtype=np.float32) for k in features])[rows]
     y = np.array([model.classes.index(label) for _, _, label in votes], dtype=np.int64)
-    return fit_rater_model(scaled_inputs(model, x), [a for _, a, _ in votes], y, n_classes=len(model.classes),
-                           seed=seed)
+    return fit_rater_model(
+        scaled_inputs(model, x),
+        [a for _, a, _ in votes],
+        y,
+        n_classes=len(model.classes),
+        seed=seed,
+    )

@@ -27,10 +27,14 @@ import numpy as np
 from histoloop.errors import InvalidArgument
 from histoloop.formats.vocab import RESAMPLING_MODES, ResamplingMode
 
-__all__ = ["RESAMPLING_MODES", "ResamplingMode", "adaptive_resampling_weights", "resampling_weights"]
+__all__ = [
+    "RESAMPLING_MODES",
+    "ResamplingMode",
+    "adaptive_resampling_weights",
+    "resampling_weights",
+]
 
 log = logging.getLogger(__name__)
-
 
 
 def adaptive_resampling_weights(

@@ -90,8 +90,10 @@ class FeatureScaling:
         Returns:
             The fitted scaling.
         """
-        Z = log1p_normalise(X, log1p_target_sum) if log1p_target_sum else np.asarray(
-            X, dtype=np.float32
+        Z = (
+            log1p_normalise(X, log1p_target_sum)
+            if log1p_target_sum
+            else np.asarray(X, dtype=np.float32)
         )
         if Z.ndim != 2 or Z.shape[0] == 0:
             raise InvalidArgument(f"X must be a non-empty (n, d) array, got {Z.shape}")

@@ -22,7 +22,13 @@ import scipy.sparse as sp
 
 from histoloop.errors import InvalidArgument
 
-__all__ = ["SemiSupervised", "combined_graph", "label_spreading", "pseudo_label_rows", "pseudo_labels"]
+__all__ = [
+    "SemiSupervised",
+    "combined_graph",
+    "label_spreading",
+    "pseudo_label_rows",
+    "pseudo_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,13 @@ class SemiSupervised:
         return self
 
 
-def combined_graph(features: np.ndarray, positions: np.ndarray | None, *, feature_neighbours: int = 10,
-                   spatial_neighbours: int = 6) -> sp.csr_matrix:
+def combined_graph(
+    features: np.ndarray,
+    positions: np.ndarray | None,
+    *,
+    feature_neighbours: int = 10,
+    spatial_neighbours: int = 6,
+) -> sp.csr_matrix:
     """Symmetric 0/1 adjacency: kNN in feature space ∪ nearest spots on the slide.
 
     Args:
@@ -82,7 +93,11 @@ def combined_graph(features: np.ndarray, positions: np.ndarray | None, *, featur
         if data is None or k <= 0 or n < 2:
             continue
         k = min(k, n - 1)
-        idx = NearestNeighbors(n_neighbors=k + 1).fit(data).kneighbors(data, return_distance=False)[:, 1:]
+        idx = (
+            NearestNeighbors(n_neighbors=k + 1)
+            .fit(data)
+            .kneighbors(data, return_distance=False)[:, 1:]
+        )
         rows = np.repeat(np.arange(n), k)
         blocks.append(sp.csr_matrix((np.ones(n * k), (rows, idx.ravel())), shape=(n, n)))
     if not blocks:
@@ -94,8 +109,16 @@ def combined_graph(features: np.ndarray, positions: np.ndarray | None, *, featur
     return W.tocsr()
 
 
-def label_spreading(graph: sp.spmatrix, labelled: np.ndarray, y: np.ndarray, n_classes: int, *,
-                    alpha: float = 0.9, iterations: int = 30, balanced: bool = True) -> np.ndarray:
+def label_spreading(
+    graph: sp.spmatrix,
+    labelled: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    alpha: float = 0.9,
+    iterations: int = 30,
+    balanced: bool = True,
+) -> np.ndarray:
     """Class mass per spot after spreading the labels over ``graph``.
 
     ``F ← α·S·F + (1 − α)·Y`` with ``S = D^-½ W D^-½`` and ``Y`` one-hot labels scaled so
@@ -136,8 +159,9 @@ def label_spreading(graph: sp.spmatrix, labelled: np.ndarray, y: np.ndarray, n_c
     return out
 
 
-def pseudo_labels(spread: np.ndarray, labelled: np.ndarray, threshold: float, *,
-                  max_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pseudo_labels(
+    spread: np.ndarray, labelled: np.ndarray, threshold: float, *, max_count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Unlabelled spots whose spread class is confident: ``(rows, classes)``, most confident first.
 
     Args:
@@ -158,9 +182,14 @@ def pseudo_labels(spread: np.ndarray, labelled: np.ndarray, threshold: float, *,
     return rows.astype(np.int64), cls[rows].astype(np.int64)
 
 
-def pseudo_label_rows(features: np.ndarray, positions: np.ndarray | None, labelled_rows: np.ndarray,
-                      labels: np.ndarray, classes: tuple[str, ...] | list[str],
-                      settings: SemiSupervised) -> tuple[np.ndarray, np.ndarray]:
+def pseudo_label_rows(
+    features: np.ndarray,
+    positions: np.ndarray | None,
+    labelled_rows: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[str, ...] | list[str],
+    settings: SemiSupervised,
+) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels for one dataset: rows and class names to train on beside the real labels.
 
     Args:
@@ -183,10 +212,22 @@ def pseudo_label_rows(features: np.ndarray, positions: np.ndarray | None, labell
     y[labelled_rows] = [index[str(v)] for v in labels]
     if settings.threshold <= 0 or len(labelled_rows) == 0 or n < 3:
         return np.empty(0, np.int64), np.empty(0, dtype=object)
-    graph = combined_graph(features, positions, feature_neighbours=settings.feature_neighbours,
-                           spatial_neighbours=settings.spatial_neighbours if positions is not None else 0)
-    spread = label_spreading(graph, labelled, y, len(classes), alpha=settings.alpha, iterations=settings.iterations,
-                             balanced=settings.balanced)
-    rows, cls = pseudo_labels(spread, labelled, settings.threshold,
-                              max_count=int(settings.max_share * len(labelled_rows)))
+    graph = combined_graph(
+        features,
+        positions,
+        feature_neighbours=settings.feature_neighbours,
+        spatial_neighbours=settings.spatial_neighbours if positions is not None else 0,
+    )
+    spread = label_spreading(
+        graph,
+        labelled,
+        y,
+        len(classes),
+        alpha=settings.alpha,
+        iterations=settings.iterations,
+        balanced=settings.balanced,
+    )
+    rows, cls = pseudo_labels(
+        spread, labelled, settings.threshold, max_count=int(settings.max_share * len(labelled_rows))
+    )
     return rows, np.asarray(classes, dtype=object)[cls]

@@ -18,11 +18,19 @@ __all__ = ["TrainingServicer", "build"]
 
 def _info(uri: str, card: ModelCard) -> training_pb2.ModelInfo:
     return training_pb2.ModelInfo(
-        project_id=card.project, model_version=card.version, model_uri=uri, head=card.head, seed=card.seed,
-        label_version=card.label_version, label_batch_ids=list(card.label_batch_ids),
-        embeddings_uris=list(card.embeddings_uris), hyperparameters=dict(card.hyperparameters),
+        project_id=card.project,
+        model_version=card.version,
+        model_uri=uri,
+        head=card.head,
+        seed=card.seed,
+        label_version=card.label_version,
+        label_batch_ids=list(card.label_batch_ids),
+        embeddings_uris=list(card.embeddings_uris),
+        hyperparameters=dict(card.hyperparameters),
         metrics=metrics_proto(card),
-        classes=list(card.classes), raters=list(card.raters))
+        classes=list(card.classes),
+        raters=list(card.raters),
+    )
 
 
 def _project(project_id: str) -> str:
@@ -38,18 +46,26 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def __init__(self, step: TrainingStep) -> None:
         self.step = step
 
-    def Train(self, request: training_pb2.TrainRequest, context: grpc.ServicerContext) -> training_pb2.TrainResponse:
+    def Train(
+        self, request: training_pb2.TrainRequest, context: grpc.ServicerContext
+    ) -> training_pb2.TrainResponse:
         project = _project(request.project_id)
         if request.head and request.head not in HEADS:
             raise InvalidArgument(f"head {request.head!r} is not one of {', '.join(sorted(HEADS))}")
         return training_pb2.TrainResponse(
-            model=_info(*self.step.retrain(project, head=request.head, seed=request.seed or None)))
+            model=_info(*self.step.retrain(project, head=request.head, seed=request.seed or None))
+        )
 
-    def GetModel(self, request: training_pb2.GetModelRequest, context: grpc.ServicerContext) -> training_pb2.ModelInfo:
-        return _info(*latest_card(self.step.store, _project(request.project_id), request.model_version))
+    def GetModel(
+        self, request: training_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> training_pb2.ModelInfo:
+        return _info(
+            *latest_card(self.step.store, _project(request.project_id), request.model_version)
+        )
 
-    def ListModels(self, request: training_pb2.ListModelsRequest,
-                   context: grpc.ServicerContext) -> training_pb2.ListModelsResponse:
+    def ListModels(
+        self, request: training_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> training_pb2.ListModelsResponse:
         cards = list_cards(self.step.store, _project(request.project_id))
         return training_pb2.ListModelsResponse(models=[_info(uri, card) for uri, card in cards])
 
@@ -61,7 +77,9 @@ def build(runtime: Runtime) -> ServiceParts:
     return ServiceParts(
         name="training",
         grpc_service="histoloop.v1.TrainingService",
-        register=lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server),
+        register=lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(
+            servicer, server
+        ),
         handlers={events.LABELS_COMMITTED: step.on_labels},
         coalesce=[events.LABELS_COMMITTED],
     )

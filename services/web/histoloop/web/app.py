@@ -74,15 +74,23 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_EXPORTS = {"labels": pb.EXPORT_KIND_LABELS, "queryset": pb.EXPORT_KIND_QUERY_SET,
-            "predictions": pb.EXPORT_KIND_PREDICTIONS}
-_FORMATS = {"loupe": pb.EXPORT_FORMAT_LOUPE_CSV, "geojson": pb.EXPORT_FORMAT_GEOJSON,
-            "png": pb.EXPORT_FORMAT_PNG}
+_EXPORTS = {
+    "labels": pb.EXPORT_KIND_LABELS,
+    "queryset": pb.EXPORT_KIND_QUERY_SET,
+    "predictions": pb.EXPORT_KIND_PREDICTIONS,
+}
+_FORMATS = {
+    "loupe": pb.EXPORT_FORMAT_LOUPE_CSV,
+    "geojson": pb.EXPORT_FORMAT_GEOJSON,
+    "png": pb.EXPORT_FORMAT_PNG,
+}
 _HEADER_TTL = 30.0
 _KEEPALIVE = 15.0
 _MAX_BODY = 8 * 1024 * 1024
-_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-        "script-src 'self'; connect-src 'self'; frame-ancestors 'none'")
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'"
+)
 """Everything from this origin only (no CDN); inline style attributes for the panels' swatches."""
 _LOCAL = Session(token="", subject="local", read_only=False, expires=float("inf"))
 
@@ -92,7 +100,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _message(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _check_id(value: str, what: str) -> str:
@@ -137,21 +147,33 @@ class WebApp:
         except HistoloopError as exc:
             raise WebError(401, str(exc)) from None
         if project is not None and project not in session.projects:
-            await run_in_threadpool(self.backends.call, self.backends.store.GetProject,
-                                    pb.GetProjectRequest(project_id=project), session.token)
+            await run_in_threadpool(
+                self.backends.call,
+                self.backends.store.GetProject,
+                pb.GetProjectRequest(project_id=project),
+                session.token,
+            )
             session.projects.add(project)
         return session
 
     async def me(self, request: Request) -> JSONResponse:
         """Who is signed in."""
         if not self.backends.auth:
-            return JSONResponse({"auth": False, "signed_in": True, "subject": "local", "read_only": False})
+            return JSONResponse(
+                {"auth": False, "signed_in": True, "subject": "local", "read_only": False}
+            )
         try:
             session = self.sessions.get(request.cookies.get(COOKIE))
         except HistoloopError:
             return JSONResponse({"auth": True, "signed_in": False})
-        return JSONResponse({"auth": True, "signed_in": True, "subject": session.subject,
-                             "read_only": session.read_only})
+        return JSONResponse(
+            {
+                "auth": True,
+                "signed_in": True,
+                "subject": session.subject,
+                "read_only": session.read_only,
+            }
+        )
 
     async def sign_in(self, request: Request) -> Response:
         """Check an annotator token with the store (``GetProject``) and start a session."""
@@ -164,22 +186,43 @@ class WebApp:
         _check_id(project, "project")
         if not self.backends.auth:
             return JSONResponse({"subject": "local", "read_only": False})
-        reply = await run_in_threadpool(self.backends.call, self.backends.store.GetProject,
-                                        pb.GetProjectRequest(project_id=project), token.strip())
+        reply = await run_in_threadpool(
+            self.backends.call,
+            self.backends.store.GetProject,
+            pb.GetProjectRequest(project_id=project),
+            token.strip(),
+        )
         subject = ""
         if reply.datasets:
             header = await run_in_threadpool(
-                self.backends.call, self.backends.store.GetUnitLayer,
-                pb.GetUnitLayerRequest(project_id=project, dataset_id=reply.datasets[0], header_only=True),
-                token.strip())
+                self.backends.call,
+                self.backends.store.GetUnitLayer,
+                pb.GetUnitLayerRequest(
+                    project_id=project, dataset_id=reply.datasets[0], header_only=True
+                ),
+                token.strip(),
+            )
             subject = header.caller
         read_only = bool(body.get("view_only")) or subject in self.viewers
-        sid, session = self.sessions.create(token.strip(), subject, read_only=read_only, projects={project})
+        sid, session = self.sessions.create(
+            token.strip(), subject, read_only=read_only, projects={project}
+        )
         response = JSONResponse({"subject": subject, "read_only": read_only})
-        response.set_cookie(COOKIE, sid, max_age=int(self.sessions.lifetime), httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https", path="/")
-        log.info("signed in %s to project %s%s", subject or "(unknown)", project,
-                 " (read-only)" if read_only else "")
+        response.set_cookie(
+            COOKIE,
+            sid,
+            max_age=int(self.sessions.lifetime),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        log.info(
+            "signed in %s to project %s%s",
+            subject or "(unknown)",
+            project,
+            " (read-only)" if read_only else "",
+        )
         return response
 
     async def sign_out(self, request: Request) -> Response:
@@ -197,31 +240,55 @@ class WebApp:
     async def project(self, request: Request) -> JSONResponse:
         """The project: classes, datasets, loop settings."""
         p = _check_id(request.path_params["project"], "project")
-        reply = await self._rpc(request, p, self.backends.store.GetProject, pb.GetProjectRequest(project_id=p))
+        reply = await self._rpc(
+            request, p, self.backends.store.GetProject, pb.GetProjectRequest(project_id=p)
+        )
         return JSONResponse(_message(reply))
 
     async def status(self, request: Request) -> JSONResponse:
         """``GetStatus`` as JSON; new fields (stage states) pass through as they are."""
         p = _check_id(request.path_params["project"], "project")
-        reply = await self._rpc(request, p, self.backends.store.GetStatus, pb.GetStatusRequest(project_id=p))
+        reply = await self._rpc(
+            request, p, self.backends.store.GetStatus, pb.GetStatusRequest(project_id=p)
+        )
         return JSONResponse(_message(reply))
 
     async def query_set(self, request: Request) -> JSONResponse:
         """The latest query set."""
         p = _check_id(request.path_params["project"], "project")
-        reply = await self._rpc(request, p, self.backends.store.GetQuerySet, pb.GetQuerySetRequest(project_id=p))
+        reply = await self._rpc(
+            request, p, self.backends.store.GetQuerySet, pb.GetQuerySetRequest(project_id=p)
+        )
         return JSONResponse(_message(reply))
 
     async def models(self, request: Request) -> JSONResponse:
         """Model cards, oldest first: the learning curve."""
         p = _check_id(request.path_params["project"], "project")
-        await self.session(request, p)  # the store confirms membership; then the service token reads
-        reply = await run_in_threadpool(self.backends.call, self.backends.training.ListModels,
-                                        training_pb2.ListModelsRequest(project_id=p), "")
-        return JSONResponse({"models": [
-            {"model_version": m.model_version, "label_version": m.label_version, "head": m.head,
-             "n_train": m.metrics.n_train, "macro_f1": m.metrics.macro_f1,
-             "balanced_accuracy": m.metrics.balanced_accuracy, "raters": list(m.raters)} for m in reply.models]})
+        await self.session(
+            request, p
+        )  # the store confirms membership; then the service token reads
+        reply = await run_in_threadpool(
+            self.backends.call,
+            self.backends.training.ListModels,
+            training_pb2.ListModelsRequest(project_id=p),
+            "",
+        )
+        return JSONResponse(
+            {
+                "models": [
+                    {
+                        "model_version": m.model_version,
+                        "label_version": m.label_version,
+                        "head": m.head,
+                        "n_train": m.metrics.n_train,
+                        "macro_f1": m.metrics.macro_f1,
+                        "balanced_accuracy": m.metrics.balanced_accuracy,
+                        "raters": list(m.raters),
+                    }
+                    for m in reply.models
+                ]
+            }
+        )
 
     async def agreement(self, request: Request) -> JSONResponse:
         """``GetAgreement`` (kappas, disputed units) for the project or one dataset."""
@@ -229,8 +296,12 @@ class WebApp:
         dataset = request.query_params.get("dataset", "")
         if dataset:
             _check_id(dataset, "dataset")
-        reply = await self._rpc(request, p, self.backends.store.GetAgreement,
-                                pb.GetAgreementRequest(project_id=p, dataset_id=dataset))
+        reply = await self._rpc(
+            request,
+            p,
+            self.backends.store.GetAgreement,
+            pb.GetAgreementRequest(project_id=p, dataset_id=dataset),
+        )
         return JSONResponse(_message(reply))
 
     async def events(self, request: Request) -> Response:
@@ -241,18 +312,25 @@ class WebApp:
         queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         stream = self.backends.store.WatchQuerySets(
             pb.WatchQuerySetsRequest(project_id=p, include_latest=False),
-            metadata=self.backends.metadata(session.token))
+            metadata=self.backends.metadata(session.token),
+        )
 
         def pump() -> None:
             try:
                 for query_set in stream:
-                    summary = {"queryset_id": query_set.queryset_id, "round": query_set.round,
-                               "n": len(query_set.spots), "strategy": query_set.strategy,
-                               "model_version": query_set.model_version}
+                    summary = {
+                        "queryset_id": query_set.queryset_id,
+                        "round": query_set.round,
+                        "n": len(query_set.spots),
+                        "strategy": query_set.strategy,
+                        "model_version": query_set.model_version,
+                    }
                     loop.call_soon_threadsafe(queue.put_nowait, ("queryset", summary))
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", {"error": exc.details() or ""}))
+                    loop.call_soon_threadsafe(
+                        queue.put_nowait, ("error", {"error": exc.details() or ""})
+                    )
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
@@ -276,19 +354,28 @@ class WebApp:
                 EVENT_STREAMS.dec()
                 stream.cancel()
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     # one dataset --------------------------------------------------------------------------
     def _ids(self, request: Request) -> tuple[str, str]:
-        return (_check_id(request.path_params["project"], "project"),
-                _check_id(request.path_params["dataset"], "dataset"))
+        return (
+            _check_id(request.path_params["project"], "project"),
+            _check_id(request.path_params["dataset"], "dataset"),
+        )
 
     async def layer(self, request: Request) -> Response:
         """Every unit of the dataset, binary columns (gzip when the browser accepts it)."""
         p, d = self._ids(request)
-        reply = await self._rpc(request, p, self.backends.store.GetUnitLayer,
-                                pb.GetUnitLayerRequest(project_id=p, dataset_id=d))
+        reply = await self._rpc(
+            request,
+            p,
+            self.backends.store.GetUnitLayer,
+            pb.GetUnitLayerRequest(project_id=p, dataset_id=d),
+        )
         data = await run_in_threadpool(encode_layer, reply)
         headers = {"Cache-Control": "no-store", "X-Units": str(len(reply.unit_ids))}
         if "gzip" in request.headers.get("accept-encoding", ""):
@@ -304,9 +391,12 @@ class WebApp:
         if not unit:
             raise WebError(400, "unit: give the clicked unit's id (?unit=)")
         await self.session(request, p)  # the store confirms membership; then the service token asks
-        ask = prediction_pb2.ProposeRegionRequest(project_id=p, dataset_id=d, unit=unit,
-                                                  annotator_id=request.query_params.get("as", ""))
-        reply = await run_in_threadpool(self.backends.call, self.backends.prediction.ProposeRegion, ask, "")
+        ask = prediction_pb2.ProposeRegionRequest(
+            project_id=p, dataset_id=d, unit=unit, annotator_id=request.query_params.get("as", "")
+        )
+        reply = await run_in_threadpool(
+            self.backends.call, self.backends.prediction.ProposeRegion, ask, ""
+        )
         return JSONResponse(_message(reply))
 
     async def _slide(self, request: Request) -> Slide:
@@ -316,21 +406,37 @@ class WebApp:
             cached = self._headers.get((p, d))
         if cached is None or time.monotonic() - cached.fetched > _HEADER_TTL:
             header = await run_in_threadpool(
-                self.backends.call, self.backends.store.GetUnitLayer,
-                pb.GetUnitLayerRequest(project_id=p, dataset_id=d, header_only=True), session.token)
+                self.backends.call,
+                self.backends.store.GetUnitLayer,
+                pb.GetUnitLayerRequest(project_id=p, dataset_id=d, header_only=True),
+                session.token,
+            )
             cached = _Header(header, time.monotonic())
             with self._lock:
                 self._headers[(p, d)] = cached
         h = cached.layer
-        return await run_in_threadpool(self.slides.slide, h.slide_uri, h.spatial_uri_prefix, h.coordinates)
+        return await run_in_threadpool(
+            self.slides.slide, h.slide_uri, h.spatial_uri_prefix, h.coordinates
+        )
 
     async def slide_json(self, request: Request) -> JSONResponse:
         """The Deep Zoom descriptor in OpenSeadragon's inline form, with the overlay's unit scale."""
         slide = await self._slide(request)
         described = slide.describe()
-        described["Image"]["Url"] = str(request.url_for(  # type: ignore[index]
-            "slide_tile", project=request.path_params["project"], dataset=request.path_params["dataset"],
-            level="0", tile="0_0.jpeg")).rsplit("/0/0_0.jpeg", 1)[0] + "/"
+        image = described["Image"]
+        assert isinstance(image, dict)  # the descriptor's "Image" object
+        image["Url"] = (
+            str(
+                request.url_for(
+                    "slide_tile",
+                    project=request.path_params["project"],
+                    dataset=request.path_params["dataset"],
+                    level="0",
+                    tile="0_0.jpeg",
+                )
+            ).rsplit("/0/0_0.jpeg", 1)[0]
+            + "/"
+        )
         return JSONResponse(described)
 
     async def slide_dzi(self, request: Request) -> Response:
@@ -365,14 +471,19 @@ class WebApp:
         p, d = self._ids(request)
         session = await self.session(request, p)
         if session.read_only:
-            raise WebError(403, f"{session.subject or 'this session'} is read-only: labels are not accepted")
+            raise WebError(
+                403, f"{session.subject or 'this session'} is read-only: labels are not accepted"
+            )
         body = await _json(request)
         labels = body.get("labels")
         if not isinstance(labels, list) or not labels:
             raise WebError(400, "labels: give a non-empty list of {unit, label}")
         if len(labels) > self.settings.web_max_batch:
-            raise WebError(413, f"labels: {len(labels)} labels in one batch; at most "
-                                f"{self.settings.web_max_batch} are accepted")
+            raise WebError(
+                413,
+                f"labels: {len(labels)} labels in one batch; at most "
+                f"{self.settings.web_max_batch} are accepted",
+            )
         spots = []
         for i, item in enumerate(labels):
             if not isinstance(item, dict):
@@ -388,10 +499,18 @@ class WebApp:
         if not isinstance(queryset_id, str) or not isinstance(batch_id, str):
             raise WebError(400, "queryset_id and batch_id must be strings")
         reply = await run_in_threadpool(
-            self.backends.call, self.backends.store.SubmitLabels,
-            pb.SubmitLabelsRequest(project_id=p, dataset_id=d, batch_id=batch_id, labels=spots,
-                                   source=pb.LABEL_SOURCE_GRPC, queryset_id=queryset_id),
-            session.token)
+            self.backends.call,
+            self.backends.store.SubmitLabels,
+            pb.SubmitLabelsRequest(
+                project_id=p,
+                dataset_id=d,
+                batch_id=batch_id,
+                labels=spots,
+                source=pb.LABEL_SOURCE_GRPC,
+                queryset_id=queryset_id,
+            ),
+            session.token,
+        )
         return JSONResponse(_message(reply))
 
     async def export(self, request: Request) -> Response:
@@ -403,11 +522,19 @@ class WebApp:
         form = request.query_params.get("format", "loupe")
         if form not in _FORMATS:
             raise WebError(400, f"format {form[:40]!r}: choose one of {', '.join(_FORMATS)}")
-        reply = await self._rpc(request, p, self.backends.store.ExportLabels,
-                                pb.ExportLabelsRequest(project_id=p, dataset_id=d, kind=_EXPORTS[kind],
-                                                       format=_FORMATS[form]))
-        return Response(reply.content or reply.csv, media_type=reply.media_type or "text/csv",
-                        headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'})
+        reply = await self._rpc(
+            request,
+            p,
+            self.backends.store.ExportLabels,
+            pb.ExportLabelsRequest(
+                project_id=p, dataset_id=d, kind=_EXPORTS[kind], format=_FORMATS[form]
+            ),
+        )
+        return Response(
+            reply.content or reply.csv,
+            media_type=reply.media_type or "text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'},
+        )
 
     # health -------------------------------------------------------------------------------
     async def readyz(self, request: Request) -> JSONResponse:
@@ -415,10 +542,14 @@ class WebApp:
         stub = health_pb2_grpc.HealthStub(self.backends.store_channel)
         try:
             reply = await run_in_threadpool(
-                stub.Check, health_pb2.HealthCheckRequest(service="histoloop.v1.AnnotationStoreService"),
-                timeout=3)
+                stub.Check,
+                health_pb2.HealthCheckRequest(service="histoloop.v1.AnnotationStoreService"),
+                timeout=3,
+            )
         except grpc.RpcError as exc:
-            return _error(503, f"annotation store at {self.backends.store_address}: {exc.code().name}")
+            return _error(
+                503, f"annotation store at {self.backends.store_address}: {exc.code().name}"
+            )
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             return _error(503, f"annotation store at {self.backends.store_address} is not serving")
         return JSONResponse({"status": "ready"})
@@ -439,7 +570,9 @@ async def _json(request: Request) -> dict[str, Any]:
     return value
 
 
-def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+def _guard(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
@@ -454,8 +587,12 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
 class _SecurityHeaders:
     """Adds a strict Content-Security-Policy and friends to every HTTP response (pure ASGI)."""
 
-    _HEADERS = [(b"content-security-policy", _CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
+    _HEADERS = [
+        (b"content-security-policy", _CSP.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"same-origin"),
+        (b"x-frame-options", b"DENY"),
+    ]
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -509,6 +646,8 @@ def create_app(settings: Settings, store: ArtifactStore, backends: Backends) -> 
         Route(ds + "/region", _guard(web.region)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(RequestMetrics), Middleware(_SecurityHeaders)])
+    app = Starlette(
+        routes=routes, middleware=[Middleware(RequestMetrics), Middleware(_SecurityHeaders)]
+    )
     app.state.web = web
     return app

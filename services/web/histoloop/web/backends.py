@@ -56,8 +56,14 @@ def _local_address(settings: Settings) -> str:
 class Backends:
     """Channels and stubs to the services the workspace calls."""
 
-    def __init__(self, settings: Settings, *, store_address: str | None = None,
-                 training_address: str | None = None, prediction_address: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store_address: str | None = None,
+        training_address: str | None = None,
+        prediction_address: str | None = None,
+    ) -> None:
         """Open the channels (lazily connected).
 
         Args:
@@ -79,7 +85,9 @@ class Backends:
         # confirmed the annotator's membership of the project.
         self._channels.append(make_channel(training, settings))
         self.training = training_pb2_grpc.TrainingServiceStub(self._channels[-1])
-        self._channels.append(make_channel(prediction, settings))  # service token too, like training
+        self._channels.append(
+            make_channel(prediction, settings)
+        )  # service token too, like training
         self.prediction = prediction_pb2_grpc.PredictionServiceStub(self._channels[-1])
         self.store_channel = self._channels[0]
         self.store_address = store

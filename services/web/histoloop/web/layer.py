@@ -37,7 +37,9 @@ def encode_layer(layer: pb.UnitLayer) -> bytes:
     label_dtype = np.int8 if len(layer.classes) < 127 else np.int16
     size = column(layer.size, np.float32)
     uncertainty = column(layer.uncertainty, np.float32)
-    scaled = np.where(uncertainty < 0, _NO_UNCERTAINTY, np.clip(np.round(uncertainty * 254), 0, 254))
+    scaled = np.where(
+        uncertainty < 0, _NO_UNCERTAINTY, np.clip(np.round(uncertainty * 254), 0, 254)
+    )
     flags = column(layer.in_tissue, np.uint8) | (column(layer.disputed, np.uint8) << 1)
     rank = column(layer.query_rank, np.uint32)
     rank_dtype = np.uint16 if (rank.max(initial=0) < 65535) else np.uint32

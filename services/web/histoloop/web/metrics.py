@@ -14,16 +14,37 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["EVENT_STREAMS", "IN_FLIGHT", "REQUESTS", "REQUEST_SECONDS", "TILES", "RequestMetrics", "metrics_endpoint"]
+__all__ = [
+    "EVENT_STREAMS",
+    "IN_FLIGHT",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "TILES",
+    "RequestMetrics",
+    "metrics_endpoint",
+]
 
-REQUESTS = Counter("histoloop_web_requests_total", "Workspace HTTP requests, by route and status.",
-                   ["route", "status"])
-REQUEST_SECONDS = Histogram("histoloop_web_request_seconds", "Workspace HTTP request time, by route.",
-                            ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-TILES = Counter("histoloop_web_tiles_total", "Deep Zoom tiles served, by where they came from.", ["source"])
-EVENT_STREAMS = Gauge("histoloop_web_event_streams", "Open live-update (server-sent event) streams.")
-IN_FLIGHT = Gauge("histoloop_web_requests_in_flight",
-                  "Workspace HTTP requests being handled (not counting live-update streams and /metrics).")
+REQUESTS = Counter(
+    "histoloop_web_requests_total",
+    "Workspace HTTP requests, by route and status.",
+    ["route", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "histoloop_web_request_seconds",
+    "Workspace HTTP request time, by route.",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TILES = Counter(
+    "histoloop_web_tiles_total", "Deep Zoom tiles served, by where they came from.", ["source"]
+)
+EVENT_STREAMS = Gauge(
+    "histoloop_web_event_streams", "Open live-update (server-sent event) streams."
+)
+IN_FLIGHT = Gauge(
+    "histoloop_web_requests_in_flight",
+    "Workspace HTTP requests being handled (not counting live-update streams and /metrics).",
+)
 
 
 class RequestMetrics:

@@ -33,8 +33,13 @@ _START_TIMEOUT = 20.0
 class WebServer:
     """The browser workspace on ``web_host:web_port``; :meth:`stop` is safe to call twice."""
 
-    def __init__(self, settings: Settings, *, store_address: str | None = None,
-                 on_ready: Callable[[str], None] = lambda url: None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store_address: str | None = None,
+        on_ready: Callable[[str], None] = lambda url: None,
+    ) -> None:
         """Prepare the server (nothing is bound yet).
 
         Args:
@@ -55,7 +60,11 @@ class WebServer:
     @property
     def url(self) -> str:
         """The workspace's address."""
-        host = self.settings.web_host if self.settings.web_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = (
+            self.settings.web_host
+            if self.settings.web_host not in ("0.0.0.0", "::")
+            else "127.0.0.1"
+        )
         return f"http://{host}:{self.port}/"
 
     def start(self) -> None:
@@ -64,19 +73,31 @@ class WebServer:
         Raises:
             HistoloopError: the port cannot be bound.
         """
-        config = uvicorn.Config(self.app, host=self.settings.web_host, port=self.settings.web_port,
-                                log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
-                                access_log=False)
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.web_host,
+            port=self.settings.web_port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            access_log=False,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="web", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + _START_TIMEOUT
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise HistoloopError(f"the workspace could not bind {self.settings.web_host}:{self.settings.web_port}")
+                raise HistoloopError(
+                    f"the workspace could not bind {self.settings.web_host}:{self.settings.web_port}"
+                )
             time.sleep(0.02)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        log.info("browser workspace on %s (annotation store at %s)", self.url, self.backends.store_address)
+        log.info(
+            "browser workspace on %s (annotation store at %s)",
+            self.url,
+            self.backends.store_address,
+        )
         self._on_ready(self.url)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -110,8 +131,13 @@ class WorkspaceCompanion:
     the port), stopped before the gRPC server.
     """
 
-    def __init__(self, server: Server, settings: Settings, *,
-                 on_ready: Callable[[str], None] = lambda url: None) -> None:
+    def __init__(
+        self,
+        server: Server,
+        settings: Settings,
+        *,
+        on_ready: Callable[[str], None] = lambda url: None,
+    ) -> None:
         """Serve the workspace for ``server``'s services with ``settings``."""
         self._server = server
         self._settings = settings
@@ -120,8 +146,9 @@ class WorkspaceCompanion:
 
     def start(self) -> None:
         """Start the HTTP server against the gRPC server's port."""
-        self.web = WebServer(self._settings, store_address=f"127.0.0.1:{self._server.port}",
-                             on_ready=self._on_ready)
+        self.web = WebServer(
+            self._settings, store_address=f"127.0.0.1:{self._server.port}", on_ready=self._on_ready
+        )
         self.web.start()
 
     def stop(self, timeout: float) -> None:

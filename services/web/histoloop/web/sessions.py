@@ -44,11 +44,18 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self, token: str, subject: str, *, read_only: bool, projects: set[str]) -> tuple[str, Session]:
+    def create(
+        self, token: str, subject: str, *, read_only: bool, projects: set[str]
+    ) -> tuple[str, Session]:
         """A new session id and its session."""
         sid = secrets.token_urlsafe(32)
-        session = Session(token=token, subject=subject, read_only=read_only,
-                          expires=time.time() + self.lifetime, projects=set(projects))
+        session = Session(
+            token=token,
+            subject=subject,
+            read_only=read_only,
+            expires=time.time() + self.lifetime,
+            projects=set(projects),
+        )
         with self._lock:
             now = time.time()
             for old in [k for k, v in self._sessions.items() if v.expires < now]:

@@ -30,15 +30,25 @@ from PIL import Image
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import FailedPrecondition, InvalidArgument, NotFound
 
-__all__ = ["DeepZoomSource", "PillowDeepZoom", "Slide", "SlideCache", "TileCache", "check_address", "open_deep_zoom"]
+__all__ = [
+    "DeepZoomSource",
+    "PillowDeepZoom",
+    "Slide",
+    "SlideCache",
+    "TileCache",
+    "check_address",
+    "open_deep_zoom",
+]
 
 log = logging.getLogger(__name__)
 
 TILE_SIZE = 254
 OVERLAP = 1
 JPEG_QUALITY = 80
-_SPATIAL_IMAGES = (("tissue_hires_image.png", "tissue_hires_scalef"),
-                   ("tissue_lowres_image.png", "tissue_lowres_scalef"))
+_SPATIAL_IMAGES = (
+    ("tissue_hires_image.png", "tissue_hires_scalef"),
+    ("tissue_lowres_image.png", "tissue_lowres_scalef"),
+)
 
 
 class DeepZoomSource(Protocol):
@@ -68,7 +78,9 @@ class PillowDeepZoom:
     tiles are crops.
     """
 
-    def __init__(self, image: Image.Image, tile_size: int = TILE_SIZE, overlap: int = OVERLAP) -> None:
+    def __init__(
+        self, image: Image.Image, tile_size: int = TILE_SIZE, overlap: int = OVERLAP
+    ) -> None:
         """Wrap ``image`` (converted to RGB)."""
         self._full = image.convert("RGB")
         self.tile_size = tile_size
@@ -80,7 +92,9 @@ class PillowDeepZoom:
             factor = 2 ** (self._count - 1 - level)
             dims.append((max(1, math.ceil(width / factor)), max(1, math.ceil(height / factor))))
         self._dims = tuple(dims)
-        self._tiles = tuple((math.ceil(w / tile_size), math.ceil(h / tile_size)) for w, h in self._dims)
+        self._tiles = tuple(
+            (math.ceil(w / tile_size), math.ceil(h / tile_size)) for w, h in self._dims
+        )
         self._levels: dict[int, Image.Image] = {self._count - 1: self._full}
         self._lock = threading.Lock()
 
@@ -126,14 +140,17 @@ def open_deep_zoom(path: Path) -> DeepZoomSource:
     from openslide.deepzoom import DeepZoomGenerator
 
     if openslide.OpenSlide.detect_format(str(path)) is not None:
-        return DeepZoomGenerator(openslide.OpenSlide(str(path)), tile_size=TILE_SIZE, overlap=OVERLAP,
-                                 limit_bounds=False)
+        return DeepZoomGenerator(
+            openslide.OpenSlide(str(path)), tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=False
+        )
     try:
         with Image.open(path) as image:
             image.load()
             return PillowDeepZoom(image)
     except (OSError, Image.DecompressionBombError) as exc:
-        raise FailedPrecondition(f"slide {path.name} is neither an OpenSlide slide nor an image: {exc}") from None
+        raise FailedPrecondition(
+            f"slide {path.name} is neither an OpenSlide slide nor an image: {exc}"
+        ) from None
 
 
 @dataclass
@@ -166,9 +183,11 @@ class Slide:
     def dzi(self) -> str:
         """The ``.dzi`` XML."""
         width, height = self.deep_zoom.level_dimensions[-1]
-        return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Image TileSize="{TILE_SIZE}" Overlap="{OVERLAP}" '
-                f'Format="jpeg" xmlns="http://schemas.microsoft.com/deepzoom/2008">'
-                f'<Size Width="{width}" Height="{height}"/></Image>')
+        return (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Image TileSize="{TILE_SIZE}" Overlap="{OVERLAP}" '
+            f'Format="jpeg" xmlns="http://schemas.microsoft.com/deepzoom/2008">'
+            f'<Size Width="{width}" Height="{height}"/></Image>'
+        )
 
     def check_tile(self, level: int, col: int, row: int) -> None:
         """Raise :class:`NotFound` naming the bad part of a tile address."""
@@ -177,7 +196,9 @@ class Slide:
             raise NotFound(f"level {level} does not exist (levels 0..{count - 1})")
         cols, rows = self.deep_zoom.level_tiles[level]
         if not (0 <= col < cols and 0 <= row < rows):
-            raise NotFound(f"tile {col}_{row} does not exist at level {level} ({cols}×{rows} tiles)")
+            raise NotFound(
+                f"tile {col}_{row} does not exist at level {level} ({cols}×{rows} tiles)"
+            )
 
     def etag(self, level: int, col: int, row: int) -> str:
         """Strong ETag of a tile (the slide checksum and the address)."""
@@ -258,17 +279,25 @@ class SlideCache:
     def _open(self, slide_uri: str, spatial_uri_prefix: str) -> Slide:
         if slide_uri:
             key = self.store.key_from_uri(slide_uri)
-            return Slide(key=self.store.stat(key).sha256, deep_zoom=open_deep_zoom(self._local(key)),
-                         unit_scale=1.0)
+            return Slide(
+                key=self.store.stat(key).sha256,
+                deep_zoom=open_deep_zoom(self._local(key)),
+                unit_scale=1.0,
+            )
         if spatial_uri_prefix:
             prefix = self.store.key_from_uri(spatial_uri_prefix).rstrip("/")
             factors = json.loads(self.store.get(f"{prefix}/scalefactors_json.json"))
             for name, factor in _SPATIAL_IMAGES:
                 key = f"{prefix}/{name}"
                 if self.store.exists(key) and factor in factors:
-                    return Slide(key=self.store.stat(key).sha256, deep_zoom=open_deep_zoom(self._local(key)),
-                                 unit_scale=float(factors[factor]))
-        raise FailedPrecondition("this dataset has no slide and no Space Ranger tissue image to show")
+                    return Slide(
+                        key=self.store.stat(key).sha256,
+                        deep_zoom=open_deep_zoom(self._local(key)),
+                        unit_scale=float(factors[factor]),
+                    )
+        raise FailedPrecondition(
+            "this dataset has no slide and no Space Ranger tissue image to show"
+        )
 
     def _local(self, key: str) -> Path:
         sha = self.store.stat(key).sha256

@@ -22,10 +22,17 @@ def upgrade() -> None:
     """Apply this revision."""
     with op.batch_alter_table("datasets") as batch:
         batch.add_column(sa.Column("removed_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("removed_by", sa.String(length=128), nullable=False, server_default=""))
+        batch.add_column(
+            sa.Column("removed_by", sa.String(length=128), nullable=False, server_default="")
+        )
     op.create_table(
         "project_config_changes",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("project_id", sa.String(length=63), nullable=False),
         sa.Column("changed_by", sa.String(length=128), nullable=False),
         sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
@@ -33,12 +40,17 @@ def upgrade() -> None:
         sa.Column("before", sa.JSON(), nullable=False),
         sa.Column("after", sa.JSON(), nullable=False),
         sa.Column("from_label_version", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name=op.f("fk_project_config_changes_project_id_projects")),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name=op.f("fk_project_config_changes_project_id_projects"),
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_project_config_changes")),
     )
     with op.batch_alter_table("project_config_changes") as batch:
-        batch.create_index(batch.f("ix_project_config_changes_project_id"), ["project_id"], unique=False)
+        batch.create_index(
+            batch.f("ix_project_config_changes_project_id"), ["project_id"], unique=False
+        )
 
 
 def downgrade() -> None:

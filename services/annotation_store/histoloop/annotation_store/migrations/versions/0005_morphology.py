@@ -22,12 +22,19 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     """Apply this revision."""
     with op.batch_alter_table("projects") as batch:
-        batch.add_column(sa.Column("augment_views", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(
+            sa.Column("augment_views", sa.Integer(), nullable=False, server_default="0")
+        )
     with op.batch_alter_table("datasets") as batch:
-        batch.add_column(sa.Column("embedding_model", sa.String(128), nullable=False, server_default=""))
-        batch.add_column(sa.Column("embedding_model_version", sa.String(128), nullable=False,
-                                   server_default=""))
-        batch.add_column(sa.Column("embedding_dim", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(
+            sa.Column("embedding_model", sa.String(128), nullable=False, server_default="")
+        )
+        batch.add_column(
+            sa.Column("embedding_model_version", sa.String(128), nullable=False, server_default="")
+        )
+        batch.add_column(
+            sa.Column("embedding_dim", sa.Integer(), nullable=False, server_default="0")
+        )
 
 
 def downgrade() -> None:

@@ -23,7 +23,9 @@ def upgrade() -> None:
     """Apply this revision."""
     with op.batch_alter_table("projects") as batch:
         batch.add_column(sa.Column("preset", sa.String(32), nullable=False, server_default=""))
-        batch.add_column(sa.Column("semi_supervised", sa.Float(), nullable=False, server_default="0"))
+        batch.add_column(
+            sa.Column("semi_supervised", sa.Float(), nullable=False, server_default="0")
+        )
 
 
 def downgrade() -> None:
