@@ -179,7 +179,7 @@ A1_STRATEGIES = ("random", "activevisium", "margin", "least_confidence")
 def a1_config(obsm_key: str, seeds: int = 5) -> Any:
     """One feature set's campaign: the MLP head, 4 strategies, 5 seeds, 10 spots per round
     to 100 labels, then rounds to 60 % and 80 % of the pool."""
-    from histoloop.acquisition.simulation import SimulationConfig
+    from histoloop.simulation import SimulationConfig
 
     return SimulationConfig(label_column="label", obsm=(obsm_key,), pca=0, heads=("mlp",),
                             strategies=A1_STRATEGIES, seeds=seeds, test_fraction=0.3, initial="per_class",
@@ -195,7 +195,7 @@ def run_a1(folder: Path, out: Path, *, seeds: int = 5, views: int = 10, workers:
     """
     import json
 
-    from histoloop.acquisition.simulation import run_campaign
+    from histoloop.simulation import run_campaign
 
     cache = out / "cache"
     adata, all_views = a1_features(folder, cache, views=views)
