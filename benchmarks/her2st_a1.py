@@ -235,7 +235,7 @@ A1_STRATEGIES = ("random", "activevisium", "margin", "least_confidence")
 def a1_config(obsm_key: str, seeds: int = 5) -> Any:
     """One feature set's campaign: the MLP head, 4 strategies, 5 seeds, 10 spots per round
     to 100 labels, then rounds to 60 % and 80 % of the pool."""
-    from histoloop.acquisition.simulation import SimulationConfig
+    from histoloop.simulation import SimulationConfig
 
     return SimulationConfig(
         label_column="label",
@@ -270,7 +270,7 @@ def run_a1(
     """
     import json
 
-    from histoloop.acquisition.simulation import run_campaign
+    from histoloop.simulation import run_campaign
 
     cache = out / "cache"
     adata, all_views = a1_features(folder, cache, views=views)
