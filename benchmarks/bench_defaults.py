@@ -24,6 +24,7 @@ import gzip
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="/tmp/histoloop-defaults")
+    parser.add_argument(
+        "--out",
+        help="campaign folders (default /tmp/histoloop-defaults; with --quick a new temporary one)",
+    )
     parser.add_argument("--case", action="append", help="run only these cases (repeatable)")
     parser.add_argument("--quick", action="store_true", help="the A1 cases, 1 seed, 2 rounds")
     parser.add_argument("--workers", type=int, default=1)
@@ -271,6 +275,12 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_simulation import _machine
 
+    if args.out is None:  # a quick check never meets (or resumes) a real run's campaigns
+        args.out = (
+            tempfile.mkdtemp(prefix="histoloop-defaults-quick-")
+            if args.quick
+            else "/tmp/histoloop-defaults"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {_machine()}", flush=True)
