@@ -10,8 +10,6 @@ predictions artifact, so that 100,000 tiles cost a few array columns, not 100,00
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,39 +65,30 @@ class UnitLayerData:
     """``(unit index, annotator, class index)`` of every disputed unit's latest labels."""
 
 
-class _Predicted:
-    """Predicted class index and uncertainty per barcode of one dataset (cached by URI)."""
+def _predicted(
+    store: ArtifactStore, uri: str, dataset_id: str
+) -> tuple[str, dict[str, tuple[str, float]]]:
+    """Model version and (predicted class, uncertainty) per barcode of one dataset (cached by URI)."""
+    key = (uri, dataset_id)
+    cached = _PREDICTED.get(key)
+    if cached is not None:
+        assert isinstance(cached, tuple)
+        return cached
+    from histoloop.datasets import read_predictions  # numpy/anndata only when drawn
 
-    _lock = threading.Lock()
-    _cache: OrderedDict[tuple[str, str], tuple[str, dict[str, tuple[str, float]]]] = OrderedDict()
-
-    @classmethod
-    def load(
-        cls, store: ArtifactStore, uri: str, dataset_id: str
-    ) -> tuple[str, dict[str, tuple[str, float]]]:
-        key = (uri, dataset_id)
-        with cls._lock:
-            if key in cls._cache:
-                cls._cache.move_to_end(key)
-                return cls._cache[key]
-        from histoloop.datasets import read_predictions  # numpy/anndata only when drawn
-
-        predictions = read_predictions(store, uri)
-        mask = predictions.datasets.astype(str) == dataset_id
-        probabilities = predictions.probabilities[mask]
-        classes = np.asarray(predictions.classes)
-        best = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, int)
-        uncertainty = 1.0 - probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
-        table = {
-            str(b): (str(classes[c]), float(u))
-            for b, c, u in zip(predictions.barcodes[mask], best, uncertainty, strict=True)
-        }
-        value = (predictions.model_version, table)
-        with cls._lock:
-            cls._cache[key] = value
-            while len(cls._cache) > _CACHE:
-                cls._cache.popitem(last=False)
-        return value
+    predictions = read_predictions(store, uri)
+    mask = predictions.datasets.astype(str) == dataset_id
+    probabilities = predictions.probabilities[mask]
+    classes = np.asarray(predictions.classes)
+    best = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, int)
+    uncertainty = 1.0 - probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
+    table = {
+        str(b): (str(classes[c]), float(u))
+        for b, c, u in zip(predictions.barcodes[mask], best, uncertainty, strict=True)
+    }
+    value = (predictions.model_version, table)
+    _PREDICTED.put(key, value)
+    return value
 
 
 def _spot_diameter(store: ArtifactStore, spatial_uri_prefix: str, pxl: np.ndarray) -> float:
@@ -171,6 +160,7 @@ def _label_columns(units: _Units, labels: _Labels, class_index: dict[str, int]) 
 _UNITS = Lru(_CACHE)
 _COLUMNS = Lru(_CACHE)
 _LABELS = Lru(_CACHE)
+_PREDICTED = Lru(_CACHE)
 
 
 def unit_layer(
@@ -299,7 +289,7 @@ def unit_layer(
             if i is not None:
                 layer.query_rank[i] = rank
         if record.predictions_uri:
-            layer.model_version, table = _Predicted.load(
+            layer.model_version, table = _predicted(
                 repo.artifacts, record.predictions_uri, dataset_id
             )
             for barcode, (label, uncertainty) in table.items():
