@@ -175,10 +175,8 @@ class AcquisitionStep:
             return
         snapshot = read_snapshot(self.store, msg.labels_uri)
         datasets = [parse_embeddings_key(uri).dataset for uri in msg.embeddings_uris]
-        if (
-            len(snapshot.labelled_classes(datasets)) >= MIN_TRAINING_CLASSES
-            or not snapshot.n_labelled
-        ):
+        n_classes = len(snapshot.labelled_classes(datasets))
+        if n_classes >= MIN_TRAINING_CLASSES or not snapshot.n_labelled:
             return
         project = msg.meta.project
         queryset_id = events.derived_id(msg.meta.event_id, "more-classes")
@@ -190,7 +188,7 @@ class AcquisitionStep:
         log.info(
             "project %s: labels of %d class(es), a model needs %d; asking %d more spots",
             project,
-            len(snapshot.labelled_classes(datasets)),
+            n_classes,
             MIN_TRAINING_CLASSES,
             len(record.spots),
         )
