@@ -230,15 +230,6 @@ class QuerySetsMixin(RepositoryBase):
                 )
                 or 0
             )
-            asked = (
-                s.scalar(
-                    select(func.count())
-                    .select_from(m.QuerySetSpot)
-                    .where(m.QuerySetSpot.queryset_pk == latest.id)
-                )
-                if latest
-                else 0
-            )
             key = ("status", project_id, project.label_version, project.consensus)
             counts = self._summaries.get(key)
             if counts is None:  # the consensus of every label, once per label version
@@ -249,7 +240,17 @@ class QuerySetsMixin(RepositoryBase):
                     sum(1 for c in result.labels.values() if c.disputed),
                 )
                 self._summaries.put(key, counts)
-        assert isinstance(counts, _ConsensusCounts)
+            assert isinstance(counts, _ConsensusCounts)
+            # the size of the newest query set, which only the too-few-classes notice reports
+            asked = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(m.QuerySetSpot)
+                    .where(m.QuerySetSpot.queryset_pk == latest.id)
+                )
+                if latest and 0 < len(counts.per_class) < MIN_TRAINING_CLASSES
+                else 0
+            )
         per_class = dict.fromkeys(classes, 0) | dict(counts.per_class)
         answered = latest is not None and latest.label_version == project.label_version
         return ProjectStatus(
