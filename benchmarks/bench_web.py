@@ -15,9 +15,11 @@ driven by Playwright):
    first view is also split into its steps (the page's ``histoloop-*`` marks and the layer
    request's resource timing); each load starts once the workspace handles no request (its
    ``histoloop_web_requests_in_flight`` gauge), so that the store reads the last page's panels
-   started (GetStatus, GetAgreement) do not fall into the next first view; and the home view is fully redrawn five times each way in
+   started (GetStatus, GetAgreement) do not fall into the next first view; the home view is fully redrawn five times each way in
    the same page: one canvas path per colour, pixels written into an ImageData, and the
-   page's own choice.
+   page's own choice; and the pan/zoom is repeated in a page forced onto OpenSeadragon's
+   WebGL drawer (``?drawer=webgl``), which the page leaves for the 2D canvas when WebGL is
+   a software renderer.
 2. **Deep Zoom tiles/s** on the same slide: every tile of the top ``--levels`` levels,
    fetched over HTTP by ``--clients`` concurrent clients, cold (empty tile cache) and warm
    (cached), against a bare loop of ``DeepZoomGenerator.get_tile`` (+ the JPEG encoding any
@@ -143,6 +145,20 @@ def _stack(folder: Path, services: list[str]) -> tuple[Server, WebServer]:
     return server, web
 
 
+def _settled_page(browser, base: str, query: str):
+    """A page of the workspace, shown and with the panels' store reads ended (pan/zoom is measured on it)."""
+    _wait_idle(base)
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    page = context.new_page()
+    page.goto(f"{base}/{query}")
+    page.wait_for_function(
+        "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
+    )
+    page.wait_for_timeout(3500)  # the panels' reads start at most 3 s after the first view
+    _wait_idle(base)
+    return context, page
+
+
 def _grid_dataset(folder: Path, cols: int, rows: int, step: float) -> Path:
     spatial = folder / "grid" / "spatial"
     spatial.mkdir(parents=True)
@@ -241,17 +257,13 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             out["first_interactive_s"] = interactive
             out["first_view_steps_s"] = steps  # navigation start → each step, per page load
             out["idle_wait_before_load_s"] = waited
-            _wait_idle(base)
-            context = browser.new_context(viewport={"width": 1400, "height": 860})
-            page = context.new_page()
-            page.goto(f"{base}/?project=big")
-            page.wait_for_function(
-                "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
-            )
-            page.wait_for_timeout(
-                3500
-            )  # the panels' reads start at most 3 s after the first view; let them end
-            _wait_idle(base)
+            # the same motion with OpenSeadragon's default drawer (WebGL), which the page leaves
+            # for the 2D canvas when WebGL is a software renderer: same run, same slide
+            context, page = _settled_page(browser, base, "?project=big&drawer=webgl")
+            out["pan_zoom_webgl_drawer"] = page.evaluate(FPS, args.seconds)
+            context.close()
+            context, page = _settled_page(browser, base, "?project=big")
+            out["drawer"] = page.evaluate("window.__histoloop.viewer.drawer.getType()")
             out["pan_zoom"] = page.evaluate(FPS, args.seconds)
             # the same motion with the overlay switched off: OpenSeadragon alone, same run
             layer = page.evaluate_handle(
@@ -267,6 +279,9 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
                 out[f"full_redraw_{render}"] = page.evaluate(REDRAW, render)
             out["fps_ratio_overlay_vs_none"] = (
                 out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
+            )
+            out["fps_ratio_page_vs_webgl_drawer"] = (
+                out["pan_zoom"]["fps"] / out["pan_zoom_webgl_drawer"]["fps"]
             )
             context.close()
             part_tiles(args, web, out)

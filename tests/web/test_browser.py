@@ -143,6 +143,7 @@ def _open(
     *,
     view_only: bool = False,
     pixel_ratio: float = 1,
+    query: str = "",
 ):
     context = browser.new_context(
         viewport={"width": 1400, "height": 860}, device_scale_factor=pixel_ratio
@@ -150,7 +151,7 @@ def _open(
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{stack.url}/?project={project}")
+    page.goto(f"{stack.url}/?project={project}{query}")
     page.fill("#signin-token", stack.tokens[who])
     if view_only:
         page.check("#signin-view-only")
@@ -439,3 +440,33 @@ def test_raster_redraw_draws_the_colours_and_agrees_with_paths(
     for picture in (consensus, uncertainty):
         assert picture["worst"] <= 2, picture["worst"]
         assert 0.85 <= picture["coverage"] <= 1.15, picture["coverage"]
+
+
+RENDERER = """() => {
+  const gl = document.createElement('canvas').getContext('webgl');
+  const info = gl && gl.getExtension('WEBGL_debug_renderer_info');
+  return info ? gl.getParameter(info.UNMASKED_RENDERER_WEBGL) : null;
+}"""
+
+
+def test_software_webgl_takes_the_canvas_drawer_and_the_url_can_force_one(
+    browser, stack: Stack
+) -> None:
+    """OpenSeadragon's WebGL drawer pans at a quarter of the canvas drawer's rate on a software
+    renderer (benchmarks/README.md): the page takes the canvas there, WebGL on a GPU."""
+    drawers = {}
+    for query in ("", "&drawer=webgl", "&drawer=html", "&drawer=bogus"):
+        context, page = _open(browser, stack, "ann-a", query=query)
+        drawers[query] = page.evaluate("window.__histoloop.viewer.drawer.getType()")
+        renderer = page.evaluate(RENDERER)
+        context.close()
+    software = renderer is None or any(
+        word in renderer.lower() for word in ("swiftshader", "llvmpipe", "software")
+    )
+    chosen = "canvas" if software else "webgl"
+    assert drawers == {
+        "": chosen,
+        "&drawer=webgl": "webgl",
+        "&drawer=html": "html",
+        "&drawer=bogus": chosen,
+    }, (renderer, drawers)

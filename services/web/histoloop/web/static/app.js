@@ -102,6 +102,21 @@ async function signIn() {
 }
 
 // ---------------------------------------------------------------------------- slide + layer
+// OpenSeadragon's drawer. Its default, WebGL, pans at a quarter of the 2D canvas's frame rate when
+// WebGL is a software renderer (SwiftShader, llvmpipe: no GPU, or a blocklisted one), so the page
+// takes the canvas drawer there (benchmarks/README.md, "Pan/zoom"). ?drawer=webgl|canvas|html forces one.
+const DRAWERS = ['webgl', 'canvas', 'html'];
+function chooseDrawer() {
+  if (DRAWERS.includes(params.get('drawer'))) return params.get('drawer');
+  const gl = document.createElement('canvas').getContext('webgl');
+  if (!gl) return 'canvas';
+  const info = gl.getExtension('WEBGL_debug_renderer_info');
+  const renderer = info ? String(gl.getParameter(info.UNMASKED_RENDERER_WEBGL)) : '';
+  const lose = gl.getExtension('WEBGL_lose_context');
+  if (lose) lose.loseContext();
+  return /swiftshader|llvmpipe|softpipe|software/i.test(renderer) ? 'canvas' : 'webgl';
+}
+
 async function openDataset() {
   const layerBytes = fetchLayer();  // in parallel with the slide
   const slide = await getJSON(`${dsBase()}/slide.json`);
@@ -110,7 +125,7 @@ async function openDataset() {
   viewer = OpenSeadragon({
     element: $('viewer'), prefixUrl: '/static/vendor/openseadragon/images/',
     tileSources: { Image: slide.Image }, showNavigator: true, animationTime: 0.6,
-    gestureSettingsMouse: { clickToZoom: false }, maxZoomPixelRatio: 4,
+    gestureSettingsMouse: { clickToZoom: false }, maxZoomPixelRatio: 4, drawer: chooseDrawer(),
   });
   state.viewer = viewer;
   viewer.addHandler('update-viewport', onViewport);
