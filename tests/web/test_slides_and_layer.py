@@ -64,9 +64,12 @@ def test_tile_cache_hits_and_bounds(tmp_path: Path) -> None:
         unit_scale=1.0,
     )
     cache = TileCache(max_bytes=4000)
+    assert cache.cached(slide, 10, 0, 0) is None  # a lookup never renders
+    assert (cache.hits, cache.misses, cache._bytes) == (0, 0, 0)
     first = cache.get(slide, 10, 0, 0)
     assert first[:2] == b"\xff\xd8" and cache.get(slide, 10, 0, 0) is first
-    assert (cache.hits, cache.misses) == (1, 1)
+    assert cache.cached(slide, 10, 0, 0) is first
+    assert (cache.hits, cache.misses) == (2, 1)
     for col in range(3):
         cache.get(slide, 10, col, 1)
     assert cache._bytes <= 4000

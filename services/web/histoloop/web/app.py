@@ -415,6 +415,9 @@ class WebApp:
             with self._lock:
                 self._headers[(p, d)] = cached
         h = cached.layer
+        opened = self.slides.opened(h.slide_uri, h.spatial_uri_prefix, h.coordinates)
+        if opened is not None:  # the common case, without a thread hop
+            return opened
         return await run_in_threadpool(
             self.slides.slide, h.slide_uri, h.spatial_uri_prefix, h.coordinates
         )
@@ -461,9 +464,13 @@ class WebApp:
         if request.headers.get("if-none-match") == etag:
             TILES.labels("not_modified").inc()
             return Response(status_code=304, headers=headers)
-        hits = self.tiles.hits
-        data = await run_in_threadpool(self.tiles.get, slide, level, c, r)
-        TILES.labels("cache" if self.tiles.hits > hits else "rendered").inc()
+        data = self.tiles.cached(slide, level, c, r)  # a cached tile is sent without a thread hop
+        if data is None:
+            hits = self.tiles.hits
+            data = await run_in_threadpool(self.tiles.get, slide, level, c, r)
+            TILES.labels("cache" if self.tiles.hits > hits else "rendered").inc()
+        else:
+            TILES.labels("cache").inc()
         return Response(data, media_type="image/jpeg", headers=headers)
 
     async def submit(self, request: Request) -> JSONResponse:

@@ -225,17 +225,25 @@ class TileCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, slide: Slide, level: int, col: int, row: int) -> bytes:
-        """The tile, from the cache or rendered (and then cached)."""
+    def cached(self, slide: Slide, level: int, col: int, row: int) -> bytes | None:
+        """The tile if it is cached, else None; never renders (the lock is held for a lookup only)."""
         key = (slide.key, level, col, row)
         with self._lock:
             data = self._tiles.get(key)
             if data is not None:
                 self._tiles.move_to_end(key)
                 self.hits += 1
-                return data
+            return data
+
+    def get(self, slide: Slide, level: int, col: int, row: int) -> bytes:
+        """The tile, from the cache or rendered (and then cached)."""
+        data = self.cached(slide, level, col, row)
+        if data is not None:
+            return data
+        with self._lock:
             self.misses += 1
         data = slide.render(level, col, row)
+        key = (slide.key, level, col, row)
         with self._lock:
             if key not in self._tiles:
                 self._tiles[key] = data
@@ -267,7 +275,7 @@ class SlideCache:
         Raises:
             FailedPrecondition: the dataset has no image at all, or it cannot be read.
         """
-        cache_key = (slide_uri, spatial_uri_prefix, 0.0 if coordinates == "slide" else 1.0)
+        cache_key = _slide_key(slide_uri, spatial_uri_prefix, coordinates)
         with self._lock:
             found = self._slides.get(cache_key)
             if found is not None:
@@ -275,6 +283,11 @@ class SlideCache:
             slide = self._open(slide_uri, spatial_uri_prefix)
             self._slides[cache_key] = slide
             return slide
+
+    def opened(self, slide_uri: str, spatial_uri_prefix: str, coordinates: str) -> Slide | None:
+        """The slide if it is already open, else None; never waits for the lock that ``slide``
+        holds while it copies and opens one (a dict lookup is atomic), so the event loop may call it."""
+        return self._slides.get(_slide_key(slide_uri, spatial_uri_prefix, coordinates))
 
     def _open(self, slide_uri: str, spatial_uri_prefix: str) -> Slide:
         if slide_uri:
@@ -309,6 +322,10 @@ class SlideCache:
             partial.replace(path)
             log.info("cached slide %s as %s", key, path)
         return path
+
+
+def _slide_key(slide_uri: str, spatial_uri_prefix: str, coordinates: str) -> tuple[str, str, float]:
+    return (slide_uri, spatial_uri_prefix, 0.0 if coordinates == "slide" else 1.0)
 
 
 def check_address(level: str, col: str, row: str) -> tuple[int, int, int]:
