@@ -10,7 +10,8 @@ driven by Playwright):
    payload (raw and gzip), the time to the first interactive view in headless Chromium
    (navigation start → slide open and overlay drawn, ``performance.mark``), and the
    frame rate while the viewport pans and zooms continuously for ``--seconds``
-   (``requestAnimationFrame`` count), with the time of each moving-frame overlay update
+   (``requestAnimationFrame`` count; the 95th percentile of the gaps between frames and how
+   many exceeded 33 ms), with the time of each moving-frame overlay update
    and of the full overlay redraws (every unit filled: all 100,050 carry a label). The
    first view is also split into its steps (the page's ``histoloop-*`` marks and the layer
    request's resource timing); each load starts once the workspace handles no request (its
@@ -29,6 +30,7 @@ driven by Playwright):
    set drawn on the page (``--rounds`` rounds, median).
 
     nice .venv/bin/python benchmarks/bench_web.py
+    nice .venv/bin/python benchmarks/bench_web.py --tiles-only --repeat 3   # part 2 alone, three times
     .venv/bin/python benchmarks/bench_web.py --quick   # checks the script works (not a measurement)
 
 ``--quick``: part 1 on a 40 × 30 grid (1,200 units) with one page load and a 0.5 s pan/zoom,
@@ -39,6 +41,7 @@ DLPFC round too); nothing is written unless ``--json`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -49,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,17 +88,20 @@ FPS = """async (seconds) => {
   v.viewport.goHome(true);
   const drawn = window.__histoloop.drawMs.length;
   const full = window.__histoloop.fullDrawMs.slice(-5);
-  let frames = 0; const t0 = performance.now();
+  let frames = 0; const t0 = performance.now(); const gaps = []; let last = t0;
   return await new Promise((resolve) => {
     function step(t) {
-      frames++;
+      frames++; gaps.push(t - last); last = t;
       const k = (t - t0) / 1000;
       v.viewport.panBy(new OpenSeadragon.Point(0.004 * Math.cos(k * 2), 0.004 * Math.sin(k * 2)), true);
       v.viewport.zoomBy(Math.floor(k) % 2 === 0 ? 1.02 : 1 / 1.02, null, true);
       if (t - t0 < seconds * 1000) requestAnimationFrame(step);
       else {
         const ms = window.__histoloop.drawMs.slice(drawn).sort((a, b) => a - b);
+        gaps.sort((a, b) => a - b);
         resolve({fps: frames * 1000 / (t - t0), moving_draws: ms.length,
+                 frame_ms_p95: gaps[Math.floor(gaps.length * 0.95)],
+                 frames_over_33ms: gaps.filter((g) => g > 1000 / 30).length, frames,
                  moving_draw_ms_median: ms[Math.floor(ms.length / 2)] || 0,
                  full_redraw_ms: full});
       }
@@ -174,14 +181,16 @@ def _grid_dataset(folder: Path, cols: int, rows: int, step: float) -> Path:
     return spatial
 
 
-def part_big(args: argparse.Namespace, browser, out: dict) -> None:
+@contextlib.contextmanager
+def _grid_project(cols: int, rows: int, out: dict) -> Iterator[WebServer]:
+    """The store alone (no training: nothing competes) and the workspace, with project "big": a
+    ``cols`` × ``rows`` grid of units over CMU-1-Small-Region.svs, every unit labelled."""
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
         server, web = _stack(Path(tmp), ["annotation_store"])  # no training: nothing competes
         try:
             store = annotation_store_pb2_grpc.AnnotationStoreServiceStub(
                 grpc.insecure_channel(f"127.0.0.1:{server.port}")
             )
-            cols, rows = args.cols, args.rows
             store.CreateProject(
                 pb.CreateProjectRequest(
                     project_id="big",
@@ -218,76 +227,89 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
                 ),
                 timeout=600,
             )
-            base = web.url.rstrip("/")
-            with httpx.Client(base_url=base, timeout=120) as client:
-                raw = client.get(
-                    "/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "identity"}
-                )
-                zipped = client.get(
-                    "/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "gzip"}
-                )
-                out["units"] = int(raw.headers["x-units"])
-                out["payload_bytes"] = len(raw.content)
-                out["payload_gzip_bytes"] = int(
-                    zipped.headers.get("content-length") or len(gzip.compress(raw.content, 1))
-                )
-                t = time.perf_counter()
-                for _ in range(3):
-                    client.get("/api/projects/big/datasets/grid/layer")
-                out["layer_request_s"] = (time.perf_counter() - t) / 3
-            interactive, steps, waited = [], [], []
-            for _ in range(args.repeat):
-                waited.append(
-                    _wait_idle(base)
-                )  # the last load's store reads must not fall into this one
-                context = browser.new_context(viewport={"width": 1400, "height": 860})
-                page = context.new_page()
-                page.goto(f"{base}/?project=big")
-                page.wait_for_function(
-                    "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
-                )
-                interactive.append(
-                    page.evaluate(
-                        "performance.getEntriesByName('histoloop-interactive')[0].startTime"
-                    )
-                    / 1000
-                )
-                steps.append(page.evaluate(STEPS))
-                context.close()
-            out["first_interactive_s"] = interactive
-            out["first_view_steps_s"] = steps  # navigation start → each step, per page load
-            out["idle_wait_before_load_s"] = waited
-            # the same motion with OpenSeadragon's default drawer (WebGL), which the page leaves
-            # for the 2D canvas when WebGL is a software renderer: same run, same slide
-            context, page = _settled_page(browser, base, "?project=big&drawer=webgl")
-            out["pan_zoom_webgl_drawer"] = page.evaluate(FPS, args.seconds)
-            context.close()
-            context, page = _settled_page(browser, base, "?project=big")
-            out["drawer"] = page.evaluate("window.__histoloop.viewer.drawer.getType()")
-            out["pan_zoom"] = page.evaluate(FPS, args.seconds)
-            # the same motion with the overlay switched off: OpenSeadragon alone, same run
-            layer = page.evaluate_handle(
-                "(() => { const l = window.__histoloop.layer; "
-                "window.__histoloop.layer = null; return l; })()"
-            )
-            page.wait_for_timeout(500)
-            out["pan_zoom_without_overlay"] = page.evaluate(FPS, args.seconds)
-            page.evaluate("(l) => { window.__histoloop.layer = l; }", layer)
-            page.wait_for_timeout(1000)
-            # full redraws of the home view, five each way in the same page: unit paths, pixel writes, the default
-            for render in ("path", "raster", "auto"):
-                out[f"full_redraw_{render}"] = page.evaluate(REDRAW, render)
-            out["fps_ratio_overlay_vs_none"] = (
-                out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
-            )
-            out["fps_ratio_page_vs_webgl_drawer"] = (
-                out["pan_zoom"]["fps"] / out["pan_zoom_webgl_drawer"]["fps"]
-            )
-            context.close()
-            part_tiles(args, web, out)
+            yield web
         finally:
             web.stop()
             server.stop(2)
+
+
+def part_big(args: argparse.Namespace, browser, out: dict) -> None:
+    with _grid_project(args.cols, args.rows, out) as web:
+        base = web.url.rstrip("/")
+        with httpx.Client(base_url=base, timeout=120) as client:
+            raw = client.get(
+                "/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "identity"}
+            )
+            zipped = client.get(
+                "/api/projects/big/datasets/grid/layer", headers={"Accept-Encoding": "gzip"}
+            )
+            out["units"] = int(raw.headers["x-units"])
+            out["payload_bytes"] = len(raw.content)
+            out["payload_gzip_bytes"] = int(
+                zipped.headers.get("content-length") or len(gzip.compress(raw.content, 1))
+            )
+            t = time.perf_counter()
+            for _ in range(3):
+                client.get("/api/projects/big/datasets/grid/layer")
+            out["layer_request_s"] = (time.perf_counter() - t) / 3
+        interactive, steps, waited = [], [], []
+        for _ in range(args.repeat):
+            waited.append(
+                _wait_idle(base)
+            )  # the last load's store reads must not fall into this one
+            context = browser.new_context(viewport={"width": 1400, "height": 860})
+            page = context.new_page()
+            page.goto(f"{base}/?project=big")
+            page.wait_for_function(
+                "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
+            )
+            interactive.append(
+                page.evaluate("performance.getEntriesByName('histoloop-interactive')[0].startTime")
+                / 1000
+            )
+            steps.append(page.evaluate(STEPS))
+            context.close()
+        out["first_interactive_s"] = interactive
+        out["first_view_steps_s"] = steps  # navigation start → each step, per page load
+        out["idle_wait_before_load_s"] = waited
+        # the same motion with OpenSeadragon's default drawer (WebGL), which the page leaves
+        # for the 2D canvas when WebGL is a software renderer: same run, same slide
+        context, page = _settled_page(browser, base, "?project=big&drawer=webgl")
+        out["pan_zoom_webgl_drawer"] = page.evaluate(FPS, args.seconds)
+        context.close()
+        context, page = _settled_page(browser, base, "?project=big")
+        out["drawer"] = page.evaluate("window.__histoloop.viewer.drawer.getType()")
+        out["pan_zoom"] = page.evaluate(FPS, args.seconds)
+        # the same motion with the overlay switched off: OpenSeadragon alone, same run
+        layer = page.evaluate_handle(
+            "(() => { const l = window.__histoloop.layer; "
+            "window.__histoloop.layer = null; return l; })()"
+        )
+        page.wait_for_timeout(500)
+        out["pan_zoom_without_overlay"] = page.evaluate(FPS, args.seconds)
+        page.evaluate("(l) => { window.__histoloop.layer = l; }", layer)
+        page.wait_for_timeout(1000)
+        # full redraws of the home view, five each way in the same page: unit paths, pixel writes, the default
+        for render in ("path", "raster", "auto"):
+            out[f"full_redraw_{render}"] = page.evaluate(REDRAW, render)
+        out["fps_ratio_overlay_vs_none"] = (
+            out["pan_zoom"]["fps"] / out["pan_zoom_without_overlay"]["fps"]
+        )
+        out["fps_ratio_page_vs_webgl_drawer"] = (
+            out["pan_zoom"]["fps"] / out["pan_zoom_webgl_drawer"]["fps"]
+        )
+        context.close()
+        part_tiles(args, web, out)
+
+
+def part_tiles_only(args: argparse.Namespace, out: dict) -> None:
+    """Part 2 alone, ``--repeat`` times on one server (a 40 × 30 grid: the units do not enter it)."""
+    runs = []
+    with _grid_project(40, 30, out) as web:
+        for _ in range(args.repeat):
+            part_tiles(args, web, out)
+            runs.append(out.pop("tiles"))
+    out["tiles_runs"] = runs
 
 
 def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
@@ -317,10 +339,14 @@ def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
     bare_jpeg = len(addresses) / (time.perf_counter() - t)
     base = web.url.rstrip("/") + "/api/projects/big/datasets/grid/slide_files"
     local = threading.local()
+    clients: list[
+        httpx.Client
+    ] = []  # closed at the end, so that one run's connections do not linger into the next
 
     def fetch(address: tuple[int, int, int]) -> int:
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=60)
+            clients.append(local.client)
         level, c, r = address
         reply = local.client.get(f"{base}/{level}/{c}_{r}.jpeg")
         reply.raise_for_status()
@@ -337,6 +363,8 @@ def part_tiles(args: argparse.Namespace, web: WebServer, out: dict) -> None:
             t = time.perf_counter()
             list(pool.map(fetch, addresses))
             rates[phase] = len(addresses) / (time.perf_counter() - t)
+    for client in clients:
+        client.close()
     out["tiles"] = {
         "n": len(addresses),
         "bare_get_tile_per_s": bare,
@@ -436,6 +464,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="DLPFC rounds labelled in the page")
     parser.add_argument("--skip-dlpfc", action="store_true")
     parser.add_argument(
+        "--tiles-only",
+        action="store_true",
+        help="part 2 alone, --repeat times on one server (no browser)",
+    )
+    parser.add_argument(
         "--cols", type=int, default=290, help="grid columns of part 1 (290 × 345 = 100,050 units)"
     )
     parser.add_argument("--rows", type=int, default=345, help="grid rows of part 1")
@@ -459,12 +492,15 @@ def main() -> int:
             a.startswith("--rounds=") for a in sys.argv[1:]
         )
         args.skip_dlpfc = args.skip_dlpfc or not quick_rounds
-    from playwright.sync_api import sync_playwright
-
     out: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "load_average": os.getloadavg(),
     }
+    if args.tiles_only:
+        part_tiles_only(args, out)
+        return _report(out, args.json)
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         out["browser"] = browser.version
@@ -472,10 +508,14 @@ def main() -> int:
         if not args.skip_dlpfc:
             part_dlpfc(args, browser, out)
         browser.close()
+    return _report(out, args.json)
+
+
+def _report(out: dict, path: str | None) -> int:
     text = json.dumps(out, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    if path:
+        Path(path).write_text(text)
     return 0
 
 
