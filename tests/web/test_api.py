@@ -110,7 +110,7 @@ def test_project_status_queryset_models_agreement(stack: Stack, ann_a: httpx.Cli
     query_set = ann_a.get(f"/api/projects/{PROJECT}/queryset").json()
     assert len(query_set["spots"]) == 10
     models = ann_a.get(f"/api/projects/{PROJECT}/models").json()["models"]
-    assert all({"model_version", "n_train", "macro_f1"} <= m.keys() for m in models)
+    assert all({"model_version", "n_train", "n_val", "macro_f1"} <= m.keys() for m in models)
     assert (
         _client(stack, "other", project=OTHER).get(f"/api/projects/{PROJECT}/models").status_code
         == 403

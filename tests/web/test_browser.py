@@ -135,6 +135,19 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+VIEW_SHOWN = """() => {
+  const item = window.__histoloop.viewer.world.getItemAt(0);
+  return !!item && item.getFullyLoaded() && !!document.getElementById('round-number');
+}"""
+
+
+def _shot(page, path: Path) -> None:
+    """A screenshot once every slide tile in view is drawn and the panels are filled (the page is
+    ready before either)."""
+    page.wait_for_function(VIEW_SHOWN, timeout=60_000)
+    page.screenshot(path=str(path))
+
+
 def _open(
     browser,
     stack: Stack,
@@ -190,7 +203,7 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     consensus_before = page.evaluate(
         "Array.from(window.__histoloop.layer.consensus).filter(c => c >= 0).length"
     )
-    page.screenshot(path=str(shots / "web-query.png"))
+    _shot(page, shots / "web-query.png")
     labelled = _label_query_with_hotkeys(page, stack)
     page.keyboard.press("s")
     page.wait_for_function(f"() => window.__histoloop.round > {round_before}", timeout=120_000)
@@ -204,16 +217,31 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     assert consensus_after >= consensus_before + labelled
     after = page.evaluate(OVERLAY_SIGNATURE)
     assert after != before, "the overlay did not change after the next round arrived"
-    page.screenshot(path=str(shots / "web-next-round.png"))
+    _shot(page, shots / "web-next-round.png")
     page.evaluate("window.__histoloop.viewer.viewport.goHome(true)")
     page.select_option("#colour-mode", "predicted")
     page.wait_for_timeout(1500)
     predicted = page.evaluate(OVERLAY_SIGNATURE)
     assert predicted != after
-    page.screenshot(path=str(shots / "web-predicted.png"))
+    _shot(page, shots / "web-predicted.png")
+    # the model panel says what the model was validated on, or that nothing could be held out yet
+    metrics = page.evaluate(f"fetch('/api/projects/{PROJECT}/status').then(r => r.json())")[
+        "latest_metrics"
+    ]
+    expected = (
+        f"validated on {metrics['n_val']} held-out labels"
+        if metrics["n_val"]
+        else "too few labels to hold some out for validation yet"
+    )
+    page.wait_for_function(
+        "(t) => document.getElementById('metrics').innerText.includes(t)",
+        arg=expected,
+        timeout=15_000,
+    )
+    assert f"trained on\t{metrics['n_train']} labels" in page.inner_text("#metrics")
     page.select_option("#colour-mode", "uncertainty")
     page.wait_for_timeout(200)
-    page.screenshot(path=str(shots / "web-uncertainty.png"))
+    _shot(page, shots / "web-uncertainty.png")
     assert int(page.text_content("#round-number")) >= round_before + 1
     context.close()
 
@@ -231,7 +259,7 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
         page.wait_for_function(f"() => window.__histoloop.round > {start}", timeout=120_000)
         assert page.text_content("#banner").startswith(f"round {start + 1}:")
     assert page_b.text_content("#who").startswith("ann-b")
-    page_b.screenshot(path=str(shots / "web-second-annotator.png"))
+    _shot(page_b, shots / "web-second-annotator.png")
     ctx_a.close()
     ctx_v.close()
 
@@ -281,7 +309,7 @@ def test_two_annotators_both_see_the_next_query_set(browser, stack: Stack, shots
     row = page_b.text_content(f"#adjudication tr[data-unit]:has-text('{unit}')")
     assert "ann-a: Layer1" in row and "ann-b: Layer2" in row
     page_b.locator("#adjudication").scroll_into_view_if_needed()
-    page_b.screenshot(path=str(shots / "web-adjudication.png"))
+    _shot(page_b, shots / "web-adjudication.png")
     ctx_b.close()
 
 
@@ -293,7 +321,7 @@ def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
     round_before = page.evaluate("window.__histoloop.round")
     page.select_option("#colour-mode", "consensus")
     before = page.evaluate(OVERLAY_SIGNATURE)
-    page.screenshot(path=str(shots / "web-wsi.png"))
+    _shot(page, shots / "web-wsi.png")
     box = page.locator("#overlay").bounding_box()
 
     def stroke(key: str, height: float) -> None:
@@ -320,7 +348,7 @@ def test_wsi_tiles_brush_stroke(browser, stack: Stack, shots: Path) -> None:
     assert page.evaluate(OVERLAY_SIGNATURE) != before, (
         "the overlay did not change after the next round"
     )
-    page.screenshot(path=str(shots / "web-wsi-next-round.png"))
+    _shot(page, shots / "web-wsi-next-round.png")
     context.close()
 
 
@@ -470,3 +498,52 @@ def test_software_webgl_takes_the_canvas_drawer_and_the_url_can_force_one(
         "&drawer=html": "html",
         "&drawer=bogus": chosen,
     }, (renderer, drawers)
+
+
+def test_stages_panel_says_each_state_and_error_in_plain_words(browser, stack: Stack) -> None:
+    """The store's status passes through with a failed, a parked and a running stage added (the
+    states and errors the never-stalls machinery records): the panel says them in words."""
+    extra = {
+        "notice": "need labels of at least 2 classes; asking 10 more spots",
+        "stages": [
+            {"stage": "tiling", "dataset": "cmu1", "status": "STAGE_STATUS_DONE", "progress": 1},
+            {"stage": "embedding", "dataset": "cmu1", "status": "STAGE_STATUS_RUNNING",
+             "progress": 0.42, "last_error": "", "attempts": 0},
+            {"stage": "training", "dataset": "", "status": "STAGE_STATUS_FAILED",
+             "last_error": "artifact store unreachable", "attempts": 2},
+            {"stage": "prediction", "dataset": "cmu1", "status": "STAGE_STATUS_PARKED",
+             "last_error": "embeddings of cmu1 have 0 rows", "attempts": 5},
+        ],
+        "parked": [
+            {"stage": "prediction", "dataset": "cmu1", "error": "embeddings of cmu1 have 0 rows",
+             "attempts": 5, "event_id": "e1", "topic": "model.trained"}
+        ],
+        "n_parked": 1,
+        "pending_events": 3,
+    }  # fmt: skip
+    context, page = _open(browser, stack, "ann-a", project=WSI_PROJECT)
+
+    def status(route) -> None:
+        real = route.fetch()
+        route.fulfill(response=real, json={**real.json(), **extra})
+
+    page.route("**/api/projects/*/status", status)
+    page.reload()
+    page.wait_for_function(
+        "() => document.getElementById('stages').textContent.includes('needs an operator')",
+        timeout=60_000,
+    )
+    text = page.inner_text("#stages")
+    context.close()
+    assert "STAGE_STATUS" not in text, text
+    assert "Waiting: need labels of at least 2 classes; asking 10 more spots" in text
+    for line in (
+        "tiling cmu1\tdone",
+        "embedding cmu1\trunning (42 %)",
+        "training\tfailed, trying again after 2 attempts",
+        "artifact store unreachable",
+        "prediction cmu1\tstopped: needs an operator after 5 attempts",
+        f"histoloop retry {WSI_PROJECT} prediction",
+        "3 event(s) waiting to be published",
+    ):
+        assert line in text, (line, text)

@@ -281,6 +281,7 @@ class WebApp:
                         "label_version": m.label_version,
                         "head": m.head,
                         "n_train": m.metrics.n_train,
+                        "n_val": m.metrics.n_val,
                         "macro_f1": m.metrics.macro_f1,
                         "balanced_accuracy": m.metrics.balanced_accuracy,
                         "raters": list(m.raters),

@@ -629,7 +629,55 @@ function escape(text) {
 }
 
 const KNOWN_STATUS = new Set(['project_id', 'round', 'labelled_per_class', 'n_labelled', 'n_spots', 'label_version',
-  'latest_model_version', 'latest_metrics', 'stopping', 'n_disputed', 'pending_events']);
+  'latest_model_version', 'latest_metrics', 'stopping', 'n_disputed', 'pending_events', 'stages', 'parked', 'n_parked',
+  'config_history', 'notice']);
+
+// A stage's state in plain words (GetStatus sends the enum's name).
+const STAGE_WORDS = {
+  STAGE_STATUS_PENDING: 'waiting', STAGE_STATUS_RUNNING: 'running', STAGE_STATUS_DONE: 'done',
+  STAGE_STATUS_FAILED: 'failed, trying again', STAGE_STATUS_PARKED: 'stopped: needs an operator',
+};
+const BAD_STAGE = new Set(['STAGE_STATUS_FAILED', 'STAGE_STATUS_PARKED']);
+
+function renderStages(status) {
+  const parts = [];
+  if (status.notice) parts.push(`<p class="notice">Waiting: ${escape(status.notice)}</p>`);
+  const rows = (status.stages || []).map((s) => {
+    const bad = BAD_STAGE.has(s.status);
+    let word = STAGE_WORDS[s.status] || 'unknown';
+    if (s.status === 'STAGE_STATUS_RUNNING' && s.progress > 0 && s.progress < 1) word += ` (${Math.round(100 * s.progress)} %)`;
+    if (bad && s.attempts) word += ` after ${s.attempts} attempt${s.attempts === 1 ? '' : 's'}`;
+    const where = escape(s.stage) + (s.dataset ? ` <span class="muted">${escape(s.dataset)}</span>` : '');
+    const css = bad ? 'state-bad' : s.status === 'STAGE_STATUS_DONE' ? 'state-ok' : '';
+    return `<tr><td>${where}</td><td class="${css}">${escape(word)}</td></tr>` +
+      (bad && s.last_error ? `<tr><td colspan="2" class="error">${escape(s.last_error)}</td></tr>` : '');
+  });
+  parts.push(rows.length ? `<table class="stages">${rows.join('')}</table>` : '<p>no stage has run yet</p>');
+  for (const p of status.parked || []) {
+    parts.push(`<p class="error">Parked: ${escape(p.stage)}${p.dataset ? ' of ' + escape(p.dataset) : ''} after ` +
+      `${p.attempts} attempts: ${escape(p.error)}. Once the cause is fixed, an operator runs ` +
+      `<code>histoloop retry ${escape(status.project_id)} ${escape(p.stage)}</code>.</p>`);
+  }
+  if (status.pending_events) parts.push(`<p class="muted">${status.pending_events} event(s) waiting to be published</p>`);
+  const changes = status.config_history || [];
+  if (changes.length) {
+    const last = changes[changes.length - 1];
+    parts.push(`<p class="muted">loop settings changed ${changes.length}×, last by ${escape(last.changed_by || 'unknown')}` +
+      `${last.reason ? ': ' + escape(last.reason) : ''}</p>`);
+  }
+  return parts.join('');
+}
+
+function renderStopping(status) {
+  const stop = status.stopping || {};
+  if (!status.latest_model_version) return 'not yet (no model)';
+  const pct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
+  return `<p class="${stop.recommend_stop ? 'state-ok' : ''}"><b>${stop.recommend_stop ? 'Stop: the map has settled' : 'Keep labelling'}</b>` +
+    `${stop.reason ? ' (' + escape(stop.reason) + ')' : ''}</p><table>` +
+    `<tr><th>predictions changed since the last round</th><td>${pct(stop.changed_fraction)}</td></tr>` +
+    `<tr><th>agreement with the last round (κ)</th><td>${(stop.kappa_vs_previous || 0).toFixed(3)}</td></tr>` +
+    `<tr><th>mean uncertainty</th><td>${(stop.mean_uncertainty || 0).toFixed(3)}</td></tr></table>`;
+}
 
 let statusPending = false;
 async function refreshStatus() {
@@ -650,19 +698,18 @@ async function refreshStatus() {
       `<td>${n}</td><td><span class="bar" style="width:${Math.round((80 * n) / max)}px"></span></td></tr>`;
   }).join('') + '</table>';
   const m = status.latest_metrics || {};
-  $('metrics').innerHTML = status.latest_model_version
-    ? `<table><tr><th>model</th><td>${escape(status.latest_model_version).slice(0, 18)}</td></tr>` +
-      `<tr><th>macro-F1</th><td>${(m.macro_f1 || 0).toFixed(3)}</td></tr>` +
+  const model = `<tr><th>model</th><td>${escape(status.latest_model_version).slice(0, 18)}</td></tr>` +
+    `<tr><th>trained on</th><td>${m.n_train || 0} labels</td></tr>`;
+  $('metrics').innerHTML = !status.latest_model_version ? 'no model yet'
+    : !m.n_val ? `<table>${model}</table><p class="muted">too few labels to hold some out for validation yet</p>`
+    : `<table>${model}<tr><th>macro-F1</th><td>${(m.macro_f1 || 0).toFixed(3)}</td></tr>` +
       `<tr><th>balanced acc.</th><td>${(m.balanced_accuracy || 0).toFixed(3)}</td></tr>` +
-      `<tr><th>kappa</th><td>${(m.cohen_kappa || 0).toFixed(3)}</td></tr></table>`
-    : 'no model yet';
-  const stop = status.stopping || {};
-  $('stopping').innerHTML = Object.keys(stop).length
-    ? '<table>' + Object.entries(stop).map(([k, v]) => `<tr><th>${escape(k)}</th><td>${escape(typeof v === 'number' ? v.toFixed(3) : v)}</td></tr>`).join('') + '</table>'
-    : 'not yet';
-  // stage states and any other status field the store adds: rendered as they come
+      `<tr><th>kappa</th><td>${(m.cohen_kappa || 0).toFixed(3)}</td></tr>` +
+      `<tr><th>validated on</th><td>${m.n_val} held-out labels</td></tr></table>`;
+  $('stopping').innerHTML = renderStopping(status);
+  // any status field newer than this page: rendered as it comes
   const extra = Object.entries(status).filter(([k]) => !KNOWN_STATUS.has(k));
-  $('stages').innerHTML = extra.length ? extra.map(([k, v]) => renderValue(k, v)).join('') : `pending events: ${status.pending_events || 0}`;
+  $('stages').innerHTML = renderStages(status) + extra.map(([k, v]) => renderValue(k, v)).join('');
 }
 
 function renderValue(key, value) {
@@ -687,7 +734,7 @@ async function refreshCurve() {
   try { models = (await getJSON(`${base()}/models`)).models; } catch (e) { return; }
   state.raters = models.length ? models[models.length - 1].raters : [];
   const svg = $('curve');
-  const points = models.filter((m) => m.n_train > 0).map((m) => [m.n_train, m.macro_f1]);
+  const points = models.filter((m) => m.n_train > 0 && m.n_val > 0).map((m) => [m.n_train, m.macro_f1]);  // validated models only
   if (!points.length) { svg.innerHTML = ''; return; }
   const W = 260, H = 110, pad = 22;
   const maxX = Math.max(...points.map((p) => p[0]));
