@@ -26,7 +26,16 @@ import numpy as np
 
 from histoloop.her2st import A1_SLIDE_SCALE, load_a1, write_counts_h5ad
 
-__all__ = ["FEATURE_SETS", "a1_features", "a1_patches", "noise_free_views", "views_experiment"]
+__all__ = [
+    "A1_STRATEGIES",
+    "FEATURE_SETS",
+    "a1_config",
+    "a1_features",
+    "a1_patches",
+    "noise_free_views",
+    "run_a1",
+    "views_experiment",
+]
 
 FEATURE_SETS = {
     "handcrafted": "X_handcrafted",
@@ -232,9 +241,16 @@ A1_STRATEGIES = ("random", "activevisium", "margin", "least_confidence")
 """random, ActiveVisium and the two best other strategies of the DLPFC campaign (MLP head)."""
 
 
-def a1_config(obsm_key: str, seeds: int = 5) -> Any:
-    """One feature set's campaign: the MLP head, 4 strategies, 5 seeds, 10 spots per round
-    to 100 labels, then rounds to 60 % and 80 % of the pool."""
+def a1_config(
+    obsm_key: str,
+    seeds: int = 5,
+    *,
+    strategies: tuple[str, ...] = A1_STRATEGIES,
+    budget: int = 100,
+    schedule: tuple[float, ...] = (0.6, 0.8),
+) -> Any:
+    """One feature set's campaign: the MLP head, by default 4 strategies, 5 seeds, 10 spots
+    per round to 100 labels, then rounds to 60 % and 80 % of the pool."""
     from histoloop.simulation import SimulationConfig
 
     return SimulationConfig(
@@ -242,13 +258,13 @@ def a1_config(obsm_key: str, seeds: int = 5) -> Any:
         obsm=(obsm_key,),
         pca=0,
         heads=("mlp",),
-        strategies=A1_STRATEGIES,
+        strategies=strategies,
         seeds=seeds,
         test_fraction=0.3,
         initial="per_class",
         query_size=10,
-        budget=100,
-        schedule=(0.6, 0.8),
+        budget=budget,
+        schedule=schedule,
         metric="macro_f1",
         target=0.95,
     )
@@ -260,10 +276,30 @@ def run_a1(
     *,
     seeds: int = 5,
     views: int = 10,
+    quiet_views: int = 3,
+    feature_sets: tuple[str, ...] = tuple(FEATURE_SETS),
+    strategies: tuple[str, ...] = A1_STRATEGIES,
+    budget: int = 100,
+    schedule: tuple[float, ...] = (0.6, 0.8),
     workers: int = 2,
     resume: bool = False,
 ) -> str:
     """Every feature set's campaign, the views experiment, and the Markdown summary.
+
+    The defaults are the reference run; ``bench_simulation.py --quick`` shrinks them.
+
+    Args:
+        folder: The shared A1 data folder.
+        out: Output folder (features cached in ``out/cache``, a campaign per feature set).
+        seeds: Seeds of the campaigns and of the views experiment.
+        views: Augmented views per spot (with pixel noise).
+        quiet_views: Noise-free augmented views per spot.
+        feature_sets: Names in :data:`FEATURE_SETS`, one campaign each.
+        strategies: The campaigns' strategies (summary rows in this order).
+        budget: Labels reached 10 spots per round.
+        schedule: Labelled fractions of the pool to reach after the budget.
+        workers: Parallel processes of each campaign.
+        resume: Continue the campaigns already in ``out``.
 
     Returns:
         The summary (also written to ``out/a1_summary.md`` with ``a1_summary.json``).
@@ -285,11 +321,13 @@ def run_a1(
         "classes": counts.to_dict(),
         "campaigns": {},
     }
-    for name, key in FEATURE_SETS.items():
+    for name in feature_sets:
         campaign = out / name
         run_campaign(
             adata,
-            a1_config(key, seeds),
+            a1_config(
+                FEATURE_SETS[name], seeds, strategies=strategies, budget=budget, schedule=schedule
+            ),
             campaign,
             workers=workers,
             resume=resume or campaign.exists(),
@@ -297,7 +335,7 @@ def run_a1(
         comparison = json.loads((campaign / "comparison.json").read_text())
         summary["campaigns"][name] = comparison
         full = comparison["full_supervision"]["mlp"]
-        for row in sorted(comparison["rows"], key=lambda r: A1_STRATEGIES.index(r["strategy"])):
+        for row in sorted(comparison["rows"], key=lambda r: strategies.index(r["strategy"])):
             ltt = row["labels_to_target"]
             missed = int(ltt["seeds"]) - int(ltt["reached"])
             at30 = (row["metric_at"].get("0.3") or {}).get("mean")
@@ -308,7 +346,7 @@ def run_a1(
                 f"{ltt['mean']:.0f} ± {ltt['sd']:.0f}{note} | {row['aulc']['mean']:.3f} | {at30_text} |"
             )
     rows = views_experiment(adata, all_views, seeds=seeds)
-    quiet = noise_free_views(folder, cache, list(adata.obs_names), views=3)
+    quiet = noise_free_views(folder, cache, list(adata.obs_names), views=quiet_views)
     rows += [
         {**r, "arm": r["arm"].replace("views", "noise-free views")}
         for r in views_experiment(adata, quiet, seeds=seeds)
@@ -319,26 +357,27 @@ def run_a1(
         "| labels | arm | macro-F1 (mean ± sd) | arm − clean, per seed |",
         "|---:|---|---:|---|",
     ]
-    for budget in sorted({r["budget"] for r in rows}):
+    for labels in sorted({r["budget"] for r in rows}):
         clean = np.array(
-            [r["macro_f1"] for r in rows if r["budget"] == budget and r["arm"] == "clean"]
+            [r["macro_f1"] for r in rows if r["budget"] == labels and r["arm"] == "clean"]
         )
         for arm in dict.fromkeys(r["arm"] for r in rows):
             got = np.array(
-                [r["macro_f1"] for r in rows if r["budget"] == budget and r["arm"] == arm]
+                [r["macro_f1"] for r in rows if r["budget"] == labels and r["arm"] == arm]
             )
             diff = "—" if arm == "clean" else ", ".join(f"{d:+.3f}" for d in got - clean)
-            lines.append(
-                f"| {budget} | {arm} | {got.mean():.3f} ± {got.std(ddof=1):.3f} | {diff} |"
-            )
+            sd = got.std(ddof=1) if len(got) > 1 else 0.0
+            lines.append(f"| {labels} | {arm} | {got.mean():.3f} ± {sd:.3f} | {diff} |")
+    shares = [f"{f:.0%}".replace("%", " %") for f in schedule]
+    then = f" then {' and '.join(shares)} of the pool" if shares else ""
     text = (
         f"her2st A1: {adata.n_obs} spots ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-        f"MLP head, {seeds} seeds, stratified 70/30 pool/test split, one seed label per class, "
-        f"10 spots per round to 100 labels then 60 % and 80 % of the pool.\n\n"
+        f"MLP head, {seeds} seed{'s' if seeds != 1 else ''}, stratified 70/30 pool/test split, "
+        f"one seed label per class, 10 spots per round to {budget} labels{then}.\n\n"
         + "\n".join(table)
         + "\n\nDo augmentation views help? EfficientNet-Lite0, MLP head, "
         f"clean vectors vs {views} augmented views + clean (flips, rot90, blur, noise σ ≤ 8, gamma), "
-        "and vs 3 noise-free views + clean (no pixel noise); one view per spot per epoch, "
+        f"and vs {quiet_views} noise-free views + clean (no pixel noise); one view per spot per epoch, "
         "same spots, scored on the clean test split:\n\n" + "\n".join(lines) + "\n"
     )
     (out / "a1_summary.md").write_text(text)
