@@ -82,6 +82,8 @@ test-unit: setup-test
 # benchmarks/README.md come from the full runs named there)
 bench: setup-bench
 	@for b in benchmarks/bench_*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
+	@echo "== benchmarks/bench_simulation.py --sample her2st-a1 --quick"
+	@$(PY) benchmarks/bench_simulation.py --sample her2st-a1 --quick
 
 clean:
 	rm -rf $(VENV) .histoloop services/common/histoloop/v1/*_pb2*.py*

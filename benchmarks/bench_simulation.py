@@ -13,6 +13,12 @@ and the ActiveVisium MLP with every strategy except BALD; BALD on a 3-member MLP
 with random on the same ensemble as its baseline. Running it twice gives the same numbers
 (timings aside); ``--check`` reruns the logistic-regression arms in a second folder and
 compares them record by record.
+
+``--sample her2st-a1`` runs the morphology campaign on section A1 instead (``her2st_a1.py``,
+outputs copied to ``benchmarks/results/her2st_a1/``). ``--quick`` (with either sample) runs a
+tiny campaign in a new temporary folder and copies nothing: it checks that the script works::
+
+    .venv/bin/python benchmarks/bench_simulation.py --sample her2st-a1 --quick
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from histoloop.simulation import SimulationConfig, default_strategies, run_campaign
 
@@ -41,6 +48,17 @@ COPIED = (
     "vs_reference_loop.md",
 )
 REFERENCE = ("logreg", "entropy")  # the issue's plain loop
+QUICK_A1 = {
+    "seeds": 1,
+    "views": 1,
+    "quiet_views": 1,
+    "feature_sets": ("efficientnet", "multimodal"),
+    "strategies": ("activevisium",),
+    "budget": 25,
+    "schedule": (),
+}
+"""``run_a1`` options of ``--sample her2st-a1 --quick``: every step of the A1 run, on all its
+spots, at the smallest size (two feature sets so that the summary compares something)."""
 
 
 def config(seeds: int = 5) -> SimulationConfig:
@@ -225,20 +243,21 @@ def _her2st_a1(args: argparse.Namespace) -> int:
     """The A1 campaign: features × strategies × seeds, and the views experiment."""
     from her2st_a1 import run_a1
 
+    options: dict[str, Any] = {"seeds": args.seeds, "views": args.views}
+    if args.quick:
+        args.out, args.results, args.workers = tempfile.mkdtemp(prefix="bench-sim-a1-quick-"), "", 1
+        options = QUICK_A1
     out = Path(args.out if args.out != parser_default_out() else "/tmp/histoloop-sim-her2st-a1")
     if args.fresh and out.exists():
         shutil.rmtree(out)
     print(f"machine: {_machine()}", flush=True)
     started = time.perf_counter()
     text = run_a1(
-        SHARED / "her2st" / "A1",
-        out,
-        seeds=args.seeds,
-        views=args.views,
-        workers=args.workers,
-        resume=args.resume,
+        SHARED / "her2st" / "A1", out, **options, workers=args.workers, resume=args.resume
     )
     print(text)
+    curves = sorted(str(p) for p in out.glob("*/learning_curves.png"))
+    print(f"learning curves: {', '.join(curves)}")
     print(
         f"A1 campaign in {time.perf_counter() - started:.0f} s wall ({args.workers} workers); "
         f"machine after: {_machine()}"
