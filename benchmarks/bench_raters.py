@@ -38,7 +38,7 @@ from histoloop.spatial import neighbour_indices, visium_array_positions
 from histoloop.training.evaluate import classification_metrics
 from histoloop.training.pipeline import train_model
 from histoloop.training.predict import predict
-from histoloop.training.raters import fit_rater_model
+from histoloop.training.raters import MAX_STEPS, fit_rater_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -46,6 +46,8 @@ RESULTS = REPO / "benchmarks" / "results" / "seeds"
 SEEDS = 3
 N_LABELLED = 600
 RATERS = ("exact", "merger", "border")
+SWEEP_SPOTS = (600, 1000, 3000)
+"""Spots labelled by all three raters in the step-cap sweep (3,000 is nearly the whole pool)."""
 
 
 def simulated_raters(
@@ -169,9 +171,67 @@ def main(argv: list[str] | None = None) -> int:
     (results / "raters.md").write_text(text)
     (results / "raters.json").write_text(json.dumps(scores))
     print(text)
+    sweep = epochs_sweep(P, neighbours, seeds, (100, 300) if args.quick else SWEEP_SPOTS)
+    (results / "raters_epochs.md").write_text(sweep)
+    print(sweep)
     if args.quick:
         print(f"(quick: written to {results}, not to {RESULTS})")
     return 0
+
+
+def epochs_sweep(P, neighbours: np.ndarray, seeds: int, sizes: tuple[int, ...]) -> str:
+    """The rater head under the step cap (``MAX_STEPS``) against 60 full epochs, as labels grow."""
+    rows = [
+        "| spots × 3 raters | epochs capped / 60 | macro-F1, capped | macro-F1, 60 epochs "
+        "| fit s, capped / 60 epochs |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        f1: dict[str, list[float]] = {"capped": [], "full": []}
+        seconds: dict[str, list[float]] = {"capped": [], "full": []}
+        epochs = {}
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, 17])
+            labels = simulated_raters(P.y, P.classes, neighbours, rng)
+            pool, test = P.splits[seed]
+            chosen = rng.choice(pool, size=min(n, len(pool)), replace=False)
+            X = P.scaling.transform(P.X)
+            for arm, cap in (("capped", None), ("full", 10**9)):
+                t = time.perf_counter()
+                head = fit_rater_model(
+                    np.concatenate([X[chosen]] * len(RATERS)),
+                    [r for r in RATERS for _ in chosen],
+                    np.concatenate([labels[r][chosen] for r in RATERS]),
+                    n_classes=len(P.classes),
+                    seed=seed,
+                    max_steps=cap,
+                )
+                seconds[arm].append(time.perf_counter() - t)
+                epochs[arm] = head.epochs
+                f1[arm].append(
+                    np.mean(
+                        [
+                            _score(
+                                labels[r][test],
+                                head.predict_proba(X[test], r).argmax(axis=1),
+                                P.classes,
+                            )[1]
+                            for r in RATERS
+                        ]
+                    )
+                )
+        rows.append(
+            f"| {n:,} | {epochs['capped']} / {epochs['full']} "
+            f"| {np.mean(f1['capped']):.3f} ± {np.std(f1['capped'], ddof=1):.3f} "
+            f"| {np.mean(f1['full']):.3f} ± {np.std(f1['full'], ddof=1):.3f} "
+            f"| {np.median(seconds['capped']):.1f} / {np.median(seconds['full']):.1f} |"
+        )
+    return (
+        f"### Per-annotator model: the step cap ({MAX_STEPS} steps) against 60 epochs\n\n"
+        + "\n".join(rows)
+        + f"\n\n{seeds} seeds; macro-F1 averaged over the three raters' own test labels; "
+        "fit seconds are medians over seeds (one torch thread).\n"
+    )
 
 
 if __name__ == "__main__":

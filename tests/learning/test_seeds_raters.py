@@ -43,3 +43,17 @@ def test_the_rater_head_learns_two_raters_styles_the_consensus_cannot() -> None:
     assert d[by_x[test] != by_y[test]].mean() > 0.8 > 0.2 > d[by_x[test] == by_y[test]].mean()
     with pytest.raises(NotFound, match="annotator 'z'"):
         model.predict_proba(X[test], "z")
+
+
+def test_many_labels_train_fewer_epochs_under_the_step_cap() -> None:
+    """A round's per-annotator fit is capped in optimiser steps, not only in epochs."""
+    r = np.random.default_rng(1)
+    X = r.uniform(-1, 1, (1000, 2)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    raters = ["x"] * 1000
+    few = fit_rater_model(X[:100], raters[:100], y[:100], n_classes=2, epochs=60, max_steps=200)
+    assert few.epochs == 60  # 2 batches of 64 per epoch: 120 steps
+    many = fit_rater_model(X, raters, y, n_classes=2, epochs=60, max_steps=200)
+    assert many.epochs == 12  # 16 batches per epoch: 200 // 16
+    assert (many.predict_proba(X, "x").argmax(1) == y).mean() > 0.9
+    assert fit_rater_model(X, raters, y, n_classes=2, epochs=60, max_steps=1).epochs == 1

@@ -29,6 +29,7 @@ from .heads import _torch_threads, inverse_frequency_weights
 from .pipeline import TrainedModel
 
 __all__ = [
+    "MAX_STEPS",
     "RaterModel",
     "RaterNet",
     "RaterVote",
@@ -39,6 +40,12 @@ __all__ = [
 
 RaterVote = tuple[int, str, str]
 """``(spot row, annotator, class name)``: one annotator's label of one spot."""
+
+MAX_STEPS = 3000
+"""Optimiser steps a per-annotator model trains for at most. 60 epochs of 64-label batches stay
+under it up to 3,200 labels (1,000 spots × 3 raters: 2,820 steps); at 9,000 labels it allows 21
+epochs, and the sweep of ``bench_raters.py`` (benchmarks/README.md) found fewer epochs there as
+good as 60 at a fraction of the time."""
 
 
 class RaterNet(nn.Module):
@@ -84,6 +91,7 @@ class RaterModel:
         n_classes: Number of classes.
         mean: Feature means (standardisation fitted on the training spots).
         scale: Feature scales.
+        epochs: Passes over the labels it was trained for (see :data:`MAX_STEPS`).
     """
 
     net: RaterNet
@@ -91,6 +99,7 @@ class RaterModel:
     n_classes: int
     mean: np.ndarray
     scale: np.ndarray
+    epochs: int = 0
 
     def _index(self, rater: str) -> int:
         try:
@@ -131,6 +140,7 @@ def fit_rater_model(
     n_classes: int,
     seed: int = 0,
     epochs: int = 60,
+    max_steps: int | None = None,
     lr: float = 1e-3,
     batch_size: int = 64,
     hidden: int = 128,
@@ -145,7 +155,9 @@ def fit_rater_model(
         y: ``(m,)`` class indices.
         n_classes: Number of classes.
         seed: Seed (initialisation and batches).
-        epochs: Passes over the labels.
+        epochs: Passes over the labels at most.
+        max_steps: Optimiser steps at most (default :data:`MAX_STEPS`): fewer epochs
+            when the labels are many, so a round's cost stops growing with them.
         lr: Adam learning rate.
         batch_size: Mini-batch size.
         hidden: Hidden width.
@@ -172,6 +184,8 @@ def fit_rater_model(
     scale = X.std(axis=0)
     scale[scale < 1e-8] = 1.0
     Z = torch.from_numpy((X - mean) / scale)
+    batches = -(-len(y) // batch_size)
+    epochs = max(1, min(epochs, (MAX_STEPS if max_steps is None else max_steps) // batches))
     with _torch_threads(1):
         net = _train(
             X.shape[1],
@@ -187,7 +201,9 @@ def fit_rater_model(
             hidden=hidden,
             embed=embed,
         )
-    return RaterModel(net=net, raters=order, n_classes=n_classes, mean=mean, scale=scale)
+    return RaterModel(
+        net=net, raters=order, n_classes=n_classes, mean=mean, scale=scale, epochs=epochs
+    )
 
 
 def _train(

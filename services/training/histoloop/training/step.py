@@ -321,7 +321,11 @@ class TrainingStep:
                 list(per_rater.raters),
             )
             log.info(
-                "project %s: per-annotator model of %s on %d labels", project, raters, len(votes)
+                "project %s: per-annotator model of %s on %d labels, %d epochs",
+                project,
+                raters,
+                len(votes),
+                per_rater.epochs,
             )
         state = state_key(project, version)
         if not self.store.exists(state):
