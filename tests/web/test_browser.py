@@ -136,14 +136,16 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 VIEW_SHOWN = """() => {
-  const item = window.__histoloop.viewer.world.getItemAt(0);
-  return !!item && item.getFullyLoaded() && !!document.getElementById('round-number');
+  const v = window.__histoloop.viewer;
+  const loaded = (world) => !!world.getItemAt(0) && world.getItemAt(0).getFullyLoaded();
+  return loaded(v.world) && (!v.navigator || loaded(v.navigator.world))
+    && !!document.getElementById('round-number');
 }"""
 
 
 def _shot(page, path: Path) -> None:
-    """A screenshot once every slide tile in view is drawn and the panels are filled (the page is
-    ready before either)."""
+    """A screenshot once every slide tile in view (and in the navigator) is drawn and the panels
+    are filled (the page is ready before either)."""
     page.wait_for_function(VIEW_SHOWN, timeout=60_000)
     page.screenshot(path=str(path))
 
