@@ -282,7 +282,7 @@ class LabelsMixin(RepositoryBase):
                 n_labels=n_labels,
                 classes=schema + [spec.name for spec in new_classes],
                 config=loop_settings_to_proto(meta.settings),
-            )  # n_labelled_spots and embeddings_uris are filled in by the relay
+            )  # n_labelled_spots, n_trainable_classes and embeddings_uris: filled in by the relay
             c.execute(
                 st.insert_outbox,
                 {
