@@ -176,8 +176,7 @@ class LabelsMixin(RepositoryBase):
         ]
         unknown = [b for b in labels if b not in dataset.spots]
         if unknown:  # a WSI's tiles may have arrived (tiles.ready) since the units were cached
-            self._dataset_cache.pop((project_id, dataset_id), None)
-            dataset = self._dataset_ref(project_id, dataset_id)
+            dataset = self._dataset_ref(project_id, dataset_id, refresh=True)
             unknown = [b for b in labels if b not in dataset.spots]
         if unknown:
             raise InvalidArgument(
