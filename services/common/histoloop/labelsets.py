@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from histoloop.artifacts.base import ArtifactStore
 from histoloop.errors import InvalidArgument
 
-__all__ = ["MIN_TRAINING_CLASSES", "LabelSnapshot", "read_snapshot"]
+__all__ = ["MIN_TRAINING_CLASSES", "LabelSnapshot", "read_snapshot", "trainable_classes"]
 
 MIN_TRAINING_CLASSES = 2
 """A model needs labels of at least this many classes. Until the labels have them, training
@@ -105,13 +105,25 @@ class LabelSnapshot:
 
     def labelled_classes(self, datasets: Iterable[str] | None = None) -> set[str]:
         """The classes with at least one label (in ``datasets`` only, when given)."""
-        wanted = None if datasets is None else set(datasets)
-        return {
-            c
-            for d, given in self.labels.items()
-            if wanted is None or d in wanted
-            for c in given.values()
-        }
+        return trainable_classes({d: given.values() for d, given in self.labels.items()}, datasets)
+
+
+def trainable_classes(
+    labels: Mapping[str, Iterable[str]], datasets: Iterable[str] | None = None
+) -> set[str]:
+    """The classes with at least one training label (in ``datasets`` only, when given).
+
+    With the datasets that have embeddings this is what a model can be trained on, and its
+    size is ``LabelsCommitted.n_trainable_classes``: the annotation store counts it from its
+    consensus when it publishes the event, readers of the snapshot through
+    :meth:`LabelSnapshot.labelled_classes`, so the two agree.
+
+    Args:
+        labels: dataset → the classes of its labelled spots (repeats allowed).
+        datasets: the datasets to count in; all of them when None.
+    """
+    wanted = None if datasets is None else set(datasets)
+    return {c for d, given in labels.items() if wanted is None or d in wanted for c in given}
 
 
 def read_snapshot(store: ArtifactStore, uri: str) -> LabelSnapshot:

@@ -170,19 +170,32 @@ class AcquisitionStep:
         self._announce(record, msg.meta, msg.config, msg.metrics, msg.predictions_uri)
 
     def on_labels(self, msg: events_pb2.LabelsCommitted, _record: object = None) -> None:
-        """Labels of too few classes for a model: ask for more spots now (else training's turn)."""
+        """Labels of too few classes for a model: ask for more spots now (else training's turn).
+
+        The event's ``n_trainable_classes`` decides, so labels of enough classes (the usual
+        case) cost no read of the label snapshot; it is read only to choose the spots. An
+        event with no count — from a store older than the field, or with no label in a
+        dataset with embeddings — is counted from the snapshot, as before the field.
+        """
         if not msg.embeddings_uris:
             return
-        snapshot = read_snapshot(self.store, msg.labels_uri)
-        datasets = [parse_embeddings_key(uri).dataset for uri in msg.embeddings_uris]
-        n_classes = len(snapshot.labelled_classes(datasets))
-        if n_classes >= MIN_TRAINING_CLASSES or not snapshot.n_labelled:
+        n_classes = msg.n_trainable_classes
+        snapshot = None
+        if not n_classes:
+            snapshot = read_snapshot(self.store, msg.labels_uri)
+            if not snapshot.n_labelled:
+                return
+            datasets = [parse_embeddings_key(uri).dataset for uri in msg.embeddings_uris]
+            n_classes = len(snapshot.labelled_classes(datasets))
+        if n_classes >= MIN_TRAINING_CLASSES:
             return
         project = msg.meta.project
         queryset_id = events.derived_id(msg.meta.event_id, "more-classes")
         previous = self.records(project)
         record = self._find(previous, queryset_id)
         if record is None:
+            if snapshot is None:
+                snapshot = read_snapshot(self.store, msg.labels_uri)
             record = self._more_classes(project, msg, snapshot, queryset_id, previous)
             self._save(record)
         log.info(

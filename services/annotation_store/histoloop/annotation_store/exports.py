@@ -102,8 +102,8 @@ def predictions_csv_as(
     """
     record = repo.get_query_set(project_id, queryset_id)
     predicted = _predicted(repo, record, dataset_id, annotator_id)
-    order = [u.barcode for u in repo.unit_layout(project_id, dataset_id).units]
     query = [q.barcode for q in record.spots if q.dataset in ("", dataset_id)]
+    order = repo.unit_order(project_id, dataset_id, including=[*predicted, *query])
     return predictions_csv(predicted, query, group=group or DEFAULT_PREDICTIONS_GROUP, order=order)
 
 

@@ -6,7 +6,9 @@ transaction. The relay takes unpublished rows oldest first and, for each:
 1. for ``labels.committed``: writes the consensus label snapshot of that label version to
    ``labels/<project>/v<version>.json`` — or reuses it if an earlier attempt that crashed
    wrote it already (the snapshot only reads events up to that version, so it is the
-   same either way) — and fills in ``n_labelled_spots``;
+   same either way) — and fills in ``n_labelled_spots``, ``embeddings_uris`` and
+   ``n_trainable_classes`` (the classes labelled in the datasets with embeddings, counted
+   from the consensus in memory, so that acquisition need not read the snapshot);
 2. publishes the event with the event id fixed at commit time;
 3. marks the row published.
 
@@ -18,10 +20,9 @@ rows of its project (not of other projects) until it succeeds.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,6 +32,7 @@ from histoloop.annotation_store.snapshot import SnapshotBuilder, snapshot_key
 from histoloop.artifacts.base import ArtifactExists, ArtifactStore
 from histoloop.bus.base import EventBus
 from histoloop.errors import HistoloopError, Unavailable
+from histoloop.labelsets import LabelSnapshot
 from histoloop.v1 import events_pb2
 
 __all__ = ["OutboxRelay"]
@@ -72,7 +74,7 @@ class OutboxRelay:
         self._after_snapshot = after_snapshot
         self._after_publish = after_publish
         self._snapshots = SnapshotBuilder(repo)
-        self._embeddings: dict[str, list[str]] = {}
+        self._embeddings: dict[str, dict[str, str]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,13 +194,16 @@ class OutboxRelay:
         message.ParseFromString(row.payload)
         if isinstance(message, events_pb2.LabelsCommitted):
             assert row.label_version is not None
-            message.n_labelled_spots = self._ensure_snapshot(row.project_id, row.label_version)
+            if row.project_id not in self._embeddings:
+                self._embeddings[row.project_id] = self._repo.embeddings_uris(row.project_id)
+            embeddings = self._embeddings[row.project_id]
+            message.n_labelled_spots, message.n_trainable_classes = self._ensure_snapshot(
+                row.project_id, row.label_version, list(embeddings)
+            )
             message.labels_uri = self._artifacts.uri(
                 snapshot_key(row.project_id, row.label_version)
             )
-            if row.project_id not in self._embeddings:
-                self._embeddings[row.project_id] = self._repo.embeddings_uris(row.project_id)
-            message.embeddings_uris[:] = self._embeddings[row.project_id]
+            message.embeddings_uris[:] = list(embeddings.values())
         if self._after_snapshot is not None:
             self._after_snapshot(row)
         events.publish(self._bus, message)
@@ -206,11 +211,17 @@ class OutboxRelay:
             self._after_publish(row)
         log.debug("published %s %s (outbox row %d)", row.topic, row.event_id, row.id)
 
-    def _ensure_snapshot(self, project_id: str, label_version: int) -> int:
-        """Write (or reuse) the label snapshot of a version; return its labelled-spot count."""
+    def _ensure_snapshot(
+        self, project_id: str, label_version: int, datasets: Iterable[str]
+    ) -> tuple[int, int]:
+        """Write (or reuse) the label snapshot of a version.
+
+        Returns:
+            Its labelled-spot count and the number of its classes labelled in ``datasets``.
+        """
         key = snapshot_key(project_id, label_version)
         if self._artifacts.exists(key):
-            return int(json.loads(self._artifacts.get(key))["n_labelled_spots"])
+            return _counts(self._artifacts.get(key), datasets)
         data, n_labelled = self._snapshots.build(project_id, label_version)
         try:
             self._artifacts.put(
@@ -221,5 +232,12 @@ class OutboxRelay:
             )
         except ArtifactExists:
             # another relay (replica) wrote it meanwhile: the same content by construction
-            return int(json.loads(self._artifacts.get(key))["n_labelled_spots"])
-        return n_labelled
+            return _counts(self._artifacts.get(key), datasets)
+        trainable = self._snapshots.trainable_classes(project_id, label_version, datasets)
+        return n_labelled, len(trainable)
+
+
+def _counts(snapshot: bytes, datasets: Iterable[str]) -> tuple[int, int]:
+    """Labelled spots and classes labelled in ``datasets`` of a snapshot written before."""
+    parsed = LabelSnapshot.from_json(snapshot)
+    return parsed.n_labelled, len(parsed.labelled_classes(datasets))

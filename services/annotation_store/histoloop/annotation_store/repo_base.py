@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -78,6 +78,7 @@ class _DatasetRef:
 
     pk: int
     spots: Mapping[str, int]
+    """In unit order (the order the units were registered, as every export lists them)."""
     removed: bool = False
     """Taken out of the pool by RemoveDataset (labels for it are refused)."""
 
@@ -254,9 +255,11 @@ class RepositoryBase:
             self._project_meta_cache[project_id] = meta
         return meta
 
-    def _dataset_ref(self, project_id: str, dataset_id: str) -> _DatasetRef:
+    def _dataset_ref(
+        self, project_id: str, dataset_id: str, *, refresh: bool = False
+    ) -> _DatasetRef:
         key = (project_id, dataset_id)
-        ref = self._dataset_cache.get(key)
+        ref = None if refresh else self._dataset_cache.get(key)
         if ref is None:
             self._project_meta(project_id)  # NotFound for the project first
             with self.db.read() as s:
@@ -264,7 +267,9 @@ class RepositoryBase:
                 assert dataset is not None
                 spots = dict(
                     s.execute(
-                        select(m.Spot.barcode, m.Spot.id).where(m.Spot.dataset_pk == dataset.id)
+                        select(m.Spot.barcode, m.Spot.id)
+                        .where(m.Spot.dataset_pk == dataset.id)
+                        .order_by(m.Spot.id)
                     ).all()
                 )
             ref = _DatasetRef(pk=dataset.id, spots=spots, removed=dataset.removed_at is not None)
@@ -274,6 +279,26 @@ class RepositoryBase:
         else:
             self._dataset_cache.move_to_end(key)
         return ref
+
+    def unit_order(
+        self, project_id: str, dataset_id: str, *, including: Iterable[str] = ()
+    ) -> list[str]:
+        """A dataset's unit barcodes in the order they were registered: the row order of the
+        Loupe exports. From the cached dataset reference (no query once cached).
+
+        Args:
+            project_id: the project.
+            dataset_id: the dataset.
+            including: the barcodes the caller will list; one the cached units lack (a WSI's
+                tiles added since, by another replica) reads the units again.
+
+        Raises:
+            NotFound: the project or dataset.
+        """
+        ref = self._dataset_ref(project_id, dataset_id)
+        if any(b not in ref.spots for b in including):
+            ref = self._dataset_ref(project_id, dataset_id, refresh=True)
+        return list(ref.spots)
 
     def _votes(
         self,

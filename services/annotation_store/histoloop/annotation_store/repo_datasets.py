@@ -343,20 +343,20 @@ class DatasetsMixin(RepositoryBase):
                 f"{self.artifacts.uri(key)}: no usable spot_diameter_fullres ({exc})"
             ) from None
 
-    def embeddings_uris(self, project_id: str) -> list[str]:
-        """The latest embeddings URI of each dataset of a project that has one (by dataset id)."""
+    def embeddings_uris(self, project_id: str) -> dict[str, str]:
+        """Dataset id → latest embeddings URI of each dataset of a project that has one, in
+        dataset-id order."""
         with self.db.read() as s:
-            return list(
-                s.scalars(
-                    select(m.Dataset.embeddings_uri)
-                    .where(
-                        m.Dataset.project_id == project_id,
-                        m.Dataset.embeddings_uri != "",
-                        m.Dataset.removed_at.is_(None),  # RemoveDataset: out of the pool
-                    )
-                    .order_by(m.Dataset.dataset_id)
+            rows = s.execute(
+                select(m.Dataset.dataset_id, m.Dataset.embeddings_uri)
+                .where(
+                    m.Dataset.project_id == project_id,
+                    m.Dataset.embeddings_uri != "",
+                    m.Dataset.removed_at.is_(None),  # RemoveDataset: out of the pool
                 )
+                .order_by(m.Dataset.dataset_id)
             )
+            return {str(dataset): str(uri) for dataset, uri in rows}
 
     def remove_dataset(
         self, project_id: str, dataset_id: str, *, removed_by: str, reason: str = ""

@@ -176,8 +176,7 @@ class LabelsMixin(RepositoryBase):
         ]
         unknown = [b for b in labels if b not in dataset.spots]
         if unknown:  # a WSI's tiles may have arrived (tiles.ready) since the units were cached
-            self._dataset_cache.pop((project_id, dataset_id), None)
-            dataset = self._dataset_ref(project_id, dataset_id)
+            dataset = self._dataset_ref(project_id, dataset_id, refresh=True)
             unknown = [b for b in labels if b not in dataset.spots]
         if unknown:
             raise InvalidArgument(
@@ -282,7 +281,7 @@ class LabelsMixin(RepositoryBase):
                 n_labels=n_labels,
                 classes=schema + [spec.name for spec in new_classes],
                 config=loop_settings_to_proto(meta.settings),
-            )  # n_labelled_spots and embeddings_uris are filled in by the relay
+            )  # n_labelled_spots, n_trainable_classes and embeddings_uris: filled in by the relay
             c.execute(
                 st.insert_outbox,
                 {

@@ -311,12 +311,10 @@ class QuerySetsMixin(RepositoryBase):
         """The consensus labels of a dataset as a Loupe CSV ``Barcode,<group>``."""
         with self.db.read() as s:
             project = self._project(s, project_id)
-            dataset = self._dataset(s, project_id, dataset_id)
-            assert dataset is not None
             votes = self._votes(s, project_id, dataset_id=dataset_id)
-            order = self._spot_order(s, dataset.id)
         result = compute_consensus(votes, project.consensus)
         labels = {barcode: c.label for (_ds, barcode), c in result.labels.items()}
+        order = self.unit_order(project_id, dataset_id, including=labels)
         return labels_csv(labels, group=_group(group, DEFAULT_GROUP), order=order)
 
     def export_query_set(
@@ -324,11 +322,8 @@ class QuerySetsMixin(RepositoryBase):
     ) -> tuple[bytes, int]:
         """A query set's spots of a dataset, each marked ``help``, as a Loupe CSV."""
         record = self.get_query_set(project_id, queryset_id)
-        with self.db.read() as s:
-            dataset = self._dataset(s, project_id, dataset_id)
-            assert dataset is not None
-            order = self._spot_order(s, dataset.id)
         barcodes = [q.barcode for q in record.spots if q.dataset in ("", dataset_id)]
+        order = self.unit_order(project_id, dataset_id, including=barcodes)
         return query_set_csv(barcodes, group=_group(group, DEFAULT_GROUP), order=order)
 
     def export_predictions(
@@ -348,21 +343,11 @@ class QuerySetsMixin(RepositoryBase):
             raise FailedPrecondition(
                 "the predictions export is not wired to a predictions reader yet"
             )
-        with self.db.read() as s:
-            dataset = self._dataset(s, project_id, dataset_id)
-            assert dataset is not None
-            order = self._spot_order(s, dataset.id)
         predictions = self.predictions_loader(record.predictions_uri, dataset_id)
         barcodes = [q.barcode for q in record.spots if q.dataset in ("", dataset_id)]
+        order = self.unit_order(project_id, dataset_id, including=[*predictions, *barcodes])
         return predictions_csv(
             predictions, barcodes, group=_group(group, DEFAULT_PREDICTIONS_GROUP), order=order
-        )
-
-    def _spot_order(self, s: Session, dataset_pk: int) -> list[str]:
-        return list(
-            s.scalars(
-                select(m.Spot.barcode).where(m.Spot.dataset_pk == dataset_pk).order_by(m.Spot.id)
-            )
         )
 
 

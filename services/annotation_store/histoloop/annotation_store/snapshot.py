@@ -18,7 +18,8 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from histoloop.annotation_store.consensus import (
@@ -29,6 +30,7 @@ from histoloop.annotation_store.consensus import (
     Vote,
 )
 from histoloop.formats.labels import snapshot_key
+from histoloop.labelsets import trainable_classes
 
 __all__ = [
     "SnapshotBuilder",
@@ -141,13 +143,16 @@ class SnapshotSource(Protocol):
 
 
 class _Dataset:
-    """Sorted barcodes with their rendered JSON members."""
+    """Sorted barcodes with their rendered JSON members, and how many spots each class labels."""
 
     def __init__(self) -> None:
         self.order: list[str] = []
         self.labels: list[str] = []
         self.disagreement: list[str] = []
         self.votes: list[str] = []
+        self.classes: list[str] = []
+        self.counts: Counter[str] = Counter()
+        """class → spots with that consensus label (classes with none are dropped)."""
 
     def put(self, barcode: str, label: ConsensusLabel) -> None:
         key = _dumps(barcode)
@@ -159,11 +164,18 @@ class _Dataset:
         i = bisect.bisect_left(self.order, barcode)
         if i < len(self.order) and self.order[i] == barcode:
             self.labels[i], self.disagreement[i], self.votes[i] = members
+            old = self.classes[i]
+            self.counts[old] -= 1
+            if not self.counts[old]:
+                del self.counts[old]
+            self.classes[i] = label.label
         else:
             self.order.insert(i, barcode)
             self.labels.insert(i, members[0])
             self.disagreement.insert(i, members[1])
             self.votes.insert(i, members[2])
+            self.classes.insert(i, label.label)
+        self.counts[label.label] += 1
 
 
 class _Project:
@@ -193,21 +205,7 @@ class SnapshotBuilder:
     def build(self, project_id: str, label_version: int) -> tuple[bytes, int]:
         """The snapshot bytes of ``project_id`` at ``label_version`` and its labelled-spot count."""
         with self._lock:
-            state = self._projects.get(project_id)
-            if state is None or state.version > label_version:
-                if len(self._projects) >= self._max:
-                    self._projects.clear()
-                state = self._projects[project_id] = _Project(
-                    self._source.consensus_rule(project_id)
-                )
-            votes, classes = self._source.snapshot_inputs(project_id, state.version, label_version)
-            if label_version > state.version:
-                state.batches += self._source.snapshot_batches(
-                    project_id, state.version, label_version
-                )
-                state.consensus.add(votes)
-                state.apply(state.consensus.refresh())
-                state.version = label_version
+            state, classes = self._advance(project_id, label_version)
             datasets = {
                 name: (d.labels, d.disagreement, d.votes) for name, d in state.datasets.items()
             }
@@ -221,3 +219,35 @@ class SnapshotBuilder:
                 [b for b in state.batches if b[0] <= label_version],
             )
             return data, state.n_labelled
+
+    def trainable_classes(
+        self, project_id: str, label_version: int, datasets: Iterable[str]
+    ) -> set[str]:
+        """The classes labelled in ``datasets`` at ``label_version`` (see
+        :func:`histoloop.labelsets.trainable_classes`); after :meth:`build` of that version
+        it reads nothing and takes time in proportion to the classes, not the labels."""
+        with self._lock:
+            state = self._projects.get(project_id)
+            if state is None or state.version != label_version:
+                state, _ = self._advance(project_id, label_version)
+            return trainable_classes(
+                {name: d.counts for name, d in state.datasets.items()}, datasets
+            )
+
+    def _advance(
+        self, project_id: str, label_version: int
+    ) -> tuple[_Project, list[tuple[str, str]]]:
+        """The project's state at ``label_version`` (from its state in memory when not past it)
+        and its class schema then; the caller holds the lock."""
+        state = self._projects.get(project_id)
+        if state is None or state.version > label_version:
+            if len(self._projects) >= self._max:
+                self._projects.clear()
+            state = self._projects[project_id] = _Project(self._source.consensus_rule(project_id))
+        votes, classes = self._source.snapshot_inputs(project_id, state.version, label_version)
+        if label_version > state.version:
+            state.batches += self._source.snapshot_batches(project_id, state.version, label_version)
+            state.consensus.add(votes)
+            state.apply(state.consensus.refresh())
+            state.version = label_version
+        return state, classes
