@@ -1,15 +1,18 @@
-"""A run's numbers do not depend on thread counts or on other threads."""
+"""A run's numbers do not depend on thread counts, on run order, or on other threads."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
+from histoloop.simulation import SimulationConfig, prepare_data
 from histoloop.simulation import _engine as engine
+from histoloop.simulation.campaign import _specs
 
 
 def _blas_threads() -> set[int]:
@@ -60,3 +63,43 @@ def test_single_threaded_nests() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def _strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+@pytest.mark.slow
+def test_runs_give_the_same_numbers_with_other_threads_and_order(
+    small_adata, tmp_path: Path
+) -> None:
+    """What a worker process may see differently: BLAS/torch threads and the runs before."""
+    config = SimulationConfig(
+        label_column="layer",
+        pca=10,
+        neighbours=6,
+        heads=("logreg", "mlp"),
+        strategies=("entropy", "typiclust"),
+        seeds=1,
+        query_size=20,
+        rounds=3,
+        hyperparameters={"mlp": {"max_epochs": 15}},
+    )
+    prepared = prepare_data(small_adata, config)
+    specs = [s for s in _specs(config, prepared) if s.strategy != engine.FULL]
+
+    def numbers(folder: Path, order: list[engine.RunSpec]) -> dict[str, list[dict]]:
+        for spec in order:
+            engine.run(prepared.problem, spec, folder)
+        return {s.name: _strip(engine.read_records(engine.run_path(folder, s))) for s in specs}
+
+    with engine.single_threaded():
+        one = numbers(tmp_path / "one", specs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(limits=2):
+            two = numbers(tmp_path / "two", specs[::-1])
+    finally:
+        torch.set_num_threads(previous)
+    assert two == one
