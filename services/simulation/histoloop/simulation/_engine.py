@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -235,19 +236,30 @@ def run_in_worker(spec: RunSpec, folder: str, max_new_rounds: int | None) -> int
     return run(_PROBLEM, spec, Path(folder), max_new_rounds=max_new_rounds)
 
 
+_SINGLE_THREADED = threading.RLock()
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """One torch and BLAS thread inside the block (restored after)."""
+    """One torch and BLAS thread inside the block (restored after).
+
+    The BLAS thread count is process-wide and the block restores it on leaving, so two
+    threads' blocks must not overlap: one leaving would lift the limit under the other's
+    computation (a PCA then differs in its last bits, and so does every number after it).
+    Blocks in different threads therefore run one at a time; a block nests in its own
+    thread.
+    """
     import torch
     from threadpoolctl import threadpool_limits
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(previous)
+    with _SINGLE_THREADED:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with threadpool_limits(limits=1):
+                yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- the run
