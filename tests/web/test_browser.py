@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,21 +227,25 @@ def test_dlpfc_hotkeys_send_next_round_overlay_changes(browser, stack: Stack, sh
     predicted = page.evaluate(OVERLAY_SIGNATURE)
     assert predicted != after
     _shot(page, shots / "web-predicted.png")
-    # the model panel says what the model was validated on, or that nothing could be held out yet
-    metrics = page.evaluate(f"fetch('/api/projects/{PROJECT}/status').then(r => r.json())")[
-        "latest_metrics"
-    ]
-    expected = (
-        f"validated on {metrics['n_val']} held-out labels"
-        if metrics["n_val"]
-        else "too few labels to hold some out for validation yet"
-    )
-    page.wait_for_function(
-        "(t) => document.getElementById('metrics').innerText.includes(t)",
-        arg=expected,
-        timeout=15_000,
-    )
-    assert f"trained on\t{metrics['n_train']} labels" in page.inner_text("#metrics")
+    # the model panel says what the model was validated on, or that nothing could be held out
+    # yet; the panel refreshes every 10 s and the loop may publish a newer model meanwhile, so
+    # the panel and /status are compared until they describe the same model (at most 30 s)
+    deadline, panel, wanted = time.monotonic() + 30, "", []
+    while time.monotonic() < deadline:
+        metrics = page.evaluate(f"fetch('/api/projects/{PROJECT}/status').then(r => r.json())")[
+            "latest_metrics"
+        ]
+        wanted = [
+            f"trained on\t{metrics['n_train']} labels",
+            f"validated on {metrics['n_val']} held-out labels"
+            if metrics["n_val"]
+            else "too few labels to hold some out for validation yet",
+        ]
+        panel = page.inner_text("#metrics")
+        if all(w in panel for w in wanted):
+            break
+        page.wait_for_timeout(500)
+    assert all(w in panel for w in wanted), (wanted, panel)
     page.select_option("#colour-mode", "uncertainty")
     page.wait_for_timeout(200)
     _shot(page, shots / "web-uncertainty.png")
