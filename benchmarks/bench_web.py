@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from histoloop.config import load_settings  # noqa: E402
+from histoloop.runtime import settle_heap  # noqa: E402
 from histoloop.server import Server  # noqa: E402
 from histoloop.v1 import annotation_store_pb2 as pb  # noqa: E402
 from histoloop.v1 import annotation_store_pb2_grpc, common_pb2  # noqa: E402
@@ -149,6 +150,7 @@ def _stack(folder: Path, services: list[str]) -> tuple[Server, WebServer]:
     server.start()
     web = WebServer(settings, store_address=f"127.0.0.1:{server.port}")
     web.start()
+    settle_heap()  # as `histoloop serve` does once started
     return server, web
 
 

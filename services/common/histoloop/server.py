@@ -32,7 +32,14 @@ from histoloop.bus import make_bus
 from histoloop.config import Settings
 from histoloop.errors import ConfigError, HistoloopError, InvalidArgument
 from histoloop.interceptors import ServerInterceptor
-from histoloop.runtime import EDGE_SERVICE_NAMES, SERVICE_NAMES, Background, Runtime, ServiceParts
+from histoloop.runtime import (
+    EDGE_SERVICE_NAMES,
+    SERVICE_NAMES,
+    Background,
+    Runtime,
+    ServiceParts,
+    settle_heap,
+)
 from histoloop.worker import EventWorker
 
 __all__ = ["MAX_MESSAGE_BYTES", "Server", "normalise_service_name", "server_credentials"]
@@ -239,6 +246,7 @@ class Server:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
+        settle_heap()
         stop_requested.wait()
         self.stop()
 

@@ -18,6 +18,7 @@ import uvicorn
 from histoloop.artifacts import make_store
 from histoloop.config import Settings
 from histoloop.errors import HistoloopError
+from histoloop.runtime import settle_heap
 from histoloop.web.app import create_app
 from histoloop.web.backends import Backends
 
@@ -120,6 +121,7 @@ class WebServer:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         self.start()
+        settle_heap()
         stop.wait()
         self.stop(self.settings.grace_seconds)
 
