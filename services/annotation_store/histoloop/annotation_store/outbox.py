@@ -194,12 +194,15 @@ class OutboxRelay:
         message.ParseFromString(row.payload)
         if isinstance(message, events_pb2.LabelsCommitted):
             assert row.label_version is not None
+            message.n_labelled_spots, classes_in = self._ensure_snapshot(
+                row.project_id, row.label_version
+            )
+            # the embeddings after the snapshot: the later they are read, the likelier the store
+            # has recorded embeddings.ready of a dataset labelled right after its first query set
             if row.project_id not in self._embeddings:
                 self._embeddings[row.project_id] = self._repo.embeddings_uris(row.project_id)
             embeddings = self._embeddings[row.project_id]
-            message.n_labelled_spots, message.n_trainable_classes = self._ensure_snapshot(
-                row.project_id, row.label_version, list(embeddings)
-            )
+            message.n_trainable_classes = classes_in(list(embeddings))
             message.labels_uri = self._artifacts.uri(
                 snapshot_key(row.project_id, row.label_version)
             )
@@ -212,16 +215,17 @@ class OutboxRelay:
         log.debug("published %s %s (outbox row %d)", row.topic, row.event_id, row.id)
 
     def _ensure_snapshot(
-        self, project_id: str, label_version: int, datasets: Iterable[str]
-    ) -> tuple[int, int]:
+        self, project_id: str, label_version: int
+    ) -> tuple[int, Callable[[Iterable[str]], int]]:
         """Write (or reuse) the label snapshot of a version.
 
         Returns:
-            Its labelled-spot count and the number of its classes labelled in ``datasets``.
+            Its labelled-spot count, and a function that counts its classes labelled in the
+            datasets it is given.
         """
         key = snapshot_key(project_id, label_version)
         if self._artifacts.exists(key):
-            return _counts(self._artifacts.get(key), datasets)
+            return _counts(self._artifacts.get(key))
         data, n_labelled = self._snapshots.build(project_id, label_version)
         try:
             self._artifacts.put(
@@ -232,12 +236,13 @@ class OutboxRelay:
             )
         except ArtifactExists:
             # another relay (replica) wrote it meanwhile: the same content by construction
-            return _counts(self._artifacts.get(key), datasets)
-        trainable = self._snapshots.trainable_classes(project_id, label_version, datasets)
-        return n_labelled, len(trainable)
+            return _counts(self._artifacts.get(key))
+        return n_labelled, lambda datasets: len(
+            self._snapshots.trainable_classes(project_id, label_version, datasets)
+        )
 
 
-def _counts(snapshot: bytes, datasets: Iterable[str]) -> tuple[int, int]:
-    """Labelled spots and classes labelled in ``datasets`` of a snapshot written before."""
+def _counts(snapshot: bytes) -> tuple[int, Callable[[Iterable[str]], int]]:
+    """Labelled spots of a snapshot written before, and its class count in given datasets."""
     parsed = LabelSnapshot.from_json(snapshot)
-    return parsed.n_labelled, len(parsed.labelled_classes(datasets))
+    return parsed.n_labelled, lambda datasets: len(parsed.labelled_classes(datasets))
