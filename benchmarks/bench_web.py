@@ -154,15 +154,21 @@ def _stack(folder: Path, services: list[str]) -> tuple[Server, WebServer]:
     return server, web
 
 
-def _settled_page(browser, base: str, query: str):
-    """A page of the workspace, shown and with the panels' store reads ended (pan/zoom is measured on it)."""
-    _wait_idle(base)
+def _shown_page(browser, base: str, query: str):
+    """A new page of the workspace, once its first view is interactive."""
     context = browser.new_context(viewport={"width": 1400, "height": 860})
     page = context.new_page()
     page.goto(f"{base}/{query}")
     page.wait_for_function(
         "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
     )
+    return context, page
+
+
+def _settled_page(browser, base: str, query: str):
+    """A page of the workspace, shown and with the panels' store reads ended (pan/zoom is measured on it)."""
+    _wait_idle(base)
+    context, page = _shown_page(browser, base, query)
     page.wait_for_timeout(3500)  # the panels' reads start at most 3 s after the first view
     _wait_idle(base)
     return context, page
@@ -259,12 +265,7 @@ def part_big(args: argparse.Namespace, browser, out: dict) -> None:
             waited.append(
                 _wait_idle(base)
             )  # the last load's store reads must not fall into this one
-            context = browser.new_context(viewport={"width": 1400, "height": 860})
-            page = context.new_page()
-            page.goto(f"{base}/?project=big")
-            page.wait_for_function(
-                "() => window.__histoloop && window.__histoloop.ready === true", timeout=120_000
-            )
+            context, page = _shown_page(browser, base, "?project=big")
             interactive.append(
                 page.evaluate("performance.getEntriesByName('histoloop-interactive')[0].startTime")
                 / 1000
